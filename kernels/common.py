@@ -1,0 +1,37 @@
+"""Element-wise pieces shared by the RNN kernels.
+
+Dimensions: T steps, B batch, H hidden. `z` is a pre-activation tile [BLOCK_B, BLOCK_H].
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(z):
+    # exp(-2|z|) never overflows; libdevice.tanh does not run in the interpreter.
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z >= 0, t, -t)
+
+
+@triton.jit
+def cell_update(z, b_h, BACKWARD: tl.constexpr, RELU: tl.constexpr):
+    """Forward: h_t = act(z_t). Backward: z is dh_t, b_h is h_t, returns dz_t = dh_t * act'(z_t)."""
+    if BACKWARD:
+        if RELU:
+            out = tl.where(b_h > 0, z, 0.0)
+        else:
+            out = z * (1.0 - b_h * b_h)
+    else:
+        if RELU:
+            out = tl.maximum(z, 0.0)
+        else:
+            out = tanh(z)
+    return out
+
+
+@triton.jit
+def recurrent_dot(b_s, b_w, acc, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + b_s @ b_w with operands in DOT_DTYPE (fp16/bf16 on tensor cores) and acc's precision."""
+    return tl.dot(b_s.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
+                  out_dtype=acc.dtype)

@@ -1,0 +1,139 @@
+"""Launchers of the recurrence: tensors in, tensors out. No autograd here.
+
+Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are made contiguous.
+
+    recurrence_forward(xw, h0, w_hh)       -> out [T, B, H] (every h_t), h_n [B, H]
+    recurrence_backward(grad, out, w_hh)   -> dz  [T, B, H]
+
+`path` is "sequence" (one launch for all T steps, W_hh held on chip by each program) or
+"stepwise" (one launch of the step kernel per timestep; any H).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import config
+from .sequence import rnn_sequence_kernel
+from .step import rnn_step_kernel
+
+PATHS = ("sequence", "stepwise")
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    # Every kernel output is allocated here (the tests fill it with NaN to catch unwritten elements).
+    return torch.empty_like(tensor)
+
+
+def _numerics(dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> dict:
+    """Accumulate in fp32 (fp64 for fp64); multiply in the storage dtype on the tensor cores."""
+    if dtype not in _TL_DTYPE:
+        raise TypeError(f"tritonrnn kernels support float16, bfloat16, float32 and float64, got {dtype}")
+    dot = _TL_DTYPE[dtype]
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        dot = tl.float32  # the interpreter multiplies bf16 as integers
+    return {"ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32, "DOT_DTYPE": dot,
+            "INPUT_PRECISION": "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"}
+
+
+def _check(name: str, tensor: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if tensor.dtype != like.dtype or tensor.device != like.device:
+        raise ValueError(f"{name} must be {like.dtype} on {like.device}, got {tensor.dtype} on {tensor.device}")
+    return tensor.contiguous()
+
+
+def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str):
+    if first.dim() != 3:
+        raise ValueError(f"expected a [T, B, H] tensor, got shape {tuple(first.shape)}")
+    T, B, H = first.shape
+    if T == 0:
+        raise ValueError("expected at least one timestep, got T = 0")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    _check("w_hh", w_hh, (H, H), first)
+    if lengths is not None:
+        if lengths.shape != (B,) or lengths.device != first.device:
+            raise ValueError(f"lengths must be a [{B}] tensor on {first.device}")
+        lengths = lengths.to(torch.int32).contiguous()
+    return T, B, H, lengths
+
+
+def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False, path="sequence",
+                       allow_tf32=False):
+    """Run h_t = act(xw_t + h_{t-1} W_hh^T) over all steps (reverse: from t = T-1 down to 0).
+
+    Args:
+        xw: [T, B, H] projected input x_t W_ih^T + b_ih + b_hh.
+        h0: [B, H] initial state.
+        w_hh: [H, H] recurrent weight.
+        lengths: optional [B] lengths; steps t >= lengths[b] of row b output 0 and keep its state.
+    Returns:
+        out [T, B, H] with every h_t, and h_n [B, H], the state after each row's last step.
+    """
+    T, B, H, lengths = _prepare(xw, w_hh, lengths, path)
+    xw = xw.contiguous()
+    h0 = _check("h0", h0, (B, H), xw)
+    w_hh = w_hh.contiguous()
+    numerics = _numerics(xw.dtype, xw.device, allow_tf32)
+    out = _empty_like(xw)
+    if B == 0:
+        return out, h0.clone()
+    # M = W_hh^T: read W_hh with its strides swapped.
+    if path == "sequence":
+        h_n = _empty_like(h0)
+        cfg = config.sequence_config(B, H)
+        grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+        rnn_sequence_kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, T, B, H, 1, H,
+                                  BACKWARD=False, REVERSE=reverse, RELU=relu, **numerics, **cfg)
+        return out, h_n
+    cfg = config.step_config(B, H)
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(H, cfg["BLOCK_N"]))
+    # With lengths the carried state differs from the output (0 past each row's end): ping-pong it.
+    states = [_empty_like(h0), _empty_like(h0)] if lengths is not None else None
+    prev = h0
+    for i in range(T):
+        t = T - 1 - i if reverse else i
+        state = states[i % 2] if states is not None else None
+        rnn_step_kernel[grid](xw[t], prev, w_hh, None, out[t], state, lengths, t, B, H, 1, H,
+                              BACKWARD=False, RELU=relu, **numerics, **cfg)
+        prev = state if state is not None else out[t]
+    return out, prev.clone()
+
+
+def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=False, path="sequence",
+                        allow_tf32=False):
+    """Walk the recurrence backwards: dz_t = (grad_t + dz_{t+1} W_hh) * act'(h_t).
+
+    Args:
+        grad: [T, B, H] dL/dh_t from the output, with dL/dh_n already added at each row's last step.
+        out: [T, B, H] the forward's h_t.
+        w_hh, lengths, reverse, relu: as for the forward (reverse names the forward's direction).
+    Returns:
+        dz [T, B, H], the gradient of the pre-activations (0 at inactive steps).
+    """
+    T, B, H, lengths = _prepare(grad, w_hh, lengths, path)
+    grad = grad.contiguous()
+    out = _check("out", out, (T, B, H), grad)
+    w_hh = w_hh.contiguous()
+    numerics = _numerics(grad.dtype, grad.device, allow_tf32)
+    dz = _empty_like(grad)
+    if B == 0:
+        return dz
+    if path == "sequence":
+        cfg = config.sequence_config(B, H)
+        grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
+        rnn_sequence_kernel[grid](grad, None, w_hh, out, dz, None, lengths, T, B, H, H, 1,
+                                  BACKWARD=True, REVERSE=not reverse, RELU=relu, **numerics, **cfg)
+        return dz
+    cfg = config.step_config(B, H)
+    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(H, cfg["BLOCK_N"]))
+    prev = None
+    for i in range(T):
+        t = i if reverse else T - 1 - i
+        rnn_step_kernel[grid](grad[t], prev, w_hh, out[t], dz[t], None, lengths, t, B, H, H, 1,
+                              BACKWARD=True, RELU=relu, **numerics, **cfg)
+        prev = dz[t]
+    return dz

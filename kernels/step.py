@@ -1,0 +1,76 @@
+"""One timestep of the recurrence, tiled over batch and hidden: a matmul with a fused epilogue.
+
+Dimensions: B batch, H hidden (the reduction dimension K is H too).
+
+    forward:   h_t  = act(xw_t + h_{t-1} @ W_hh^T)               M = W_hh^T
+    backward:  dz_t = (g_t + dz_{t+1} @ W_hh) * act'(h_t)          M = W_hh
+
+Programs tile [B, H] and loop over K, so any H fits; one launch per step. Used by RNNCell, for
+T = 1, and for the hidden sizes one program cannot hold (the stepwise path).
+"""
+import triton
+import triton.language as tl
+
+from .common import cell_update, recurrent_dot
+
+
+@triton.heuristics({
+    "HAS_PREV": lambda args: args["p_prev"] is not None,
+    "HAS_LENGTHS": lambda args: args["p_len"] is not None,
+    "STORE_STATE": lambda args: args["p_state"] is not None,
+})
+@triton.jit(do_not_specialize=["t"])
+def rnn_step_kernel(
+    p_in,  # [B, H] forward: x_t W_ih^T + b; backward: dL/dh_t (dL/dh_n folded in)
+    p_prev,  # [B, H] previous state (h_{t-1} or dz_{t+1}), or None where it is zero
+    p_w,  # [H, H] M[k, n] = p_w[k * stride_wk + n * stride_wn]
+    p_act,  # [B, H] h_t of the forward (backward only)
+    p_out,  # [B, H] forward: h_t; backward: dz_t (0 in inactive rows)
+    p_state,  # [B, H] state carried to the next step (forward with lengths), or None
+    p_len,  # [B] int32 sequence lengths, or None
+    t,
+    B,
+    H,
+    stride_wk,
+    stride_wn,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    STORE_STATE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    o_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    o_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_b = o_b < B
+    m_n = o_n < H
+    m_bn = m_b[:, None] & m_n[None, :]
+    o_row = o_b[:, None].to(tl.int64) * H
+    o_bn = o_row + o_n[None, :]
+
+    b_z = tl.load(p_in + o_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    if HAS_PREV:
+        for k in range(0, H, BLOCK_K):
+            o_k = k + tl.arange(0, BLOCK_K)
+            m_k = o_k < H
+            b_s = tl.load(p_prev + o_row + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+            b_w = tl.load(p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
+                          mask=m_k[:, None] & m_n[None, :], other=0.0)
+            b_z = recurrent_dot(b_s.to(ACC_DTYPE), b_w.to(ACC_DTYPE), b_z, DOT_DTYPE, INPUT_PRECISION)
+    if BACKWARD:
+        b_h = tl.load(p_act + o_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+    else:
+        b_h = b_z
+    b_new = cell_update(b_z, b_h, BACKWARD, RELU)
+    if HAS_LENGTHS:
+        m_active = (t < tl.load(p_len + o_b, mask=m_b, other=0))[:, None]
+        if STORE_STATE:
+            b_prev = tl.load(p_prev + o_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
+            tl.store(p_state + o_bn, tl.where(m_active, b_new, b_prev).to(p_state.dtype.element_ty), mask=m_bn)
+        b_new = tl.where(m_active, b_new, 0.0)
+    tl.store(p_out + o_bn, b_new.to(p_out.dtype.element_ty), mask=m_bn)

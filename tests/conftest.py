@@ -1,0 +1,65 @@
+"""Shared fixtures: the device under test, the tolerance table, NaN-poisoned kernel outputs.
+
+Without CUDA the kernels run in Triton's interpreter, which must be switched on before any module
+defining @triton.jit kernels is imported: hence the environment variable at the very top.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from tritonrnn.kernels import recurrence  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+# fp16/bf16 numerics are only meaningful on a GPU: the interpreter mishandles bf16.
+DTYPES = [torch.float64, torch.float32] + ([torch.float16, torch.bfloat16] if ON_GPU else [])
+
+# Errors against a float64 reference, relative to the reference's largest magnitude:
+# |actual - expected| <= atol + rtol * max|expected|, element-wise.
+TOLERANCE = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (5e-3, 1e-2),
+    torch.bfloat16: (3e-2, 5e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
+    """Compare against a float64 reference with the tolerance of `dtype`; NaN always fails."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert not actual.isnan().any(), f"{name}: NaN (an output element was never written)"
+    atol, rtol = TOLERANCE[dtype]
+    bound = atol + rtol * expected.abs().max().item()
+    error = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g} ({dtype})"
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    """Every buffer a launcher allocates starts as NaN, so an element a kernel fails to write fails."""
+    monkeypatch.setattr(recurrence, "_empty_like", lambda t: torch.full_like(t, float("nan")))
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 tests check IEEE fp32; TF32 (cuDNN's default for RNNs) has its own GPU test."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
+def device():
+    return DEVICE

@@ -1,0 +1,65 @@
+"""What only a GPU can show: TF32 numerics, realistic sizes on both kernel paths, 64-bit offsets."""
+import pytest
+import torch
+from torch import nn
+
+import tritonrnn
+from conftest import ON_GPU, TOLERANCE, assert_close, dtype_id
+from tritonrnn import kernels, reference
+
+pytestmark = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def test_tf32_recurrence_within_tf32_tolerance(monkeypatch):
+    torch.manual_seed(0)
+    T, B, H = 32, 16, 128
+    xw = torch.randn(T, B, H, device="cuda", dtype=torch.float64)
+    h0 = torch.randn(B, H, device="cuda", dtype=torch.float64)
+    w = torch.randn(H, H, device="cuda", dtype=torch.float64) / H ** 0.5
+    ref_out, _ = reference.forward(xw, h0, torch.eye(H, device="cuda", dtype=torch.float64), w)
+    for path in kernels.PATHS:
+        out, _ = kernels.recurrence_forward(xw.float(), h0.float(), w.float(), path=path, allow_tf32=True)
+        error = (out.double() - ref_out).abs().max().item()
+        assert error < 2e-2, (path, error)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("B", [1, 64])
+@pytest.mark.parametrize("H", [64, 128, 256, 512])
+def test_rnn_realistic_sizes_match_torch_float64(H, B, dtype):
+    torch.manual_seed(H + B)
+    oracle = nn.RNN(H, H, num_layers=2, bidirectional=True).double().cuda()
+    ours = tritonrnn.RNN(H, H, num_layers=2, bidirectional=True, device="cuda", dtype=dtype)
+    ours.load_state_dict(oracle.state_dict())
+    x = torch.randn(64, B, H, device="cuda", dtype=torch.float64)
+    g = torch.randn(64, B, 2 * H, device="cuda", dtype=torch.float64)
+    results = []
+    for module, run_dtype in ((ours, dtype), (oracle, torch.float64)):
+        xin = x.to(run_dtype).requires_grad_()
+        out, h_n = module(xin)
+        (out * g.to(run_dtype)).sum().backward()
+        results.append({"out": out, "h_n": h_n, "dx": xin.grad,
+                        **{n: p.grad for n, p in module.named_parameters()}})
+    for name in results[1]:
+        assert_close(results[0][name], results[1][name], dtype, name)
+
+
+@pytest.mark.parametrize("path", kernels.PATHS)
+def test_offsets_past_2_31_elements(path):
+    """T*B*H > 2^31: the last rows must match a run of those rows alone (small offsets)."""
+    T, B, H = 8200, 2048, 128  # 2.15e9 elements
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * T * B * H * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    torch.manual_seed(0)
+    xw = torch.randn(T, B, H, device="cuda", dtype=torch.float16)
+    h0 = torch.randn(B, H, device="cuda", dtype=torch.float16)
+    w = (torch.randn(H, H, device="cuda") / H ** 0.5).half()
+    out, h_n = kernels.recurrence_forward(xw, h0, w, path=path)
+    tail = slice(B - 16, B)
+    out_tail, h_n_tail = kernels.recurrence_forward(xw[:, tail].contiguous(), h0[tail].contiguous(), w, path=path)
+    atol, rtol = TOLERANCE[torch.float16]
+    torch.testing.assert_close(out[-4:, tail], out_tail[-4:], atol=atol, rtol=rtol)
+    torch.testing.assert_close(h_n[tail], h_n_tail, atol=atol, rtol=rtol)

@@ -1,0 +1,31 @@
+"""The kernels install as tritonrnn.kernels, never as a top-level module named `kernels`."""
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import tritonrnn.kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kernels_import_as_subpackage():
+    assert tritonrnn.kernels.__name__ == "tritonrnn.kernels"
+    assert Path(tritonrnn.kernels.__file__).parent.name == "kernels"
+
+
+@pytest.mark.slow
+def test_wheel_contains_kernels_under_tritonrnn(tmp_path):
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("tritonrnn-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "tritonrnn/kernels/sequence.py" in names
+    assert "tritonrnn/kernels/step.py" in names
+    assert not any(name.startswith("kernels/") for name in names)
+    assert any(name.endswith("entry_points.txt") for name in names)

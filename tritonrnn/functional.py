@@ -1,0 +1,148 @@
+"""Functional RNN API: the layers' maths, dispatched to the Triton kernels or to torch.
+
+Dimensions: T steps, B batch, I input, H hidden, L layers, D directions (1 or 2).
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, PackedSequence
+
+from tritonrnn import ops
+from tritonrnn.dispatch import backend, kernel_path
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+def _check_nonlinearity(nonlinearity: str) -> bool:
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    return nonlinearity == "relu"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
+
+
+def _check_same_dtype(tensor: Tensor, weight: Tensor) -> None:
+    # The message torch's matmul raises for the same mistake.
+    if tensor.dtype != weight.dtype:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(tensor.dtype)} "
+                           f"and {_dtype_name(weight.dtype)}")
+
+
+def _check_cell_args(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> None:
+    # The checks and messages of torch's rnn_tanh_cell.
+    if input.size(1) != w_ih.size(1):
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}")
+    if input.size(0) != hx.size(0):
+        raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}")
+    if hx.size(1) != w_hh.size(1):
+        raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {w_hh.size(1)}")
+    _check_same_dtype(input, w_ih)
+    _check_same_dtype(hx, w_hh)
+
+
+def _allow_tf32() -> bool:
+    # The same switch that lets cuDNN run fp32 RNNs in TF32 (on by default).
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _project(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
+    """x W_ih^T + b_ih + b_hh for all timesteps: one GEMM over every row of x."""
+    flat = x.reshape(-1, x.shape[-1])
+    xw = flat @ w_ih.T if b_ih is None else torch.addmm(b_ih + b_hh, flat, w_ih.T)
+    return xw.view(*x.shape[:-1], w_ih.shape[0])
+
+
+def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+              b_hh: Optional[Tensor] = None, nonlinearity: str = "tanh", lengths: Optional[Tensor] = None,
+              reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """One layer, one direction, on the Triton kernels.
+
+    Args:
+        x: [T, B, I] time-major input. h0: [B, H]. w_ih: [H, I]. w_hh: [H, H]. b_ih, b_hh: [H] or None.
+        lengths: optional [B] sequence lengths (sorted or not); steps past a row's length output 0.
+        reverse: run from t = T-1 down to 0 (the backward direction of a bidirectional RNN).
+    Returns:
+        out [T, B, H] (every h_t) and h_n [B, H] (each row's state after its own last step).
+    """
+    relu = _check_nonlinearity(nonlinearity)
+    xw = _project(x, w_ih, b_ih, b_hh)
+    path = kernel_path(x.shape[0], w_hh.shape[0], xw.dtype)
+    if lengths is not None:
+        lengths = lengths.to(device=x.device, dtype=torch.int32)
+    return ops.recurrence(xw, h0, w_hh, lengths, reverse, relu, path, _allow_tf32())
+
+
+def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bool, num_layers: int,
+        dropout: float, training: bool, bidirectional: bool, batch_first: bool = False,
+        nonlinearity: str = "tanh", batch_sizes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """A stacked (optionally bidirectional) Elman RNN; the contract of torch._VF.rnn_tanh/rnn_relu.
+
+    Args:
+        input: [T, B, I] ([B, T, I] with batch_first), or the data of a PackedSequence with
+            its batch_sizes (sorted by decreasing length, as PackedSequence keeps it).
+        hx: [L * D, B, H] initial states, ordered l0, l0_reverse, l1, ...
+        weights: per layer and direction w_ih, w_hh (and b_ih, b_hh with bias), as
+            nn.RNN._flat_weights orders them.
+        dropout: applied to each layer's output but the last, in training only.
+    Returns:
+        output ([T, B, D * H], or packed data when batch_sizes is given) and h_n [L * D, B, H].
+    """
+    relu = _check_nonlinearity(nonlinearity)
+    if backend(input.device) == "torch":
+        fn = torch._VF.rnn_relu if relu else torch._VF.rnn_tanh
+        if batch_sizes is None:
+            return fn(input, hx, list(weights), bias, num_layers, dropout, training, bidirectional, batch_first)
+        return fn(input, batch_sizes, hx, list(weights), bias, num_layers, dropout, training, bidirectional)
+
+    if input.size(0 if batch_sizes is not None or not batch_first else 1) == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    _check_same_dtype(input, weights[0])
+    _check_same_dtype(hx, weights[1])
+    lengths = None
+    if batch_sizes is not None:
+        x, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
+    else:
+        x = input.transpose(0, 1) if batch_first else input
+    directions = 2 if bidirectional else 1
+    per_layer = 4 if bias else 2
+    h_n = []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            w = list(weights[index * per_layer:(index + 1) * per_layer]) + [None, None]
+            out, h = rnn_layer(x, hx[index], w[0], w[1], w[2], w[3], nonlinearity, lengths,
+                               reverse=direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+        x = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = F.dropout(x, p=dropout, training=True)
+    if batch_sizes is not None:
+        output = pack_padded_sequence(x, lengths).data
+    else:
+        output = x.transpose(0, 1) if batch_first else x
+    return output, torch.stack(h_n)
+
+
+def rnn_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+             b_hh: Optional[Tensor] = None, nonlinearity: str = "tanh") -> Tensor:
+    """One step h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh); the contract of torch._VF.rnn_tanh_cell.
+
+    Args:
+        input: [B, I]. hx: [B, H].
+    Returns:
+        h' [B, H], from one launch of the step kernel.
+    """
+    relu = _check_nonlinearity(nonlinearity)
+    if backend(input.device) == "torch":
+        fn = torch._VF.rnn_relu_cell if relu else torch._VF.rnn_tanh_cell
+        return fn(input, hx, w_ih, w_hh, b_ih, b_hh)
+    _check_cell_args(input, hx, w_ih, w_hh)
+    out, _ = rnn_layer(input.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    return out[0]

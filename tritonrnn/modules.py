@@ -1,0 +1,143 @@
+"""tritonrnn.RNN and tritonrnn.RNNCell: drop-in replacements for torch.nn.RNN and torch.nn.RNNCell.
+
+Same arguments, parameters (names, shapes, order, init), state_dict, shapes and errors; the forward
+calls tritonrnn.functional, which runs the Triton kernels on CUDA (and under TRITON_INTERPRET=1 on
+the CPU) and torch's own implementation elsewhere.
+
+RNN derives from nn.RNNBase, not nn.RNN: torch.compile's Dynamo refuses instances of nn.RNN.
+"""
+import torch
+from torch import nn, Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from tritonrnn import functional
+
+
+class RNN(nn.RNNBase):
+    """Elman RNN with tanh or ReLU, on Triton kernels. Arguments as torch.nn.RNN:
+
+    RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True, batch_first=False,
+        dropout=0.0, bidirectional=False, device=None, dtype=None)
+
+    forward(input, hx=None) -> (output, h_n), with input [T, B, I], [B, T, I] (batch_first), [T, I]
+    (unbatched) or a PackedSequence, and hx [num_layers * num_directions, B, H] ([L * D, H] unbatched).
+    """
+
+    def __init__(self, *args, **kwargs):
+        # The argument handling of torch.nn.RNN: nonlinearity is the 4th positional argument.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+    def forward(self, input, hx: Tensor | None = None):
+        self._update_flat_weights()
+        num_directions = 2 if self.bidirectional else 1
+        is_packed = isinstance(input, PackedSequence)
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if is_packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+            max_batch_size = input.size(batch_dim)
+        if hx is None:
+            hx = torch.zeros(self.num_layers * num_directions, max_batch_size, self.hidden_size,
+                             dtype=input.dtype, device=input.device)
+        else:
+            # Each row of hx belongs to the sequence the user passed at that position.
+            hx = self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(input, hx, batch_sizes)
+
+        output, hidden = functional.rnn(
+            input, hx, self._flat_weights, self.bias, self.num_layers, self.dropout, self.training,
+            self.bidirectional, self.batch_first, self.nonlinearity, batch_sizes)
+
+        if is_packed:
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
+        if not is_batched:
+            return output.squeeze(batch_dim), hidden.squeeze(1)
+        return output, hidden
+
+
+class RNNCell(nn.RNNCell):
+    """Elman RNN cell with tanh or ReLU, on a Triton kernel. Arguments as torch.nn.RNNCell:
+
+    RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh', device=None, dtype=None)
+
+    forward(input, hx=None) -> h', with input [B, I] or [I] and hx [B, H] or [H].
+    """
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        if self.nonlinearity not in functional.NONLINEARITIES:
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        out = functional.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                  self.nonlinearity)
+        return out if is_batched else out.squeeze(0)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace, in place, every torch.nn.RNN and torch.nn.RNNCell inside `model` with the tritonrnn
+    equivalent holding the very same Parameter objects (and hooks, mode, settings). Returns `model`;
+    a bare nn.RNN or nn.RNNCell cannot be replaced in place, so its replacement is returned.
+    """
+    replacement = _converted(model)
+    if replacement is not None:
+        return replacement
+    for name, child in list(model.named_children()):
+        replacement = _converted(child)
+        if replacement is not None:
+            setattr(model, name, replacement)
+        else:
+            convert(child)
+    return model
+
+
+def _converted(module: nn.Module):
+    if type(module) is nn.RNN:
+        new = RNN.__new__(RNN)
+    elif type(module) is nn.RNNCell:
+        new = RNNCell.__new__(RNNCell)
+    else:
+        return None
+    # Share state (parameters, hooks, training flag, config) rather than re-initialising.
+    new.__dict__.update({key: value.copy() if isinstance(value, (dict, list)) else value
+                         for key, value in module.__dict__.items()})
+    if isinstance(new, RNN):
+        new._init_flat_weights()
+    return new

@@ -1,0 +1,94 @@
+"""The recurrence as torch.library custom ops, with fake (meta) implementations and autograd.
+
+Dimensions: T steps, B batch, H hidden. The ops cover only the sequential part; the input
+projection before it and the parameter-gradient GEMMs after it are large matmuls over all T*B rows.
+
+    tritonrnn::recurrence(xw, h0, w_hh, ...)               -> out [T, B, H], h_n [B, H]
+    tritonrnn::recurrence_backward(grad_out, grad_hn, ...) -> dxw [T, B, H], dh0 [B, H], dw_hh [H, H]
+
+Opaque custom ops keep torch.compile(fullgraph=True) tracing through the layers without a break.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tritonrnn import kernels
+
+DOUBLE_BACKWARD_ERROR = (
+    "tritonrnn: double backward (the gradient of a gradient) is not supported by the fused RNN "
+    "kernels. Use torch.nn.RNN on the CPU, or tritonrnn.reference, for higher-order gradients."
+)
+
+
+def _walk_ends(lengths: Optional[Tensor], T: int, B: int, reverse: bool, device) -> tuple[Tensor, Tensor]:
+    """Per row, the time index of its first and of its last step in walk order."""
+    if lengths is None:
+        lengths = torch.full((B,), T, device=device, dtype=torch.long)
+    lengths = lengths.to(device=device, dtype=torch.long)
+    zeros = torch.zeros_like(lengths)
+    return (lengths - 1, zeros) if reverse else (zeros, lengths - 1)
+
+
+@torch.library.custom_op("tritonrnn::recurrence", mutates_args=())
+def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool,
+               relu: bool, path: str, allow_tf32: bool) -> tuple[Tensor, Tensor]:
+    """h_t = act(xw_t + h_{t-1} W_hh^T) for all t; see tritonrnn.kernels.recurrence_forward."""
+    return kernels.recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu,
+                                      path=path, allow_tf32=allow_tf32)
+
+
+@recurrence.register_fake
+def _(xw, h0, w_hh, lengths, reverse, relu, path, allow_tf32):
+    return torch.empty_like(xw), torch.empty_like(h0)
+
+
+@torch.library.custom_op("tritonrnn::recurrence_backward", mutates_args=())
+def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor,
+                        lengths: Optional[Tensor], reverse: bool, relu: bool, path: str,
+                        allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """BPTT of `recurrence`: the fused backward kernel, then dh0 and dW_hh as GEMMs."""
+    T, B, H = out.shape
+    first, last = _walk_ends(lengths, T, B, reverse, out.device)
+    rows = torch.arange(B, device=out.device)
+    grad = grad_out.clone()
+    grad.index_put_((last, rows), grad_hn, accumulate=True)  # dL/dh_n enters at each row's last step
+    dz = kernels.recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu,
+                                     path=path, allow_tf32=allow_tf32)
+    dz_first = dz[first, rows]  # dz of each row's first step: the one that read h0
+    dh0 = dz_first @ w_hh
+    # dW_hh = sum_t dz_t^T h_{t-1}: h_{t-1} is the neighbouring output in walk order, h0 at the
+    # first step (padding outputs are 0, so steps that start after padding add nothing there).
+    if reverse:
+        dz_body, h_prev = dz[:-1], out[1:]
+    else:
+        dz_body, h_prev = dz[1:], out[:-1]
+    dw_hh = dz_first.T @ h0
+    if T > 1:
+        dw_hh = dw_hh + dz_body.reshape(-1, H).T @ h_prev.reshape(-1, H)
+    return dz, dh0, dw_hh
+
+
+@recurrence_backward.register_fake
+def _(grad_out, grad_hn, out, h0, w_hh, lengths, reverse, relu, path, allow_tf32):
+    return torch.empty_like(out), torch.empty_like(h0), torch.empty_like(w_hh)
+
+
+def _setup_context(ctx, inputs, output):
+    xw, h0, w_hh, lengths, reverse, relu, path, allow_tf32 = inputs
+    out, _ = output
+    ctx.save_for_backward(out, h0, w_hh, lengths)
+    ctx.flags = (reverse, relu, path, allow_tf32)
+
+
+def _backward(ctx, grad_out, grad_hn):
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+    out, h0, w_hh, lengths = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn
+    dxw, dh0, dw_hh = recurrence_backward(grad_out, grad_hn, out, h0, w_hh, lengths, *ctx.flags)
+    return dxw, dh0, dw_hh, None, None, None, None, None
+
+
+recurrence.register_autograd(_backward, setup_context=_setup_context)
