@@ -66,11 +66,7 @@ def rnn_sequence_kernel(
         o_t = t.to(tl.int64) * B * H + o_bh
         b_z = tl.load(p_in + o_t, mask=m_bh, other=0.0).to(ACC_DTYPE)
         b_z = recurrent_dot(b_s, b_w, b_z, DOT_DTYPE, INPUT_PRECISION)
-        if BACKWARD:
-            b_h = tl.load(p_act + o_t, mask=m_bh, other=0.0).to(ACC_DTYPE)
-        else:
-            b_h = b_z
-        b_new = cell_update(b_z, b_h, BACKWARD, RELU)
+        b_new = cell_update(b_z, p_act, o_t, m_bh, BACKWARD, RELU)
         if HAS_LENGTHS:
             m_active = (t < b_len)[:, None]
             b_new = tl.where(m_active, b_new, 0.0)

@@ -62,11 +62,7 @@ def rnn_step_kernel(
             b_w = tl.load(p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
                           mask=m_k[:, None] & m_n[None, :], other=0.0)
             b_z = recurrent_dot(b_s.to(ACC_DTYPE), b_w.to(ACC_DTYPE), b_z, DOT_DTYPE, INPUT_PRECISION)
-    if BACKWARD:
-        b_h = tl.load(p_act + o_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
-    else:
-        b_h = b_z
-    b_new = cell_update(b_z, b_h, BACKWARD, RELU)
+    b_new = cell_update(b_z, p_act, o_bn, m_bn, BACKWARD, RELU)
     if HAS_LENGTHS:
         m_active = (t < tl.load(p_len + o_b, mask=m_b, other=0))[:, None]
         if STORE_STATE:
