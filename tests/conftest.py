@@ -9,6 +9,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# cuBLAS is deterministic only with a fixed workspace (torch.use_deterministic_algorithms asks for it).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -39,6 +44,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     bound = atol + rtol * expected.abs().max().item()
     error = (actual - expected).abs().max().item() if actual.numel() else 0.0
     assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g} ({dtype})"
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """Import examples/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def dtype_id(dtype: torch.dtype) -> str:

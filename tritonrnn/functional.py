@@ -45,6 +45,14 @@ def _check_cell_args(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> N
     _check_same_dtype(hx, w_hh)
 
 
+def _autocast(device_type: str, *tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """Under torch.autocast, run in its dtype (weights cast differentiably), as torch's RNNs do."""
+    if not torch.is_autocast_enabled(device_type):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
 def _allow_tf32() -> bool:
     # The same switch that lets cuDNN run fp32 RNNs in TF32 (on by default).
     return bool(torch.backends.cudnn.allow_tf32)
@@ -70,6 +78,7 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
         out [T, B, H] (every h_t) and h_n [B, H] (each row's state after its own last step).
     """
     relu = _check_nonlinearity(nonlinearity)
+    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x.device.type, x, h0, w_ih, w_hh, b_ih, b_hh)
     xw = _project(x, w_ih, b_ih, b_hh)
     path = kernel_path(x.shape[0], w_hh.shape[0], xw.dtype)
     if lengths is not None:
@@ -101,6 +110,7 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
 
     if input.size(0 if batch_sizes is not None or not batch_first else 1) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    input, hx, *weights = _autocast(input.device.type, input, hx, *weights)
     _check_same_dtype(input, weights[0])
     _check_same_dtype(hx, weights[1])
     lengths = None
@@ -143,6 +153,7 @@ def rnn_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     if backend(input.device) == "torch":
         fn = torch._VF.rnn_relu_cell if relu else torch._VF.rnn_tanh_cell
         return fn(input, hx, w_ih, w_hh, b_ih, b_hh)
+    input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input.device.type, input, hx, w_ih, w_hh, b_ih, b_hh)
     _check_cell_args(input, hx, w_ih, w_hh)
     out, _ = rnn_layer(input.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     return out[0]

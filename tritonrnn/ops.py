@@ -8,16 +8,17 @@ projection before it and the parameter-gradient GEMMs after it are large matmuls
 
 Opaque custom ops keep torch.compile(fullgraph=True) tracing through the layers without a break.
 """
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from tritonrnn import kernels
+from tritonrnn import kernels, reference
 
-DOUBLE_BACKWARD_ERROR = (
-    "tritonrnn: double backward (the gradient of a gradient) is not supported by the fused RNN "
-    "kernels. Use torch.nn.RNN on the CPU, or tritonrnn.reference, for higher-order gradients."
+DOUBLE_BACKWARD_WARNING = (
+    "tritonrnn: double backward (create_graph=True) runs a differentiable PyTorch BPTT "
+    "(tritonrnn.reference.recurrence_backward), one small op per step, not the fused kernel."
 )
 
 
@@ -82,12 +83,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_hn):
-    if torch.is_grad_enabled():
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
     out, h0, w_hh, lengths = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn
-    dxw, dh0, dw_hh = recurrence_backward(grad_out, grad_hn, out, h0, w_hh, lengths, *ctx.flags)
+    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+        warnings.warn(DOUBLE_BACKWARD_WARNING, stacklevel=2)
+        reverse, relu = ctx.flags[:2]
+        dxw, dh0, dw_hh = reference.recurrence_backward(out, h0, w_hh, grad_out, grad_hn,
+                                                        "relu" if relu else "tanh", lengths, reverse)
+    else:
+        dxw, dh0, dw_hh = recurrence_backward(grad_out, grad_hn, out, h0, w_hh, lengths, *ctx.flags)
     return dxw, dh0, dw_hh, None, None, None, None, None
 
 

@@ -63,9 +63,13 @@ class Gradients:
     db: torch.Tensor  # the gradient of b_ih, and of b_hh (they are equal)
 
 
-def backward(x, h0, w_ih, w_hh, out, grad_out, grad_hn, nonlinearity="tanh", lengths=None, reverse=False):
-    """BPTT for `forward`, given dL/d out and dL/d h_n. Returns Gradients."""
-    T, B, _ = x.shape
+def recurrence_backward(out, h0, w_hh, grad_out, grad_hn, nonlinearity="tanh", lengths=None, reverse=False):
+    """BPTT of the recurrence alone, given the forward's out: returns dz [T, B, H], dh0, dW_hh.
+
+    Written with differentiable torch operations, so autograd can differentiate it again: the
+    layers use it for double backward.
+    """
+    T, B, _ = out.shape
     dz = torch.zeros_like(out)
     dh_next = torch.zeros_like(h0)  # dz_{t+1} W_hh for rows still running, else dL/dh_n
     dw_hh = torch.zeros_like(w_hh)
@@ -73,20 +77,27 @@ def backward(x, h0, w_ih, w_hh, out, grad_out, grad_hn, nonlinearity="tanh", len
     order = list(_order(T, reverse))
     for i in reversed(range(T)):
         t = order[i]
-        active = _active(lengths, t, B, x)
+        active = _active(lengths, t, B, out)
         # A row's last step is where it is active and the next step in order is not.
         nxt = order[i + 1] if i + 1 < T else None
-        ends = active & ~_active(lengths, nxt, B, x) if nxt is not None else active
+        ends = active & ~_active(lengths, nxt, B, out) if nxt is not None else active
         dh = grad_out[t] + torch.where(ends, grad_hn, dh_next)
         dz_t = torch.where(active, dh * _act_grad(out[t], nonlinearity), 0)
         dz[t] = dz_t
         # The state before step t: h_{t-1} in walk order, or h0 where row b starts here.
         prev = order[i - 1] if i > 0 else None
-        starts = active & ~_active(lengths, prev, B, x) if prev is not None else active
+        starts = active & ~_active(lengths, prev, B, out) if prev is not None else active
         h_prev = torch.where(starts, h0, out[prev] if prev is not None else h0)
-        dw_hh += dz_t.T @ h_prev
+        dw_hh = dw_hh + dz_t.T @ h_prev
         dh_next = torch.where(active, dz_t @ w_hh, dh_next)
         dh0 = torch.where(starts, dz_t @ w_hh, dh0)
+    return dz, dh0, dw_hh
+
+
+def backward(x, h0, w_ih, w_hh, out, grad_out, grad_hn, nonlinearity="tanh", lengths=None, reverse=False):
+    """BPTT for `forward`, given dL/d out and dL/d h_n. Returns Gradients."""
+    T, B, _ = x.shape
+    dz, dh0, dw_hh = recurrence_backward(out, h0, w_hh, grad_out, grad_hn, nonlinearity, lengths, reverse)
     flat = dz.reshape(T * B, -1)
     return Gradients(dz=dz, dh0=dh0, dx=dz @ w_ih, dw_ih=flat.T @ x.reshape(T * B, -1),
                      dw_hh=dw_hh, db=flat.sum(0))

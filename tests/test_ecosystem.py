@@ -1,0 +1,197 @@
+"""tritonrnn in the PyTorch ecosystem: torch.compile, custom-op checks, autocast, DDP, determinism,
+saving and loading, parametrizations."""
+import copy
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import tritonrnn
+from conftest import DEVICE, EXAMPLES, ON_GPU, assert_close, load_example
+from tritonrnn import ops
+
+I, H = 5, 12
+
+
+def _pair(**kwargs):
+    torch.manual_seed(0)
+    oracle = nn.RNN(I, H, **kwargs).double().to(DEVICE)
+    ours = tritonrnn.RNN(I, H, **kwargs, device=DEVICE, dtype=torch.float64)
+    ours.load_state_dict(oracle.state_dict())
+    return ours, oracle
+
+
+class Tagger(nn.Module):
+    """A small model around the layers: RNN, a linear head, and an RNNCell loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = tritonrnn.RNN(I, H, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * H, 3)
+        self.cell = tritonrnn.RNNCell(3, H, nonlinearity="relu")
+
+    def forward(self, x):
+        out, h_n = self.rnn(x)
+        logits = self.head(out)
+        h = None
+        for t in range(logits.shape[1]):
+            h = self.cell(logits[:, t], h)
+        return logits, h_n, h
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Tagger().double().to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn(3, 6, I, dtype=torch.float64, device=DEVICE)
+    results = []
+    for fn in (compiled, model):
+        model.zero_grad()
+        outputs = fn(x)
+        sum(o.sum() for o in outputs).backward()
+        results.append([*outputs, *(p.grad.clone() for p in model.parameters())])
+    for a, b in zip(*results):
+        assert_close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("lengths", [None, [4, 2, 1]], ids=["dense", "lengths"])
+@pytest.mark.parametrize("path", ["sequence", "stepwise"])
+def test_custom_ops_pass_opcheck(path, lengths):
+    torch.manual_seed(0)
+    T, B = 4, 3
+    xw = torch.randn(T, B, H, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = (torch.randn(H, H, dtype=torch.float64, device=DEVICE) / H ** 0.5).requires_grad_()
+    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(ops.recurrence, (xw, h0, w, lens, lengths is not None, False, path, False))
+    out, _ = ops.recurrence(xw, h0, w, lens, False, True, path, False)
+    args = (torch.randn_like(out), torch.randn_like(h0), out.detach(), h0.detach(), w.detach(), lens, False, True,
+            path, False)
+    torch.library.opcheck(ops.recurrence_backward, args)
+
+
+def test_autocast_cpu_behaves_as_torch():
+    """On the CPU torch autocasts RNNs to bfloat16; so do the layers (kernels interpreted here)."""
+    ours, oracle = _pair(num_layers=2)
+    ours.float(), oracle.float()
+    x = torch.randn(4, 3, I)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, h_n = ours(x.to(DEVICE)) if DEVICE.type == "cpu" else ours.cpu()(x)
+        ref_out, ref_hn = oracle.cpu()(x)
+    assert out.dtype == ref_out.dtype == torch.bfloat16
+    assert h_n.dtype == ref_hn.dtype
+    torch.testing.assert_close(out.float().cpu(), ref_out.float(), atol=3e-2, rtol=0)
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_cuda_runs_kernels_in_autocast_dtype(dtype):
+    ours, oracle = _pair(num_layers=2)
+    ours.float()
+    x = torch.randn(16, 8, I, device="cuda", dtype=torch.float64)
+    with torch.autocast("cuda", dtype=dtype):
+        out, h_n = ours(x.float())
+    assert out.dtype == h_n.dtype == dtype
+    ref_out, _ = oracle(x)
+    assert_close(out, ref_out, dtype, "out")
+
+
+def _train_step_grads(model, x):
+    model.zero_grad()
+    out, h_n = model(x)
+    (out.pow(2).mean() + h_n.pow(2).mean()).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_ddp_gloo_matches_single_process_on_the_combined_batch(tmp_path):
+    """The README's torchrun command with 2 CPU processes (gloo): gradients as one process, full batch."""
+    grads_file = tmp_path / "grads.pt"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(EXAMPLES / "ddp.py"), "--steps", "1", "--batch", "4", "--seq-len", "6",
+                    "--save-grads", str(grads_file)], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    ddp = load_example("ddp")
+    torch.manual_seed(0)
+    model = ddp.Recaller()
+    x, target = ddp.global_batch(0, 4, 6, 0)
+    nn.functional.mse_loss(model(x), target).backward()
+    for a, b in zip(torch.load(grads_file), model.parameters()):
+        assert_close(a, b.grad, torch.float32)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "use_deterministic_algorithms"])
+def test_bitwise_identical_across_runs(deterministic):
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        torch.manual_seed(0)
+        model = tritonrnn.RNN(I, H, num_layers=2, bidirectional=True, device=DEVICE)
+        x = torch.randn(7, 5, I, device=DEVICE, requires_grad=True)
+        runs = []
+        for _ in range(2):
+            x.grad = None
+            grads = _train_step_grads(model, x)
+            runs.append([*model(x), x.grad.clone(), *grads])
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(saved)
+
+
+def test_save_load_module_and_state_dict():
+    ours, oracle = _pair(num_layers=2, bidirectional=True)
+    x = torch.randn(4, 3, I, dtype=torch.float64, device=DEVICE)
+    expected = ours(x)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is tritonrnn.RNN
+    for a, b in zip(loaded(x), expected):
+        assert torch.equal(a, b)
+    buffer = io.BytesIO()
+    torch.save(ours.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = nn.RNN(I, H, num_layers=2, bidirectional=True).double().to(DEVICE)
+    fresh.load_state_dict(torch.load(buffer))  # our checkpoints load into torch.nn.RNN too
+    for a, b in zip(fresh(x), expected):
+        assert_close(a, b, torch.float64)
+    for a, b in zip(copy.deepcopy(ours)(x), expected):
+        assert torch.equal(a, b)
+
+
+def test_half_and_to_dtype():
+    ours, oracle = _pair()
+    x = torch.randn(4, 3, I, dtype=torch.float64, device=DEVICE)
+    ours.half()
+    assert all(p.dtype == torch.float16 for p in ours.parameters())
+    out, _ = ours(x.half())
+    assert out.dtype == torch.float16
+    assert_close(out, oracle(x)[0], torch.float16)
+    ours.to(torch.float64)
+    oracle.load_state_dict(ours.state_dict())  # the weights went through float16
+    assert_close(ours(x)[0], oracle(x)[0], torch.float64)
+
+
+def test_weight_norm_parametrization_on_weight_hh():
+    ours, oracle = _pair()
+    for module in (ours, oracle):
+        parametrizations.weight_norm(module, "weight_hh_l0")
+    ours.load_state_dict(oracle.state_dict())
+    x = torch.randn(4, 3, I, dtype=torch.float64, device=DEVICE)
+    results = []
+    for module in (ours, oracle):
+        out, h_n = module(x)
+        (out.sum() + h_n.sum()).backward()
+        results.append([out, h_n, *(p.grad for p in module.parameters())])
+    for a, b in zip(*results):
+        assert_close(a, b, torch.float64)
