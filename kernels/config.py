@@ -1,8 +1,19 @@
-"""Launch configurations of the RNN kernels and the limits of what one program can hold.
+"""Launch configurations of the RNN kernels: defaults, tuning spaces, and shipped tuned configs.
 
-Dimensions: B batch, H hidden. One place declares the block sizes and warps each kernel launches
-with; the perf tooling tunes within these spaces.
+Dimensions: B batch, H hidden. Everything a launch may vary is declared here once:
+- the limit of what one program of the sequence kernel can hold (which decides the default path);
+- the default config of each kernel (used under the interpreter, and as the baseline a tuned
+  config must beat);
+- the tuning space of each kernel (searched by `tritonrnn tune`, and by Triton's autotuner at run
+  time on a GPU with no shipped config, keyed by H and the batch bucket, never by T);
+- the tuned configs shipped per GPU in kernels/tuned/<GPU>.json (written by `tritonrnn tune`).
 """
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
 import torch
 import triton
 
@@ -13,6 +24,8 @@ SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
 
 # tl.dot on a GPU needs every dimension >= 16, so batch tiles are padded up to it.
 MIN_DOT = 16
+KERNELS = ("sequence", "step")
+TUNED_DIR = Path(__file__).parent / "tuned"
 
 
 def sequence_fits(hidden_size: int, dtype: torch.dtype) -> bool:
@@ -20,17 +33,103 @@ def sequence_fits(hidden_size: int, dtype: torch.dtype) -> bool:
     return hidden_size <= SEQUENCE_MAX_H[dtype.itemsize]
 
 
-def batch_block(batch: int, cap: int = 64) -> int:
-    return min(cap, max(MIN_DOT, triton.next_power_of_2(batch)))
+def batch_bucket(batch: int) -> int:
+    """The batch size rounded up to a power of two: configs are chosen per bucket, not per B."""
+    return triton.next_power_of_2(max(batch, 1))
 
 
-def sequence_config(batch: int, hidden: int) -> dict:
-    block_h = max(MIN_DOT, triton.next_power_of_2(hidden))
-    return {"BLOCK_B": batch_block(batch, cap=32 if block_h > 128 else 64), "BLOCK_H": block_h,
-            "num_warps": 4 if block_h <= 64 else 8}
+def block_h(hidden: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(hidden))
 
 
-def step_config(batch: int, hidden: int) -> dict:
-    block_n = min(64, max(MIN_DOT, triton.next_power_of_2(hidden)))
-    return {"BLOCK_B": batch_block(batch), "BLOCK_N": block_n, "BLOCK_K": min(block_n, 32),
-            "num_warps": 4}
+def default_config(kernel: str, batch: int, hidden: int) -> triton.Config:
+    """The untuned launch config of `kernel` ("sequence" or "step")."""
+    bb = min(64, max(MIN_DOT, batch_bucket(batch)))
+    if kernel == "sequence":
+        if block_h(hidden) > 128:
+            bb = min(bb, 32)
+        return triton.Config({"BLOCK_B": bb}, num_warps=4 if block_h(hidden) <= 64 else 8, num_stages=1)
+    block_n = min(64, block_h(hidden))
+    return triton.Config({"BLOCK_B": bb, "BLOCK_N": block_n, "BLOCK_K": min(block_n, 32)}, num_warps=4,
+                         num_stages=3)
+
+
+def tuning_space(kernel: str, batch: int, hidden: int) -> list:
+    """Every config worth trying for this shape; batch tiles never exceed the (padded) batch."""
+    max_bb = max(MIN_DOT, batch_bucket(batch))
+    if kernel == "sequence":
+        return [triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=1)
+                for bb in (16, 32, 64) if bb <= max_bb and bb * block_h(hidden) <= 64 * 128
+                for w in (4, 8, 16)]
+    return [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+            for bb in (16, 64, 128) if bb <= max_bb
+            for bn in (64, 128) if bn <= block_h(hidden)
+            for bk in (32, 64) if bk <= block_h(hidden)
+            for w in (4, 8)] or [default_config(kernel, batch, hidden)]
+
+
+def prune_space(kernel: str):
+    """early_config_prune for Triton's autotuner: the space for the actual B and H."""
+    def prune(configs, named_args, **kwargs):
+        allowed = {_config_key(c) for c in tuning_space(kernel, named_args["B"], named_args["H"])}
+        return [c for c in configs if _config_key(c) in allowed] or configs[:1]
+    return prune
+
+
+def full_space(kernel: str) -> list:
+    """The union of the spaces over all shapes (what the autotuner is built with)."""
+    seen, space = set(), []
+    for batch in (1, 1 << 20):
+        for hidden in (16, 1 << 20):
+            for c in tuning_space(kernel, batch, hidden):
+                if _config_key(c) not in seen:
+                    seen.add(_config_key(c))
+                    space.append(c)
+    return space
+
+
+def _config_key(config: triton.Config) -> tuple:
+    return tuple(sorted(config.kwargs.items())) + (config.num_warps, config.num_stages)
+
+
+def config_to_dict(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def config_from_dict(values: dict) -> triton.Config:
+    values = dict(values)
+    return triton.Config(values, num_warps=values.pop("num_warps"), num_stages=values.pop("num_stages"))
+
+
+def gpu_slug(name: str) -> str:
+    """The tuned-file name of a GPU: 'NVIDIA H100 80GB HBM3' -> 'H100', else the sanitised name."""
+    match = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return match.group(1) if match else re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def tuned_key(dtype: torch.dtype, hidden: int, batch: int, direction: str) -> str:
+    return f"{str(dtype).removeprefix('torch.')}/H{hidden}/B{batch_bucket(batch)}/{direction}"
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(slug: str) -> dict:
+    path = TUNED_DIR / f"{slug}.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())["entries"]
+
+
+def tuned(dtype: torch.dtype, hidden: int, batch: int, direction: str, device: torch.device):
+    """The shipped tuned choice {"path", "config"} for this shape on this GPU, or None."""
+    if device.type != "cuda" or os.environ.get("TRITONRNN_TUNED", "1") == "0":
+        return None
+    entry = _tuned_table(gpu_slug(torch.cuda.get_device_name(device))).get(
+        tuned_key(dtype, hidden, batch, direction))
+    if entry is None:
+        return None
+    return {"path": entry["path"], "config": config_from_dict(entry["config"])}
+
+
+def autotune_enabled() -> bool:
+    """Triton's autotuner runs where no tuned config ships (TRITONRNN_AUTOTUNE=0 turns it off)."""
+    return os.environ.get("TRITONRNN_AUTOTUNE", "1") != "0"

@@ -8,15 +8,18 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
 `path` is "sequence" (one launch for all T steps, W_hh held on chip by each program) or
 "stepwise" (one launch of the step kernel per timestep; any H).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import config
+from . import config as configs
 from .sequence import rnn_sequence_kernel
 from .step import rnn_step_kernel
 
 PATHS = ("sequence", "stepwise")
+_KERNEL_OF_PATH = {"sequence": "sequence", "stepwise": "step"}
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 
@@ -35,6 +38,34 @@ def _numerics(dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> dic
         dot = tl.float32  # the interpreter multiplies bf16 as integers
     return {"ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32, "DOT_DTYPE": dot,
             "INPUT_PRECISION": "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"}
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel: str):
+    jitted = rnn_sequence_kernel if kernel == "sequence" else rnn_step_kernel
+    return triton.autotune(configs=configs.full_space(kernel), key=["H", "B_BUCKET"],
+                           prune_configs_by={"early_config_prune": configs.prune_space(kernel)})(jitted)
+
+
+def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config):
+    """The kernel to launch and its meta-parameters: an explicit config, else the shipped tuned one,
+    else Triton's autotuner (GPU), else the default config (interpreter, or autotuning off)."""
+    kernel = _KERNEL_OF_PATH[path]
+    jitted = rnn_sequence_kernel if kernel == "sequence" else rnn_step_kernel
+    if config is None:
+        choice = configs.tuned(dtype, H, B, direction, device)
+        if choice is not None and choice["path"] == path:
+            config = choice["config"]
+    if config is None and device.type == "cuda" and configs.autotune_enabled():
+        return _autotuned(kernel), {}
+    config = config or configs.default_config(kernel, B, H)
+    return jitted, configs.config_to_dict(config)
+
+
+def _grid(path: str, B: int, H: int):
+    if path == "sequence":
+        return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)
+    return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(H, meta["BLOCK_N"]))
 
 
 def _check(name: str, tensor: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -62,7 +93,7 @@ def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str):
 
 
 def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False, path="sequence",
-                       allow_tf32=False):
+                       allow_tf32=False, config=None):
     """Run h_t = act(xw_t + h_{t-1} W_hh^T) over all steps (reverse: from t = T-1 down to 0).
 
     Args:
@@ -70,6 +101,7 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
         h0: [B, H] initial state.
         w_hh: [H, H] recurrent weight.
         lengths: optional [B] lengths; steps t >= lengths[b] of row b output 0 and keep its state.
+        config: a triton.Config for the path's kernel (default: tuned, autotuned or default).
     Returns:
         out [T, B, H] with every h_t, and h_n [B, H], the state after each row's last step.
     """
@@ -81,36 +113,34 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     out = _empty_like(xw)
     if B == 0:
         return out, h0.clone()
+    kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config)
+    grid = _grid(path, B, H)
     # M = W_hh^T: read W_hh with its strides swapped.
     if path == "sequence":
         h_n = _empty_like(h0)
-        cfg = config.sequence_config(B, H)
-        grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
-        rnn_sequence_kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, T, B, H, 1, H,
-                                  BACKWARD=False, REVERSE=reverse, RELU=relu, **numerics, **cfg)
+        kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, T, B, H, 1, H, configs.batch_bucket(B),
+                     BLOCK_H=configs.block_h(H), BACKWARD=False, REVERSE=reverse, RELU=relu, **numerics, **meta)
         return out, h_n
-    cfg = config.step_config(B, H)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(H, cfg["BLOCK_N"]))
     # With lengths the carried state differs from the output (0 past each row's end): ping-pong it.
     states = [_empty_like(h0), _empty_like(h0)] if lengths is not None else None
     prev = h0
     for i in range(T):
         t = T - 1 - i if reverse else i
         state = states[i % 2] if states is not None else None
-        rnn_step_kernel[grid](xw[t], prev, w_hh, None, out[t], state, lengths, t, B, H, 1, H,
-                              BACKWARD=False, RELU=relu, **numerics, **cfg)
+        kernel[grid](xw[t], prev, w_hh, None, out[t], state, lengths, t, B, H, 1, H, configs.batch_bucket(B),
+                     BACKWARD=False, RELU=relu, **numerics, **meta)
         prev = state if state is not None else out[t]
     return out, prev.clone()
 
 
 def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=False, path="sequence",
-                        allow_tf32=False):
+                        allow_tf32=False, config=None):
     """Walk the recurrence backwards: dz_t = (grad_t + dz_{t+1} W_hh) * act'(h_t).
 
     Args:
         grad: [T, B, H] dL/dh_t from the output, with dL/dh_n already added at each row's last step.
         out: [T, B, H] the forward's h_t.
-        w_hh, lengths, reverse, relu: as for the forward (reverse names the forward's direction).
+        w_hh, lengths, reverse, relu, config: as for the forward (reverse names the forward's direction).
     Returns:
         dz [T, B, H], the gradient of the pre-activations (0 at inactive steps).
     """
@@ -122,18 +152,16 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     dz = _empty_like(grad)
     if B == 0:
         return dz
+    kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config)
+    grid = _grid(path, B, H)
     if path == "sequence":
-        cfg = config.sequence_config(B, H)
-        grid = (triton.cdiv(B, cfg["BLOCK_B"]),)
-        rnn_sequence_kernel[grid](grad, None, w_hh, out, dz, None, lengths, T, B, H, H, 1,
-                                  BACKWARD=True, REVERSE=not reverse, RELU=relu, **numerics, **cfg)
+        kernel[grid](grad, None, w_hh, out, dz, None, lengths, T, B, H, H, 1, configs.batch_bucket(B),
+                     BLOCK_H=configs.block_h(H), BACKWARD=True, REVERSE=not reverse, RELU=relu, **numerics, **meta)
         return dz
-    cfg = config.step_config(B, H)
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(H, cfg["BLOCK_N"]))
     prev = None
     for i in range(T):
         t = i if reverse else T - 1 - i
-        rnn_step_kernel[grid](grad[t], prev, w_hh, out[t], dz[t], None, lengths, t, B, H, H, 1,
-                              BACKWARD=True, RELU=relu, **numerics, **cfg)
+        kernel[grid](grad[t], prev, w_hh, out[t], dz[t], None, lengths, t, B, H, H, 1, configs.batch_bucket(B),
+                     BACKWARD=True, RELU=relu, **numerics, **meta)
         prev = dz[t]
     return dz

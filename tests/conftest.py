@@ -9,6 +9,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# Triton's autotuner would tune every new shape of the suite; one GPU test turns it back on.
+os.environ.setdefault("TRITONRNN_AUTOTUNE", "0")
 # cuBLAS is deterministic only with a fixed workspace (torch.use_deterministic_algorithms asks for it).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 

@@ -16,12 +16,12 @@ def test_info_reports_versions_backend_and_path(capsys):
     assert "triton" in text
     expected_backend = "triton" if ON_GPU else "triton-interpreter"
     assert f"backend on {'cuda' if ON_GPU else 'cpu'}: {expected_backend}" in text
-    assert "sequence path" in text
+    assert "forward: sequence path" in text and "backward: sequence path" in text
 
 
 def test_info_names_the_stepwise_path_for_large_hidden(capsys):
     cli.main(["info", "--hidden-size", "4096", "--seq-len", "16"])
-    assert "stepwise path" in capsys.readouterr().out
+    assert "forward: stepwise path" in capsys.readouterr().out
     assert kernel_path(16, 4096, torch.float32) == "stepwise"
     assert kernel_path(1, 32, torch.float32) == "stepwise"  # one step: the step kernel
     assert kernel_path(16, 32, torch.float32) == "sequence"

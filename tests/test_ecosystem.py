@@ -70,8 +70,8 @@ def test_custom_ops_pass_opcheck(path, lengths):
     h0 = torch.randn(B, H, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = (torch.randn(H, H, dtype=torch.float64, device=DEVICE) / H ** 0.5).requires_grad_()
     lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(ops.recurrence, (xw, h0, w, lens, lengths is not None, False, path, False))
-    out, _ = ops.recurrence(xw, h0, w, lens, False, True, path, False)
+    torch.library.opcheck(ops.recurrence, (xw, h0, w, lens, lengths is not None, False, path, path, False))
+    out, _ = ops.recurrence(xw, h0, w, lens, False, True, path, path, False)
     args = (torch.randn_like(out), torch.randn_like(h0), out.detach(), h0.detach(), w.detach(), lens, False, True,
             path, False)
     torch.library.opcheck(ops.recurrence_backward, args)

@@ -31,8 +31,8 @@ def _info(args) -> int:
     print(f"interpreter (TRITON_INTERPRET=1): {'on' if interpreter_enabled() else 'off'}")
     print(f"backend on {device.type}: {backend(device)}")
     dtype = _DTYPES[args.dtype]
-    print(f"shape T={args.seq_len} H={args.hidden_size} {args.dtype}: "
-          f"{describe(args.seq_len, args.hidden_size, dtype, device)}")
+    print(f"layer T={args.seq_len} B={args.batch} H={args.hidden_size} {args.dtype}:\n  "
+          f"{describe(args.seq_len, args.hidden_size, dtype, device, args.batch)}")
     return 0
 
 
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     info = commands.add_parser("info", help="versions, GPU, and which kernel path a shape takes")
     info.add_argument("--hidden-size", type=int, default=256)
     info.add_argument("--seq-len", type=int, default=512)
+    info.add_argument("--batch", type=int, default=16)
     info.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     info.set_defaults(run=_info)
     args = parser.parse_args(argv)

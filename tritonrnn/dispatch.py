@@ -21,20 +21,35 @@ def backend(device: torch.device) -> str:
     return "torch"
 
 
-def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype) -> str:
-    """'stepwise' for a single step or an H one program cannot hold, else 'sequence'."""
-    if seq_len > 1 and kernels.sequence_fits(hidden_size, dtype):
-        return "sequence"
-    return "stepwise"
+def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1,
+                device: torch.device = torch.device("cpu"), direction: str = "forward") -> str:
+    """'sequence' or 'stepwise' for the forward or backward recurrence of a layer of this shape.
+
+    A single step always takes the step kernel. Otherwise the tuned configs shipped for this GPU
+    decide where they exist; else 'sequence' when one program can hold W_hh, 'stepwise' if not.
+    """
+    if seq_len == 1:
+        return "stepwise"
+    choice = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
+    if choice is not None:
+        return choice["path"]
+    return "sequence" if kernels.sequence_fits(hidden_size, dtype) else "stepwise"
 
 
-def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> str:
-    """One line saying what a layer of this shape runs on this device."""
+def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> str:
+    """What a layer of this shape runs on this device, forward and backward."""
     which = backend(device)
     if which == "torch":
         return f"torch's own RNN implementation on {device.type} (Triton kernels need CUDA or TRITON_INTERPRET=1)"
-    path = kernel_path(seq_len, hidden_size, dtype)
-    kernel = ("rnn_sequence_kernel: one launch for all steps" if path == "sequence"
-              else f"rnn_step_kernel: one launch per step ({seq_len} launches per direction)")
     mode = "compiled" if which == "triton" else "interpreted"
-    return f"{path} path, {kernel}, {mode}"
+    lines = []
+    for direction in ("forward", "backward"):
+        path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction)
+        kernel = ("rnn_sequence_kernel, one launch for all steps" if path == "sequence"
+                  else f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)")
+        tuned = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
+        source = ("shipped tuned config" if tuned is not None and tuned["path"] == path
+                  else "Triton autotuner" if which == "triton" and kernels.config.autotune_enabled()
+                  else "default config")
+        lines.append(f"{direction}: {path} path ({kernel}; {source}; {mode})")
+    return "\n  ".join(lines)

@@ -80,10 +80,11 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     relu = _check_nonlinearity(nonlinearity)
     x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x.device.type, x, h0, w_ih, w_hh, b_ih, b_hh)
     xw = _project(x, w_ih, b_ih, b_hh)
-    path = kernel_path(x.shape[0], w_hh.shape[0], xw.dtype)
+    T, B, H = xw.shape
+    paths = [kernel_path(T, H, xw.dtype, B, xw.device, direction) for direction in ("forward", "backward")]
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int32)
-    return ops.recurrence(xw, h0, w_hh, lengths, reverse, relu, path, _allow_tf32())
+    return ops.recurrence(xw, h0, w_hh, lengths, reverse, relu, *paths, _allow_tf32())
 
 
 def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bool, num_layers: int,

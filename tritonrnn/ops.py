@@ -33,14 +33,14 @@ def _walk_ends(lengths: Optional[Tensor], T: int, B: int, reverse: bool, device)
 
 @torch.library.custom_op("tritonrnn::recurrence", mutates_args=())
 def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool,
-               relu: bool, path: str, allow_tf32: bool) -> tuple[Tensor, Tensor]:
+               relu: bool, path: str, backward_path: str, allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """h_t = act(xw_t + h_{t-1} W_hh^T) for all t; see tritonrnn.kernels.recurrence_forward."""
     return kernels.recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu,
                                       path=path, allow_tf32=allow_tf32)
 
 
 @recurrence.register_fake
-def _(xw, h0, w_hh, lengths, reverse, relu, path, allow_tf32):
+def _(xw, h0, w_hh, lengths, reverse, relu, path, backward_path, allow_tf32):
     return torch.empty_like(xw), torch.empty_like(h0)
 
 
@@ -76,10 +76,10 @@ def _(grad_out, grad_hn, out, h0, w_hh, lengths, reverse, relu, path, allow_tf32
 
 
 def _setup_context(ctx, inputs, output):
-    xw, h0, w_hh, lengths, reverse, relu, path, allow_tf32 = inputs
+    xw, h0, w_hh, lengths, reverse, relu, path, backward_path, allow_tf32 = inputs
     out, _ = output
     ctx.save_for_backward(out, h0, w_hh, lengths)
-    ctx.flags = (reverse, relu, path, allow_tf32)
+    ctx.flags = (reverse, relu, backward_path, allow_tf32)
 
 
 def _backward(ctx, grad_out, grad_hn):
@@ -93,7 +93,7 @@ def _backward(ctx, grad_out, grad_hn):
                                                         "relu" if relu else "tanh", lengths, reverse)
     else:
         dxw, dh0, dw_hh = recurrence_backward(grad_out, grad_hn, out, h0, w_hh, lengths, *ctx.flags)
-    return dxw, dh0, dw_hh, None, None, None, None, None
+    return dxw, dh0, dw_hh, None, None, None, None, None, None
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
