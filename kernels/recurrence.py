@@ -8,6 +8,7 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
 `path` is "sequence" (one launch for all T steps, W_hh held on chip by each program) or
 "stepwise" (one launch of the step kernel per timestep; any H).
 """
+import contextlib
 import functools
 
 import torch
@@ -30,14 +31,18 @@ def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _numerics(dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> dict:
-    """Accumulate in fp32 (fp64 for fp64); multiply in the storage dtype on the tensor cores."""
+    """Accumulate in fp32 (fp64 for fp64); multiply in the storage dtype on the tensor cores.
+
+    fp32 multiplies in TF32 where allowed, else in 3xTF32 (fp32 accuracy on the tensor cores:
+    plain IEEE fp32 dots run on FMA units and spill registers at these tile sizes).
+    """
     if dtype not in _TL_DTYPE:
         raise TypeError(f"tritonrnn kernels support float16, bfloat16, float32 and float64, got {dtype}")
     dot = _TL_DTYPE[dtype]
     if device.type == "cpu" and dtype == torch.bfloat16:
         dot = tl.float32  # the interpreter multiplies bf16 as integers
     return {"ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32, "DOT_DTYPE": dot,
-            "INPUT_PRECISION": "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"}
+            "INPUT_PRECISION": ("tf32" if allow_tf32 else "tf32x3") if dtype == torch.float32 else "ieee"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,6 +65,11 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config):
         return _autotuned(kernel), {}
     config = config or configs.default_config(kernel, B, H)
     return jitted, configs.config_to_dict(config)
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _grid(path: str, B: int, H: int):
@@ -118,18 +128,21 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     # M = W_hh^T: read W_hh with its strides swapped.
     if path == "sequence":
         h_n = _empty_like(h0)
-        kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, T, B, H, 1, H, configs.batch_bucket(B),
-                     BLOCK_H=configs.block_h(H), BACKWARD=False, REVERSE=reverse, RELU=relu, **numerics, **meta)
+        with _on(xw.device):
+            kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, T, B, H, 1, H, configs.batch_bucket(B),
+                         BLOCK_H=configs.block_h(H), BACKWARD=False, REVERSE=reverse, RELU=relu, **numerics,
+                         **meta)
         return out, h_n
     # With lengths the carried state differs from the output (0 past each row's end): ping-pong it.
     states = [_empty_like(h0), _empty_like(h0)] if lengths is not None else None
     prev = h0
-    for i in range(T):
-        t = T - 1 - i if reverse else i
-        state = states[i % 2] if states is not None else None
-        kernel[grid](xw[t], prev, w_hh, None, out[t], state, lengths, t, B, H, 1, H, configs.batch_bucket(B),
-                     BACKWARD=False, RELU=relu, **numerics, **meta)
-        prev = state if state is not None else out[t]
+    with _on(xw.device):
+        for i in range(T):
+            t = T - 1 - i if reverse else i
+            state = states[i % 2] if states is not None else None
+            kernel[grid](xw[t], prev, w_hh, None, out[t], state, lengths, t, B, H, 1, H, configs.batch_bucket(B),
+                         BACKWARD=False, RELU=relu, **numerics, **meta)
+            prev = state if state is not None else out[t]
     return out, prev.clone()
 
 
@@ -155,13 +168,16 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config)
     grid = _grid(path, B, H)
     if path == "sequence":
-        kernel[grid](grad, None, w_hh, out, dz, None, lengths, T, B, H, H, 1, configs.batch_bucket(B),
-                     BLOCK_H=configs.block_h(H), BACKWARD=True, REVERSE=not reverse, RELU=relu, **numerics, **meta)
+        with _on(grad.device):
+            kernel[grid](grad, None, w_hh, out, dz, None, lengths, T, B, H, H, 1, configs.batch_bucket(B),
+                         BLOCK_H=configs.block_h(H), BACKWARD=True, REVERSE=not reverse, RELU=relu, **numerics,
+                         **meta)
         return dz
     prev = None
-    for i in range(T):
-        t = i if reverse else T - 1 - i
-        kernel[grid](grad[t], prev, w_hh, out[t], dz[t], None, lengths, t, B, H, H, 1, configs.batch_bucket(B),
-                     BACKWARD=True, RELU=relu, **numerics, **meta)
-        prev = dz[t]
+    with _on(grad.device):
+        for i in range(T):
+            t = i if reverse else T - 1 - i
+            kernel[grid](grad[t], prev, w_hh, out[t], dz[t], None, lengths, t, B, H, H, 1, configs.batch_bucket(B),
+                         BACKWARD=True, RELU=relu, **numerics, **meta)
+            prev = dz[t]
     return dz

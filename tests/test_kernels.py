@@ -10,7 +10,9 @@ import torch
 from conftest import DEVICE, DTYPES, assert_close, dtype_id
 from tritonrnn import functional, kernels, ops, reference
 
-SHAPES = [(1, 1, 1), (9, 17, 19), (4, 3, 32), (6, 2, 40)]  # (T, B, H): T = 1, B % 16 != 0, H not 2^k
+# (T, B, H): T = 1, B % 16 != 0, H not 2^k; the last two launch several programs (batch tiles of
+# the sequence kernel, hidden tiles of the step kernel).
+SHAPES = [(1, 1, 1), (9, 17, 19), (4, 3, 32), (6, 2, 40), (3, 70, 20), (3, 5, 70)]
 VARIANTS = [  # (nonlinearity, reverse, with lengths)
     ("tanh", False, False), ("relu", False, False), ("tanh", True, False),
     ("tanh", False, True), ("relu", True, True),
@@ -138,6 +140,13 @@ def test_double_backward_warns_that_it_leaves_the_fused_kernel():
         (dx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
     (ddx,) = torch.autograd.grad(dx.sum(), x)
     assert ddx.abs().sum() > 0
+
+
+def test_layer_rejects_bad_lengths():
+    p = _problem(3, 2, 4, False, seed=6)
+    for lengths in ([0, 3], [4, 1], [1, 2, 3]):
+        with pytest.raises(ValueError, match="lengths must be a"):
+            functional.rnn_layer(p["x"], p["h0"], p["w_ih"], p["w_hh"], lengths=torch.tensor(lengths))
 
 
 def test_launcher_rejects_bad_shapes():

@@ -46,11 +46,13 @@ def _check_cell_args(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> N
 
 
 def _autocast(device_type: str, *tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
-    """Under torch.autocast, run in its dtype (weights cast differentiably), as torch's RNNs do."""
+    """Under torch.autocast, run in its dtype (weights cast differentiably), as torch's RNNs do;
+    like autocast, leave float64 alone."""
     if not torch.is_autocast_enabled(device_type):
         return list(tensors)
     dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
 
 
 def _allow_tf32() -> bool:
@@ -83,6 +85,8 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     T, B, H = xw.shape
     paths = [kernel_path(T, H, xw.dtype, B, xw.device, direction) for direction in ("forward", "backward")]
     if lengths is not None:
+        if lengths.shape != (B,) or B and not bool(((lengths >= 1) & (lengths <= T)).all()):
+            raise ValueError(f"lengths must be a [{B}] tensor of values in [1, {T}], got {lengths.tolist()}")
         lengths = lengths.to(device=x.device, dtype=torch.int32)
     return ops.recurrence(xw, h0, w_hh, lengths, reverse, relu, *paths, _allow_tf32())
 

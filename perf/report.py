@@ -1,0 +1,222 @@
+"""`tritonrnn report`: perf/REPORT.md and its PNG plots, rendered from results files.
+
+Plots: the speedup of tritonrnn over cuDNN as a heatmap of B by H for each dtype and mode; time
+against T; peak training memory; distance to the floor. Then the summary (geometric mean and
+minimum speedup per dtype and mode), every cell where tritonrnn is slower than cuDNN, and the case
+table with the kernels the baseline ran.
+"""
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .grid import BATCHES, HIDDENS, MODES, PROVIDERS
+
+
+def _index(rows):
+    """{(case, mode, provider): row}"""
+    return {(r["case"], r["mode"], r["provider"]): r for r in rows}
+
+
+def _time(row):
+    return row["median_ms"] if row and row["status"] == "ok" else None
+
+
+def speedups(rows, baseline: str = "cudnn") -> dict:
+    """{(dtype, mode): [(case row of tritonrnn, speedup)]} for grid cases measured by both."""
+    index = _index(rows)
+    result = defaultdict(list)
+    for r in rows:
+        if r["provider"] != "tritonrnn":
+            continue
+        ours, theirs = _time(r), _time(index.get((r["case"], r["mode"], baseline)))
+        if ours and theirs:
+            result[(r["dtype"], r["mode"])].append((r, theirs / ours))
+    return result
+
+
+def summary(rows) -> list:
+    """Per dtype and mode over the grid: cells, geometric mean and minimum of the speedup."""
+    lines = []
+    for (dtype, mode), pairs in sorted(speedups([r for r in rows if r["group"] == "grid"]).items()):
+        values = [s for _, s in pairs]
+        geomean = math.exp(sum(math.log(v) for v in values) / len(values))
+        worst_row, worst = min(pairs, key=lambda p: p[1])
+        lines.append({"dtype": dtype, "mode": mode, "cells": len(values), "geomean": geomean, "min": worst,
+                      "min_case": worst_row["case"]})
+    return lines
+
+
+def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        elif not ax.images:
+            ax.text(0.5, 0.5, "no data in these results", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_speedup_heatmaps(rows, path: Path):
+    import matplotlib.pyplot as plt
+
+    grid = [r for r in rows if r["group"] == "grid"]
+    index = _index(grid)
+    dtypes = sorted({r["dtype"] for r in grid})
+    batches = sorted({r["batch"] for r in grid}) or list(BATCHES)
+    hiddens = sorted({r["hidden"] for r in grid}) or list(HIDDENS)
+    fig, axes = plt.subplots(len(dtypes), len(MODES), figsize=(5.2 * len(MODES), 3.6 * len(dtypes)), squeeze=False)
+    for i, dtype in enumerate(dtypes):
+        for j, mode in enumerate(MODES):
+            ax = axes[i][j]
+            values = [[math.nan] * len(hiddens) for _ in batches]
+            labels = [[""] * len(hiddens) for _ in batches]
+            for bi, b in enumerate(batches):
+                for hi, h in enumerate(hiddens):
+                    case = next((r["case"] for r in grid if (r["dtype"], r["batch"], r["hidden"]) == (dtype, b, h)), None)
+                    ours, theirs = index.get((case, mode, "tritonrnn")), index.get((case, mode, "cudnn"))
+                    if ours is None or theirs is None:
+                        continue
+                    if _time(ours) and _time(theirs):
+                        values[bi][hi] = math.log2(_time(theirs) / _time(ours))
+                        labels[bi][hi] = f"{_time(theirs) / _time(ours):.2f}x"
+                    else:
+                        labels[bi][hi] = ours["status"] if ours["status"] != "ok" else theirs["status"]
+            ax.imshow(values, cmap="RdYlGn", vmin=-3, vmax=3, aspect="auto")
+            for bi in range(len(batches)):
+                for hi in range(len(hiddens)):
+                    ax.text(hi, bi, labels[bi][hi], ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(hiddens)), [str(h) for h in hiddens])
+            ax.set_yticks(range(len(batches)), [str(b) for b in batches])
+            ax.set_xlabel("hidden size H")
+            ax.set_ylabel("batch B")
+            ax.set_title(f"{dtype} {mode}: speedup over cuDNN", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_time_vs_t(rows, path: Path):
+    import matplotlib.pyplot as plt
+
+    line = [r for r in rows if r["group"] == "t-line" or
+            (r["group"] == "grid" and (r["dtype"], r["batch"], r["hidden"]) == ("float32", 16, 256))]
+    fig, axes = plt.subplots(1, len(MODES), figsize=(10, 3.6), squeeze=False)
+    for ax, mode in zip(axes[0], MODES):
+        for provider in PROVIDERS:
+            points = sorted((r["seq_len"], r["median_ms"]) for r in line
+                            if r["mode"] == mode and r["provider"] == provider and _time(r))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(f"float32, B=16, H=256, {mode}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_memory(rows, path: Path):
+    import matplotlib.pyplot as plt
+
+    grid = [r for r in rows if r["group"] == "grid" and r["mode"] == "training" and r["peak_memory_bytes"]]
+    dtypes = sorted({r["dtype"] for r in grid}) or ["float32"]
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.5 * len(dtypes), 3.6), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        batch = max((r["batch"] for r in grid if r["dtype"] == dtype), default=None)
+        for provider in PROVIDERS:
+            points = sorted((r["hidden"], r["peak_memory_bytes"] / 2 ** 20) for r in grid
+                            if r["dtype"] == dtype and r["batch"] == batch and r["provider"] == provider)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("hidden size H")
+        ax.set_ylabel("peak training memory (MiB)")
+        ax.set_title(f"{dtype}, B={batch}, T=512", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_floor(rows, path: Path):
+    import matplotlib.pyplot as plt
+
+    grid = [r for r in rows if r["group"] == "grid" and _time(r) and r["floor_ms"]]
+    fig, axes = plt.subplots(1, len(MODES), figsize=(10, 3.6), squeeze=False)
+    for ax, mode in zip(axes[0], MODES):
+        for provider in PROVIDERS:
+            ratios = sorted(r["median_ms"] / r["floor_ms"] for r in grid
+                            if r["mode"] == mode and r["provider"] == provider)
+            if ratios:
+                ax.plot(range(1, len(ratios) + 1), ratios, marker=".", label=provider)
+        ax.axhline(1, color="gray", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("grid cells, sorted")
+        ax.set_ylabel("time / floor")
+        ax.set_title(f"{mode}: distance to the floor", fontsize=9)
+    return _save(fig, path)
+
+
+def _ms(row):
+    if row is None:
+        return "-"
+    return f"{row['median_ms']:.3f}" if _time(row) else row["status"]
+
+
+def render(rows, sources, out_dir: Path) -> Path:
+    """Write out_dir/REPORT.md and out_dir/plots/*.png; returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "Speedup over cuDNN (B x H)": plot_speedup_heatmaps(rows, plots / "speedup_heatmap.png"),
+        "Time against T": plot_time_vs_t(rows, plots / "time_vs_T.png"),
+        "Peak training memory": plot_memory(rows, plots / "memory.png"),
+        "Distance to the floor": plot_floor(rows, plots / "floor.png"),
+    }
+    first = rows[0]
+    lines = ["# tritonrnn performance report", "",
+             f"Measured on **{first['gpu']}** ({first['sm_count']} SMs, driver {first['driver']}), torch "
+             f"{first['torch']}, triton {first['triton']}, cuDNN {first['cudnn']}, TF32 "
+             f"{'on' if first['tf32'] else 'off'}, {first['date']}.", "",
+             "Results used: " + ", ".join(f"`{Path(s).name}`" for s in sources) + ".",
+             f"Command: `{first['command']}`", "",
+             "Speedup = cuDNN median time / tritonrnn median time (above 1: tritonrnn is faster). A provider "
+             "whose output differed from cuDNN's is marked `wrong` and has no time.", ""]
+    if not first["gpu"] or not first["sm_count"]:
+        lines += ["**Not a GPU measurement**: these rows come from a CPU run (Triton's interpreter), which "
+                  "checks the harness, not the kernels' speed.", ""]
+    lines += ["## Summary (standard grid)", "", "| dtype | mode | cells | geomean speedup | min speedup | at |",
+              "|---|---|---|---|---|---|"]
+    for s in summary(rows):
+        lines.append(f"| {s['dtype']} | {s['mode']} | {s['cells']} | {s['geomean']:.2f} | {s['min']:.2f} | "
+                     f"{s['min_case']} |")
+    compared = speedups(rows)
+    slower = sorted((r["case"], r["mode"], s) for pairs in compared.values() for r, s in pairs if s < 1)
+    lines += ["", "## Where tritonrnn is slower than cuDNN", ""]
+    if not compared:
+        lines.append("- no case was measured with both tritonrnn and cuDNN")
+    else:
+        lines += [f"- {case} {mode}: {s:.2f}x" for case, mode, s in slower] or ["- nowhere in these results"]
+    failures = [r for r in rows if r["status"] not in ("ok", "unavailable")]
+    if failures:
+        lines += ["", "## Failures", ""] + [f"- {r['case']} {r['mode']} {r['provider']}: {r['status']}: "
+                                            f"{r['error']}" for r in failures]
+    for title, png in figures.items():
+        lines += ["", f"## {title}", "", f"![{title}](plots/{png.name})"]
+    lines += ["", "## Cases", "", "| case | mode | tritonrnn ms | cudnn ms | torch-native ms | speedup | floor ms "
+              "| tritonrnn / floor | cuDNN kernels |", "|---|---|---|---|---|---|---|---|---|"]
+    index = _index(rows)
+    for case, mode in sorted({(r["case"], r["mode"]) for r in rows}):
+        ours, cudnn, native = (index.get((case, mode, p)) for p in PROVIDERS)
+        speed = f"{_time(cudnn) / _time(ours):.2f}" if _time(ours) and _time(cudnn) else "-"
+        floor = ours["floor_ms"] if ours else None
+        distance = f"{_time(ours) / floor:.1f}" if _time(ours) and floor else "-"
+        kernels = "<br>".join((cudnn or {}).get("kernels") or [])[:400] or "-"
+        lines.append(f"| {case} | {mode} | {_ms(ours)} | {_ms(cudnn)} | {_ms(native)} | {speed} | "
+                     f"{floor:.3f} | {distance} | {kernels} |" if floor else
+                     f"| {case} | {mode} | {_ms(ours)} | {_ms(cudnn)} | {_ms(native)} | {speed} | - | - | {kernels} |")
+    report = out_dir / "REPORT.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

@@ -1,0 +1,124 @@
+"""Compile the kernels for a GPU without one, and read what the compiler made of them.
+
+Triton compiles for any target on the CPU (ASTSource + GPUTarget) with the ptxas it bundles; the
+cubin's resource usage (registers, stack: spilled bytes, shared memory) and the matmul
+instructions in its PTX tell whether a config fits on chip and runs on the tensor cores, before a
+GPU is ever lent. Used by the tests to guard the default configs.
+
+    compile_kernel("sequence", torch.float32, batch=64, hidden=128, backward=False)
+    -> {"registers": 168, "stack_bytes": 0, "shared_bytes": 33280, "mma": ["wgmma..."], ...}
+"""
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+
+from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import recurrence
+
+_POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+HOPPER = (90, 32)  # compute capability 9.0 (H100, H200), warp size 32
+
+
+def _signature(kernel: str, dtype, backward: bool, lengths: bool):
+    """Argument types of a launch as the launchers make it (None pointers become constexpr None)."""
+    p = _POINTER[dtype]
+    if kernel == "sequence":
+        pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
+                    "p_out": p, "p_hn": None if backward else p}
+        ints = ("T", "B", "H", "stride_wk", "stride_wn", "B_BUCKET")
+    else:
+        pointers = {"p_in": p, "p_prev": p, "p_w": p, "p_act": p if backward else None, "p_out": p,
+                    "p_state": p if lengths and not backward else None}
+        ints = ("t", "B", "H", "stride_wk", "stride_wn", "B_BUCKET")
+    pointers["p_len"] = "*i32" if lengths else None
+    return pointers, ints
+
+
+def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, hidden: int, backward: bool = False,
+                   lengths: bool = False, relu: bool = False, allow_tf32: bool = True, config=None,
+                   target=HOPPER) -> dict:
+    """Compile one variant for `target` and return its resource usage and matmul instructions."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    config = config or configs.default_config(kernel, batch, hidden)
+    jitted = recurrence.rnn_sequence_kernel if kernel == "sequence" else recurrence.rnn_step_kernel
+    fn = getattr(jitted, "fn", jitted)  # below @triton.heuristics
+    pointers, ints = _signature(kernel, dtype, backward, lengths)
+    numerics = recurrence._numerics(dtype, torch.device("cuda"), allow_tf32)
+    constants = {**numerics, **config.kwargs, "BACKWARD": backward, "RELU": relu}
+    if kernel == "sequence":
+        constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths)
+    else:
+        constants.update(HAS_PREV=True, HAS_LENGTHS=lengths, STORE_STATE=pointers["p_state"] is not None)
+    signature = {}
+    for name in fn.arg_names:
+        if name in pointers and pointers[name] is not None:
+            signature[name] = pointers[name]
+        elif name in ints:
+            signature[name] = "i32"
+        else:
+            signature[name] = "constexpr"
+            constants.setdefault(name, None)
+    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", *target),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    usage = _resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    mma = sorted(set(re.findall(r"(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx)))
+    return {**usage, "mma": mma, "fma_only": not mma, "config": configs.config_to_dict(config)}
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if match is None:
+        raise RuntimeError(f"cuobjdump gave no resource usage:\n{text}")
+    registers, stack, shared, local = map(int, match.groups())
+    return {"registers": registers, "stack_bytes": stack, "shared_bytes": shared, "local_bytes": local}
+
+
+def available() -> bool:
+    """Whether this triton install can compile for NVIDIA GPUs offline (its bundled ptxas)."""
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
+
+
+def default_variants() -> list:
+    """The variants the layers launch with default configs: every dtype and fp32 precision, both
+    kernels at the largest and a small H, forward (and packed) and backward."""
+    variants = []
+    for dtype, tf32 in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, False),
+                        (torch.float16, False), (torch.float64, False)):
+        for hidden in sorted({configs.SEQUENCE_MAX_H[dtype.itemsize], 32}):
+            variants += [dict(kernel="sequence", dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32),
+                         dict(kernel="sequence", dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32,
+                              backward=True, lengths=True)]
+        variants += [dict(kernel="step", dtype=dtype, batch=256, hidden=1024, allow_tf32=tf32, lengths=True),
+                     dict(kernel="step", dtype=dtype, batch=256, hidden=1024, allow_tf32=tf32, backward=True)]
+    return variants
+
+
+def main() -> None:
+    """Compile the default variants for sm_90 and print one JSON line each (run without
+    TRITON_INTERPRET: the compiler needs the real @triton.jit objects)."""
+    import json
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels the compiler needs")
+    for variant in default_variants():
+        result = compile_kernel(**variant)
+        print(json.dumps({**{k: str(v).removeprefix("torch.") for k, v in variant.items()}, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

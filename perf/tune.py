@@ -1,0 +1,114 @@
+"""`tritonrnn tune`: search the kernels' tuning space (paths and configs) on this GPU.
+
+For each shape (dtype, H, batch bucket) and direction (forward, backward) every candidate of the
+space declared in kernels/config.py is timed on the recurrence alone; the fastest is written to
+kernels/tuned/<GPU>.json only if it beats the untuned default (default path, default config) by
+at least MARGIN in the same measurement. T does not enter the key: configs hold for every T.
+"""
+import datetime
+import json
+import sys
+
+import torch
+import triton
+
+from tritonrnn import kernels
+from tritonrnn.kernels import config as configs
+
+from .providers import DTYPES
+
+MARGIN = 0.03  # a winner must be at least 3% faster than the default, beyond timing noise
+TUNE_SEQ_LEN = 128
+SEQUENCE_TUNE_MAX_H = 256  # beyond this no program holds W_hh: the sequence path is not tried
+
+
+def candidates(hidden: int, batch: int):
+    """(path, config) pairs to try for this shape."""
+    paths = ["stepwise"] + (["sequence"] if configs.block_h(hidden) <= SEQUENCE_TUNE_MAX_H else [])
+    return [(path, config) for path in paths
+            for config in configs.tuning_space("sequence" if path == "sequence" else "step", batch, hidden)]
+
+
+def default_choice(hidden: int, batch: int, dtype: torch.dtype):
+    path = "sequence" if configs.sequence_fits(hidden, dtype) else "stepwise"
+    return path, configs.default_config("sequence" if path == "sequence" else "step", batch, hidden)
+
+
+def _problem(dtype, batch, hidden, device, seq_len=TUNE_SEQ_LEN):
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    return {"xw": rand(seq_len, batch, hidden), "h0": rand(batch, hidden),
+            "w_hh": rand(hidden, hidden) / hidden ** 0.5, "grad": rand(seq_len, batch, hidden)}
+
+
+def recurrence_fn(problem, direction: str, path: str, config):
+    """The call a candidate is timed on: the forward or backward recurrence alone."""
+    if direction == "forward":
+        return lambda: kernels.recurrence_forward(problem["xw"], problem["h0"], problem["w_hh"], path=path,
+                                                  config=config)
+    out = torch.tanh(problem["xw"])
+    return lambda: kernels.recurrence_backward(problem["grad"], out, problem["w_hh"], path=path, config=config)
+
+
+def tune_shape(dtype: torch.dtype, hidden: int, batch: int, direction: str, timer, device, progress=None) -> dict:
+    """Time the default and every candidate; returns the measurements and the verdict."""
+    problem = _problem(dtype, batch, hidden, device)
+    default_path, default_config = default_choice(hidden, batch, dtype)
+    default_ms = timer(recurrence_fn(problem, direction, default_path, default_config))["median_ms"]
+    best = None
+    for path, config in candidates(hidden, batch):
+        try:
+            ms = timer(recurrence_fn(problem, direction, path, config))["median_ms"]
+        except Exception as exc:  # noqa: BLE001 - out of resources etc.: the candidate is out
+            print(f"\n    {path} {configs.config_to_dict(config)}: {type(exc).__name__}", file=sys.stderr)
+            ms = None
+        if progress:
+            progress()
+        if ms is not None and (best is None or ms < best["time_ms"]):
+            best = {"path": path, "config": configs.config_to_dict(config), "time_ms": ms}
+    verdict = best is not None and best["time_ms"] < default_ms * (1 - MARGIN)
+    return {"key": configs.tuned_key(dtype, hidden, batch, direction), "default_ms": default_ms,
+            "default": {"path": default_path, "config": configs.config_to_dict(default_config)},
+            "best": best, "written": verdict}
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def __call__(self):
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def tune(shapes, timer, device, command: str = "", directory=None) -> dict:
+    """Tune (dtype, hidden, batch) shapes; merge the winners into kernels/tuned/<GPU>.json."""
+    directory = directory or configs.TUNED_DIR
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    path = directory / f"{configs.gpu_slug(gpu)}.json"
+    table = json.loads(path.read_text()) if path.exists() else {"gpu": gpu, "entries": {}}
+    unique = sorted({(d, h, configs.batch_bucket(b)) for d, h, b in shapes})
+    total = sum(len(candidates(h, b)) for _, h, b in unique) * 2
+    progress = Progress(total)
+    results = []
+    for dtype_name, hidden, batch in unique:
+        for direction in ("forward", "backward"):
+            result = tune_shape(DTYPES[dtype_name], hidden, batch, direction, timer, device, progress)
+            results.append(result)
+            if result["written"]:
+                table["entries"][result["key"]] = {**result["best"], "default_ms": result["default_ms"]}
+            else:
+                table["entries"].pop(result["key"], None)  # an old winner that no longer wins goes
+    table.update(gpu=gpu, torch=torch.__version__, triton=triton.__version__, command=command,
+                 date=datetime.datetime.now().isoformat(timespec="seconds"))
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    configs._tuned_table.cache_clear()
+    return {"path": path, "results": results}

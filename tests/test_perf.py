@@ -1,0 +1,207 @@
+"""The perf harness on the CPU: grids and arguments, a real (interpreted) smoke benchmark and its
+schema, wrong outputs reported as failures, the report from a committed fixture, the tune logic
+with a stubbed timer, and the tuned-config lookup."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritonrnn import cli, dispatch
+from tritonrnn.kernels import config as configs
+from tritonrnn.perf import bench, grid, measure, providers, report, tune
+
+FIXTURE = Path(__file__).parent / "fixtures" / "results_fixture.json"
+
+
+def test_standard_grid_is_the_issue_grid():
+    cases = grid.standard_grid()
+    main = [c for c in cases if c.group == "grid"]
+    assert len(main) == 3 * 4 * 5
+    assert {(c.seq_len, c.layers, c.bidirectional, c.inputs == c.hidden) for c in main} == {(512, 1, False, True)}
+    assert sorted({c.seq_len for c in cases if c.group == "t-line"} | {512}) == list(grid.T_LINE)
+    assert any(c.layers == 4 and c.bidirectional for c in cases)
+    assert any(c.packed for c in cases)
+    quick = grid.quick_grid()
+    assert len(quick) < len(cases) / 3
+    assert all(c.dtype == "bfloat16" for c in grid.select("standard", dtypes=["bfloat16"]))
+
+
+def test_parse_shape():
+    case = grid.parse_shape("T64-B3-H40-I8-L2-bidir-packed", "float16")
+    assert (case.seq_len, case.batch, case.hidden, case.inputs, case.layers, case.bidirectional, case.packed) == \
+        (64, 3, 40, 8, 2, True, True)
+    assert case.name == "float16-T64-B3-I8-H40-L2-bidir-packed"
+    with pytest.raises(ValueError, match="bad shape"):
+        grid.parse_shape("B3-H40", "float32")
+    assert [c.dtype for c in grid.select(shapes=["T8-B2-H16"], dtypes=["float32", "float16"])] == \
+        ["float32", "float16"]
+
+
+def test_case_work_counts_flops():
+    case = grid.Case("float32", 2, 4, seq_len=3, input_size=5)
+    work = measure.case_work(case, "inference", 4)
+    assert work["flops"] == 2 * 3 * 2 * 4 * (5 + 4)
+    assert measure.case_work(case, "training", 4)["flops"] == 3 * work["flops"]
+    assert work["chain_steps"] == 3
+
+
+@pytest.fixture
+def smoke_results(tmp_path):
+    code = cli.main(["bench", "--grid", "smoke", "--out-dir", str(tmp_path), "--no-profile"])
+    (path,) = tmp_path.glob("*.json")
+    return code, path
+
+
+def test_smoke_bench_writes_complete_rows(smoke_results):
+    code, path = smoke_results
+    assert code == 0
+    data = json.loads(path.read_text())
+    assert data["schema"] == bench.SCHEMA
+    rows = data["rows"]
+    assert len(rows) == len(grid.smoke_grid()) * 2 * 3
+    for row in rows:
+        assert set(row) == set(bench.ROW_FIELDS)
+        assert row["command"] == "tritonrnn bench --grid smoke --out-dir " + str(path.parent) + " --no-profile"
+        if row["provider"] == "cudnn":
+            assert row["status"] == "unavailable"
+        else:
+            assert row["status"] == "ok" and row["median_ms"] > 0 and row["p20_ms"] <= row["p80_ms"]
+            assert row["floor_ms"] > 0
+    ours = [r for r in rows if r["provider"] == "tritonrnn"]
+    assert {r["backend"] for r in ours} == {"triton-interpreter"}  # the kernels ran, not torch's RNN
+    assert all(r["max_rel_error"] < 1e-4 for r in ours)
+
+
+def test_wrong_provider_output_is_reported_as_a_failure(monkeypatch, tmp_path):
+    honest = providers.Run.outputs
+
+    def corrupted(self, mode):
+        results = honest(self, mode)
+        return tuple(t * 1.5 for t in results) if self.provider == "tritonrnn" else results
+
+    monkeypatch.setattr(providers.Run, "outputs", corrupted)
+    code = cli.main(["bench", "--shapes", "T6-B2-H16", "--out-dir", str(tmp_path), "--no-profile"])
+    assert code == 1
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    wrong = [r for r in rows if r["provider"] == "tritonrnn"]
+    assert wrong and all(r["status"] == "wrong" and r["median_ms"] is None for r in wrong)
+    assert "differs from torch-native" in wrong[0]["error"]
+
+
+def test_report_renders_fixture(tmp_path):
+    report_path = report.render(bench.load([FIXTURE]), [FIXTURE], tmp_path)
+    text = report_path.read_text()
+    assert "FIXTURE (synthetic rows, not a measurement)" in text
+    for png in ("speedup_heatmap.png", "time_vs_T.png", "memory.png", "floor.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 5000, png
+        assert f"plots/{png}" in text
+    assert "| float32 | inference | 4 |" in text
+    # H=1024 is slower than cuDNN in the fixture; the bf16 training cell at H=1024, B=64 is wrong.
+    assert "- float32-T512-B1-I1024-H1024 inference:" in text
+    assert "bfloat16-T512-B64-I1024-H1024 training tritonrnn: wrong" in text
+    assert "RNN_blockPersist_fp_GPU" in text
+
+
+def test_report_summary_numbers():
+    rows = bench.load([FIXTURE])
+    lines = {(s["dtype"], s["mode"]): s for s in report.summary(rows)}
+    assert lines[("bfloat16", "training")]["cells"] == 3  # the wrong cell has no speedup
+    pairs = report.speedups([r for r in rows if r["group"] == "grid"])[("float32", "inference")]
+    assert min(s for _, s in pairs) == pytest.approx(lines[("float32", "inference")]["min"])
+
+
+def test_report_cli_renders_newest_results_and_says_which(tmp_path, capsys):
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    shutil.copy(FIXTURE, results_dir / "20260101T000000-FIXTURE-quick.json")
+    assert cli.main(["report", "--results-dir", str(results_dir), "--out-dir", str(tmp_path), "--no-bench"]) == 0
+    out = capsys.readouterr().out
+    assert "20260101T000000-FIXTURE-quick.json" in out and (tmp_path / "REPORT.md").exists()
+
+
+def test_report_without_results_says_so(tmp_path, capsys):
+    assert cli.main(["report", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path), "--no-bench"]) == 0
+    assert "No results to render" in capsys.readouterr().out
+    assert not (tmp_path / "REPORT.md").exists()
+
+
+class _Tagged:
+    def __init__(self, direction, path, config):
+        self.key = (direction, path, tuple(sorted(config.kwargs.items())), config.num_warps)
+
+    def __call__(self):
+        raise AssertionError("the stub timer never runs kernels")
+
+
+def test_tune_writes_only_winners_that_beat_the_default(monkeypatch, tmp_path):
+    monkeypatch.setattr(tune, "recurrence_fn", lambda problem, direction, path, config: _Tagged(direction, path, config))
+    defaults = {}
+
+    def stub_timer(fn):
+        direction, path, kwargs, warps = fn.key
+        default_path, default_config = tune.default_choice(64, 16, torch.float32)
+        is_default = (path, kwargs, warps) == (default_path, tuple(sorted(default_config.kwargs.items())),
+                                               default_config.num_warps)
+        if is_default:
+            defaults[direction] = True
+            return {"median_ms": 1.0}
+        if direction == "forward" and path == "stepwise" and warps == 8:
+            return {"median_ms": 0.5}  # a clear winner
+        if direction == "backward" and path == "sequence":
+            return {"median_ms": 0.99}  # within the margin: not written
+        return {"median_ms": 2.0}
+
+    (tmp_path / "cpu.json").write_text(json.dumps({"gpu": "cpu", "entries": {
+        "float32/H64/B16/backward": {"path": "stepwise", "config": {}}}}))  # a stale winner
+    outcome = tune.tune([("float32", 64, 16), ("float32", 64, 9)], stub_timer, torch.device("cpu"),
+                        command="test", directory=tmp_path)
+    assert defaults == {"forward": True, "backward": True}
+    table = json.loads(outcome["path"].read_text())
+    assert set(table["entries"]) == {"float32/H64/B16/forward"}  # B=9 and B=16 share the bucket
+    entry = table["entries"]["float32/H64/B16/forward"]
+    assert entry["path"] == "stepwise" and entry["config"]["num_warps"] == 8 and entry["time_ms"] == 0.5
+    assert table["command"] == "test"
+
+
+def test_tuned_configs_are_used_for_their_gpu(monkeypatch, tmp_path):
+    entry = {"path": "stepwise", "config": {"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8,
+                                            "num_stages": 3}}
+    (tmp_path / "H100.json").write_text(json.dumps({"entries": {"float32/H64/B16/forward": entry}}))
+    monkeypatch.setattr(configs, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    configs._tuned_table.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        choice = configs.tuned(torch.float32, 64, 13, "forward", cuda)
+        assert choice["path"] == "stepwise" and choice["config"].num_warps == 8
+        assert dispatch.kernel_path(100, 64, torch.float32, 13, cuda, "forward") == "stepwise"
+        assert dispatch.kernel_path(100, 64, torch.float32, 13, cuda, "backward") == "sequence"  # no entry
+        assert configs.tuned(torch.float32, 64, 13, "forward", torch.device("cpu")) is None
+    finally:
+        configs._tuned_table.cache_clear()
+
+
+def test_tuning_space_fits_the_shape():
+    assert configs.gpu_slug("NVIDIA H100 80GB HBM3") == "H100"
+    assert configs.gpu_slug("NVIDIA H200") == "H200"
+    for kernel in configs.KERNELS:
+        for batch, hidden in ((1, 16), (256, 2048), (17, 100)):
+            space = configs.tuning_space(kernel, batch, hidden)
+            assert space
+            assert all(c.kwargs["BLOCK_B"] <= max(16, configs.batch_bucket(batch)) for c in space)
+        default = configs.default_config(kernel, 64, 128)
+        assert default.kwargs["BLOCK_B"] >= configs.MIN_DOT
+    pruned = configs.prune_space("sequence")(configs.full_space("sequence"), {"B": 1, "H": 64})
+    assert {c.kwargs["BLOCK_B"] for c in pruned} == {16}
+
+
+def test_device_check_script_is_valid_bash():
+    script = Path(__file__).resolve().parents[1] / "perf" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for step in ("pip install --no-deps --no-build-isolation -e .", "pytest", "tritonrnn bench --grid quick",
+                 "tritonrnn report"):
+        assert step in text
