@@ -24,6 +24,17 @@ CHECK_TOLERANCE = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 6e-
 L2_BYTES = 50 << 20  # inputs are rotated when a few copies fit in L2 (H100: 50 MB)
 
 
+@contextlib.contextmanager
+def _cudnn_enabled(enabled: bool):
+    # Only this switch: torch.backends.cudnn.flags() would also reset allow_tf32 and the rest.
+    saved = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = saved
+
+
 def available(provider: str, device: torch.device) -> bool:
     if provider == "cudnn":
         return device.type == "cuda" and torch.backends.cudnn.is_available()
@@ -46,27 +57,26 @@ class Run:
             self.model = reference
         self.params = list(self.model.parameters())
         # Fresh random inputs (never zeros), rotated when they fit in L2; the same for every provider.
-        generator = torch.Generator().manual_seed(seed + 1)
+        generator = torch.Generator(device=device).manual_seed(seed + 1)
+        randn = lambda *shape: torch.randn(shape, generator=generator, device=device, dtype=self.dtype)  # noqa: E731
         shape = (case.seq_len, case.batch, case.inputs)
         copies = max(1, min(4, math.ceil(2 * L2_BYTES / (math.prod(shape) * self.dtype.itemsize))))
-        self.inputs = [torch.randn(shape, generator=generator).to(device, self.dtype) for _ in range(copies)]
+        self.inputs = [randn(*shape) for _ in range(copies)]
         self.lengths = None
-        if case.packed:  # lengths spread evenly from T/8 to T
+        if case.packed:  # lengths spread evenly from T/8 to T, in shuffled order
             low = max(1, case.seq_len // 8)
             self.lengths = torch.linspace(low, case.seq_len, case.batch).round().long()
-            self.lengths = self.lengths[torch.randperm(case.batch, generator=generator)]
+            self.lengths = self.lengths[torch.randperm(case.batch, generator=torch.Generator().manual_seed(seed))]
         directions = 2 if case.bidirectional else 1
-        self.grad_hn = torch.randn(case.layers * directions, case.batch, case.hidden,
-                                   generator=generator).to(device, self.dtype)
+        self.grad_hn = randn(case.layers * directions, case.batch, case.hidden)
+        self._randn = randn
         self._grad_out = {}
         self._next = 0
 
     def _context(self):
-        if self.provider == "torch-native":
-            return torch.backends.cudnn.flags(enabled=False)
-        if self.provider == "cudnn":
-            return torch.backends.cudnn.flags(enabled=True)
-        return contextlib.nullcontext()
+        if self.provider == "tritonrnn":
+            return contextlib.nullcontext()
+        return _cudnn_enabled(self.provider == "cudnn")
 
     def _input(self, requires_grad: bool):
         x = self.inputs[self._next % len(self.inputs)]
@@ -89,8 +99,7 @@ class Run:
         out, h_n = self._forward(model_input)
         grad_out = self._grad_out.get(out.shape)
         if grad_out is None:
-            generator = torch.Generator().manual_seed(7)
-            grad_out = self._grad_out[out.shape] = torch.randn(out.shape, generator=generator).to(out)
+            grad_out = self._grad_out[out.shape] = self._randn(*out.shape)
         with self._context():
             grads = torch.autograd.grad([out, h_n], [x, *self.params], [grad_out, self.grad_hn])
         return (out, h_n, *grads)

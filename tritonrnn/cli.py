@@ -37,17 +37,23 @@ def _info(args) -> int:
     return 0
 
 
+def _no_autotuning() -> None:
+    """Benchmarks measure the shipped tuned configs or the defaults: the autotuner would first
+    tune every shape (slow, and not what a timed call runs)."""
+    import os
+
+    os.environ["TRITONRNN_AUTOTUNE"] = "0"
+
+
 def _command(argv) -> str:
     return "tritonrnn " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
 def _bench(args) -> int:
-    import os
-
     from tritonrnn.perf import bench, grid
 
-    if not args.autotune:  # shipped tuned configs or defaults; the autotuner would tune every shape first
-        os.environ["TRITONRNN_AUTOTUNE"] = "0"
+    if not args.autotune:
+        _no_autotuning()
     cases = grid.select(args.grid, args.shapes, args.dtypes)
     results = bench.run(cases, modes=args.modes, providers=args.providers, command=args.command,
                         profile=not args.no_profile)
@@ -81,6 +87,7 @@ def _report(args) -> int:
 
     sources = list(args.results)
     if not sources and torch.cuda.is_available() and not args.no_bench:
+        _no_autotuning()
         results = bench.run(grid.quick_grid(), command=args.command)
         sources = [bench.write(results, "quick", args.results_dir)]
     if not sources:
