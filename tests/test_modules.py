@@ -146,6 +146,37 @@ def test_dropout_applies_between_layers_in_training_only():
     assert not torch.allclose(ours(x)[0], out)
 
 
+def test_dropout_between_layers_p_and_shapes(monkeypatch):
+    """Dropout hits each layer's whole output (both directions) but the last, with p, in training."""
+    calls = []
+
+    def spy(x, p, training):
+        calls.append((tuple(x.shape), p, training))
+        return x * 2  # deterministic stand-in, to see that its result is what the next layer reads
+
+    monkeypatch.setattr(tritonrnn.functional.F, "dropout", spy)
+    model = tritonrnn.RNN(I, H, num_layers=3, bidirectional=True, dropout=0.3, device=DEVICE, dtype=torch.float64)
+    oracle = nn.RNN(I, H, num_layers=3, bidirectional=True, device=DEVICE, dtype=torch.float64)
+    oracle.load_state_dict(model.state_dict())
+    x = torch.randn(4, 2, I, dtype=torch.float64, device=DEVICE)
+    out, _ = model(x)
+    assert calls == [((4, 2, 2 * H), 0.3, True)] * 2
+    # The same with torch: scale the layer inputs of layers 1 and 2 by 2 by hand.
+    h = x
+    for layer in range(3):
+        single = nn.RNN(h.shape[-1], H, bidirectional=True, device=DEVICE, dtype=torch.float64)
+        single.load_state_dict({k.replace(f"_l{layer}", "_l0"): v for k, v in oracle.state_dict().items()
+                                if f"_l{layer}" in k})
+        h = single(h)[0]
+        if layer < 2:
+            h = h * 2
+    assert_close(out, h, torch.float64, "out")
+    calls.clear()
+    model.eval()
+    model(x)
+    assert calls == []
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("kwargs", [{}, {"nonlinearity": "relu"}, {"bias": False}], ids=str)
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
