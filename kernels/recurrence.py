@@ -48,7 +48,8 @@ def _numerics(dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> dic
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel: str):
     jitted = rnn_sequence_kernel if kernel == "sequence" else rnn_step_kernel
-    return triton.autotune(configs=configs.full_space(kernel), key=["H", "B_BUCKET"],
+    return triton.autotune(configs=configs.full_space(kernel),
+                           key=["H", "B_BUCKET", "BACKWARD", "INPUT_PRECISION"],
                            prune_configs_by={"early_config_prune": configs.prune_space(kernel)})(jitted)
 
 

@@ -12,11 +12,19 @@ import torch
 QUANTILES = (0.5, 0.2, 0.8)
 
 
-def cuda_timer(fn, warmup_ms: int = 25, rep_ms: int = 100) -> dict:
-    """Median and 20/80% quantiles in ms over CUDA events (triton.testing.do_bench, L2 flushed)."""
+def cuda_timer(fn, warmup_ms: int = 25, rep_ms: int = 100, min_reps: int = 10) -> dict:
+    """Median and 20/80% quantiles in ms over CUDA events (triton.testing.do_bench, L2 flushed),
+    over at least `min_reps` calls however slow one call is."""
     import triton.testing
 
-    median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
+    fn()  # compile and warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    rep = max(rep_ms, min_reps * start.elapsed_time(end))
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep, quantiles=list(QUANTILES))
     return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
 
 
@@ -74,12 +82,7 @@ def ceilings(device: torch.device, dtype: torch.dtype, timer) -> dict:
     n = 8192 if device.type == "cuda" else 256
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32  # fp32 at the rate the RNNs use
-    try:
-        matmul_ms = timer(lambda: a @ b)["median_ms"]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+    matmul_ms = timer(lambda: a @ b)["median_ms"]  # fp32: TF32 if the run allows it (bench.run sets it)
     size = (1 << 28) if device.type == "cuda" else (1 << 22)  # 1 GiB of fp32 on a GPU
     src = torch.randn(size, device=device)
     dst = torch.empty_like(src)
@@ -89,7 +92,8 @@ def ceilings(device: torch.device, dtype: torch.dtype, timer) -> dict:
     xw = torch.randn(steps, 1, 16, device=device, dtype=dtype)
     h0 = torch.zeros(1, 16, device=device, dtype=dtype)
     w = torch.randn(16, 16, device=device, dtype=dtype) * 0.1
-    chain_ms = timer(lambda: kernels.recurrence_forward(xw, h0, w, path="sequence"))["median_ms"]
+    tf32 = torch.backends.cudnn.allow_tf32
+    chain_ms = timer(lambda: kernels.recurrence_forward(xw, h0, w, path="sequence", allow_tf32=tf32))["median_ms"]
     return {"matmul_flops_per_s": 2 * n ** 3 / (matmul_ms * 1e-3),
             "copy_bytes_per_s": 2 * src.numel() * src.element_size() / (copy_ms * 1e-3),
             "step_ms": chain_ms / steps}

@@ -107,9 +107,11 @@ class Run:
     def outputs(self, mode: str):
         """The results of one call on the first input, to compare providers."""
         self._next = 0
-        return self.inference() if mode == "inference" else self.training()
+        return self.fn(mode)()
 
     def fn(self, mode: str):
+        # eval() for inference: in training mode cuDNN runs its training forward (reserve space).
+        self.model.train(mode == "training")
         return self.inference if mode == "inference" else self.training
 
 

@@ -35,14 +35,20 @@ def speedups(rows, baseline: str = "cudnn") -> dict:
 
 
 def summary(rows) -> list:
-    """Per dtype and mode over the grid: cells, geometric mean and minimum of the speedup."""
+    """Per dtype and mode over the grid: cells compared, cells where tritonrnn failed (wrong or
+    error: they have no speedup), and the geometric mean and minimum of the speedup."""
+    grid = [r for r in rows if r["group"] == "grid"]
+    failed = defaultdict(int)
+    for r in grid:
+        if r["provider"] == "tritonrnn" and r["status"] in ("wrong", "error"):
+            failed[(r["dtype"], r["mode"])] += 1
     lines = []
-    for (dtype, mode), pairs in sorted(speedups([r for r in rows if r["group"] == "grid"]).items()):
+    for (dtype, mode), pairs in sorted(speedups(grid).items()):
         values = [s for _, s in pairs]
         geomean = math.exp(sum(math.log(v) for v in values) / len(values))
         worst_row, worst = min(pairs, key=lambda p: p[1])
-        lines.append({"dtype": dtype, "mode": mode, "cells": len(values), "geomean": geomean, "min": worst,
-                      "min_case": worst_row["case"]})
+        lines.append({"dtype": dtype, "mode": mode, "cells": len(values), "failed": failed[(dtype, mode)],
+                      "geomean": geomean, "min": worst, "min_case": worst_row["case"]})
     return lines
 
 
@@ -65,7 +71,7 @@ def plot_speedup_heatmaps(rows, path: Path):
 
     grid = [r for r in rows if r["group"] == "grid"]
     index = _index(grid)
-    dtypes = sorted({r["dtype"] for r in grid})
+    dtypes = sorted({r["dtype"] for r in grid}) or ["float32"]
     batches = sorted({r["batch"] for r in grid}) or list(BATCHES)
     hiddens = sorted({r["hidden"] for r in grid}) or list(HIDDENS)
     fig, axes = plt.subplots(len(dtypes), len(MODES), figsize=(5.2 * len(MODES), 3.6 * len(dtypes)), squeeze=False)
@@ -141,16 +147,18 @@ def plot_floor(rows, path: Path):
     import matplotlib.pyplot as plt
 
     grid = [r for r in rows if r["group"] == "grid" and _time(r) and r["floor_ms"]]
+    ratio = {(r["case"], r["mode"], r["provider"]): r["median_ms"] / r["floor_ms"] for r in grid}
     fig, axes = plt.subplots(1, len(MODES), figsize=(10, 3.6), squeeze=False)
     for ax, mode in zip(axes[0], MODES):
+        # One x position per cell for every provider: cells ordered by tritonrnn's distance.
+        cells = sorted({c for c, m, _ in ratio if m == mode}, key=lambda c: ratio.get((c, mode, "tritonrnn"), math.inf))
         for provider in PROVIDERS:
-            ratios = sorted(r["median_ms"] / r["floor_ms"] for r in grid
-                            if r["mode"] == mode and r["provider"] == provider)
-            if ratios:
-                ax.plot(range(1, len(ratios) + 1), ratios, marker=".", label=provider)
+            points = [(i, ratio[(c, mode, provider)]) for i, c in enumerate(cells, 1) if (c, mode, provider) in ratio]
+            if points:
+                ax.plot(*zip(*points), marker=".", linestyle="none" if provider != "tritonrnn" else "-", label=provider)
         ax.axhline(1, color="gray", linewidth=0.8)
         ax.set_yscale("log")
-        ax.set_xlabel("grid cells, sorted")
+        ax.set_xlabel("grid cells, ordered by tritonrnn's distance")
         ax.set_ylabel("time / floor")
         ax.set_title(f"{mode}: distance to the floor", fontsize=9)
     return _save(fig, path)
@@ -176,22 +184,28 @@ def render(rows, sources, out_dir: Path) -> Path:
         "Distance to the floor": plot_floor(rows, plots / "floor.png"),
     }
     first = rows[0]
+    gpus = sorted({r["gpu"] for r in rows})
     lines = ["# tritonrnn performance report", "",
              f"Measured on **{first['gpu']}** ({first['sm_count']} SMs, driver {first['driver']}), torch "
-             f"{first['torch']}, triton {first['triton']}, cuDNN {first['cudnn']}, TF32 "
-             f"{'on' if first['tf32'] else 'off'}, {first['date']}.", "",
-             "Results used: " + ", ".join(f"`{Path(s).name}`" for s in sources) + ".",
-             f"Command: `{first['command']}`", "",
-             "Speedup = cuDNN median time / tritonrnn median time (above 1: tritonrnn is faster). A provider "
-             "whose output differed from cuDNN's is marked `wrong` and has no time.", ""]
+             f"{first['torch']}, triton {first['triton']}, cuDNN {first['cudnn']}, {first['date']}. "
+             f"TF32: cuDNN {'on' if first['tf32'] else 'off'}, cuBLAS {'on' if first.get('matmul_tf32') else 'off'}. "
+             f"tritonrnn configs: {first.get('tuned_configs') or 'no shipped tuned file'}, autotuner "
+             f"{'on' if first.get('autotune') else 'off'}.", ""]
+    if len(gpus) > 1:
+        lines += [f"**These results mix GPUs**: {', '.join(gpus)}; compare rows of one GPU only.", ""]
+    lines += ["Results used: " + ", ".join(f"`{Path(s).name}`" for s in sources) + ".",
+              f"Command: `{first['command']}`", "",
+              "Speedup = cuDNN median time / tritonrnn median time (above 1: tritonrnn is faster). A provider "
+              "whose output differed from cuDNN's is marked `wrong` and has no time.", ""]
     if not first["gpu"] or not first["sm_count"]:
         lines += ["**Not a GPU measurement**: these rows come from a CPU run (Triton's interpreter), which "
                   "checks the harness, not the kernels' speed.", ""]
-    lines += ["## Summary (standard grid)", "", "| dtype | mode | cells | geomean speedup | min speedup | at |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## Summary (standard grid)", "",
+              "| dtype | mode | cells compared | cells failed | geomean speedup | min speedup | at |",
+              "|---|---|---|---|---|---|---|"]
     for s in summary(rows):
-        lines.append(f"| {s['dtype']} | {s['mode']} | {s['cells']} | {s['geomean']:.2f} | {s['min']:.2f} | "
-                     f"{s['min_case']} |")
+        lines.append(f"| {s['dtype']} | {s['mode']} | {s['cells']} | {s['failed']} | {s['geomean']:.2f} | "
+                     f"{s['min']:.2f} | {s['min_case']} |")
     compared = speedups(rows)
     slower = sorted((r["case"], r["mode"], s) for pairs in compared.values() for r, s in pairs if s < 1)
     lines += ["", "## Where tritonrnn is slower than cuDNN", ""]

@@ -43,11 +43,13 @@ def _problem(dtype, batch, hidden, device, seq_len=TUNE_SEQ_LEN):
 
 def recurrence_fn(problem, direction: str, path: str, config):
     """The call a candidate is timed on: the forward or backward recurrence alone."""
+    tf32 = torch.backends.cudnn.allow_tf32  # the precision the layers run fp32 at
     if direction == "forward":
         return lambda: kernels.recurrence_forward(problem["xw"], problem["h0"], problem["w_hh"], path=path,
-                                                  config=config)
+                                                  config=config, allow_tf32=tf32)
     out = torch.tanh(problem["xw"])
-    return lambda: kernels.recurrence_backward(problem["grad"], out, problem["w_hh"], path=path, config=config)
+    return lambda: kernels.recurrence_backward(problem["grad"], out, problem["w_hh"], path=path, config=config,
+                                               allow_tf32=tf32)
 
 
 def tune_shape(dtype: torch.dtype, hidden: int, batch: int, direction: str, timer, device, progress=None) -> dict:

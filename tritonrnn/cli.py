@@ -55,12 +55,13 @@ def _bench(args) -> int:
     if not args.autotune:
         _no_autotuning()
     cases = grid.select(args.grid, args.shapes, args.dtypes)
-    results = bench.run(cases, modes=args.modes, providers=args.providers, command=args.command,
-                        profile=not args.no_profile)
-    path = bench.write(results, "custom" if args.shapes else args.grid, args.out_dir)
+    results, path = bench.run_to_file(cases, "custom" if args.shapes else args.grid, args.out_dir,
+                                      modes=args.modes, providers=args.providers, command=args.command,
+                                      profile=not args.no_profile)
     failed = [r for r in results["rows"] if r["status"] in ("wrong", "error")]
-    print(f"results: {path} ({len(results['rows'])} rows, {len(failed)} wrong or failed)")
-    return 1 if failed else 0
+    print(f"results: {path} ({len(results['rows'])} rows, {len(failed)} wrong or failed"
+          f"{'' if results['complete'] else ', interrupted'})")
+    return 1 if failed or not results["complete"] else 0
 
 
 def _tune(args) -> int:
@@ -88,8 +89,8 @@ def _report(args) -> int:
     sources = list(args.results)
     if not sources and torch.cuda.is_available() and not args.no_bench:
         _no_autotuning()
-        results = bench.run(grid.quick_grid(), command=args.command)
-        sources = [bench.write(results, "quick", args.results_dir)]
+        _, path = bench.run_to_file(grid.quick_grid(), "quick", args.results_dir, command=args.command)
+        sources = [path] if path else []
     if not sources:
         found = sorted(args.results_dir.glob("*.json"))
         sources = found[-1:]  # the newest run
