@@ -31,9 +31,12 @@ torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__
 head -n 12 "$WORK/env.txt" >> "$SUMMARY"
 stage install 90 python3 -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e .
 stage info 30 tritonrnn info --hidden-size 256 --batch 16
-# GPU-specific tests first (pytest skips the repeat in tests/), so a timeout cuts the CPU-side ones.
+# GPU-specific tests first (pytest skips the repeat in tests/), so a timeout cuts the CPU-side ones;
+# with pytest-xdist (on the lent machines) 8 workers compile the kernel variants in parallel.
+PARALLEL=()
+python3 -c "import xdist" 2>/dev/null && PARALLEL=(-n 8 --dist loadfile)
 stage tests "$TESTS_TIMEOUT" python3 -m pytest -q -rfE -p no:cacheprovider --junitxml="$WORK/junit.xml" \
-    tests/test_gpu.py tests
+    "${PARALLEL[@]}" tests/test_gpu.py tests
 tail -n 15 "$WORK/tests.log" >> "$SUMMARY"
 stage bench "$BENCH_TIMEOUT" tritonrnn bench --grid quick --out-dir "$WORK/results"
 results=("$WORK"/results/*.json)
