@@ -27,5 +27,6 @@ def test_wheel_contains_kernels_under_tritonrnn(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "tritonrnn/kernels/sequence.py" in names
     assert "tritonrnn/kernels/step.py" in names
-    assert not any(name.startswith("kernels/") for name in names)
+    assert "tritonrnn/perf/bench.py" in names and "tritonrnn/perf/device_check.sh" not in names
+    assert not any(name.startswith(("kernels/", "perf/")) for name in names)
     assert any(name.endswith("entry_points.txt") for name in names)
