@@ -37,3 +37,18 @@ def recurrent_dot(b_s, b_w, acc, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.co
     """acc + b_s @ b_w with operands in DOT_DTYPE (fp16/bf16 on tensor cores) and acc's precision."""
     return tl.dot(b_s.to(DOT_DTYPE), b_w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION,
                   out_dtype=acc.dtype)
+
+
+@triton.jit
+def streamed_product(acc, p_s, o_row, m_b, p_w, o_n, m_n, H, stride_wk, stride_wn, BLOCK_K: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + S @ M[:, o_n]: the state rows S at p_s + o_row and W_hh streamed in BLOCK_K-row chunks
+    (from L2), for tiles whose W_hh does not fit in registers."""
+    for k in range(0, H, BLOCK_K):
+        o_k = k + tl.arange(0, BLOCK_K)
+        m_k = o_k < H
+        b_s = tl.load(p_s + o_row + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
+                      mask=m_k[:, None] & m_n[None, :], other=0.0)
+        acc = recurrent_dot(b_s.to(acc.dtype), b_w.to(acc.dtype), acc, DOT_DTYPE, INPUT_PRECISION)
+    return acc

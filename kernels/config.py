@@ -1,10 +1,12 @@
 """Launch configurations of the RNN kernels: defaults, tuning spaces, and shipped tuned configs.
 
 Dimensions: B batch, H hidden. Everything a launch may vary is declared here once:
+- the paths: "sequence" (rnn_sequence_kernel, W_hh in registers), "streamed" (the same kernel,
+  W_hh streamed from L2 each step) and "stepwise" (rnn_step_kernel, one launch per step);
 - the limit of what one program of the sequence kernel can hold (which decides the default path);
-- the default config of each kernel (used under the interpreter, and as the baseline a tuned
+- the default config of each path (used under the interpreter, and as the baseline a tuned
   config must beat);
-- the tuning space of each kernel (searched by `tritonrnn tune`, and by Triton's autotuner at run
+- the tuning space of each path (searched by `tritonrnn tune`, and by Triton's autotuner at run
   time on a GPU with no shipped config, keyed by H and the batch bucket, never by T);
 - the tuned configs shipped per GPU in kernels/tuned/<GPU>.json (written by `tritonrnn tune`).
 """
@@ -22,9 +24,13 @@ import triton
 # Conservative until measured on a GPU (16-bit W_hh at H = 256 is 128 KB).
 SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
 
+# The streamed path keeps two [BLOCK_B, H] fp32 tiles (state, accumulator) in registers: spill-free
+# on sm_90 up to H = 256 (BLOCK_B 16, BLOCK_K 16, 8 warps); at 512 it spills 130-200 bytes a thread.
+STREAMED_MAX_H = 512
+
 # tl.dot on a GPU needs every dimension >= 16, so batch tiles are padded up to it.
 MIN_DOT = 16
-KERNELS = ("sequence", "step")
+PATHS = ("sequence", "streamed", "stepwise")
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
@@ -42,28 +48,40 @@ def block_h(hidden: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(hidden))
 
 
-def default_config(kernel: str, batch: int, hidden: int) -> triton.Config:
-    """The untuned launch config of `kernel` ("sequence" or "step").
+def path_fits(path: str, hidden: int) -> bool:
+    """Whether `path` can run this hidden size at all (the stepwise path runs any)."""
+    return path == "stepwise" or hidden <= (STREAMED_MAX_H if path == "streamed" else max(SEQUENCE_MAX_H.values()))
+
+
+def default_config(path: str, batch: int, hidden: int) -> triton.Config:
+    """The untuned launch config of `path`.
 
     Chosen so that no variant spills registers on sm_90 (checked offline by tests/test_static.py):
-    the sequence kernel holds W_hh in registers, so its batch tile shrinks as H grows.
+    the sequence path holds W_hh in registers, so its batch tile shrinks as H grows.
     """
     bb = max(MIN_DOT, batch_bucket(batch))
-    if kernel == "sequence":
-        return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32)},
+    if path == "sequence":
+        return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32), "BLOCK_K": 0},
                              num_warps=8 if block_h(hidden) >= 64 else 4, num_stages=1)
+    if path == "streamed":
+        return triton.Config({"BLOCK_B": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1)
     block_n = min(64, block_h(hidden))
     return triton.Config({"BLOCK_B": min(bb, 64), "BLOCK_N": block_n, "BLOCK_K": min(block_n, 32)}, num_warps=8,
                          num_stages=3)
 
 
-def tuning_space(kernel: str, batch: int, hidden: int) -> list:
+def tuning_space(path: str, batch: int, hidden: int) -> list:
     """Every config worth trying for this shape; tiles never exceed the (padded) batch and hidden."""
     max_bb = max(MIN_DOT, batch_bucket(batch))
     max_n = max(32, block_h(hidden))
-    if kernel == "sequence":
-        space = [triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=1)
+    if path == "sequence":
+        space = [triton.Config({"BLOCK_B": bb, "BLOCK_K": 0}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb and bb * block_h(hidden) <= 64 * 128
+                 for w in (4, 8, 16)]
+    elif path == "streamed":
+        space = [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=1)
+                 for bb in (16, 32) if bb <= max_bb
+                 for bk in (16, 32, 64) if bk <= max_n
                  for w in (4, 8, 16)]
     else:
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
@@ -71,23 +89,23 @@ def tuning_space(kernel: str, batch: int, hidden: int) -> list:
                  for bn in (32, 64, 128) if bn <= max_n
                  for bk in (32, 64) if bk <= max_n
                  for w in (4, 8)]
-    return space or [default_config(kernel, batch, hidden)]
+    return space or [default_config(path, batch, hidden)]
 
 
-def prune_space(kernel: str):
+def prune_space(path: str):
     """early_config_prune for Triton's autotuner: the space for the actual B and H."""
     def prune(configs, named_args, **kwargs):
-        allowed = {_config_key(c) for c in tuning_space(kernel, named_args["B"], named_args["H"])}
+        allowed = {_config_key(c) for c in tuning_space(path, named_args["B"], named_args["H"])}
         return [c for c in configs if _config_key(c) in allowed] or configs[:1]
     return prune
 
 
-def full_space(kernel: str) -> list:
+def full_space(path: str) -> list:
     """The union of the spaces over all shapes (what the autotuner is built with)."""
     seen, space = set(), []
     for batch in (1, 1 << 20):
         for hidden in (16, 1 << 20):
-            for c in tuning_space(kernel, batch, hidden):
+            for c in tuning_space(path, batch, hidden):
                 if _config_key(c) not in seen:
                     seen.add(_config_key(c))
                     space.append(c)

@@ -5,8 +5,9 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
     recurrence_forward(xw, h0, w_hh)       -> out [T, B, H] (every h_t), h_n [B, H]
     recurrence_backward(grad, out, w_hh)   -> dz  [T, B, H]
 
-`path` is "sequence" (one launch for all T steps, W_hh held on chip by each program) or
-"stepwise" (one launch of the step kernel per timestep; any H).
+`path` is "sequence" (one launch for all T steps, W_hh held in registers by each program),
+"streamed" (one launch, W_hh streamed from L2 each step; H <= 512) or "stepwise" (one launch of
+the step kernel per timestep; any H).
 """
 import contextlib
 import functools
@@ -19,8 +20,7 @@ from . import config as configs
 from .sequence import rnn_sequence_kernel
 from .step import rnn_step_kernel
 
-PATHS = ("sequence", "stepwise")
-_KERNEL_OF_PATH = {"sequence": "sequence", "stepwise": "step"}
+PATHS = configs.PATHS
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 
@@ -45,27 +45,36 @@ def _numerics(dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> dic
             "INPUT_PRECISION": ("tf32" if allow_tf32 else "tf32x3") if dtype == torch.float32 else "ieee"}
 
 
+def _jitted(path: str):
+    return rnn_step_kernel if path == "stepwise" else rnn_sequence_kernel
+
+
 @functools.lru_cache(maxsize=None)
-def _autotuned(kernel: str):
-    jitted = rnn_sequence_kernel if kernel == "sequence" else rnn_step_kernel
-    return triton.autotune(configs=configs.full_space(kernel),
+def _autotuned(path: str):
+    return triton.autotune(configs=configs.full_space(path),
                            key=["H", "B_BUCKET", "BACKWARD", "INPUT_PRECISION"],
-                           prune_configs_by={"early_config_prune": configs.prune_space(kernel)})(jitted)
+                           prune_configs_by={"early_config_prune": configs.prune_space(path)})(_jitted(path))
 
 
 def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config):
     """The kernel to launch and its meta-parameters: an explicit config, else the shipped tuned one,
     else Triton's autotuner (GPU), else the default config (interpreter, or autotuning off)."""
-    kernel = _KERNEL_OF_PATH[path]
-    jitted = rnn_sequence_kernel if kernel == "sequence" else rnn_step_kernel
     if config is None:
         choice = configs.tuned(dtype, H, B, direction, device)
         if choice is not None and choice["path"] == path:
             config = choice["config"]
     if config is None and device.type == "cuda" and configs.autotune_enabled():
-        return _autotuned(kernel), {}
-    config = config or configs.default_config(kernel, B, H)
-    return jitted, configs.config_to_dict(config)
+        return _autotuned(path), {}
+    config = config or configs.default_config(path, B, H)
+    return _jitted(path), configs.config_to_dict(config)
+
+
+def _scratch(path: str, like: torch.Tensor, B: int, H: int):
+    """The streamed path's double-buffered state, in the accumulation dtype."""
+    if path != "streamed":
+        return None
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.empty(2, B, H, dtype=dtype, device=like.device)
 
 
 def _on(device: torch.device):
@@ -74,7 +83,7 @@ def _on(device: torch.device):
 
 
 def _grid(path: str, B: int, H: int):
-    if path == "sequence":
+    if path != "stepwise":
         return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)
     return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(H, meta["BLOCK_N"]))
 
@@ -95,6 +104,8 @@ def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str):
         raise ValueError("expected at least one timestep, got T = 0")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if not configs.path_fits(path, H):
+        raise ValueError(f"the {path} path does not run H = {H}")
     _check("w_hh", w_hh, (H, H), first)
     if lengths is not None:
         if lengths.shape != (B,) or lengths.device != first.device:
@@ -127,10 +138,11 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config)
     grid = _grid(path, B, H)
     # M = W_hh^T: read W_hh with its strides swapped.
-    if path == "sequence":
+    if path != "stepwise":
         h_n = _empty_like(h0)
         with _on(xw.device):
-            kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, T, B, H, 1, H, configs.batch_bucket(B),
+            kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, _scratch(path, xw, B, H), T, B, H, 1, H,
+                         configs.batch_bucket(B),
                          BLOCK_H=configs.block_h(H), BACKWARD=False, REVERSE=reverse, RELU=relu, **numerics,
                          **meta)
         return out, h_n
@@ -168,9 +180,10 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
         return dz
     kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config)
     grid = _grid(path, B, H)
-    if path == "sequence":
+    if path != "stepwise":
         with _on(grad.device):
-            kernel[grid](grad, None, w_hh, out, dz, None, lengths, T, B, H, H, 1, configs.batch_bucket(B),
+            kernel[grid](grad, None, w_hh, out, dz, None, lengths, _scratch(path, grad, B, H), T, B, H, H, 1,
+                         configs.batch_bucket(B),
                          BLOCK_H=configs.block_h(H), BACKWARD=True, REVERSE=not reverse, RELU=relu, **numerics,
                          **meta)
         return dz

@@ -11,7 +11,7 @@ T = 1, and for the hidden sizes one program cannot hold (the stepwise path).
 import triton
 import triton.language as tl
 
-from .common import cell_update, recurrent_dot
+from .common import cell_update, streamed_product
 
 
 @triton.heuristics({
@@ -56,13 +56,8 @@ def rnn_step_kernel(
 
     b_z = tl.load(p_in + o_bn, mask=m_bn, other=0.0).to(ACC_DTYPE)
     if HAS_PREV:
-        for k in range(0, H, BLOCK_K):
-            o_k = k + tl.arange(0, BLOCK_K)
-            m_k = o_k < H
-            b_s = tl.load(p_prev + o_row + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
-            b_w = tl.load(p_w + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
-                          mask=m_k[:, None] & m_n[None, :], other=0.0)
-            b_z = recurrent_dot(b_s.to(ACC_DTYPE), b_w.to(ACC_DTYPE), b_z, DOT_DTYPE, INPUT_PRECISION)
+        b_z = streamed_product(b_z, p_prev, o_row, m_b, p_w, o_n, m_n, H, stride_wk, stride_wn, BLOCK_K, DOT_DTYPE,
+                               INPUT_PRECISION)
     b_new = cell_update(b_z, p_act, o_bn, m_bn, BACKWARD, RELU)
     if HAS_LENGTHS:
         m_active = (t < tl.load(p_len + o_b, mask=m_b, other=0))[:, None]

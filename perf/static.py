@@ -5,7 +5,7 @@ cubin's resource usage (registers, stack: spilled bytes, shared memory) and the 
 instructions in its PTX tell whether a config fits on chip and runs on the tensor cores, before a
 GPU is ever lent. Used by the tests to guard the default configs.
 
-    compile_kernel("sequence", torch.float32, batch=64, hidden=128, backward=False)
+    compile_kernel("sequence", torch.float32, batch=64, hidden=128, backward=False)   # a path
     -> {"registers": 168, "stack_bytes": 0, "shared_bytes": 33280, "mma": ["wgmma..."], ...}
 """
 import os
@@ -24,12 +24,13 @@ _POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp
 HOPPER = (90, 32)  # compute capability 9.0 (H100, H200), warp size 32
 
 
-def _signature(kernel: str, dtype, backward: bool, lengths: bool):
+def _signature(path: str, dtype, backward: bool, lengths: bool):
     """Argument types of a launch as the launchers make it (None pointers become constexpr None)."""
     p = _POINTER[dtype]
-    if kernel == "sequence":
+    if path != "stepwise":
         pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
-                    "p_out": p, "p_hn": None if backward else p}
+                    "p_out": p, "p_hn": None if backward else p,
+                    "p_scratch": ("*fp64" if dtype == torch.float64 else "*fp32") if path == "streamed" else None}
         ints = ("T", "B", "H", "stride_wk", "stride_wn", "B_BUCKET")
     else:
         pointers = {"p_in": p, "p_prev": p, "p_w": p, "p_act": p if backward else None, "p_out": p,
@@ -39,20 +40,20 @@ def _signature(kernel: str, dtype, backward: bool, lengths: bool):
     return pointers, ints
 
 
-def compile_kernel(kernel: str, dtype: torch.dtype, batch: int, hidden: int, backward: bool = False,
+def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backward: bool = False,
                    lengths: bool = False, relu: bool = False, allow_tf32: bool = True, config=None,
                    target=HOPPER) -> dict:
-    """Compile one variant for `target` and return its resource usage and matmul instructions."""
+    """Compile the kernel of `path` for `target`; its resource usage and matmul instructions."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    config = config or configs.default_config(kernel, batch, hidden)
-    jitted = recurrence.rnn_sequence_kernel if kernel == "sequence" else recurrence.rnn_step_kernel
+    config = config or configs.default_config(path, batch, hidden)
+    jitted = recurrence._jitted(path)
     fn = getattr(jitted, "fn", jitted)  # below @triton.heuristics
-    pointers, ints = _signature(kernel, dtype, backward, lengths)
+    pointers, ints = _signature(path, dtype, backward, lengths)
     numerics = recurrence._numerics(dtype, torch.device("cuda"), allow_tf32)
     constants = {**numerics, **config.kwargs, "BACKWARD": backward, "RELU": relu}
-    if kernel == "sequence":
+    if path != "stepwise":
         constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths)
     else:
         constants.update(HAS_PREV=True, HAS_LENGTHS=lengths, STORE_STATE=pointers["p_state"] is not None)
@@ -94,17 +95,18 @@ def available() -> bool:
 
 
 def default_variants() -> list:
-    """The variants the layers launch with default configs: every dtype and fp32 precision, both
-    kernels at the largest and a small H, forward (and packed) and backward."""
+    """The variants with default configs: every dtype and fp32 precision; the sequence path at the
+    largest and a small H, the streamed path at H = 256 (not fp64: that is for gradcheck), the
+    stepwise path at H = 1024; forward (and packed) and backward."""
     variants = []
     for dtype, tf32 in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, False),
                         (torch.float16, False), (torch.float64, False)):
-        for hidden in sorted({configs.SEQUENCE_MAX_H[dtype.itemsize], 32}):
-            variants += [dict(kernel="sequence", dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32),
-                         dict(kernel="sequence", dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32,
-                              backward=True, lengths=True)]
-        variants += [dict(kernel="step", dtype=dtype, batch=256, hidden=1024, allow_tf32=tf32, lengths=True),
-                     dict(kernel="step", dtype=dtype, batch=256, hidden=1024, allow_tf32=tf32, backward=True)]
+        shapes = [("sequence", h) for h in sorted({configs.SEQUENCE_MAX_H[dtype.itemsize], 32})]
+        shapes += [("streamed", 256)] if dtype != torch.float64 else []
+        shapes += [("stepwise", 1024)]
+        for path, hidden in shapes:
+            common = dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32)
+            variants += [dict(common, lengths=True), dict(common, backward=True, lengths=path != "stepwise")]
     return variants
 
 

@@ -15,23 +15,23 @@ import triton
 from tritonrnn import kernels
 from tritonrnn.kernels import config as configs
 
-from .providers import DTYPES
+from .providers import CHECK_TOLERANCE, DTYPES
 
 MARGIN = 0.03  # a winner must be at least 3% faster than the default, beyond timing noise
 TUNE_SEQ_LEN = 128
-SEQUENCE_TUNE_MAX_H = 256  # beyond this no program holds W_hh: the sequence path is not tried
+SEQUENCE_TUNE_MAX_H = 256  # beyond this no program holds W_hh in registers: that path is not tried
 
 
 def candidates(hidden: int, batch: int):
     """(path, config) pairs to try for this shape."""
-    paths = ["stepwise"] + (["sequence"] if configs.block_h(hidden) <= SEQUENCE_TUNE_MAX_H else [])
-    return [(path, config) for path in paths
-            for config in configs.tuning_space("sequence" if path == "sequence" else "step", batch, hidden)]
+    paths = [p for p in configs.PATHS if configs.path_fits(p, hidden)
+             and (p != "sequence" or configs.block_h(hidden) <= SEQUENCE_TUNE_MAX_H)]
+    return [(path, config) for path in paths for config in configs.tuning_space(path, batch, hidden)]
 
 
 def default_choice(hidden: int, batch: int, dtype: torch.dtype):
     path = "sequence" if configs.sequence_fits(hidden, dtype) else "stepwise"
-    return path, configs.default_config("sequence" if path == "sequence" else "step", batch, hidden)
+    return path, configs.default_config(path, batch, hidden)
 
 
 def _problem(dtype, batch, hidden, device, seq_len=TUNE_SEQ_LEN):
@@ -52,15 +52,32 @@ def recurrence_fn(problem, direction: str, path: str, config):
                                                allow_tf32=tf32)
 
 
+def _agrees(result, expected, dtype: torch.dtype) -> bool:
+    """A candidate's output against the default's, relative to its largest magnitude."""
+    result = result if isinstance(result, tuple) else (result,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    tolerance = CHECK_TOLERANCE[dtype]
+    return all(torch.isfinite(r).all() and (r.double() - e.double()).abs().max() <= tolerance * max(
+        e.double().abs().max().item(), 1e-6) for r, e in zip(result, expected))
+
+
 def tune_shape(dtype: torch.dtype, hidden: int, batch: int, direction: str, timer, device, progress=None) -> dict:
-    """Time the default and every candidate; returns the measurements and the verdict."""
+    """Time the default and every candidate whose output agrees with the default's; returns the
+    measurements and the verdict."""
     problem = _problem(dtype, batch, hidden, device)
     default_path, default_config = default_choice(hidden, batch, dtype)
-    default_ms = timer(recurrence_fn(problem, direction, default_path, default_config))["median_ms"]
+    default_fn = recurrence_fn(problem, direction, default_path, default_config)
+    expected = default_fn()
+    default_ms = timer(default_fn)["median_ms"]
     best = None
     for path, config in candidates(hidden, batch):
+        fn = recurrence_fn(problem, direction, path, config)
         try:
-            ms = timer(recurrence_fn(problem, direction, path, config))["median_ms"]
+            if _agrees(fn(), expected, dtype):
+                ms = timer(fn)["median_ms"]
+            else:  # a fast wrong answer (e.g. a race) must never win
+                print(f"\n    {path} {configs.config_to_dict(config)}: wrong output, skipped", file=sys.stderr)
+                ms = None
         except Exception as exc:  # noqa: BLE001 - out of resources etc.: the candidate is out
             print(f"\n    {path} {configs.config_to_dict(config)}: {type(exc).__name__}", file=sys.stderr)
             ms = None

@@ -89,3 +89,30 @@ def test_offsets_past_2_31_elements(path):
     dz = kernels.recurrence_backward(out, out, w, path=path)  # any [T, B, H] gradient will do
     dz_tail = kernels.recurrence_backward(out[:, tail].contiguous(), out[:, tail].contiguous(), w, path=path)
     torch.testing.assert_close(dz[:4, tail], dz_tail[:4], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("B", [1, 40])
+@pytest.mark.parametrize("H", [256, 512])
+def test_streamed_path_with_lengths_matches_reference(H, B, dtype):
+    """The streamed path's threads exchange the state through a scratch buffer and a barrier each
+    step: a race shows here (the interpreter runs a program's threads in lockstep and cannot)."""
+    torch.manual_seed(H + B)
+    T = 48
+    eye = torch.eye(H, device="cuda", dtype=torch.float64)
+    xw = torch.randn(T, B, H, device="cuda", dtype=torch.float64)
+    h0 = torch.randn(B, H, device="cuda", dtype=torch.float64)
+    w = torch.randn(H, H, device="cuda", dtype=torch.float64) / H ** 0.5
+    lengths = torch.randint(1, T + 1, (B,), device="cuda")
+    for reverse in (False, True):
+        ref_out, ref_hn = reference.forward(xw, h0, eye, w, lengths=lengths, reverse=reverse)
+        grad = torch.randn_like(ref_out) * (torch.arange(T, device="cuda")[:, None] < lengths)[..., None]
+        ref = reference.backward(xw, h0, eye, w, ref_out, grad, torch.zeros_like(h0), lengths=lengths,
+                                 reverse=reverse)
+        out, h_n = kernels.recurrence_forward(xw.to(dtype), h0.to(dtype), w.to(dtype), lengths=lengths,
+                                              reverse=reverse, path="streamed")
+        dz = kernels.recurrence_backward(grad.to(dtype), ref_out.to(dtype), w.to(dtype), lengths=lengths,
+                                         reverse=reverse, path="streamed")
+        assert_close(out, ref_out, dtype, "out")
+        assert_close(h_n, ref_hn, dtype, "h_n")
+        assert_close(dz, ref.dz, dtype, "dz")

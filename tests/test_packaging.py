@@ -1,5 +1,6 @@
 """The kernels install as tritonrnn.kernels, never as a top-level module named `kernels`."""
 import importlib.util
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,8 +22,14 @@ def test_kernels_import_as_subpackage():
 def test_wheel_contains_kernels_under_tritonrnn(tmp_path):
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed")
+    source = tmp_path / "src"  # build from a copy: setuptools leaves build/ in the tree it builds
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "tritonrnn", "kernels", "perf"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                            if (ROOT / name).is_dir() else {}))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("tritonrnn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "tritonrnn/kernels/sequence.py" in names
