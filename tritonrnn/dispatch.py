@@ -23,7 +23,7 @@ def backend(device: torch.device) -> str:
 
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1,
                 device: torch.device = torch.device("cpu"), direction: str = "forward") -> str:
-    """'sequence' or 'stepwise' for the forward or backward recurrence of a layer of this shape.
+    """'sequence', 'streamed' or 'stepwise' for the forward or backward recurrence of this shape.
 
     A single step always takes the step kernel. Otherwise the tuned configs shipped for this GPU
     decide where they exist; else 'sequence' when one program can hold W_hh, 'stepwise' if not.
@@ -45,8 +45,9 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
     lines = []
     for direction in ("forward", "backward"):
         path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction)
-        kernel = ("rnn_sequence_kernel, one launch for all steps" if path == "sequence"
-                  else f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)")
+        kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh in registers",
+                  "streamed": "rnn_sequence_kernel, one launch for all steps, W_hh streamed from L2",
+                  "stepwise": f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)"}[path]
         tuned = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
         source = ("shipped tuned config" if tuned is not None and tuned["path"] == path
                   else "Triton autotuner" if which == "triton" and kernels.config.autotune_enabled()
