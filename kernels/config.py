@@ -24,6 +24,10 @@ import triton
 # Conservative until measured on a GPU (16-bit W_hh at H = 256 is 128 KB).
 SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
 
+# The sequence path runs up to this H when a tuned config asks for it (registers spill beyond the
+# default limit above; tune measures whether it still pays).
+SEQUENCE_PATH_MAX_H = 256
+
 # The streamed path keeps two [BLOCK_B, H] fp32 tiles (state, accumulator) in registers: spill-free
 # on sm_90 up to H = 256 (BLOCK_B 16, BLOCK_K 16, 8 warps); at 512 it spills 130-200 bytes a thread.
 STREAMED_MAX_H = 512
@@ -50,7 +54,7 @@ def block_h(hidden: int) -> int:
 
 def path_fits(path: str, hidden: int) -> bool:
     """Whether `path` can run this hidden size at all (the stepwise path runs any)."""
-    return path == "stepwise" or hidden <= (STREAMED_MAX_H if path == "streamed" else max(SEQUENCE_MAX_H.values()))
+    return path == "stepwise" or hidden <= (STREAMED_MAX_H if path == "streamed" else SEQUENCE_PATH_MAX_H)
 
 
 def default_config(path: str, batch: int, hidden: int) -> triton.Config:

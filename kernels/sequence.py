@@ -79,8 +79,8 @@ def rnn_sequence_kernel(
         if BLOCK_K == 0:
             b_z = recurrent_dot(b_s, b_w, b_z, DOT_DTYPE, INPUT_PRECISION)
         else:
-            b_z = streamed_product(b_z, p_scratch + (i % 2) * B * H, o_row, m_b, p_w, o_h, m_h, H, stride_wk,
-                                   stride_wn, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
+            b_z = streamed_product(b_z, p_scratch + (i % 2).to(tl.int64) * B * H, o_row, m_b, p_w, o_h, m_h, H,
+                                   stride_wk, stride_wn, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
         b_new = cell_update(b_z, p_act, o_t, m_bh, BACKWARD, RELU)
         if HAS_LENGTHS:
             m_active = (t < b_len)[:, None]
@@ -93,7 +93,7 @@ def rnn_sequence_kernel(
             b_s = b_new
         tl.store(p_out + o_t, b_new.to(p_out.dtype.element_ty), mask=m_bh)
         if BLOCK_K > 0:  # double buffering: one barrier per step orders this write and the next reads
-            tl.store(p_scratch + ((i + 1) % 2) * B * H + o_bh, b_s, mask=m_bh)
+            tl.store(p_scratch + ((i + 1) % 2).to(tl.int64) * B * H + o_bh, b_s, mask=m_bh)
             tl.debug_barrier()
 
     if not BACKWARD:

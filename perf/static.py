@@ -57,6 +57,8 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
         constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths)
     else:
         constants.update(HAS_PREV=True, HAS_LENGTHS=lengths, STORE_STATE=pointers["p_state"] is not None)
+    # Launches specialise an integer argument equal to 1: W_hh's unit stride is a constant there.
+    constants["stride_wn" if backward else "stride_wk"] = 1
     signature = {}
     for name in fn.arg_names:
         if name in pointers and pointers[name] is not None:

@@ -12,7 +12,7 @@ from tritonrnn import functional, kernels, ops, reference
 
 # (T, B, H): T = 1, B % 16 != 0, H not 2^k; the last two launch several programs (batch tiles of
 # the sequence kernel, hidden tiles of the step kernel).
-SHAPES = [(1, 1, 1), (9, 17, 19), (4, 3, 32), (6, 2, 40), (3, 70, 20), (3, 5, 70)]
+SHAPES = [(1, 1, 1), (9, 17, 19), (4, 3, 32), (6, 2, 40), (3, 70, 20), (3, 5, 70), (3, 5, 200)]
 VARIANTS = [  # (nonlinearity, reverse, with lengths)
     ("tanh", False, False), ("relu", False, False), ("tanh", True, False),
     ("tanh", False, True), ("relu", True, True),
