@@ -66,7 +66,13 @@ def rnn_sequence_kernel(
     if HAS_LENGTHS:
         b_len = tl.load(p_len + o_b, mask=m_b, other=0)
     if BLOCK_K > 0:
-        tl.store(p_scratch + o_bh, b_s, mask=m_bh)
+        # The scratch buffer a step reads is t % 2 (t alternates parity in either direction).
+        n_bh = B.to(tl.int64) * H
+        if REVERSE:
+            o_first = ((T - 1) % 2) * n_bh
+        else:
+            o_first = 0
+        tl.store(p_scratch + o_first + o_bh, b_s, mask=m_bh)
         tl.debug_barrier()  # this program's threads read each other's state chunks
 
     for i in range(T):
@@ -74,13 +80,14 @@ def rnn_sequence_kernel(
             t = T - 1 - i
         else:
             t = i
-        o_t = t.to(tl.int64) * B * H + o_bh
+        t64 = t.to(tl.int64)
+        o_t = t64 * B * H + o_bh
         b_z = tl.load(p_in + o_t, mask=m_bh, other=0.0).to(ACC_DTYPE)
         if BLOCK_K == 0:
             b_z = recurrent_dot(b_s, b_w, b_z, DOT_DTYPE, INPUT_PRECISION)
         else:
-            b_z = streamed_product(b_z, p_scratch + (i % 2).to(tl.int64) * B * H, o_row, m_b, p_w, o_h, m_h, H,
-                                   stride_wk, stride_wn, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
+            b_z = streamed_product(b_z, p_scratch + (t64 % 2) * n_bh, o_row, m_b, p_w, o_h, m_h, H, stride_wk,
+                                   stride_wn, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
         b_new = cell_update(b_z, p_act, o_t, m_bh, BACKWARD, RELU)
         if HAS_LENGTHS:
             m_active = (t < b_len)[:, None]
@@ -93,7 +100,7 @@ def rnn_sequence_kernel(
             b_s = b_new
         tl.store(p_out + o_t, b_new.to(p_out.dtype.element_ty), mask=m_bh)
         if BLOCK_K > 0:  # double buffering: one barrier per step orders this write and the next reads
-            tl.store(p_scratch + ((i + 1) % 2).to(tl.int64) * B * H + o_bh, b_s, mask=m_bh)
+            tl.store(p_scratch + ((t64 + 1) % 2) * n_bh + o_bh, b_s, mask=m_bh)
             tl.debug_barrier()
 
     if not BACKWARD:
