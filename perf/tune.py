@@ -59,10 +59,11 @@ def _agrees(result, expected, dtype: torch.dtype) -> bool:
         e.double().abs().max().item(), 1e-6) for r, e in zip(result, expected))
 
 
-def tune_shape(dtype: torch.dtype, hidden: int, batch: int, direction: str, timer, device, progress=None) -> dict:
+def tune_shape(dtype: torch.dtype, hidden: int, batch: int, direction: str, timer, device, progress=None,
+               seq_len: int = TUNE_SEQ_LEN) -> dict:
     """Time the default and every candidate whose output agrees with the default's; returns the
     measurements and the verdict."""
-    problem = _problem(dtype, batch, hidden, device)
+    problem = _problem(dtype, batch, hidden, device, seq_len)
     default_path, default_config = default_choice(hidden, batch, dtype)
     default_fn = recurrence_fn(problem, direction, default_path, default_config)
     expected = default_fn()
@@ -108,7 +109,7 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def tune(shapes, timer, device, command: str = "", directory=None) -> dict:
+def tune(shapes, timer, device, command: str = "", directory=None, seq_len: int = TUNE_SEQ_LEN) -> dict:
     """Tune (dtype, hidden, batch) shapes; merge the winners into kernels/tuned/<GPU>.json."""
     directory = directory or configs.TUNED_DIR
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -120,7 +121,7 @@ def tune(shapes, timer, device, command: str = "", directory=None) -> dict:
     results = []
     for dtype_name, hidden, batch in unique:
         for direction in ("forward", "backward"):
-            result = tune_shape(DTYPES[dtype_name], hidden, batch, direction, timer, device, progress)
+            result = tune_shape(DTYPES[dtype_name], hidden, batch, direction, timer, device, progress, seq_len)
             results.append(result)
             if result["written"]:
                 table["entries"][result["key"]] = {**result["best"], "default_ms": result["default_ms"]}

@@ -214,6 +214,26 @@ def test_tune_writes_only_winners_that_beat_the_default(monkeypatch, tmp_path):
     assert table["command"] == "test"
 
 
+def test_tune_runs_every_candidate_for_real(tmp_path):
+    """No stubs: every candidate of a tiny shape runs (interpreted here), is checked and timed."""
+    timed = []
+
+    def timer(fn):
+        timed.append(fn)
+        return measure.wall_timer(fn, reps=1)
+
+    device = torch.device("cuda" if ON_GPU else "cpu")
+    outcome = tune.tune([("float32", 20, 3)], timer, device, directory=tmp_path, seq_len=3)
+    results = {r["key"].rsplit("/", 1)[1]: r for r in outcome["results"]}
+    assert set(results) == {"forward", "backward"}
+    for r in results.values():
+        assert r["best"] is not None and r["best"]["path"] in configs.PATHS
+    candidates = len(tune.candidates(20, 3))
+    assert {p for p, _ in tune.candidates(20, 3)} == set(configs.PATHS)
+    assert len(timed) == 2 * (1 + candidates)  # every candidate agreed with the default and was timed
+    assert json.loads(outcome["path"].read_text())["entries"].keys() <= {r["key"] for r in results.values()}
+
+
 def test_tuned_configs_are_used_for_their_gpu(monkeypatch, tmp_path):
     entry = {"path": "stepwise", "config": {"BLOCK_B": 16, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8,
                                             "num_stages": 3}}
