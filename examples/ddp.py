@@ -73,6 +73,7 @@ def main(argv=None):
         optimizer.step()
         if rank == 0 and (step % 20 == 0 or step == args.steps - 1):
             print(f"step {step}: loss {loss.item():.4f} (rank 0 shard, world size {world})", flush=True)
+    dist.barrier()  # both ranks done before teardown (gloo could abort one mid-exchange otherwise)
     dist.destroy_process_group()
 
 
