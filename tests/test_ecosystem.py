@@ -126,7 +126,9 @@ def test_ddp_gloo_matches_single_process_on_the_combined_batch(tmp_path):
                str(EXAMPLES / "ddp.py"), "--steps", "1", "--batch", "4", "--seq-len", "6", "--save-grads", str(grads_file)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GLOO_SOCKET_IFNAME": "lo"}  # loopback only
     logs = []
-    for _ in range(2):  # one retry: about 1 run in 25 aborts here at exit, in gloo's teardown ("terminate called without an active exception"), after the work is done
+    # One retry: about 1 run in 25 aborts at exit here, in gloo's teardown ("terminate called without
+    # an active exception"), after the work is done and the gradients are saved.
+    for _ in range(2):
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
         logs.append(result.stdout[-2000:] + result.stderr[-4000:])
         if result.returncode == 0:
