@@ -118,7 +118,7 @@ class Run:
 def compare(outputs, reference, dtype: torch.dtype):
     """(ok, largest relative error) of one provider's outputs against the reference provider's."""
     worst = 0.0
-    for actual, expected in zip(outputs, reference):
+    for actual, expected in zip(outputs, reference, strict=True):
         actual, expected = actual.detach().double(), expected.detach().double()
         if not torch.isfinite(actual).all():
             return False, math.inf

@@ -82,7 +82,8 @@ def plot_speedup_heatmaps(rows, path: Path):
             labels = [[""] * len(hiddens) for _ in batches]
             for bi, b in enumerate(batches):
                 for hi, h in enumerate(hiddens):
-                    case = next((r["case"] for r in grid if (r["dtype"], r["batch"], r["hidden"]) == (dtype, b, h)), None)
+                    case = next((r["case"] for r in grid
+                                 if (r["dtype"], r["batch"], r["hidden"]) == (dtype, b, h)), None)
                     ours, theirs = index.get((case, mode, "tritonrnn")), index.get((case, mode, "cudnn"))
                     if ours is None or theirs is None:
                         continue
@@ -109,12 +110,12 @@ def plot_time_vs_t(rows, path: Path):
     line = [r for r in rows if r["group"] == "t-line" or
             (r["group"] == "grid" and (r["dtype"], r["batch"], r["hidden"]) == ("float32", 16, 256))]
     fig, axes = plt.subplots(1, len(MODES), figsize=(10, 3.6), squeeze=False)
-    for ax, mode in zip(axes[0], MODES):
+    for ax, mode in zip(axes[0], MODES, strict=True):
         for provider in PROVIDERS:
             points = sorted((r["seq_len"], r["median_ms"]) for r in line
                             if r["mode"] == mode and r["provider"] == provider and _time(r))
             if points:
-                ax.plot(*zip(*points), marker="o", label=provider)
+                ax.plot(*zip(*points, strict=True), marker="o", label=provider)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")
@@ -129,13 +130,13 @@ def plot_memory(rows, path: Path):
     grid = [r for r in rows if r["group"] == "grid" and r["mode"] == "training" and r["peak_memory_bytes"]]
     dtypes = sorted({r["dtype"] for r in grid}) or ["float32"]
     fig, axes = plt.subplots(1, len(dtypes), figsize=(4.5 * len(dtypes), 3.6), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
         batch = max((r["batch"] for r in grid if r["dtype"] == dtype), default=None)
         for provider in PROVIDERS:
             points = sorted((r["hidden"], r["peak_memory_bytes"] / 2 ** 20) for r in grid
                             if r["dtype"] == dtype and r["batch"] == batch and r["provider"] == provider)
             if points:
-                ax.plot(*zip(*points), marker="o", label=provider)
+                ax.plot(*zip(*points, strict=True), marker="o", label=provider)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("hidden size H")
         ax.set_ylabel("peak training memory (MiB)")
@@ -149,13 +150,14 @@ def plot_floor(rows, path: Path):
     grid = [r for r in rows if r["group"] == "grid" and _time(r) and r["floor_ms"]]
     ratio = {(r["case"], r["mode"], r["provider"]): r["median_ms"] / r["floor_ms"] for r in grid}
     fig, axes = plt.subplots(1, len(MODES), figsize=(10, 3.6), squeeze=False)
-    for ax, mode in zip(axes[0], MODES):
+    for ax, mode in zip(axes[0], MODES, strict=True):
         # One x position per cell for every provider: cells ordered by tritonrnn's distance.
         cells = sorted({c for c, m, _ in ratio if m == mode}, key=lambda c: ratio.get((c, mode, "tritonrnn"), math.inf))
         for provider in PROVIDERS:
             points = [(i, ratio[(c, mode, provider)]) for i, c in enumerate(cells, 1) if (c, mode, provider) in ratio]
             if points:
-                ax.plot(*zip(*points), marker=".", linestyle="none" if provider != "tritonrnn" else "-", label=provider)
+                ax.plot(*zip(*points, strict=True), marker=".", label=provider,
+                        linestyle="-" if provider == "tritonrnn" else "none")
         ax.axhline(1, color="gray", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("grid cells, ordered by tritonrnn's distance")

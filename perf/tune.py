@@ -56,7 +56,7 @@ def _agrees(result, expected, dtype: torch.dtype) -> bool:
     expected = expected if isinstance(expected, tuple) else (expected,)
     tolerance = CHECK_TOLERANCE[dtype]
     return all(torch.isfinite(r).all() and (r.double() - e.double()).abs().max() <= tolerance * max(
-        e.double().abs().max().item(), 1e-6) for r, e in zip(result, expected))
+        e.double().abs().max().item(), 1e-6) for r, e in zip(result, expected, strict=True))
 
 
 def tune_shape(dtype: torch.dtype, hidden: int, batch: int, direction: str, timer, device, progress=None,

@@ -58,7 +58,7 @@ def test_compile_fullgraph_matches_eager(backend):
         outputs = fn(x)
         sum(o.sum() for o in outputs).backward()
         results.append([*outputs, *(p.grad.clone() for p in model.parameters())])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert_close(a, b, torch.float64)
 
 
@@ -91,7 +91,7 @@ def test_autocast_cpu_behaves_as_torch():
     torch.testing.assert_close(out.float().cpu(), ref_out.float(), atol=3e-2, rtol=0)
     out.float().sum().backward()
     ref_out.float().sum().backward()
-    for a, b in zip(ours.parameters(), oracle.parameters()):
+    for a, b in zip(ours.parameters(), oracle.parameters(), strict=True):
         assert a.grad.dtype == b.grad.dtype == torch.float32
         torch.testing.assert_close(a.grad.cpu(), b.grad, atol=0.05 * b.grad.abs().max().item(), rtol=0)
 
@@ -123,7 +123,8 @@ def test_ddp_gloo_matches_single_process_on_the_combined_batch(tmp_path):
     """The README's torchrun command with 2 CPU processes (gloo): gradients as one process, full batch."""
     grads_file = tmp_path / "grads.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(EXAMPLES / "ddp.py"), "--steps", "1", "--batch", "4", "--seq-len", "6", "--save-grads", str(grads_file)]
+               str(EXAMPLES / "ddp.py"), "--steps", "1", "--batch", "4", "--seq-len", "6",
+               "--save-grads", str(grads_file)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GLOO_SOCKET_IFNAME": "lo"}  # loopback only
     logs = []
     # One retry: about 1 run in 25 aborts at exit here, in gloo's teardown ("terminate called without
@@ -139,7 +140,7 @@ def test_ddp_gloo_matches_single_process_on_the_combined_batch(tmp_path):
     model = ddp.Recaller()
     x, target = ddp.global_batch(0, 4, 6, 0)
     nn.functional.mse_loss(model(x), target).backward()
-    for a, b in zip(torch.load(grads_file), model.parameters()):
+    for a, b in zip(torch.load(grads_file), model.parameters(), strict=True):
         assert_close(a, b.grad, torch.float32)
 
 
@@ -156,7 +157,7 @@ def test_bitwise_identical_across_runs(deterministic):
             x.grad = None
             grads = _train_step_grads(model, x)
             runs.append([*model(x), x.grad.clone(), *grads])
-        for a, b in zip(*runs):
+        for a, b in zip(*runs, strict=True):
             assert torch.equal(a, b)
     finally:
         torch.use_deterministic_algorithms(saved)
@@ -171,16 +172,16 @@ def test_save_load_module_and_state_dict():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert type(loaded) is tritonrnn.RNN
-    for a, b in zip(loaded(x), expected):
+    for a, b in zip(loaded(x), expected, strict=True):
         assert torch.equal(a, b)
     buffer = io.BytesIO()
     torch.save(ours.state_dict(), buffer)
     buffer.seek(0)
     fresh = nn.RNN(I, H, num_layers=2, bidirectional=True).double().to(DEVICE)
     fresh.load_state_dict(torch.load(buffer))  # our checkpoints load into torch.nn.RNN too
-    for a, b in zip(fresh(x), expected):
+    for a, b in zip(fresh(x), expected, strict=True):
         assert_close(a, b, torch.float64)
-    for a, b in zip(copy.deepcopy(ours)(x), expected):
+    for a, b in zip(copy.deepcopy(ours)(x), expected, strict=True):
         assert torch.equal(a, b)
 
 
@@ -208,5 +209,5 @@ def test_weight_norm_parametrization_on_weight_hh():
         out, h_n = module(x)
         (out.sum() + h_n.sum()).backward()
         results.append([out, h_n, *(p.grad for p in module.parameters())])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert_close(a, b, torch.float64)

@@ -224,7 +224,7 @@ def test_example_two_layers():
     ours.load_state_dict(oracle.state_dict())
     x = torch.randn(5, 3, 10, dtype=torch.float64, device=DEVICE)
     h0 = torch.randn(2, 3, 20, dtype=torch.float64, device=DEVICE)
-    for a, b in zip(ours(x, h0), oracle(x, h0)):
+    for a, b in zip(ours(x, h0), oracle(x, h0), strict=True):
         assert_close(a, b, torch.float64)
 
 
@@ -233,7 +233,7 @@ def test_example_cell_loop_and_stacked_cells():
     cells = [nn.RNNCell(10, 20).double().to(DEVICE), nn.RNNCell(20, 20).double().to(DEVICE)]
     ours = [tritonrnn.RNNCell(10, 20, device=DEVICE, dtype=torch.float64),
             tritonrnn.RNNCell(20, 20, device=DEVICE, dtype=torch.float64)]
-    for a, b in zip(ours, cells):
+    for a, b in zip(ours, cells, strict=True):
         a.load_state_dict(b.state_dict())
     x = torch.randn(8, 3, 10, dtype=torch.float64, device=DEVICE)
 
@@ -249,7 +249,7 @@ def test_example_cell_loop_and_stacked_cells():
             stacked.append(h2)
         return torch.stack(single), torch.stack(stacked)
 
-    for a, b in zip(loop(ours), loop(cells)):
+    for a, b in zip(loop(ours), loop(cells), strict=True):
         assert_close(a, b, torch.float64)
 
 
@@ -266,7 +266,7 @@ def test_rnn_parameters_and_state_dict_as_torch(config):
     for p in ours.parameters():
         assert p.abs().max() <= bound and p.std() > bound / 3  # U(-1/sqrt(H), 1/sqrt(H)), like torch
     ours.load_state_dict(oracle.state_dict())
-    for a, b in zip(ours.parameters(), oracle.parameters()):
+    for a, b in zip(ours.parameters(), oracle.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -298,8 +298,8 @@ def test_convert_replaces_modules_and_keeps_parameters():
     params = list(model.parameters())
     assert tritonrnn.convert(model) is model
     assert type(model[0]) is tritonrnn.RNN
-    assert all(a is b for a, b in zip(model.parameters(), params))
-    for a, b in zip(model[0](x), expected):
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    for a, b in zip(model[0](x), expected, strict=True):
         assert_close(a, b, torch.float64)
     tritonrnn.convert(nested)
     assert type(nested["inner"][0]) is tritonrnn.RNNCell

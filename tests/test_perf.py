@@ -182,7 +182,8 @@ class _Tagged:
 
 
 def test_tune_writes_only_winners_that_beat_the_default(monkeypatch, tmp_path):
-    monkeypatch.setattr(tune, "recurrence_fn", lambda problem, direction, path, config: _Tagged(direction, path, config))
+    monkeypatch.setattr(tune, "recurrence_fn",
+                        lambda problem, direction, path, config: _Tagged(direction, path, config))
     defaults = {}
 
     def stub_timer(fn):

@@ -84,7 +84,7 @@ def _tune(args) -> int:
 
 
 def _report(args) -> int:
-    from tritonrnn.perf import RESULTS_DIR, bench, grid, report
+    from tritonrnn.perf import bench, grid, report
 
     sources = list(args.results)
     if not sources and torch.cuda.is_available() and not args.no_bench:

@@ -21,8 +21,11 @@ def backend(device: torch.device) -> str:
     return "torch"
 
 
-def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1,
-                device: torch.device = torch.device("cpu"), direction: str = "forward") -> str:
+CPU = torch.device("cpu")
+
+
+def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
+                direction: str = "forward") -> str:
     """'sequence', 'streamed' or 'stepwise' for the forward or backward recurrence of this shape.
 
     A single step always takes the step kernel. Otherwise the tuned configs shipped for this GPU
