@@ -149,6 +149,14 @@ def test_layer_rejects_bad_lengths():
             functional.rnn_layer(p["x"], p["h0"], p["w_ih"], p["w_hh"], lengths=torch.tensor(lengths))
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU dispatch")
+def test_rnn_layer_without_kernels_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    p = _problem(3, 2, 4, False, seed=8)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+        functional.rnn_layer(p["x"], p["h0"], p["w_ih"], p["w_hh"])
+
+
 def test_launcher_rejects_bad_shapes():
     xw = torch.randn(3, 2, 4, device=DEVICE)
     with pytest.raises(ValueError, match="h0 must have shape"):

@@ -80,6 +80,9 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
         out [T, B, H] (every h_t) and h_n [B, H] (each row's state after its own last step).
     """
     relu = _check_nonlinearity(nonlinearity)
+    if backend(x.device) == "torch":
+        raise RuntimeError(f"tritonrnn.functional.rnn_layer runs the Triton kernels: it needs CUDA tensors, or "
+                           f"TRITON_INTERPRET=1 set before import to interpret them on the CPU; got {x.device}")
     x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x.device.type, x, h0, w_ih, w_hh, b_ih, b_hh)
     xw = _project(x, w_ih, b_ih, b_hh)
     T, B, H = xw.shape
