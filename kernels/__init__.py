@@ -1,5 +1,5 @@
 """Triton kernels of tritonrnn and their launchers (installed as tritonrnn.kernels)."""
-from .config import sequence_fits
+from .config import default_path
 from .recurrence import PATHS, recurrence_backward, recurrence_forward
 
-__all__ = ["PATHS", "recurrence_backward", "recurrence_forward", "sequence_fits"]
+__all__ = ["PATHS", "default_path", "recurrence_backward", "recurrence_forward"]

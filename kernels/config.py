@@ -38,9 +38,10 @@ PATHS = ("sequence", "streamed", "stepwise")
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
-def sequence_fits(hidden_size: int, dtype: torch.dtype) -> bool:
-    """Whether one program of the sequence kernel can hold W_hh for this size and dtype."""
-    return hidden_size <= SEQUENCE_MAX_H[dtype.itemsize]
+def default_path(hidden_size: int, dtype: torch.dtype) -> str:
+    """The path of a multi-step recurrence with no tuned config: "sequence" where one program holds
+    W_hh in registers for this size and dtype, else "stepwise"."""
+    return "sequence" if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize] else "stepwise"
 
 
 def batch_bucket(batch: int) -> int:

@@ -28,7 +28,7 @@ def candidates(hidden: int, batch: int):
 
 
 def default_choice(hidden: int, batch: int, dtype: torch.dtype):
-    path = "sequence" if configs.sequence_fits(hidden, dtype) else "stepwise"
+    path = configs.default_path(hidden, dtype)
     return path, configs.default_config(path, batch, hidden)
 
 

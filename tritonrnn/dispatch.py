@@ -36,7 +36,7 @@ def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int =
     choice = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
     if choice is not None:
         return choice["path"]
-    return "sequence" if kernels.sequence_fits(hidden_size, dtype) else "stepwise"
+    return kernels.default_path(hidden_size, dtype)
 
 
 def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> str:
