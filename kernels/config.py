@@ -32,16 +32,24 @@ SEQUENCE_PATH_MAX_H = 256
 # on sm_90 up to H = 256 (BLOCK_B 16, BLOCK_K 16, 8 warps); at 512 it spills 130-200 bytes a thread.
 STREAMED_MAX_H = 512
 
+# Largest H of the persistent path, by element size: a 2048-wide W_hh split over 128 programs of
+# 16 columns (32 KB to 128 KB each), every one resident on its own SM of an H100/H200. fp64 runs
+# only in tests (gradcheck), where its slices must stay small.
+PERSISTENT_MAX_H = {8: 512, 4: 2048, 2: 2048}
+
 # tl.dot on a GPU needs every dimension >= 16, so batch tiles are padded up to it.
 MIN_DOT = 16
-PATHS = ("sequence", "streamed", "stepwise")
+PATHS = ("sequence", "streamed", "persistent", "stepwise")
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
 def default_path(hidden_size: int, dtype: torch.dtype) -> str:
     """The path of a multi-step recurrence with no tuned config: "sequence" where one program holds
-    W_hh in registers for this size and dtype, else "stepwise"."""
-    return "sequence" if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize] else "stepwise"
+    W_hh in registers for this size and dtype, else "persistent" (W_hh split over resident
+    programs) up to PERSISTENT_MAX_H, else "stepwise"."""
+    if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize]:
+        return "sequence"
+    return "persistent" if hidden_size <= PERSISTENT_MAX_H[dtype.itemsize] else "stepwise"
 
 
 def batch_bucket(batch: int) -> int:
@@ -55,7 +63,8 @@ def block_h(hidden: int) -> int:
 
 def path_fits(path: str, hidden: int) -> bool:
     """Whether `path` can run this hidden size at all (the stepwise path runs any)."""
-    return path == "stepwise" or hidden <= (STREAMED_MAX_H if path == "streamed" else SEQUENCE_PATH_MAX_H)
+    limit = {"sequence": SEQUENCE_PATH_MAX_H, "streamed": STREAMED_MAX_H, "persistent": max(PERSISTENT_MAX_H.values())}
+    return path == "stepwise" or hidden <= limit[path]
 
 
 def default_config(path: str, batch: int, hidden: int) -> triton.Config:
@@ -70,6 +79,12 @@ def default_config(path: str, batch: int, hidden: int) -> triton.Config:
                              num_warps=8 if block_h(hidden) >= 64 else 4, num_stages=1)
     if path == "streamed":
         return triton.Config({"BLOCK_B": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1)
+    if path == "persistent":
+        # 32 columns a program up to H = 1024; at 2048, 16 columns with the state read in two
+        # halves (fp32: a whole [16, 2048] state copy beside the 128 KB slice would pass 227 KB).
+        wide = block_h(hidden) > 1024
+        return triton.Config({"BLOCK_B": MIN_DOT, "BLOCK_N": 16 if wide else 32, "K_SPLIT": 2 if wide else 1},
+                             num_warps=8 if wide else 4, num_stages=1)
     block_n = min(64, block_h(hidden))
     return triton.Config({"BLOCK_B": min(bb, 64), "BLOCK_N": block_n, "BLOCK_K": min(block_n, 32)}, num_warps=8,
                          num_stages=3)
@@ -83,6 +98,12 @@ def tuning_space(path: str, batch: int, hidden: int) -> list:
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_K": 0}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb and bb * block_h(hidden) <= 64 * 128
                  for w in (4, 8, 16)]
+    elif path == "persistent":
+        space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": ks}, num_warps=w, num_stages=1)
+                 for bb in (16, 32, 64) if bb <= max_bb
+                 for bn in (16, 32, 64) if bn <= max_n
+                 for ks in (1, 2)
+                 for w in (4, 8)]
     elif path == "streamed":
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=1)
                  for bb in (16, 32) if bb <= max_bb

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import config as configs
+from . import persistent
 from .sequence import rnn_sequence_kernel
 from .step import rnn_step_kernel
 
@@ -63,7 +64,8 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config):
         choice = configs.tuned(dtype, H, B, direction, device)
         if choice is not None and choice["path"] == path:
             config = choice["config"]
-    if config is None and device.type == "cuda" and configs.autotune_enabled():
+    # The persistent kernel's grid depends on its compiled resources: not for Triton's autotuner.
+    if config is None and device.type == "cuda" and configs.autotune_enabled() and path != "persistent":
         return _autotuned(path), {}
     config = config or configs.default_config(path, B, H)
     return _jitted(path), configs.config_to_dict(config)
@@ -136,6 +138,12 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     if B == 0:
         return out, h0.clone()
     kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config)
+    if path == "persistent":
+        h_n = _empty_like(h0)
+        with _on(xw.device):
+            persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=reverse, relu=relu,
+                              numerics=numerics, meta=meta)
+        return out, h_n
     grid = _grid(path, B, H)
     # M = W_hh^T: read W_hh with its strides swapped.
     if path != "stepwise":
@@ -179,6 +187,11 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     if B == 0:
         return dz
     kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config)
+    if path == "persistent":
+        with _on(grad.device):
+            persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=not reverse, relu=relu,
+                              numerics=numerics, meta=meta)
+        return dz
     grid = _grid(path, B, H)
     if path != "stepwise":
         with _on(grad.device):

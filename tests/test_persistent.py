@@ -1,0 +1,153 @@
+"""The persistent path: programs that wait for each other at a per-group barrier every step.
+
+Triton's interpreter runs programs one after another, so these tests run every program of a
+launch at once, one thread per program, with a random short sleep at each atomic
+(tests/concurrent_interpreter.py), against the float64 reference: several groups of several
+programs, forward and backward, both directions, lengths, tanh and relu, float64 and float32.
+The same kernel with its wait broken (the target off by one, or no wait) must fail here.
+"""
+import pytest
+import torch
+import triton
+
+from concurrent_interpreter import CONCURRENT_CAPACITY, concurrent_programs
+from conftest import DEVICE, assert_close, dtype_id
+from tritonrnn import kernels, ops, reference
+from tritonrnn.kernels import persistent
+
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's concurrent harness")
+
+# T = 5, B = 20 (2 groups of 16 rows, the second ragged), H = 40: 3 programs of 16 columns per
+# group, the last ragged; K_SPLIT = 2 reads the state in two halves of 32 columns.
+T, B, H = 5, 20, 40
+VARIANTS = [  # (nonlinearity, reverse, with lengths, K_SPLIT)
+    ("tanh", False, False, 1), ("relu", False, True, 2), ("tanh", True, True, 1), ("relu", True, False, 2),
+]
+
+
+def _variant_id(variant):
+    act, reverse, packed, k_split = variant
+    return act + ("-reverse" if reverse else "") + ("-lengths" if packed else "") + f"-ksplit{k_split}"
+
+
+def _problem(packed, seed):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    p = dict(xw=rand(T, B, H), h0=rand(B, H), w_hh=rand(H, H, scale=1.5 / H ** 0.5))
+    p["lengths"] = torch.randint(1, T + 1, (B,), generator=g) if packed else None
+    return p
+
+
+def _config(k_split, **debug):
+    return triton.Config({"BLOCK_B": 16, "BLOCK_N": 16, "K_SPLIT": k_split, **debug}, num_warps=4, num_stages=1)
+
+
+def _forward(p, act, reverse, dtype, config):
+    return kernels.recurrence_forward(p["xw"].to(dtype), p["h0"].to(dtype), p["w_hh"].to(dtype),
+                                      lengths=p["lengths"], reverse=reverse, relu=act == "relu", path="persistent",
+                                      config=config)
+
+
+def _reference_forward(p, act, reverse):
+    eye = torch.eye(H, dtype=torch.float64)  # xw is already projected: x = xw, W_ih = I
+    return reference.forward(p["xw"], p["h0"], eye, p["w_hh"], None, None, act, p["lengths"], reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_forward_with_concurrent_programs_matches_reference(variant, dtype):
+    act, reverse, packed, k_split = variant
+    p = _problem(packed, seed=11)
+    with concurrent_programs(seed=1):
+        out, h_n = _forward(p, act, reverse, dtype, _config(k_split))
+    ref_out, ref_hn = _reference_forward(p, act, reverse)
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(h_n, ref_hn, dtype, "h_n")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_backward_with_concurrent_programs_matches_reference(variant, dtype, monkeypatch):
+    act, reverse, packed, k_split = variant
+    p = _problem(packed, seed=12)
+    out, _ = _reference_forward(p, act, reverse)
+    g = torch.Generator().manual_seed(13)
+    grad_out = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+    grad_hn = torch.randn(B, H, generator=g, dtype=torch.float64)
+    if packed:  # padding is not part of the output
+        grad_out = grad_out * (torch.arange(T)[:, None] < p["lengths"])[..., None]
+    eye = torch.eye(H, dtype=torch.float64)
+    ref = reference.backward(p["xw"], p["h0"], eye, p["w_hh"], out, grad_out, grad_hn, act, p["lengths"], reverse)
+    config = _config(k_split)
+    launch = kernels.recurrence_backward
+    monkeypatch.setattr(kernels, "recurrence_backward", lambda *args, **kw: launch(*args, **kw, config=config))
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
+    with concurrent_programs(seed=2):
+        dz, dh0, dw_hh = ops.recurrence_backward(cast(grad_out), cast(grad_hn), cast(out), cast(p["h0"]),
+                                                 cast(p["w_hh"]), lengths, reverse, act == "relu", "persistent", False)
+    assert_close(dz, ref.dz, dtype, "dz")
+    assert_close(dh0, ref.dh0, dtype, "dh0")
+    assert_close(dw_hh, ref.dw_hh, dtype, "dW_hh")
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    """The plans the persistent launches ran (to check that programs really waited for each other)."""
+    ran, launch = [], persistent.launch
+    monkeypatch.setattr(persistent, "launch", lambda *args, **kw: ran.append(launch(*args, **kw)) or ran[-1])
+    return ran
+
+
+def test_launches_several_groups_of_several_programs(plans):
+    p = _problem(False, seed=14)
+    with concurrent_programs(seed=3):
+        _forward(p, "tanh", False, torch.float64, _config(1))
+    assert plans == [persistent.Plan(programs_per_group=3, groups=2, batch_tiles=1,
+                                     resident_capacity=CONCURRENT_CAPACITY)]
+
+
+def test_groups_take_several_batch_tiles_where_programs_do_not_fit(plans, monkeypatch):
+    """Capacity for one group only: one group of 3 programs serves both batch tiles."""
+    p = _problem(True, seed=15)
+    with concurrent_programs(seed=4):
+        monkeypatch.setattr(persistent, "INTERPRETED_RESIDENT_PROGRAMS", 5)
+        out, h_n = _forward(p, "tanh", True, torch.float64, _config(1))
+    assert plans == [persistent.Plan(programs_per_group=3, groups=1, batch_tiles=2, resident_capacity=5)]
+    ref_out, ref_hn = _reference_forward(p, "tanh", True)
+    assert_close(out, ref_out, torch.float64, "out")
+    assert_close(h_n, ref_hn, torch.float64, "h_n")
+
+
+@pytest.mark.parametrize("slack", [1, 10 ** 6], ids=["target-off-by-one", "no-wait"])
+def test_harness_catches_a_broken_barrier(slack):
+    """The same kernel, its wait target lowered (DEBUG_WAIT_SLACK), must give wrong results: a
+    program reads the state before the others wrote it (NaN-poisoned, or the previous step's)."""
+    p = _problem(False, seed=16)
+    ref_out, _ = _reference_forward(p, "tanh", False)
+    with concurrent_programs(seed=5):
+        out, _ = _forward(p, "tanh", False, torch.float64, _config(1, DEBUG_WAIT_SLACK=slack))
+    with pytest.raises(AssertionError, match="NaN|max error"):
+        assert_close(out, ref_out, torch.float64, "out")
+
+
+def test_plan_never_exceeds_the_resident_capacity():
+    # H = 2048 in 16-column slices: 128 programs a group; B = 256 in 16-row tiles.
+    assert persistent.plan(256, 2048, 16, 16, capacity=132) == persistent.Plan(128, 1, 16, 132)
+    assert persistent.plan(256, 1024, 16, 32, capacity=264) == persistent.Plan(32, 8, 2, 264)
+    assert persistent.plan(1, 512, 16, 32, capacity=132) == persistent.Plan(16, 1, 1, 132)
+    for batch in range(1, 300, 7):
+        for capacity in (16, 100, 132, 264):
+            chosen = persistent.plan(batch, 512, 16, 32, capacity)
+            assert chosen.programs_per_group * chosen.groups <= capacity
+            assert chosen.groups * chosen.batch_tiles * 16 >= batch
+    with pytest.raises(ValueError, match="needs 128 resident programs per group"):
+        persistent.plan(16, 2048, 16, 16, capacity=100)
+
+
+def test_programs_per_sm_takes_the_tightest_resource():
+    sm = persistent.SMLimits()
+    assert persistent.programs_per_sm(registers=128, num_warps=4, shared_bytes=98304, limits=sm) == 2  # shared
+    assert persistent.programs_per_sm(registers=255, num_warps=8, shared_bytes=0, limits=sm) == 1  # registers
+    assert persistent.programs_per_sm(registers=32, num_warps=4, shared_bytes=0, limits=sm) == 16  # threads
+    assert persistent.programs_per_sm(registers=16, num_warps=1, shared_bytes=0, limits=sm) == 32  # slots
