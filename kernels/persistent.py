@@ -229,8 +229,10 @@ def plan(batch: int, hidden: int, block_b: int, block_n: int, capacity: int) -> 
     return Plan(per_group, triton.cdiv(tiles, batch_tiles), batch_tiles, capacity)
 
 
-def _warmup_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, T, B, H, *, backward: bool, reverse: bool, relu: bool,
-                 numerics: dict, meta: dict):
+def launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, T, B, H, *, backward: bool, reverse: bool, relu: bool,
+                numerics: dict, meta: dict):
+    """The kernel's arguments but the arrivals and BATCH_TILES: pointers, scalars, constexprs
+    (tensors, or their dtypes where only the compiled kernel is needed)."""
     # M = W_hh^T in the forward (W_hh read with its strides swapped), W_hh in the backward.
     stride_wk, stride_wn = (H, 1) if backward else (1, H)
     args = (p_in, p_h0, w_hh, p_act, out, h_n, lengths)
@@ -259,7 +261,7 @@ def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> Plan:
     """Run the whole recurrence in one launch into `out` (and `h_n` in the forward); see the module
     docstring. options: backward, reverse, relu, numerics and meta (BLOCK_B, BLOCK_N, K_SPLIT,
     num_warps, num_stages; DEBUG_WAIT_SLACK in tests only). Returns the plan it ran."""
-    args, scalars, kwargs = _warmup_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, *out.shape, **options)
+    args, scalars, kwargs = launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, *out.shape, **options)
     chosen, kwargs = schedule(args, scalars, kwargs, out.device)
     arrivals = torch.zeros(chosen.groups, dtype=torch.int32, device=out.device)
     rnn_persistent_kernel[chosen.grid](*args, arrivals, *scalars, chosen.batch_tiles, launch_cooperative_grid=True,

@@ -167,6 +167,20 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     return out, prev.clone()
 
 
+def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.device, direction: str,
+                    allow_tf32: bool = True, config=None) -> persistent.Plan:
+    """The tiling the persistent path runs for this shape: programs per group, groups, batch tiles
+    and the resident capacity (on a GPU this compiles the kernel)."""
+    _, meta = _launcher("persistent", B, H, dtype, device, direction, config)
+    backward = direction == "backward"
+    tensors = [dtype, None if backward else dtype, dtype, dtype if backward else None, dtype,
+               None if backward else dtype, None]
+    args, scalars, kwargs = persistent.launch_args(*tensors, T, B, H, backward=backward, reverse=backward, relu=False,
+                                                   numerics=_numerics(dtype, device, allow_tf32), meta=meta)
+    with _on(device):
+        return persistent.schedule(args, scalars, kwargs, device)[0]
+
+
 def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=False, path="sequence",
                         allow_tf32=False, config=None):
     """Walk the recurrence backwards: dz_t = (grad_t + dz_{t+1} W_hh) * act'(h_t).

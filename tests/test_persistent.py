@@ -30,11 +30,11 @@ def _variant_id(variant):
     return act + ("-reverse" if reverse else "") + ("-lengths" if packed else "") + f"-ksplit{k_split}"
 
 
-def _problem(packed, seed):
+def _problem(packed, seed, steps=T):
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
-    p = dict(xw=rand(T, B, H), h0=rand(B, H), w_hh=rand(H, H, scale=1.5 / H ** 0.5))
-    p["lengths"] = torch.randint(1, T + 1, (B,), generator=g) if packed else None
+    p = dict(xw=rand(steps, B, H), h0=rand(B, H), w_hh=rand(H, H, scale=1.5 / H ** 0.5))
+    p["lengths"] = torch.randint(1, steps + 1, (B,), generator=g) if packed else None
     return p
 
 
@@ -122,13 +122,19 @@ def test_groups_take_several_batch_tiles_where_programs_do_not_fit(plans, monkey
 @pytest.mark.parametrize("slack", [1, 10 ** 6], ids=["target-off-by-one", "no-wait"])
 def test_harness_catches_a_broken_barrier(slack):
     """The same kernel, its wait target lowered (DEBUG_WAIT_SLACK), must give wrong results: a
-    program reads the state before the others wrote it (NaN-poisoned, or the previous step's)."""
-    p = _problem(False, seed=16)
+    program reads a state row before its writer stored it (NaN-poisoned).
+
+    A race shows only in some schedules: over 12 steps, 19 of 20 off-by-one runs and 20 of 20
+    no-wait runs were wrong (seeds 0-19), so up to 3 schedules are tried (a broken barrier passing
+    all 3 was never seen); the correct kernel passes every schedule (the tests above)."""
+    p = _problem(False, seed=16, steps=12)
     ref_out, _ = _reference_forward(p, "tanh", False)
-    with concurrent_programs(seed=5):
-        out, _ = _forward(p, "tanh", False, torch.float64, _config(1, DEBUG_WAIT_SLACK=slack))
-    with pytest.raises(AssertionError, match="NaN|max error"):
-        assert_close(out, ref_out, torch.float64, "out")
+    for seed in range(3):
+        with concurrent_programs(seed=seed):
+            out, _ = _forward(p, "tanh", False, torch.float64, _config(1, DEBUG_WAIT_SLACK=slack))
+        if out.isnan().any() or not torch.allclose(out, ref_out, rtol=1e-10, atol=1e-10):
+            return
+    pytest.fail(f"a barrier that waits for {slack} arrival(s) too few passed 3 schedules")
 
 
 def test_plan_never_exceeds_the_resident_capacity():
@@ -151,3 +157,17 @@ def test_programs_per_sm_takes_the_tightest_resource():
     assert persistent.programs_per_sm(registers=255, num_warps=8, shared_bytes=0, limits=sm) == 1  # registers
     assert persistent.programs_per_sm(registers=32, num_warps=4, shared_bytes=0, limits=sm) == 16  # threads
     assert persistent.programs_per_sm(registers=16, num_warps=1, shared_bytes=0, limits=sm) == 32  # slots
+
+
+def test_info_says_how_the_persistent_path_tiles(capsys):
+    from tritonrnn import cli, kernel_path
+    assert kernel_path(32, 512, torch.float32) == "persistent"
+    assert kernel_path(1, 512, torch.float32) == "stepwise"  # one step (RNNCell): the step kernel
+    cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
+    # The plain interpreter runs one program at a time: a group is one program, serving every tile.
+    assert "forward: persistent path" in capsys.readouterr().out
+    with concurrent_programs():
+        cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
+    text = capsys.readouterr().out
+    assert f"3 group(s) of 16 program(s), 1 batch tile(s) a group, 48 of a resident capacity of " \
+           f"{CONCURRENT_CAPACITY}" in text, text

@@ -26,10 +26,12 @@ CPU = torch.device("cpu")
 
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
                 direction: str = "forward") -> str:
-    """'sequence', 'streamed' or 'stepwise' for the forward or backward recurrence of this shape.
+    """'sequence', 'streamed', 'persistent' or 'stepwise' for the forward or backward recurrence of
+    this shape.
 
     A single step always takes the step kernel. Otherwise the tuned configs shipped for this GPU
-    decide where they exist; else 'sequence' when one program can hold W_hh, 'stepwise' if not.
+    decide where they exist; else 'sequence' when one program can hold W_hh, 'persistent' (W_hh
+    split over programs that stay resident) up to H = 2048, 'stepwise' beyond.
     """
     if seq_len == 1:
         return "stepwise"
@@ -50,7 +52,14 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
         path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction)
         kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh in registers",
                   "streamed": "rnn_sequence_kernel, one launch for all steps, W_hh streamed from L2",
+                  "persistent": "rnn_persistent_kernel, one launch for all steps, W_hh in column slices on chip",
                   "stepwise": f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)"}[path]
+        if path == "persistent":
+            plan = kernels.recurrence.persistent_plan(seq_len, batch, hidden_size, dtype, device, direction,
+                                                      bool(torch.backends.cudnn.allow_tf32))
+            kernel += (f": {plan.groups} group(s) of {plan.programs_per_group} program(s), {plan.batch_tiles} "
+                       f"batch tile(s) a group, {plan.programs_per_group * plan.groups} of a resident capacity of "
+                       f"{plan.resident_capacity}")
         tuned = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
         source = ("shipped tuned config" if tuned is not None and tuned["path"] == path
                   else "Triton autotuner" if which == "triton" and kernels.config.autotune_enabled()
