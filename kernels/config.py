@@ -34,8 +34,10 @@ STREAMED_MAX_H = 512
 
 # Largest H of the persistent path, by element size: a 2048-wide W_hh split over 128 programs of
 # 16 columns (32 KB to 128 KB each), every one resident on its own SM of an H100/H200. fp64 runs
-# only in tests (gradcheck), where its slices must stay small.
+# only in tests (gradcheck), where its slices must stay small. Exact fp32 (TF32 off) multiplies in
+# 3xTF32, whose operand copies spill from H = 512 and pass 227 KB of shared memory at 2048.
 PERSISTENT_MAX_H = {8: 512, 4: 2048, 2: 2048}
+PERSISTENT_EXACT_FP32_MAX_H = 256
 
 # tl.dot on a GPU needs every dimension >= 16, so batch tiles are padded up to it.
 MIN_DOT = 16
@@ -43,13 +45,15 @@ PATHS = ("sequence", "streamed", "persistent", "stepwise")
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
-def default_path(hidden_size: int, dtype: torch.dtype) -> str:
+def default_path(hidden_size: int, dtype: torch.dtype, allow_tf32: bool = True) -> str:
     """The path of a multi-step recurrence with no tuned config: "sequence" where one program holds
     W_hh in registers for this size and dtype, else "persistent" (W_hh split over resident
     programs) up to PERSISTENT_MAX_H, else "stepwise"."""
     if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize]:
         return "sequence"
-    return "persistent" if hidden_size <= PERSISTENT_MAX_H[dtype.itemsize] else "stepwise"
+    exact_fp32 = dtype == torch.float32 and not allow_tf32
+    limit = PERSISTENT_EXACT_FP32_MAX_H if exact_fp32 else PERSISTENT_MAX_H[dtype.itemsize]
+    return "persistent" if hidden_size <= limit else "stepwise"
 
 
 def batch_bucket(batch: int) -> int:

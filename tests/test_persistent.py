@@ -171,3 +171,32 @@ def test_info_says_how_the_persistent_path_tiles(capsys):
     text = capsys.readouterr().out
     assert f"3 group(s) of 16 program(s), 1 batch tile(s) a group, 48 of a resident capacity of " \
            f"{CONCURRENT_CAPACITY}" in text, text
+
+
+def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
+    """tritonrnn.RNN (2 layers, bidirectional, lengths) by default dispatch on the persistent path,
+    every launch with groups of several concurrent programs, against torch.nn.RNN in float64."""
+    import tritonrnn
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
+    monkeypatch.setattr(kernels.config, "default_config", lambda path, batch, hidden: _config(2))
+    assert tritonrnn.kernel_path(T, H, torch.float64) == "persistent"
+    torch.manual_seed(0)
+    oracle = nn.RNN(7, H, num_layers=2, bidirectional=True).double()
+    ours = tritonrnn.RNN(7, H, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours.load_state_dict(oracle.state_dict())
+    x = torch.randn(T, B, 7, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,))
+    g = torch.randn(T, B, 2 * H, dtype=torch.float64) * (torch.arange(T)[:, None] < lengths)[..., None]
+    results = []
+    for module in (ours, oracle):
+        leaf = x.clone().requires_grad_()
+        with concurrent_programs(seed=6):
+            out, h_n = module(pack_padded_sequence(leaf, lengths, enforce_sorted=False))
+            out, _ = pad_packed_sequence(out, total_length=T)
+            ((out * g).sum() + h_n.sum()).backward()
+        results.append({"out": out, "h_n": h_n, "dx": leaf.grad, **{n: p.grad for n, p in module.named_parameters()}})
+    for name, expected in results[1].items():
+        assert_close(results[0][name], expected, torch.float64, name)
+    assert len(plans) == 8 and all(p.programs_per_group == 3 and p.groups == 2 for p in plans)

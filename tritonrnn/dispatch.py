@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
-                direction: str = "forward") -> str:
+                direction: str = "forward", allow_tf32: bool = True) -> str:
     """'sequence', 'streamed', 'persistent' or 'stepwise' for the forward or backward recurrence of
     this shape.
 
@@ -38,7 +38,7 @@ def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int =
     choice = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
     if choice is not None:
         return choice["path"]
-    return kernels.default_path(hidden_size, dtype)
+    return kernels.default_path(hidden_size, dtype, allow_tf32)
 
 
 def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> str:
@@ -49,14 +49,15 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
     mode = "compiled" if which == "triton" else "interpreted"
     lines = []
     for direction in ("forward", "backward"):
-        path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction)
+        allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
+        path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32)
         kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh in registers",
                   "streamed": "rnn_sequence_kernel, one launch for all steps, W_hh streamed from L2",
                   "persistent": "rnn_persistent_kernel, one launch for all steps, W_hh in column slices on chip",
                   "stepwise": f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)"}[path]
         if path == "persistent":
             plan = kernels.recurrence.persistent_plan(seq_len, batch, hidden_size, dtype, device, direction,
-                                                      bool(torch.backends.cudnn.allow_tf32))
+                                                      allow_tf32)
             kernel += (f": {plan.groups} group(s) of {plan.programs_per_group} program(s), {plan.batch_tiles} "
                        f"batch tile(s) a group, {plan.programs_per_group * plan.groups} of a resident capacity of "
                        f"{plan.resident_capacity}")

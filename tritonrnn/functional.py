@@ -86,7 +86,8 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x.device.type, x, h0, w_ih, w_hh, b_ih, b_hh)
     xw = _project(x, w_ih, b_ih, b_hh)
     T, B, H = xw.shape
-    paths = [kernel_path(T, H, xw.dtype, B, xw.device, direction) for direction in ("forward", "backward")]
+    paths = [kernel_path(T, H, xw.dtype, B, xw.device, direction, _allow_tf32())
+             for direction in ("forward", "backward")]
     if lengths is not None:
         if lengths.shape != (B,) or B and not bool(((lengths >= 1) & (lengths <= T)).all()):
             raise ValueError(f"lengths must be a [{B}] tensor of values in [1, {T}], got {lengths.tolist()}")
