@@ -8,6 +8,7 @@ GPU is ever lent. Used by the tests to guard the default configs.
     compile_kernel("sequence", torch.float32, batch=64, hidden=128, backward=False)   # a path
     -> {"registers": 168, "stack_bytes": 0, "shared_bytes": 33280, "mma": ["wgmma..."], ...}
 """
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,7 +19,9 @@ import torch
 import triton
 
 from tritonrnn.kernels import config as configs
-from tritonrnn.kernels import recurrence
+from tritonrnn.kernels import persistent, recurrence
+
+from . import grid
 
 _POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 HOPPER = (90, 32)  # compute capability 9.0 (H100, H200), warp size 32
@@ -27,7 +30,11 @@ HOPPER = (90, 32)  # compute capability 9.0 (H100, H200), warp size 32
 def _signature(path: str, dtype, backward: bool, lengths: bool):
     """Argument types of a launch as the launchers make it (None pointers become constexpr None)."""
     p = _POINTER[dtype]
-    if path != "stepwise":
+    if path == "persistent":
+        pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
+                    "p_out": p, "p_hn": None if backward else p, "p_arrivals": "*i32"}
+        ints = ("T", "B", "H", "stride_wk", "stride_wn", "BATCH_TILES")
+    elif path != "stepwise":
         pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
                     "p_out": p, "p_hn": None if backward else p,
                     "p_scratch": ("*fp64" if dtype == torch.float64 else "*fp32") if path == "streamed" else None}
@@ -48,12 +55,14 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     from triton.compiler import ASTSource
 
     config = config or configs.default_config(path, batch, hidden)
-    jitted = recurrence._jitted(path)
+    jitted = persistent.rnn_persistent_kernel if path == "persistent" else recurrence._jitted(path)
     fn = getattr(jitted, "fn", jitted)  # below @triton.heuristics
     pointers, ints = _signature(path, dtype, backward, lengths)
     numerics = recurrence._numerics(dtype, torch.device("cuda"), allow_tf32)
     constants = {**numerics, **config.kwargs, "BACKWARD": backward, "RELU": relu}
-    if path != "stepwise":
+    if path == "persistent":
+        constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths, DEBUG_WAIT_SLACK=0)
+    elif path != "stepwise":
         constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths)
     else:
         constants.update(HAS_PREV=True, HAS_LENGTHS=lengths, STORE_STATE=pointers["p_state"] is not None)
@@ -68,12 +77,18 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
         else:
             signature[name] = "constexpr"
             constants.setdefault(name, None)
-    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", *target),
+    # A launch specialises 16-byte-aligned pointers and integers divisible by 16 (every standard-grid
+    # H): the persistent kernel's whole-state loads vectorise only with that knowledge.
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+             if path == "persistent" and (kind.startswith("*") or name in ("H", "stride_wk", "stride_wn"))}
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", *target),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     usage = _resource_usage(compiled.asm["cubin"])
+    usage["shared_bytes"] = compiled.metadata.shared  # what a launch allocates (cuobjdump: static only)
     ptx = compiled.asm["ptx"]
     mma = sorted(set(re.findall(r"(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx)))
-    return {**usage, "mma": mma, "fma_only": not mma, "config": configs.config_to_dict(config)}
+    return {**usage, "mma": mma, "fma_only": not mma, "num_warps": config.num_warps,
+            "config": configs.config_to_dict(config)}
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -106,10 +121,54 @@ def default_variants() -> list:
         shapes = [("sequence", h) for h in sorted({configs.SEQUENCE_MAX_H[dtype.itemsize], 32})]
         shapes += [("streamed", 256)] if dtype != torch.float64 else []
         shapes += [("stepwise", 1024)]
+        shapes += [("persistent", h) for h in PERSISTENT_HIDDENS if configs.default_path(h, dtype, tf32) == "persistent"]
         for path, hidden in shapes:
             common = dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32)
             variants += [dict(common, lengths=True), dict(common, backward=True, lengths=path != "stepwise")]
     return variants
+
+
+PERSISTENT_HIDDENS = tuple(h for h in grid.HIDDENS if h > 128)  # H = 128 takes the sequence path
+
+
+def persistent_fit(variants: list, limits: persistent.SMLimits = persistent.SMLimits()) -> list:
+    """For every standard-grid cell on the persistent path: programs resident per SM (from the
+    compiled forward and backward variants' registers, warps and shared memory), the resident
+    capacity, and the plan the launcher chooses there (which never exceeds it)."""
+    rows = []
+    for dtype_name in grid.DTYPES:
+        dtype = getattr(torch, dtype_name)
+        for hidden in PERSISTENT_HIDDENS:
+            if configs.default_path(hidden, dtype) != "persistent":
+                continue
+            compiled = [v for v in variants if v["path"] == "persistent" and v["dtype"] == dtype_name
+                        and int(v["hidden"]) == hidden and (dtype_name != "float32" or v["allow_tf32"] == "True")]
+            per_sm = min(persistent.programs_per_sm(v["registers"], v["num_warps"], v["shared_bytes"], limits)
+                         for v in compiled)
+            for batch in grid.BATCHES:
+                config = configs.default_config("persistent", batch, hidden)
+                chosen = persistent.plan(batch, hidden, config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"],
+                                         per_sm * limits.sms)
+                rows.append({"dtype": dtype_name, "batch": batch, "hidden": hidden, "variants": len(compiled),
+                             "registers": max(v["registers"] for v in compiled),
+                             "shared_bytes": max(v["shared_bytes"] for v in compiled),
+                             "num_warps": compiled[0]["num_warps"], "programs_per_sm": per_sm,
+                             "capacity": per_sm * limits.sms, "config": configs.config_to_dict(config),
+                             "plan": dataclasses.asdict(chosen)})
+    return rows
+
+
+def fit_table(rows: list) -> str:
+    """persistent_fit's rows as the markdown table of perf/NOTES.md."""
+    lines = ["| dtype | H | B | BLOCK_B x BLOCK_N, K_SPLIT, warps | regs | shared | per SM | capacity "
+             "| programs/group x groups | batch tiles/group | programs |", "|" + "---|" * 11]
+    for r in rows:
+        c, p = r["config"], r["plan"]
+        lines.append(f"| {r['dtype']} | {r['hidden']} | {r['batch']} | {c['BLOCK_B']} x {c['BLOCK_N']}, "
+                     f"{c['K_SPLIT']}, {c['num_warps']} | {r['registers']} | {r['shared_bytes'] // 1024} KB | "
+                     f"{r['programs_per_sm']} | {r['capacity']} | {p['programs_per_group']} x {p['groups']} | "
+                     f"{p['batch_tiles']} | {p['programs_per_group'] * p['groups']} |")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -25,3 +25,12 @@ def test_default_configs_compile_for_hopper_without_spills():
                       f"{v['mma'][:1]}" for v in variants)
     assert all(v["stack_bytes"] <= MAX_STACK_BYTES for v in variants), "spills:\n" + table
     assert all(v["mma"] for v in variants), "FMA-only matmuls:\n" + table
+    persistent = [v for v in variants if v["path"] == "persistent"]
+    assert persistent and all(v["stack_bytes"] == 0 for v in persistent), "persistent spills:\n" + table
+    # Every standard-grid cell on the persistent path fits: H100 SXM and H200 both have 132 SMs of
+    # sm_90 (65536 registers, 228 KB shared memory, 2048 threads each): SMLimits' defaults.
+    rows = static.persistent_fit(variants)
+    assert len(rows) == 3 * 4 * 4, static.fit_table(rows)  # 3 dtypes x H 256..2048 x 4 batches
+    for row in rows:
+        programs = row["plan"]["programs_per_group"] * row["plan"]["groups"]
+        assert 1 <= row["programs_per_sm"] and programs <= row["capacity"], static.fit_table(rows)
