@@ -1,8 +1,9 @@
 """Launch configurations of the RNN kernels: defaults, tuning spaces, and shipped tuned configs.
 
 Dimensions: B batch, H hidden. Everything a launch may vary is declared here once:
-- the paths: "sequence" (rnn_sequence_kernel, W_hh in registers), "streamed" (the same kernel,
-  W_hh streamed from L2 each step) and "stepwise" (rnn_step_kernel, one launch per step);
+- the paths: "sequence" (rnn_sequence_kernel, W_hh in registers), "persistent"
+  (rnn_persistent_kernel, W_hh in column slices over programs that stay resident) and "stepwise"
+  (rnn_step_kernel, one launch per step);
 - the limit of what one program of the sequence kernel can hold (which decides the default path);
 - the default config of each path (used under the interpreter, and as the baseline a tuned
   config must beat);
@@ -28,10 +29,6 @@ SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
 # default limit above; tune measures whether it still pays).
 SEQUENCE_PATH_MAX_H = 256
 
-# The streamed path keeps two [BLOCK_B, H] fp32 tiles (state, accumulator) in registers: spill-free
-# on sm_90 up to H = 256 (BLOCK_B 16, BLOCK_K 16, 8 warps); at 512 it spills 130-200 bytes a thread.
-STREAMED_MAX_H = 512
-
 # Largest H of the persistent path, by element size: a 2048-wide W_hh split over 128 programs of
 # 16 columns (32 KB to 128 KB each), every one resident on its own SM of an H100/H200. fp64 runs
 # only in tests (gradcheck), where its slices must stay small. Exact fp32 (TF32 off) multiplies in
@@ -41,7 +38,7 @@ PERSISTENT_EXACT_FP32_MAX_H = 256
 
 # tl.dot on a GPU needs every dimension >= 16, so batch tiles are padded up to it.
 MIN_DOT = 16
-PATHS = ("sequence", "streamed", "persistent", "stepwise")
+PATHS = ("sequence", "persistent", "stepwise")
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
@@ -67,7 +64,7 @@ def block_h(hidden: int) -> int:
 
 def path_fits(path: str, hidden: int) -> bool:
     """Whether `path` can run this hidden size at all (the stepwise path runs any)."""
-    limit = {"sequence": SEQUENCE_PATH_MAX_H, "streamed": STREAMED_MAX_H, "persistent": max(PERSISTENT_MAX_H.values())}
+    limit = {"sequence": SEQUENCE_PATH_MAX_H, "persistent": max(PERSISTENT_MAX_H.values())}
     return path == "stepwise" or hidden <= limit[path]
 
 
@@ -79,10 +76,8 @@ def default_config(path: str, batch: int, hidden: int) -> triton.Config:
     """
     bb = max(MIN_DOT, batch_bucket(batch))
     if path == "sequence":
-        return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32), "BLOCK_K": 0},
+        return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32)},
                              num_warps=8 if block_h(hidden) >= 64 else 4, num_stages=1)
-    if path == "streamed":
-        return triton.Config({"BLOCK_B": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1)
     if path == "persistent":
         # 32 columns a program up to H = 1024; at 2048, 16 columns with the state read in two
         # halves (fp32: a whole [16, 2048] state copy beside the 128 KB slice would pass 227 KB).
@@ -100,7 +95,7 @@ def tuning_space(path: str, batch: int, hidden: int) -> list:
     max_bb = max(MIN_DOT, batch_bucket(batch))
     max_n = max(32, block_h(hidden))
     if path == "sequence":
-        space = [triton.Config({"BLOCK_B": bb, "BLOCK_K": 0}, num_warps=w, num_stages=1)
+        space = [triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb and bb * block_h(hidden) <= 64 * 128
                  for w in (4, 8, 16)]
     elif path == "persistent":
@@ -109,11 +104,6 @@ def tuning_space(path: str, batch: int, hidden: int) -> list:
                  for bn in (16, 32, 64) if bn <= max_n
                  for ks in (1, 2)
                  for w in (4, 8)]
-    elif path == "streamed":
-        space = [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=1)
-                 for bb in (16, 32) if bb <= max_bb
-                 for bk in (16, 32, 64) if bk <= max_n
-                 for w in (4, 8, 16)]
     else:
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
                  for bb in (16, 64, 128) if bb <= max_bb

@@ -6,8 +6,9 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
     recurrence_backward(grad, out, w_hh)   -> dz  [T, B, H]
 
 `path` is "sequence" (one launch for all T steps, W_hh held in registers by each program),
-"streamed" (one launch, W_hh streamed from L2 each step; H <= 512) or "stepwise" (one launch of
-the step kernel per timestep; any H).
+"persistent" (one launch for all T steps, W_hh split by columns over programs that stay resident
+and meet at a barrier each step; kernels/persistent.py) or "stepwise" (one launch of the step
+kernel per timestep; any H).
 """
 import contextlib
 import functools
@@ -69,14 +70,6 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config):
         return _autotuned(path), {}
     config = config or configs.default_config(path, B, H)
     return _jitted(path), configs.config_to_dict(config)
-
-
-def _scratch(path: str, like: torch.Tensor, B: int, H: int):
-    """The streamed path's double-buffered state, in the accumulation dtype."""
-    if path != "streamed":
-        return None
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.empty(2, B, H, dtype=dtype, device=like.device)
 
 
 def _on(device: torch.device):
@@ -149,7 +142,7 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     if path != "stepwise":
         h_n = _empty_like(h0)
         with _on(xw.device):
-            kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, _scratch(path, xw, B, H), T, B, H, 1, H,
+            kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, T, B, H, 1, H,
                          configs.batch_bucket(B),
                          BLOCK_H=configs.block_h(H), BACKWARD=False, REVERSE=reverse, RELU=relu, **numerics,
                          **meta)
@@ -209,7 +202,7 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     grid = _grid(path, B, H)
     if path != "stepwise":
         with _on(grad.device):
-            kernel[grid](grad, None, w_hh, out, dz, None, lengths, _scratch(path, grad, B, H), T, B, H, H, 1,
+            kernel[grid](grad, None, w_hh, out, dz, None, lengths, T, B, H, H, 1,
                          configs.batch_bucket(B),
                          BLOCK_H=configs.block_h(H), BACKWARD=True, REVERSE=not reverse, RELU=relu, **numerics,
                          **meta)

@@ -36,8 +36,7 @@ def _signature(path: str, dtype, backward: bool, lengths: bool):
         ints = ("T", "B", "H", "stride_wk", "stride_wn", "BATCH_TILES")
     elif path != "stepwise":
         pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
-                    "p_out": p, "p_hn": None if backward else p,
-                    "p_scratch": ("*fp64" if dtype == torch.float64 else "*fp32") if path == "streamed" else None}
+                    "p_out": p, "p_hn": None if backward else p}
         ints = ("T", "B", "H", "stride_wk", "stride_wn", "B_BUCKET")
     else:
         pointers = {"p_in": p, "p_prev": p, "p_w": p, "p_act": p if backward else None, "p_out": p,
@@ -113,15 +112,15 @@ def available() -> bool:
 
 def default_variants() -> list:
     """The variants with default configs: every dtype and fp32 precision; the sequence path at the
-    largest and a small H, the streamed path at H = 256 (not fp64: that is for gradcheck), the
-    stepwise path at H = 1024; forward (and packed) and backward."""
+    largest and a small H, the stepwise path at H = 1024, the persistent path at every standard-grid
+    H it takes by default; forward (and packed) and backward."""
     variants = []
     for dtype, tf32 in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, False),
                         (torch.float16, False), (torch.float64, False)):
         shapes = [("sequence", h) for h in sorted({configs.SEQUENCE_MAX_H[dtype.itemsize], 32})]
-        shapes += [("streamed", 256)] if dtype != torch.float64 else []
         shapes += [("stepwise", 1024)]
-        shapes += [("persistent", h) for h in PERSISTENT_HIDDENS if configs.default_path(h, dtype, tf32) == "persistent"]
+        shapes += [("persistent", h) for h in PERSISTENT_HIDDENS
+                   if configs.default_path(h, dtype, tf32) == "persistent"]
         for path, hidden in shapes:
             common = dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32)
             variants += [dict(common, lengths=True), dict(common, backward=True, lengths=path != "stepwise")]

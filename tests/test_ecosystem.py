@@ -63,7 +63,7 @@ def test_compile_fullgraph_matches_eager(backend):
 
 
 @pytest.mark.parametrize("lengths", [None, [4, 2, 1]], ids=["dense", "lengths"])
-@pytest.mark.parametrize("path", ["sequence", "streamed", "stepwise"])
+@pytest.mark.parametrize("path", ["sequence", "persistent", "stepwise"])
 def test_custom_ops_pass_opcheck(path, lengths):
     torch.manual_seed(0)
     T, B = 4, 3

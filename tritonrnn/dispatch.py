@@ -26,8 +26,7 @@ CPU = torch.device("cpu")
 
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
                 direction: str = "forward", allow_tf32: bool = True) -> str:
-    """'sequence', 'streamed', 'persistent' or 'stepwise' for the forward or backward recurrence of
-    this shape.
+    """'sequence', 'persistent' or 'stepwise' for the forward or backward recurrence of this shape.
 
     A single step always takes the step kernel. Otherwise the tuned configs shipped for this GPU
     decide where they exist; else 'sequence' when one program can hold W_hh, 'persistent' (W_hh
@@ -52,7 +51,6 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
         allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
         path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32)
         kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh in registers",
-                  "streamed": "rnn_sequence_kernel, one launch for all steps, W_hh streamed from L2",
                   "persistent": "rnn_persistent_kernel, one launch for all steps, W_hh in column slices on chip",
                   "stepwise": f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)"}[path]
         if path == "persistent":
