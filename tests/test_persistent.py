@@ -159,10 +159,14 @@ def test_programs_per_sm_takes_the_tightest_resource():
     assert persistent.programs_per_sm(registers=16, num_warps=1, shared_bytes=0, limits=sm) == 32  # slots
 
 
-def test_info_says_how_the_persistent_path_tiles(capsys):
+def test_info_says_how_the_persistent_path_tiles(capsys, monkeypatch):
     from tritonrnn import cli, kernel_path
     assert kernel_path(32, 512, torch.float32) == "persistent"
     assert kernel_path(1, 512, torch.float32) == "stepwise"  # one step (RNNCell): the step kernel
+    assert kernel_path(32, 512, torch.float32, allow_tf32=False) == "stepwise"  # 3xTF32 spills there
+    assert kernel_path(32, 2048, torch.bfloat16) == "persistent"
+    assert kernel_path(32, 4096, torch.bfloat16) == "stepwise"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # fp32 as cuDNN runs it: TF32
     cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
     # The plain interpreter runs one program at a time: a group is one program, serving every tile.
     assert "forward: persistent path" in capsys.readouterr().out
