@@ -102,7 +102,7 @@ def tuning_space(path: str, batch: int, hidden: int) -> list:
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": ks}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb
                  for bn in (16, 32, 64) if bn <= max_n
-                 for ks in (1, 2)
+                 for ks in ((1, 2) if block_h(hidden) >= 1024 else (1,))  # halves of >= 512 columns
                  for w in (4, 8)]
     else:
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
