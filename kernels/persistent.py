@@ -146,15 +146,17 @@ def rnn_persistent_kernel(
             m_b = o_b < B
             o_row = o_b[:, None].to(tl.int64) * H
             m_bn = m_b[:, None] & m_n[None, :]
-            if REVERSE:
-                t_last = tl.zeros([BLOCK_B], dtype=tl.int32)
-            else:
-                t_last = tl.zeros([BLOCK_B], dtype=tl.int32) + (T - 1)
-            if HAS_LENGTHS and not REVERSE:
-                t_last = tl.load(p_len + o_b, mask=m_b, other=0) - 1
-            b_hn = tl.load(p_out + t_last[:, None].to(tl.int64) * n_bh + o_row + o_n[None, :], mask=m_bn,
-                           cache_modifier=".cg")
-            tl.store(p_hn + o_row + o_n[None, :], b_hn, mask=m_bn)
+            t_last = tl.zeros([BLOCK_B], dtype=tl.int32)  # the reverse walk ends at t = 0 in every row
+            if not REVERSE:
+                t_last += T - 1
+            if HAS_LENGTHS:
+                b_len = tl.load(p_len + o_b, mask=m_b, other=0)
+                if not REVERSE:
+                    t_last = b_len - 1
+                t_last = tl.where(b_len > 0, t_last, -1)  # a row of length 0 never stepped: h_n = h0
+            p_last = tl.where((t_last >= 0)[:, None], p_out + t_last[:, None].to(tl.int64) * n_bh, p_h0) + o_row
+            tl.store(p_hn + o_row + o_n[None, :], tl.load(p_last + o_n[None, :], mask=m_bn, cache_modifier=".cg"),
+                     mask=m_bn)
 
 
 # Without a GPU, Triton's interpreter runs the programs of a launch one after another: only one is

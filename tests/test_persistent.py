@@ -204,3 +204,16 @@ def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
     for name, expected in results[1].items():
         assert_close(results[0][name], expected, torch.float64, name)
     assert len(plans) == 8 and all(p.programs_per_group == 3 and p.groups == 2 for p in plans)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_rows_of_length_zero_end_in_h0(reverse):
+    """The kernels accept length 0 (the layers do not): the row never steps, outputs 0, h_n = h0."""
+    p = _problem(True, seed=17)
+    p["lengths"][:3] = 0
+    with concurrent_programs(seed=7):
+        out, h_n = _forward(p, "tanh", reverse, torch.float64, _config(1))
+    ref_out, ref_hn = _reference_forward(p, "tanh", reverse)
+    assert_close(out, ref_out, torch.float64, "out")
+    assert_close(h_n, ref_hn, torch.float64, "h_n")
+    assert torch.equal(h_n[:3], p["h0"][:3])
