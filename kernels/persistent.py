@@ -4,7 +4,9 @@ programs that stay resident and meet at a barrier after every step.
 Dimensions: T steps, B batch, H hidden. Program (n, g) owns the output columns
 n*BLOCK_N ... (n+1)*BLOCK_N - 1 for every step, and loads its slice of W_hh once, before the time
 loop, so the slice stays on chip (shared memory/registers) for the whole sequence. It serves the
-batch rows of group g: BATCH_TILES tiles of BLOCK_B rows. Each step it reads the group's whole
+batch rows of group g: BATCH_TILES tiles of BLOCK_B rows, in direction d (a bidirectional layer
+runs both directions in one launch: grid axis 2, inputs stacked [2, ...], direction 1 walking
+the other way). Each step it reads the group's whole
 previous state (all H columns of its rows, which the other programs of the group have just
 written: one row of `p_out`, in L2), computes its columns of the new state and stores them. Then
 the programs of the group (same g, every n) wait for each other:
@@ -53,14 +55,14 @@ def _load_state(p_s, m_s, o_k, H):
 @triton.heuristics({"HAS_LENGTHS": lambda args: args["p_len"] is not None})
 @triton.jit(do_not_specialize=["T", "BATCH_TILES"])
 def rnn_persistent_kernel(
-    p_in,  # [T, B, H] forward: x_t W_ih^T + b; backward: dL/dh_t (dL/dh_n folded in)
-    p_h0,  # [B, H] initial state (forward only)
-    p_w,  # [H, H] M[k, n] = p_w[k * stride_wk + n * stride_wn]
-    p_act,  # [T, B, H] h_t of the forward (backward only)
-    p_out,  # [T, B, H] forward: h_t; backward: dz_t. Also the state the programs exchange
-    p_hn,  # [B, H] final state (forward only)
+    p_in,  # [D, T, B, H] forward: x_t W_ih^T + b; backward: dL/dh_t (dL/dh_n folded in)
+    p_h0,  # [D, B, H] initial state (forward only)
+    p_w,  # [D, H, H] M[k, n] = p_w[k * stride_wk + n * stride_wn]
+    p_act,  # [D, T, B, H] h_t of the forward (backward only)
+    p_out,  # [D, T, B, H] forward: h_t; backward: dz_t. Also the state the programs exchange
+    p_hn,  # [D, B, H] final state (forward only)
     p_len,  # [B] int32 sequence lengths, or None
-    p_arrivals,  # [groups] int32, zero at launch: arrivals of each group's programs so far
+    p_arrivals,  # [D, groups] int32, zero at launch: arrivals of each group's programs so far
     T,
     B,
     H,
@@ -72,7 +74,7 @@ def rnn_persistent_kernel(
     BLOCK_H: tl.constexpr,
     K_SPLIT: tl.constexpr,  # 1, or 2: the state read in two halves (halves its shared-memory copy)
     BACKWARD: tl.constexpr,
-    REVERSE: tl.constexpr,
+    REVERSE: tl.constexpr,  # of direction 0; direction 1 walks the other way
     RELU: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -82,6 +84,17 @@ def rnn_persistent_kernel(
     # by one) or more than T * programs (no wait) to show that a broken barrier fails them.
     DEBUG_WAIT_SLACK: tl.constexpr = 0,
 ):
+    direction = tl.program_id(2)
+    reverse = (direction == 1) != REVERSE
+    n_bh = B.to(tl.int64) * H
+    p_in += direction * T * n_bh
+    p_out += direction * T * n_bh
+    p_w += direction * H * H
+    if BACKWARD:
+        p_act += direction * T * n_bh
+    else:
+        p_h0 += direction * n_bh
+        p_hn += direction * n_bh
     o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     BLOCK_K: tl.constexpr = BLOCK_H // K_SPLIT
     o_k = tl.arange(0, BLOCK_K)
@@ -90,18 +103,13 @@ def rnn_persistent_kernel(
     b_w = _load_slice(p_w, o_k, o_n, m_n, H, stride_wk, stride_wn).to(DOT_DTYPE)
     if K_SPLIT == 2:
         b_w2 = _load_slice(p_w, BLOCK_K + o_k, o_n, m_n, H, stride_wk, stride_wn).to(DOT_DTYPE)
-    p_group_arrivals = p_arrivals + tl.program_id(1)
+    p_group_arrivals = p_arrivals + direction * tl.num_programs(1) + tl.program_id(1)
     group_size = tl.num_programs(0)
-    n_bh = B.to(tl.int64) * H
     first_row = tl.program_id(1) * BATCH_TILES * BLOCK_B
 
     for i in range(T):
-        if REVERSE:
-            t = T - 1 - i
-            t_prev = t + 1
-        else:
-            t = i
-            t_prev = t - 1
+        t = tl.where(reverse, T - 1 - i, i)
+        t_prev = tl.where(reverse, t + 1, t - 1)
         for j in range(BATCH_TILES):
             o_b = first_row + j * BLOCK_B + tl.arange(0, BLOCK_B)
             m_b = o_b < B
@@ -146,13 +154,11 @@ def rnn_persistent_kernel(
             m_b = o_b < B
             o_row = o_b[:, None].to(tl.int64) * H
             m_bn = m_b[:, None] & m_n[None, :]
-            t_last = tl.zeros([BLOCK_B], dtype=tl.int32)  # the reverse walk ends at t = 0 in every row
-            if not REVERSE:
-                t_last += T - 1
+            # The reverse walk ends at t = 0 in every row, the forward walk at each row's last step.
+            t_last = tl.zeros([BLOCK_B], dtype=tl.int32) + tl.where(reverse, 0, T - 1)
             if HAS_LENGTHS:
                 b_len = tl.load(p_len + o_b, mask=m_b, other=0)
-                if not REVERSE:
-                    t_last = b_len - 1
+                t_last = tl.where(reverse, t_last, b_len - 1)
                 t_last = tl.where(b_len > 0, t_last, -1)  # a row of length 0 never stepped: h_n = h0
             p_last = tl.where((t_last >= 0)[:, None], p_out + t_last[:, None].to(tl.int64) * n_bh, p_h0) + o_row
             tl.store(p_hn + o_row + o_n[None, :], tl.load(p_last + o_n[None, :], mask=m_bn, cache_modifier=".cg"),
@@ -206,29 +212,35 @@ def resident_capacity(compiled, device: torch.device) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How a launch tiles the problem: `groups` groups of `programs_per_group` programs (one per
-    BLOCK_N columns), each group serving `batch_tiles` tiles of BLOCK_B rows."""
+    """How a launch tiles the problem: per direction, `groups` groups of `programs_per_group`
+    programs (one per BLOCK_N columns), each group serving `batch_tiles` tiles of BLOCK_B rows."""
 
     programs_per_group: int
     groups: int
     batch_tiles: int
     resident_capacity: int
+    directions: int = 1
 
     @property
     def grid(self) -> tuple:
-        return (self.programs_per_group, self.groups)
+        return (self.programs_per_group, self.groups, self.directions)
+
+    @property
+    def programs(self) -> int:
+        return self.programs_per_group * self.groups * self.directions
 
 
-def plan(batch: int, hidden: int, block_b: int, block_n: int, capacity: int) -> Plan:
+def plan(batch: int, hidden: int, block_b: int, block_n: int, capacity: int, directions: int = 1) -> Plan:
     """The most groups (batch parallelism) whose programs all fit in `capacity` at once; more batch
     tiles per group where they do not."""
     per_group = triton.cdiv(hidden, block_n)
     tiles = triton.cdiv(batch, block_b)
-    if per_group > capacity:
+    if per_group * directions > capacity:
         raise ValueError(f"the persistent path needs {per_group} resident programs per group (H = {hidden}, "
-                         f"BLOCK_N = {block_n}) but the device holds {capacity} of this kernel at once")
-    batch_tiles = triton.cdiv(tiles, min(tiles, capacity // per_group))
-    return Plan(per_group, triton.cdiv(tiles, batch_tiles), batch_tiles, capacity)
+                         f"BLOCK_N = {block_n}) in each of {directions} direction(s), but the device holds "
+                         f"{capacity} of this kernel at once")
+    batch_tiles = triton.cdiv(tiles, min(tiles, capacity // (per_group * directions)))
+    return Plan(per_group, triton.cdiv(tiles, batch_tiles), batch_tiles, capacity, directions)
 
 
 def launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, T, B, H, *, backward: bool, reverse: bool, relu: bool,
@@ -243,29 +255,32 @@ def launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, T, B, H, *, backward
     return args, (T, B, H, stride_wk, stride_wn), kwargs
 
 
-def schedule(args, scalars, kwargs, device: torch.device) -> tuple:
+def schedule(args, scalars, kwargs, device: torch.device, directions: int = 1) -> tuple:
     """The plan of a launch and its meta-parameters: on a GPU from the compiled kernel's resources
     (compiling it if needed); in the interpreter, where programs run one at a time unless the
     concurrent test harness runs them, a group of one program."""
     T, B, H = scalars[:3]
     if device.type == "cuda":
-        compiled = rnn_persistent_kernel.warmup(*args, torch.int32, *scalars, 1, grid=(1, 1),
+        compiled = rnn_persistent_kernel.warmup(*args, torch.int32, *scalars, 1, grid=(1, 1, 1),
                                                 launch_cooperative_grid=True, **kwargs)
         capacity = resident_capacity(compiled, device)
     else:
         capacity = INTERPRETED_RESIDENT_PROGRAMS
         if capacity == 1:
             kwargs = dict(kwargs, BLOCK_N=kwargs["BLOCK_H"], K_SPLIT=1)
-    return plan(B, H, kwargs["BLOCK_B"], kwargs["BLOCK_N"], capacity), kwargs
+    return plan(B, H, kwargs["BLOCK_B"], kwargs["BLOCK_N"], capacity, directions), kwargs
 
 
 def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> Plan:
     """Run the whole recurrence in one launch into `out` (and `h_n` in the forward); see the module
-    docstring. options: backward, reverse, relu, numerics and meta (BLOCK_B, BLOCK_N, K_SPLIT,
-    num_warps, num_stages; DEBUG_WAIT_SLACK in tests only). Returns the plan it ran."""
-    args, scalars, kwargs = launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, *out.shape, **options)
-    chosen, kwargs = schedule(args, scalars, kwargs, out.device)
-    arrivals = torch.zeros(chosen.groups, dtype=torch.int32, device=out.device)
+    docstring. Tensors are [T, B, H], [B, H] and [H, H], or both directions stacked on a leading
+    dimension of 2 (contiguous), direction 1 walking the other way. options: backward, reverse
+    (of direction 0), relu, numerics and meta (BLOCK_B, BLOCK_N, K_SPLIT, num_warps, num_stages;
+    DEBUG_WAIT_SLACK in tests only). Returns the plan it ran."""
+    directions = out.shape[0] if out.dim() == 4 else 1
+    args, scalars, kwargs = launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, *out.shape[-3:], **options)
+    chosen, kwargs = schedule(args, scalars, kwargs, out.device, directions)
+    arrivals = torch.zeros(directions, chosen.groups, dtype=torch.int32, device=out.device)
     rnn_persistent_kernel[chosen.grid](*args, arrivals, *scalars, chosen.batch_tiles, launch_cooperative_grid=True,
                                        **kwargs)
     return chosen

@@ -217,3 +217,35 @@ def test_rows_of_length_zero_end_in_h0(reverse):
     assert_close(out, ref_out, torch.float64, "out")
     assert_close(h_n, ref_hn, torch.float64, "h_n")
     assert torch.equal(h_n[:3], p["h0"][:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_both_directions_in_one_launch(dtype):
+    """A bidirectional layer's two directions in one launch (grid axis 2, inputs stacked [2, ...],
+    each its own W_hh and h0; direction 1 walks the other way), forward and backward, lengths."""
+    p = [_problem(True, seed=18), _problem(True, seed=19)]
+    p[1]["lengths"] = p[0]["lengths"]
+    refs = [_reference_forward(p[d], "relu", reverse=d == 1) for d in range(2)]
+    g = torch.Generator().manual_seed(20)
+    active = (torch.arange(T)[:, None] < p[0]["lengths"])[..., None]
+    grads = [torch.randn(T, B, H, generator=g, dtype=torch.float64) * active for _ in range(2)]
+    eye = torch.eye(H, dtype=torch.float64)
+    ref_dz = [reference.backward(p[d]["xw"], p[d]["h0"], eye, p[d]["w_hh"], refs[d][0], grads[d],
+                                 torch.zeros(B, H, dtype=torch.float64), "relu", p[d]["lengths"], d == 1).dz
+              for d in range(2)]
+    stack = lambda tensors: torch.stack(tensors).to(dtype).contiguous()  # noqa: E731
+    w, lengths = stack([q["w_hh"] for q in p]), p[0]["lengths"].to(torch.int32)
+    numerics = kernels.recurrence._numerics(dtype, DEVICE, False)
+    meta = kernels.config.config_to_dict(_config(2))
+    out, h_n = torch.full((2, T, B, H), float("nan"), dtype=dtype), torch.full((2, B, H), float("nan"), dtype=dtype)
+    dz = torch.full_like(out, float("nan"))
+    with concurrent_programs(seed=8):
+        forward_plan = persistent.launch(stack([q["xw"] for q in p]), stack([q["h0"] for q in p]), w, None, out, h_n,
+                                         lengths, backward=False, reverse=False, relu=True, numerics=numerics, meta=meta)
+        persistent.launch(stack(grads), None, w, stack([r[0] for r in refs]), dz, None, lengths, backward=True,
+                          reverse=True, relu=True, numerics=numerics, meta=meta)
+    assert forward_plan.grid == (3, 2, 2)
+    for d in range(2):
+        assert_close(out[d], refs[d][0], dtype, f"out[{d}]")
+        assert_close(h_n[d], refs[d][1], dtype, f"h_n[{d}]")
+        assert_close(dz[d], ref_dz[d], dtype, f"dz[{d}]")
