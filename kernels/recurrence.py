@@ -160,6 +160,52 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     return out, prev.clone()
 
 
+def _prepare_pair(first: torch.Tensor, w_hh: torch.Tensor, lengths):
+    if first.dim() != 4 or first.shape[0] != 2:
+        raise ValueError(f"expected a [2, T, B, H] tensor (both directions), got shape {tuple(first.shape)}")
+    T, B, H, lengths = _prepare(first[0], w_hh[0] if w_hh.dim() == 3 else w_hh, lengths, "persistent")
+    _check("w_hh", w_hh, (2, H, H), first)
+    return T, B, H, lengths
+
+
+def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None):
+    """Both directions of a bidirectional layer in one launch of the persistent kernel.
+
+    Args:
+        xw: [2, T, B, H] projected inputs of the forward (0) and reverse (1) direction.
+        h0: [2, B, H]. w_hh: [2, H, H]. lengths, relu, allow_tf32, config: as for recurrence_forward.
+    Returns:
+        out [2, T, B, H] and h_n [2, B, H], each direction as recurrence_forward gives it.
+    """
+    T, B, H, lengths = _prepare_pair(xw, w_hh, lengths)
+    xw, w_hh = xw.contiguous(), w_hh.contiguous()
+    h0 = _check("h0", h0, (2, B, H), xw)
+    out, h_n = _empty_like(xw), _empty_like(h0)
+    if B == 0:
+        return out, h0.clone()
+    _, meta = _launcher("persistent", B, H, xw.dtype, xw.device, "forward", config)
+    with _on(xw.device):
+        persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False, relu=relu,
+                          numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
+    return out, h_n
+
+
+def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None):
+    """recurrence_backward of both directions of a bidirectional layer in one launch: grad and out
+    are [2, T, B, H], w_hh [2, H, H]; returns dz [2, T, B, H]."""
+    T, B, H, lengths = _prepare_pair(grad, w_hh, lengths)
+    grad, w_hh = grad.contiguous(), w_hh.contiguous()
+    out = _check("out", out, (2, T, B, H), grad)
+    dz = _empty_like(grad)
+    if B == 0:
+        return dz
+    _, meta = _launcher("persistent", B, H, grad.dtype, grad.device, "backward", config)
+    with _on(grad.device):
+        persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True, relu=relu,
+                          numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
+    return dz
+
+
 def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.device, direction: str,
                     allow_tf32: bool = True, config=None) -> persistent.Plan:
     """The tiling the persistent path runs for this shape: programs per group, groups, batch tiles

@@ -179,7 +179,8 @@ def test_info_says_how_the_persistent_path_tiles(capsys, monkeypatch):
 
 def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
     """tritonrnn.RNN (2 layers, bidirectional, lengths) by default dispatch on the persistent path,
-    every launch with groups of several concurrent programs, against torch.nn.RNN in float64."""
+    both directions of a layer in one launch with groups of several concurrent programs, against
+    torch.nn.RNN in float64."""
     import tritonrnn
     from torch import nn
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -203,7 +204,8 @@ def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
         results.append({"out": out, "h_n": h_n, "dx": leaf.grad, **{n: p.grad for n, p in module.named_parameters()}})
     for name, expected in results[1].items():
         assert_close(results[0][name], expected, torch.float64, name)
-    assert len(plans) == 8 and all(p.programs_per_group == 3 and p.groups == 2 for p in plans)
+    # Per layer one launch forward and one backward, both directions in each.
+    assert plans == [persistent.Plan(3, 2, 1, CONCURRENT_CAPACITY, directions=2)] * 4
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -249,3 +251,17 @@ def test_both_directions_in_one_launch(dtype):
         assert_close(out[d], refs[d][0], dtype, f"out[{d}]")
         assert_close(h_n[d], refs[d][1], dtype, f"h_n[{d}]")
         assert_close(dz[d], ref_dz[d], dtype, f"dz[{d}]")
+
+
+@pytest.mark.parametrize("lengths", [None, [4, 2, 1]], ids=["dense", "lengths"])
+def test_bidirectional_ops_pass_opcheck(lengths):
+    torch.manual_seed(0)
+    steps, batch, hidden = 4, 3, 6
+    xw = torch.randn(2, steps, batch, hidden, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, batch, hidden, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(2, hidden, hidden, dtype=torch.float64) / hidden ** 0.5).requires_grad_()
+    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int32)
+    torch.library.opcheck(ops.bidirectional_recurrence, (xw, h0, w, lens, True, False))
+    out, _ = ops.bidirectional_recurrence(xw, h0, w, lens, True, False)
+    args = (torch.randn_like(out), torch.randn_like(h0), out.detach(), h0.detach(), w.detach(), lens, True, False)
+    torch.library.opcheck(ops.bidirectional_recurrence_backward, args)
