@@ -18,7 +18,9 @@ The counter only grows (zeroed once per launch, never between steps), so no rese
 a late poll. The exchanged state is read with .cg (from L2, never a stale L1 line) after the
 acquire. Every program of the launch must be resident at once, or the waits never end:
 `resident_capacity` computes from the compiled kernel how many fit, `plan` never exceeds it and
-the launch is cooperative (the driver refuses a grid that cannot be co-resident).
+the launch is cooperative (the driver refuses a grid that cannot be co-resident). Groups of one
+program wait for no one (the plain interpreter runs programs one at a time, so its groups are
+single programs).
 
 The same kernel runs the forward (state h) and the backward (state dz):
 
@@ -229,12 +231,20 @@ class Plan:
     def programs(self) -> int:
         return self.programs_per_group * self.groups * self.directions
 
+    @property
+    def waits(self) -> bool:
+        """Whether programs wait for each other: then all must be resident at once (a cooperative
+        launch); programs alone in their group never wait and need not be."""
+        return self.programs_per_group > 1
+
 
 def plan(batch: int, hidden: int, block_b: int, block_n: int, capacity: int, directions: int = 1) -> Plan:
     """The most groups (batch parallelism) whose programs all fit in `capacity` at once; more batch
-    tiles per group where they do not."""
+    tiles per group where they do not. Groups of one program wait for no one: one per batch tile."""
     per_group = triton.cdiv(hidden, block_n)
     tiles = triton.cdiv(batch, block_b)
+    if per_group == 1:
+        return Plan(1, tiles, 1, capacity, directions)
     if per_group * directions > capacity:
         raise ValueError(f"the persistent path needs {per_group} resident programs per group (H = {hidden}, "
                          f"BLOCK_N = {block_n}) in each of {directions} direction(s), but the device holds "
@@ -281,6 +291,6 @@ def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> Plan:
     args, scalars, kwargs = launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, *out.shape[-3:], **options)
     chosen, kwargs = schedule(args, scalars, kwargs, out.device, directions)
     arrivals = torch.zeros(directions, chosen.groups, dtype=torch.int32, device=out.device)
-    rnn_persistent_kernel[chosen.grid](*args, arrivals, *scalars, chosen.batch_tiles, launch_cooperative_grid=True,
-                                       **kwargs)
+    rnn_persistent_kernel[chosen.grid](*args, arrivals, *scalars, chosen.batch_tiles,
+                                       launch_cooperative_grid=chosen.waits, **kwargs)
     return chosen

@@ -149,6 +149,12 @@ def test_plan_never_exceeds_the_resident_capacity():
             assert chosen.groups * chosen.batch_tiles * 16 >= batch
     with pytest.raises(ValueError, match="needs 128 resident programs per group"):
         persistent.plan(16, 2048, 16, 16, capacity=100)
+    with pytest.raises(ValueError, match="in each of 2 direction"):
+        persistent.plan(16, 1024, 16, 16, capacity=100, directions=2)
+    assert persistent.plan(256, 1024, 16, 32, capacity=132, directions=2) == persistent.Plan(32, 2, 8, 132, 2)
+    # A group of one program waits for no one: one group per batch tile, no co-residency needed.
+    alone = persistent.plan(300, 32, 16, 32, capacity=1, directions=2)
+    assert alone == persistent.Plan(1, 19, 1, 1, 2) and not alone.waits
 
 
 def test_programs_per_sm_takes_the_tightest_resource():

@@ -94,12 +94,23 @@ def _setup_context(ctx, inputs, output):
     ctx.flags = (reverse, relu, backward_path, allow_tf32)
 
 
-def _backward(ctx, grad_out, grad_hn):
+def _saved(ctx, grad_out, grad_hn) -> tuple:
+    """The forward's saved out, h0, w_hh, lengths, and the incoming gradients (None: zeros)."""
     out, h0, w_hh, lengths = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn
-    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-        warnings.warn(DOUBLE_BACKWARD_WARNING, stacklevel=2)
+    return (out, h0, w_hh, lengths, torch.zeros_like(out) if grad_out is None else grad_out,
+            torch.zeros_like(h0) if grad_hn is None else grad_hn)
+
+
+def _double_backward() -> bool:
+    """create_graph=True: the gradient must itself be differentiable (PyTorch's BPTT, with a warning)."""
+    if torch.is_grad_enabled():
+        warnings.warn(DOUBLE_BACKWARD_WARNING, stacklevel=3)
+    return torch.is_grad_enabled()
+
+
+def _backward(ctx, grad_out, grad_hn):
+    out, h0, w_hh, lengths, grad_out, grad_hn = _saved(ctx, grad_out, grad_hn)
+    if _double_backward():
         reverse, relu = ctx.flags[:2]
         dxw, dh0, dw_hh = reference.recurrence_backward(out, h0, w_hh, grad_out, grad_hn,
                                                         "relu" if relu else "tanh", lengths, reverse)
@@ -153,11 +164,8 @@ def _setup_bidirectional_context(ctx, inputs, output):
 
 
 def _bidirectional_backward(ctx, grad_out, grad_hn):
-    out, h0, w_hh, lengths = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn
-    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-        warnings.warn(DOUBLE_BACKWARD_WARNING, stacklevel=2)
+    out, h0, w_hh, lengths, grad_out, grad_hn = _saved(ctx, grad_out, grad_hn)
+    if _double_backward():
         nonlinearity = "relu" if ctx.flags[0] else "tanh"
         grads = [reference.recurrence_backward(out[d], h0[d], w_hh[d], grad_out[d], grad_hn[d], nonlinearity,
                                                lengths, REVERSE_OF[d]) for d in range(2)]
