@@ -81,10 +81,11 @@ def default_config(path: str, batch: int, hidden: int) -> triton.Config:
     if path == "persistent":
         # 32 columns a program up to H = 1024; at 2048, 16 columns with the state read in two
         # halves (fp32: a whole [16, 2048] state copy beside the 128 KB slice would pass 227 KB).
-        # 8 warps from H = 512 (4 spill a few bytes there in 16-bit with lengths).
+        # Warps: ptxas spills a few bytes with 4 at H = 512-1024 (16-bit, lengths) and with 8 at
+        # 2048 (fp16 backward), none the other way round (checked by tests/test_static.py).
         wide = block_h(hidden) > 1024
         return triton.Config({"BLOCK_B": MIN_DOT, "BLOCK_N": 16 if wide else 32, "K_SPLIT": 2 if wide else 1},
-                             num_warps=8 if block_h(hidden) >= 512 else 4, num_stages=1)
+                             num_warps=8 if 512 <= block_h(hidden) <= 1024 else 4, num_stages=1)
     block_n = min(64, block_h(hidden))
     return triton.Config({"BLOCK_B": min(bb, 64), "BLOCK_N": block_n, "BLOCK_K": min(block_n, 32)}, num_warps=8,
                          num_stages=3)
