@@ -91,7 +91,7 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
         if lengths.shape != (B,) or B and not bool(((lengths >= 1) & (lengths <= T)).all()):
             raise ValueError(f"lengths must be a [{B}] tensor of values in [1, {T}], got {lengths.tolist()}")
         lengths = lengths.to(device=x.device, dtype=torch.int32)
-    return ops.recurrence(xw, h0, w_hh, lengths, reverse, relu, *paths, _allow_tf32())
+    return ops.recurrence_any_transform(xw, h0, w_hh, lengths, reverse, relu, *paths, _allow_tf32())
 
 
 def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bool, num_layers: int,
