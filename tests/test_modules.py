@@ -307,6 +307,17 @@ def test_convert_replaces_modules_and_keeps_parameters():
     assert type(bare) is tritonrnn.RNN
 
 
+def test_converted_model_prints_as_tritonrnn_with_torch_state_dict_keys():
+    model = nn.Sequential(nn.RNN(100, 20, num_layers=2, bidirectional=True), nn.RNNCell(20, 8, nonlinearity="relu"))
+    keys = list(model.state_dict())
+    expected = repr(model).replace("(0): RNN(", "(0): tritonrnn.RNN(").replace("(1): RNNCell(", "(1): tritonrnn.RNNCell(")
+    tritonrnn.convert(model)
+    assert repr(model) == expected
+    assert "(0): tritonrnn.RNN(100, 20, num_layers=2, bidirectional=True)" in repr(model)
+    assert list(model.state_dict()) == keys
+    assert repr(tritonrnn.RNN(100, 20)) == "tritonrnn.RNN(100, 20)"
+
+
 # Which implementation ran.
 
 class _LaunchCounter:
