@@ -146,7 +146,7 @@ def test_rnn_cell_tensors_on_another_device(case):
 
 
 def test_rnn_layer_refuses_tensors_on_two_devices():
-    x, w_ih, w_hh = torch.randn(4, 3, 5, device=DEVICE), torch.randn(8, 5, device=DEVICE), torch.randn(8, 8, device=DEVICE)
+    x, w_ih, w_hh = (torch.randn(*shape, device=DEVICE) for shape in ((4, 3, 5), (8, 5), (8, 8)))
     with pytest.raises(RuntimeError, match=f"found at least two devices, {DEVICE.type}.* and meta!"):
         tritonrnn.functional.rnn_layer(x, torch.randn(3, 8, device="meta"), w_ih, w_hh)
 

@@ -135,11 +135,10 @@ def _gradient_is_differentiated() -> bool:
     return sum(key in (TransformType.Grad, TransformType.Jvp) for key in levels) > 1
 
 
-# vmap. The batch is already
-# a dimension of the kernels, so a vmapped dimension of N samples of B rows becomes one batch of N*B
-# rows (sample-major), run once and split back. Only per-sample W_hh (vmap over the parameters, as
-# for model ensembles) cannot share the kernel's W_hh: then one call per sample.
-# The non-tensor arguments after `lengths` (direction, activation, settings) pass through unchanged.
+# vmap rules. The batch is already a dimension of the kernels, so a vmapped dimension of N samples of
+# B rows becomes one batch of N*B rows (sample-major), run once and split back. Only a per-sample W_hh
+# (vmap over the parameters, as for model ensembles) cannot share the kernel's W_hh: then one call per
+# sample. The non-tensor arguments after `lengths` (direction, activation, settings) pass through.
 
 def _fold(tensor: Optional[Tensor], dim: Optional[int], n: int, axis: int) -> Optional[Tensor]:
     """Merge the vmapped dimension `dim` (None: the same tensor for every sample) into the batch axis."""
@@ -173,7 +172,8 @@ def _(info, in_dims, xw, h0, w_hh, lengths, *flags):
 def _(info, in_dims, grad_out, grad_hn, out, h0, w_hh, lengths, reverse, *flags):
     n = info.batch_size
     if in_dims[4] is not None:
-        return _per_sample(recurrence_backward, n, in_dims, (grad_out, grad_hn, out, h0, w_hh, lengths, reverse, *flags))
+        args = (grad_out, grad_hn, out, h0, w_hh, lengths, reverse, *flags)
+        return _per_sample(recurrence_backward, n, in_dims, args)
     out, h0, lengths = _fold(out, in_dims[2], n, 1), _fold(h0, in_dims[3], n, 0), _fold(lengths, in_dims[5], n, 0)
     dz, dh0, _ = recurrence_backward(_fold(grad_out, in_dims[0], n, 1), _fold(grad_hn, in_dims[1], n, 0), out, h0,
                                      w_hh, lengths, reverse, *flags)
