@@ -276,7 +276,7 @@ def test_positional_arguments_as_torch():
     assert repr(ours) == f"tritonrnn.{oracle!r}"  # the same arguments, named as ours
     assert ours.nonlinearity == "relu" and ours.batch_first and ours.bidirectional and not ours.bias
     cell = tritonrnn.RNNCell(3, 4, False, "relu")
-    assert repr(cell) == repr(nn.RNNCell(3, 4, False, "relu"))
+    assert repr(cell) == f"tritonrnn.{nn.RNNCell(3, 4, False, 'relu')!r}"
 
 
 def test_module_survives_deepcopy_and_dtype_moves():
