@@ -86,14 +86,13 @@ def _backward(ctx, grad_out, grad_hn):
     out, h0, w_hh, lengths = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn
-    if _gradient_is_differentiated():  # create_graph=True: the gradient must itself be differentiable
+    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
         warnings.warn(DOUBLE_BACKWARD_WARNING, stacklevel=2)
         reverse, relu = ctx.flags[:2]
         dxw, dh0, dw_hh = reference.recurrence_backward(out, h0, w_hh, grad_out, grad_hn,
                                                         "relu" if relu else "tanh", lengths, reverse)
     else:
-        with torch.no_grad():  # not differentiated (torch.func.grad enables grad for nesting alone)
-            dxw, dh0, dw_hh = recurrence_backward(grad_out, grad_hn, out, h0, w_hh, lengths, *ctx.flags)
+        dxw, dh0, dw_hh = recurrence_backward(grad_out, grad_hn, out, h0, w_hh, lengths, *ctx.flags)
     return dxw, dh0, dw_hh, None, None, None, None, None, None
 
 
@@ -108,11 +107,17 @@ recurrence.register_autograd(_backward, setup_context=_setup_context)
 class _Recurrence(torch.autograd.Function):
     generate_vmap_rule = True
     setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
 
     @staticmethod
     def forward(*args):
         return recurrence(*args)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hn):
+        # torch.func.grad runs every backward with create_graph=True, so that grad can nest: the
+        # fused backward unless a second grad (or jvp) transform really differentiates this one.
+        with torch.set_grad_enabled(_gradient_is_differentiated()):
+            return _backward(ctx, grad_out, grad_hn)
 
 
 def recurrence_any_transform(*args) -> tuple[Tensor, Tensor]:
@@ -123,16 +128,12 @@ def recurrence_any_transform(*args) -> tuple[Tensor, Tensor]:
 
 
 def _gradient_is_differentiated() -> bool:
-    """Whether a backward must be differentiable (create_graph=True). torch.func.grad always asks
-    for that (so that grad nests); only a second grad or jvp level below it differentiates it."""
-    if not torch.is_grad_enabled():
-        return False
-    if not torch._C._are_functorch_transforms_active():
-        return True
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    """Under torch.func transforms: whether more than one grad or jvp level is active."""
     from torch._C._functorch import TransformType
-    levels = [i.key() for i in retrieve_all_functorch_interpreters()]
-    return sum(key in (TransformType.Grad, TransformType.Jvp) for key in levels) > 1
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    levels = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+    return torch.is_grad_enabled() and sum(key in (TransformType.Grad, TransformType.Jvp) for key in levels) > 1
 
 
 # vmap rules. The batch is already a dimension of the kernels, so a vmapped dimension of N samples of
