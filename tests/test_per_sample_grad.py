@@ -13,6 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 import tritonrnn
 from conftest import DEVICE, assert_close
+from tritonrnn import kernels
 
 N, T, I, H = 3, 4, 5, 6
 F64 = torch.float64
@@ -147,3 +148,27 @@ def test_second_derivative_under_torch_func():
     expected = torch.autograd.grad(sum(g.pow(2).sum() for g in first), list(model.parameters()))
     for (name, _), expected_grad in zip(model.named_parameters(), expected, strict=True):
         assert_close(actual[name], expected_grad, F64, name)
+
+
+def test_samples_share_one_kernel_launch(monkeypatch):
+    """vmap folds the samples into the kernels' batch: as many launches as for a single sample."""
+    launches = []
+    for name in ("rnn_sequence_kernel", "rnn_step_kernel"):
+        kernel = getattr(kernels.recurrence, name)
+        monkeypatch.setattr(kernels.recurrence, name, _Counted(kernel, launches))
+    ours, _ = _pair(nn.RNN, tritonrnn.RNN)
+    params = {name: p.detach() for name, p in ours.named_parameters()}
+    x = torch.randn(N, T, I, dtype=F64, device=DEVICE)
+    grad(lambda p, x: _loss(ours, p, x))(params, x[0])
+    single = len(launches)
+    vmap(grad(lambda p, x: _loss(ours, p, x)), in_dims=(None, 0))(params, x)
+    assert single > 0 and len(launches) == 2 * single
+
+
+class _Counted:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
