@@ -271,3 +271,12 @@ def test_bidirectional_ops_pass_opcheck(lengths):
     out, _ = ops.bidirectional_recurrence(xw, h0, w, lens, True, False)
     args = (torch.randn_like(out), torch.randn_like(h0), out.detach(), h0.detach(), w.detach(), lens, True, False)
     torch.library.opcheck(ops.bidirectional_recurrence_backward, args)
+
+
+def test_per_sample_gradients_of_bidirectional_layers_on_the_persistent_path(monkeypatch):
+    """Under torch.func transforms a bidirectional layer runs its directions one by one (the
+    one-launch op has no vmap rule): test_per_sample_grad's bidirectional case on this path."""
+    import test_per_sample_grad
+    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
+    assert kernels.default_path(test_per_sample_grad.H, torch.float64) == "persistent"
+    test_per_sample_grad.test_rnn_per_sample_grads_match_torch("B2-h0-batch_first-2layers-bidir-relu")
