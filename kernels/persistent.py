@@ -6,10 +6,10 @@ n*BLOCK_N ... (n+1)*BLOCK_N - 1 for every step, and loads its slice of W_hh once
 loop, so the slice stays on chip (shared memory/registers) for the whole sequence. It serves the
 batch rows of group g: BATCH_TILES tiles of BLOCK_B rows, in direction d (a bidirectional layer
 runs both directions in one launch: grid axis 2, inputs stacked [2, ...], direction 1 walking
-the other way). Each step it reads the group's whole
-previous state (all H columns of its rows, which the other programs of the group have just
-written: one row of `p_out`, in L2), computes its columns of the new state and stores them. Then
-the programs of the group (same g, every n) wait for each other:
+the other way). Each step it reads the group's whole previous state (all H columns of its rows,
+which the other programs of the group have just written: one row of `p_out`, in L2), computes
+its columns of the new state and stores them. Then the programs of the group (same g and d,
+every n) wait for each other:
 
     debug_barrier; arrivals[g] += 1 (release); poll arrivals[g] (acquire) until it reaches
     (steps done) * (programs per group); debug_barrier
@@ -188,8 +188,10 @@ class SMLimits:
     @classmethod
     def of(cls, device: torch.device) -> "SMLimits":
         p = torch.cuda.get_device_properties(device)
-        return cls(registers=p.regs_per_multiprocessor, threads=p.max_threads_per_multi_processor,
-                   shared_bytes=p.shared_memory_per_multiprocessor, sms=p.multi_processor_count)
+        # Older torch builds lack regs_per_multiprocessor: 64 K registers an SM since sm_50.
+        return cls(registers=getattr(p, "regs_per_multiprocessor", cls.registers),
+                   threads=p.max_threads_per_multi_processor, shared_bytes=p.shared_memory_per_multiprocessor,
+                   sms=p.multi_processor_count)
 
 
 def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, limits: SMLimits = SMLimits()) -> int:
@@ -203,9 +205,7 @@ def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, limits: S
 
 
 def resident_capacity(compiled, device: torch.device) -> int:
-    """Programs of this compiled kernel that the device runs at once (all of them must be)."""
-    if device.type != "cuda":
-        return INTERPRETED_RESIDENT_PROGRAMS
+    """Programs of this compiled kernel that the CUDA device runs at once (all of them must be)."""
     limits = SMLimits.of(device)
     compiled._init_handles()  # loads the binary: n_regs is known from here
     return limits.sms * programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,

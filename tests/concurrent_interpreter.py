@@ -21,8 +21,9 @@ from triton.runtime import interpreter
 from tritonrnn.kernels import persistent
 
 MAX_SLEEP_S = 2e-4  # at each atomic: short against a program's step (milliseconds interpreted)
-TIMEOUT_S = 120.0
-CONCURRENT_CAPACITY = 1 << 20  # every program of a launch is resident: it has its own thread  # a launch that has not finished by then is stuck (a barrier that never opens)
+TIMEOUT_S = 120.0  # a launch that has not finished by then is stuck (a barrier that never opens)
+CONCURRENT_CAPACITY = 1 << 20  # every program of a launch is resident: it has its own thread
+_schedule = random.Random()  # the sleeps' source (seeded per harness; thread order varies anyway)
 
 
 class ProgramsStuck(RuntimeError):
@@ -78,7 +79,7 @@ def _sleepy_atomic_rmw(original):
     def atomic_rmw(self, *args, **kwargs):
         if _aborted.is_set():
             raise ProgramsStuck("aborted")
-        time.sleep(random.uniform(0.0, MAX_SLEEP_S))
+        time.sleep(_schedule.uniform(0.0, MAX_SLEEP_S))
         return original(self, *args, **kwargs)
     return atomic_rmw
 
@@ -90,7 +91,7 @@ def concurrent_programs(seed: int = 0):
     builder_cls = type(interpreter.interpreter_builder)
     local = threading.local()
     saved = (interpreter.GridExecutor.__call__, builder_cls.create_atomic_rmw, persistent.INTERPRETED_RESIDENT_PROGRAMS)
-    random.seed(seed)
+    _schedule.seed(seed)
     _aborted.clear()
     interpreter.GridExecutor.__call__ = _concurrent_call
     builder_cls.grid_idx = property(lambda self: getattr(local, "grid_idx", None),
