@@ -144,7 +144,8 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
         layer_weights = [list(weights[index * per_layer:(index + 1) * per_layer]) + [None, None]
                          for index in range(layer * directions, (layer + 1) * directions)]
         h0 = hx[layer * directions:(layer + 1) * directions]
-        if directions == 2 and _both_directions_persistent(x, layer_weights[0][1]):
+        # torch.func transforms take each direction through the op that has vmap rules.
+        if directions == 2 and not torch._C._are_functorch_transforms_active():
             outputs, h = _bidirectional_layer(x, h0, layer_weights, relu, lengths)
             h_n += list(h)
         else:
@@ -164,20 +165,9 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
     return output, torch.stack(h_n)
 
 
-def _both_directions_persistent(x: Tensor, w_hh: Tensor) -> bool:
-    """Whether a bidirectional layer runs on the persistent path both ways (then in one launch).
-    Not under torch.func transforms: the one-launch op has no vmap rule; there each direction
-    takes `recurrence_any_transform`."""
-    if torch._C._are_functorch_transforms_active():
-        return False
-    T, B, H = x.shape[0], x.shape[1], w_hh.shape[0]
-    return all(kernel_path(T, H, x.dtype, B, x.device, direction, _allow_tf32()) == "persistent"
-               for direction in ("forward", "backward"))
-
-
 def _bidirectional_layer(x: Tensor, h0: Tensor, weights: list, relu: bool,
                          lengths: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Both directions of one layer in one launch of the persistent kernel (forward and backward).
+    """Both directions of one layer through one op (one launch for both on the persistent path).
 
     Args:
         x: [T, B, I]. h0: [2, B, H]. weights: per direction [w_ih, w_hh, b_ih, b_hh] (biases may be None).

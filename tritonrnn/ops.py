@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from tritonrnn import kernels, reference
+from tritonrnn.dispatch import kernel_path
 
 DOUBLE_BACKWARD_WARNING = (
     "tritonrnn: double backward (create_graph=True) runs a differentiable PyTorch BPTT "
@@ -122,16 +123,27 @@ def _backward(ctx, grad_out, grad_hn):
 recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
-# Both directions of a bidirectional layer in one launch of the persistent kernel: tensors stacked
-# [2, ...], direction 0 forward in time, direction 1 reverse.
+# Both directions of a bidirectional layer: tensors stacked [2, ...], direction 0 forward in time,
+# direction 1 reverse. The kernel path is chosen here, at run time: on the persistent path both
+# directions run in one launch, on the others one launch (or T) per direction.
 REVERSE_OF = (False, True)
+
+
+def _bidirectional_path(stacked: Tensor, direction: str, allow_tf32: bool) -> str:
+    _, T, B, H = stacked.shape
+    return kernel_path(T, H, stacked.dtype, B, stacked.device, direction, allow_tf32)
 
 
 @torch.library.custom_op("tritonrnn::bidirectional_recurrence", mutates_args=())
 def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], relu: bool,
                              allow_tf32: bool) -> tuple[Tensor, Tensor]:
-    """`recurrence` of both directions at once; see tritonrnn.kernels.bidirectional_forward."""
-    return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
+    """`recurrence` of both directions at once: xw [2, T, B, H], h0 [2, B, H], w_hh [2, H, H]."""
+    path = _bidirectional_path(xw, "forward", allow_tf32)
+    if path == "persistent":
+        return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
+    outputs = [kernels.recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d], relu=relu,
+                                          path=path, allow_tf32=allow_tf32) for d in range(2)]
+    return tuple(torch.stack(o) for o in zip(*outputs, strict=True))
 
 
 @bidirectional_recurrence.register_fake
@@ -143,10 +155,15 @@ def _(xw, h0, w_hh, lengths, relu, allow_tf32):
 def bidirectional_recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor,
                                       lengths: Optional[Tensor], relu: bool,
                                       allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """BPTT of `bidirectional_recurrence`: one launch of the fused backward kernel for both
-    directions, then dh0 and dW_hh of each as GEMMs."""
+    """BPTT of `bidirectional_recurrence`: the fused backward kernel for both directions (one
+    launch on the persistent path), then dh0 and dW_hh of each as GEMMs."""
     grad = torch.stack([_fold_final_grad(grad_out[d], grad_hn[d], lengths, REVERSE_OF[d]) for d in range(2)])
-    dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
+    path = _bidirectional_path(out, "backward", allow_tf32)
+    if path == "persistent":
+        dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
+    else:
+        dz = torch.stack([kernels.recurrence_backward(grad[d], out[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d],
+                                                      relu=relu, path=path, allow_tf32=allow_tf32) for d in range(2)])
     dh0, dw_hh = zip(*(_state_grads(dz[d], out[d], h0[d], w_hh[d], lengths, REVERSE_OF[d]) for d in range(2)),
                      strict=True)
     return dz, torch.stack(dh0), torch.stack(dw_hh)
