@@ -290,6 +290,9 @@ def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> Plan:
     directions = out.shape[0] if out.dim() == 4 else 1
     args, scalars, kwargs = launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, *out.shape[-3:], **options)
     chosen, kwargs = schedule(args, scalars, kwargs, out.device, directions)
+    if scalars[0] * chosen.programs_per_group >= 2 ** 31:
+        raise ValueError(f"T = {scalars[0]} steps overflow the int32 arrival counters of "
+                         f"{chosen.programs_per_group} programs per group")
     arrivals = torch.zeros(directions, chosen.groups, dtype=torch.int32, device=out.device)
     rnn_persistent_kernel[chosen.grid](*args, arrivals, *scalars, chosen.batch_tiles,
                                        launch_cooperative_grid=chosen.waits, **kwargs)

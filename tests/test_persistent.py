@@ -280,3 +280,12 @@ def test_per_sample_gradients_of_bidirectional_layers_on_the_persistent_path(mon
     monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
     assert kernels.default_path(test_per_sample_grad.H, torch.float64) == "persistent"
     test_per_sample_grad.test_rnn_per_sample_grads_match_torch("B2-h0-batch_first-2layers-bidir-relu")
+
+
+def test_arrival_counters_never_overflow(monkeypatch):
+    """int32 counters reach T x (programs per group): a longer launch is refused, not wrapped."""
+    monkeypatch.setattr(persistent, "rnn_persistent_kernel", None)  # never launched
+    xw = torch.empty(1, 1, 40, dtype=torch.float64).expand(2 ** 31 // 3 + 1, 1, 40)  # 3 programs a group
+    with concurrent_programs(), pytest.raises(ValueError, match="overflow the int32 arrival counters"):
+        persistent.launch(xw, xw[0], torch.empty(40, 40, dtype=torch.float64), None, xw, xw[0], None, backward=False,
+                          reverse=False, relu=False, numerics={}, meta=dict(BLOCK_B=16, BLOCK_N=16))
