@@ -34,6 +34,15 @@ class Case:
     def inputs(self) -> int:
         return self.input_size or self.hidden
 
+    def lengths(self) -> list:
+        """Packed cases: each row's length, spread evenly from T/8 to T (in batch order); else T each."""
+        if not self.packed:
+            return [self.seq_len] * self.batch
+        low = max(1, self.seq_len // 8)
+        if self.batch == 1:
+            return [self.seq_len]
+        return [round(low + (self.seq_len - low) * i / (self.batch - 1)) for i in range(self.batch)]
+
     @property
     def name(self) -> str:
         extra = (f"-L{self.layers}" if self.layers > 1 else "") + ("-bidir" if self.bidirectional else "") + \
