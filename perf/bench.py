@@ -245,11 +245,17 @@ def run_to_file(cases, grid_name: str, directory: Path = RESULTS_DIR, **kwargs):
 
 
 def load(paths) -> list:
-    """Rows of the given results files."""
+    """Rows of the given results files; ValueError saying what is wrong with a file that is not one."""
     rows = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
-        if data.get("schema") != SCHEMA:
-            raise ValueError(f"{path}: results schema {data.get('schema')}, expected {SCHEMA}")
+        try:
+            data = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a results file: not JSON ({exc})") from None
+        schema = data.get("schema") if isinstance(data, dict) else None
+        if schema != SCHEMA:
+            raise ValueError(f"{path} is not a results file of schema {SCHEMA} (its schema: {schema})")
+        if not data.get("rows") or not all(isinstance(r, dict) and set(ROW_FIELDS) <= r.keys() for r in data["rows"]):
+            raise ValueError(f"{path} holds no rows, or rows without the fields of schema {SCHEMA}")
         rows += data["rows"]
     return rows

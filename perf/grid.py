@@ -81,6 +81,8 @@ def parse_shape(text: str, dtype: str) -> Case:
     if not match:
         raise ValueError(f"bad shape {text!r}: expected e.g. T512-B16-H256[-I128][-L2][-bidir][-packed]")
     t, b, h, i, layers, bidir, packed = match.groups()
+    if any(int(v) == 0 for v in (t, b, h, i, layers) if v is not None):
+        raise ValueError(f"bad shape {text!r}: T, B, H, I and L must be positive")
     if dtype not in DTYPES + ("float64",):
         raise ValueError(f"unknown dtype {dtype!r}")
     return Case(dtype, int(b), int(h), seq_len=int(t), input_size=int(i or 0), layers=int(layers or 1),
