@@ -21,12 +21,13 @@ from .grid import PROVIDERS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 # Norm-wise relative error against the float64 run, ||actual - expected|| / ||expected|| for each
-# output and gradient, largest allowed. Unit roundoff u: fp16 2^-11 (4.9e-4), bf16 2^-8 (3.9e-3),
-# TF32 2^-11 (fp32 RNNs run in TF32 by default). A correct low-precision run stays within a few u
-# norm-wise even where single elements are off by far more (bf16 dW_hh over T = 512-2048 is off by
-# 5-10% max-relative, element-wise): hence norm-wise, and these margins over the measured errors
-# (perf/NOTES.md, "Correctness gate"). A wrong kernel (a missed step, a race) is off by O(1).
-CHECK_TOLERANCE = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-8}
+# output and gradient, largest allowed. Measured (torch-native on the CPU, fp32 accumulation, like
+# cuBLAS; training, worst output or gradient, T x B x H = 512x16x256, 2048x16x256, 512x64x512):
+# bf16 2.9e-2, 5.3e-2, 2.7e-2 norm-wise (5.3e-2 to 1.2e-1 max-relative, in dW_hh: hence norm-wise);
+# fp16 3.4e-3, 6.9e-3, 3.5e-3; fp32 (IEEE) below 1e-6. TF32 has fp16's unit roundoff (2^-11), so fp32
+# gets fp16's bound, as cuDNN runs fp32 RNNs in TF32 by default. Bounds: about 3x the worst measured.
+# A wrong kernel (a missed step, a race, a wrong gradient) is off by O(1).
+CHECK_TOLERANCE = {torch.float32: 2e-2, torch.float16: 2e-2, torch.bfloat16: 0.15, torch.float64: 1e-8}
 
 L2_BYTES = 50 << 20  # inputs are rotated when a few copies fit in L2 (H100: 50 MB)
 

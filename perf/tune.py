@@ -18,7 +18,7 @@ import triton
 from tritonrnn import kernels
 from tritonrnn.kernels import config as configs
 
-from .providers import CHECK_TOLERANCE, DTYPES
+from .providers import DTYPES, compare
 
 MARGIN = 0.03  # a winner must be at least 3% faster than the default, beyond timing noise
 CONFIRM_ROUNDS = 5  # default and winner re-timed alternately, so drifts (clocks, heat) hit both
@@ -55,12 +55,10 @@ def recurrence_fn(problem, direction: str, path: str, config):
 
 
 def _agrees(result, expected, dtype: torch.dtype) -> bool:
-    """A candidate's output against the default's, relative to its largest magnitude."""
+    """A candidate's output against the default's, within the benchmark's correctness tolerance."""
     result = result if isinstance(result, tuple) else (result,)
     expected = expected if isinstance(expected, tuple) else (expected,)
-    tolerance = CHECK_TOLERANCE[dtype]
-    return all(torch.isfinite(r).all() and (r.double() - e.double()).abs().max() <= tolerance * max(
-        e.double().abs().max().item(), 1e-6) for r, e in zip(result, expected, strict=True))
+    return compare(result, expected, dtype)[0]
 
 
 def tune_shape(dtype: torch.dtype, hidden: int, batch: int, direction: str, timer, device, progress=None,
