@@ -131,7 +131,8 @@ def plot_speedup_heatmaps(rows, path: Path, note=None):
                         continue
                     if _time(ours) and _time(theirs):
                         values[bi][hi] = math.log2(_time(theirs) / _time(ours))
-                        labels[bi][hi] = f"{_time(theirs) / _time(ours):.2f}x" + ("\nnative" if fell_back(theirs) else "")
+                        native = "\nnative" if fell_back(theirs) else ""
+                        labels[bi][hi] = f"{_time(theirs) / _time(ours):.2f}x{native}"
                     else:  # who failed
                         labels[bi][hi] = (f"ours: {ours['status']}" if ours["status"] != "ok" else
                                           f"cuDNN: {theirs['status']}")

@@ -427,9 +427,7 @@ def test_tune_runs_every_candidate_for_real(tmp_path):
     candidates = len(tune.candidates(20, 3))
     assert {p for p, _ in tune.candidates(20, 3)} == set(configs.PATHS)
     # every candidate agreed with the default and was timed; a would-be winner was then confirmed
-    confirmed = sum(r["best"]["time_ms"] < (1 - tune.MARGIN) * r["default_ms"] or r["written"] for r in results.values())
     assert len(timed) - 2 * (1 + candidates) in {2 * tune.CONFIRM_ROUNDS * k for k in range(3)}
-    assert confirmed <= 2
     assert json.loads(outcome["path"].read_text())["entries"].keys() <= {r["key"] for r in results.values()}
 
 
