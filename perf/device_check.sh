@@ -9,9 +9,9 @@
 # results, REPORT.md and plots). The work folder is a temporary directory outside OUTDIR.
 #
 # Time: one overall DEADLINE (seconds from start, kill grace included, default 480: fits a 560 s
-# device call with room for its start); at 480: versions 24 s, install 48, info 24, tests 178,
-# bench 168, report 38, less the kill grace each. Stage i must end by its cumulative share of it, so time an
-# early stage leaves unused goes to the later ones, and a hanging stage cannot eat their shares.
+# device call with room for its start). Stage i must end by its cumulative share of it, so time an
+# early stage leaves unused goes to the later ones, and a hanging stage cannot eat their shares; at
+# 480: versions 33 s, install 43, info 24, tests 173, bench 168, report 38, kill grace included.
 #
 # perf/device_check.sh --tree-hash prints the tree hash the summary records, to match a run to a
 # commit here: the device tool copies the working tree without .git, so `git rev-parse` cannot work.
@@ -31,7 +31,7 @@ DEADLINE=${DEADLINE:-480}
 GRACE=${KILL_GRACE:-10}   # after SIGINT (Python saves what it has), SIGKILL this much later
 RESERVE=3                 # seconds kept for writing the summary and the archive at the end
 # Cumulative shares of DEADLINE (percent) by which each stage must have ended.
-declare -A BY=([versions]=5 [install]=15 [info]=20 [tests]=57 [bench]=92 [report]=100)
+declare -A BY=([versions]=7 [install]=16 [info]=21 [tests]=57 [bench]=92 [report]=100)
 START=$SECONDS
 
 mkdir -p "$OUT"
@@ -75,7 +75,8 @@ python3 -c "import sys, torch, triton; print(\"python\", sys.version.split()[0],
 \"CUDA\", torch.version.cuda, \"cuDNN\", torch.backends.cudnn.version(), \"triton\", triton.__version__,
 \"GPU\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)"'
 echo "device_check.sh, deadline $DEADLINE s, started $(date -u +%FT%TZ)" >> "$SUMMARY"
-if commit=$(git rev-parse HEAD 2>/dev/null); then
+# Only this checkout's own git metadata counts, not a repository that happens to hold the copy.
+if [[ $(git rev-parse --show-toplevel 2>/dev/null) == "$PWD" ]] && commit=$(git rev-parse HEAD 2>/dev/null); then
     echo "commit: $commit$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')" >> "$SUMMARY"
 else
     echo "commit: unknown here (no git metadata in the copied tree)" >> "$SUMMARY"
@@ -84,7 +85,7 @@ echo "tree hash: $(tree_hash) (perf/device_check.sh --tree-hash at a commit give
     >> "$SUMMARY"
 nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1
 stage versions bash -c "$VERSIONS"
-tail -n 6 "$WORK/versions.log" >> "$SUMMARY"
+tail -n 6 "$WORK/versions.log" >> "$SUMMARY" 2>/dev/null
 publish
 
 stage install python3 -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e .
@@ -99,14 +100,14 @@ if python3 -c "import xdist" 2>/dev/null; then PYTEST+=(-n 8 --dist load); else
 if python3 -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout "${TEST_TIMEOUT:-120}"); else
     echo "tests: pytest-timeout missing, no per-test limit (only the stage's)" >> "$SUMMARY"; fi
 stage tests python3 -m pytest "${PYTEST[@]}" tests/test_gpu.py tests
-tail -n 15 "$WORK/tests.log" >> "$SUMMARY"
+tail -n 15 "$WORK/tests.log" >> "$SUMMARY" 2>/dev/null
 publish
 
 stage bench tritonrnn bench --grid quick --out-dir "$WORK/results"
 results=("$WORK"/results/*.json)
 if (( ${#results[@]} )); then
     stage report tritonrnn report --no-bench --results "${results[@]}" --out-dir "$WORK/report"
-    cat "$WORK/report.log" >> "$SUMMARY"
+    cat "$WORK/report.log" >> "$SUMMARY" 2>/dev/null
 else
     echo "report: skipped, the bench wrote no results" >> "$SUMMARY"
 fi
