@@ -187,3 +187,22 @@ def test_installed_copy_writes_to_the_current_directory_not_site_packages(tmp_pa
     assert f"results: {results}" in out
     after = sorted(p.relative_to(target) for p in target.rglob("*") if "__pycache__" not in p.parts)
     assert after == before
+
+
+def test_tune_writes_where_asked_and_into_the_checkout_by_default(monkeypatch, tmp_path, capsys):
+    from tritonrnn.kernels import config as configs
+    from tritonrnn.perf import tune
+
+    asked = []
+
+    def fake_tune(shapes, timer, device, command="", directory=None):
+        asked.append(directory)
+        return {"path": directory / "H200.json", "results": []}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune, "tune", fake_tune)
+    assert cli.main(["tune", "--shapes", "T8-B2-H16", "--out-dir", str(tmp_path)]) == 0
+    assert f"tuned configs: {tmp_path / 'H200.json'} (the launchers read {configs.TUNED_DIR}" in capsys.readouterr().out
+    assert cli.main(["tune", "--shapes", "T8-B2-H16"]) == 0
+    assert asked == [tmp_path, configs.TUNED_DIR]  # a checkout: where the launchers read them
+    assert capsys.readouterr().out.strip() == f"tuned configs: {configs.TUNED_DIR / 'H200.json'}"
