@@ -12,6 +12,7 @@ exact command.
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import sys
 import traceback
@@ -133,7 +134,7 @@ def run_case(case, modes, providers, device, timer, env: dict, ceiling: dict) ->
             else:
                 try:
                     ok, error, why = compare(run.outputs(mode), reference, dtype, names[:len(reference)])
-                    row["rel_error"] = error
+                    row["rel_error"] = error if math.isfinite(error) else None  # JSON has no inf
                     if not ok:
                         row.update(status="wrong", error=why)
                     else:
@@ -155,12 +156,14 @@ def run_case(case, modes, providers, device, timer, env: dict, ceiling: dict) ->
 def profile_case(case, rows, device) -> None:
     """The kernels and backend of each timed row of `case`, from one profiled call (after all timing)."""
     timed = [r for r in rows if r["status"] == "ok"]
-    runs = {p: Run(p, case, device) for p in {r["provider"] for r in timed}}
+    runs = {}
     for row in timed:
         try:
+            if row["provider"] not in runs:
+                runs[row["provider"]] = Run(row["provider"], case, device)
             row.update(measure.profile_call(runs[row["provider"]].fn(row["mode"]), device))
         except Exception as exc:  # noqa: BLE001 - a profiler hiccup does not void a time
-            row["kernels"] = [f"profiler failed: {type(exc).__name__}"]
+            row["kernels"] = [f"profiler failed: {type(exc).__name__}: {exc}"[:160]]
             _check_device(exc, device, [])
 
 

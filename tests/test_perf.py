@@ -547,3 +547,21 @@ def test_device_check_cut_short_returns_the_finished_stages(tmp_path):
     assert "install: exit 0" in text and "info: exit 0" in text
     assert "tests: exit" not in text and "tests: TIMED" not in text
     assert "device_check/info.log" in names
+
+
+def test_profiler_failure_keeps_the_time(monkeypatch):
+    real_init = providers.Run.__init__
+    built = []
+
+    def fails_second_time(self, *args, **kwargs):  # the profiling pass rebuilds the case: out of memory there
+        built.append(1)
+        if len(built) > 2:
+            raise RuntimeError("out of memory (simulated)")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(providers.Run, "__init__", fails_second_time)
+    results = bench.run([grid.smoke_grid()[0]], timer=lambda fn: measure.wall_timer(fn, reps=1),
+                        providers=("torch-native",), modes=("inference",))
+    (row,) = results["rows"]
+    assert results["complete"] and row["status"] == "ok" and row["median_ms"] > 0
+    assert row["kernels"] == ["profiler failed: RuntimeError: out of memory (simulated)"]
