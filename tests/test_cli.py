@@ -157,6 +157,7 @@ def test_output_goes_to_the_checkout_from_a_checkout_else_the_current_directory(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(ON_GPU, reason="packaging, checked on the CPU; a GPU run's time goes to the GPU")
 def test_installed_copy_writes_to_the_current_directory_not_site_packages(tmp_path):
     """A regular (non-editable) install: report and bench write into the current directory and say so;
     nothing is written into the installed package."""

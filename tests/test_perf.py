@@ -477,6 +477,11 @@ if [ "$1" = report ]; then mkdir -p "$last"; echo report > "$last/REPORT.md"; fi
 """
 
 
+# Shell logic with stubs, about a minute of sleeping stages: checked on the CPU, so that the GPU run's
+# own (deadline-bound) test stage spends its time on the GPU.
+CPU_ONLY = pytest.mark.skipif(ON_GPU, reason="shell logic, checked on the CPU; a GPU run's time goes to the GPU")
+
+
 def _device_check(tmp_path, deadline, **env_vars):
     """perf/device_check.sh with stub commands (pip, pytest, tritonrnn, nvidia-smi): a running process."""
     bin_dir = tmp_path / "bin"
@@ -498,6 +503,7 @@ def _outputs(out: Path):
         return (out / "SUMMARY.txt").read_text(), archive.getnames()
 
 
+@CPU_ONLY
 @pytest.mark.parametrize("with_results", [True, False], ids=["results", "no-results"])
 def test_device_check_stages_and_outputs(tmp_path, with_results):
     """The script's shell logic: every stage runs, OUTDIR holds two files, the summary says what ran where."""
@@ -520,6 +526,7 @@ def test_device_check_stages_and_outputs(tmp_path, with_results):
     assert not list((tmp_path / "tmp").iterdir())  # the work folder is gone
 
 
+@CPU_ONLY
 def test_device_check_hanging_stage_keeps_the_deadline(tmp_path):
     """A hanging test stage is cut at its share; the later stages still run; all within DEADLINE."""
     deadline = 60
@@ -533,6 +540,7 @@ def test_device_check_hanging_stage_keeps_the_deadline(tmp_path):
     assert "device_check/tests.log" in names
 
 
+@CPU_ONLY
 def test_device_check_cut_short_returns_the_finished_stages(tmp_path):
     """Killed mid-run (as the device tool does at its limit): OUTDIR already holds the finished stages."""
     process = _device_check(tmp_path, 120, STUB_HANG="tests")
