@@ -97,7 +97,7 @@ stage info tritonrnn info --hidden-size 256 --batch 16
 PYTEST=(-q -rfE -p no:cacheprovider --junitxml="$WORK/junit.xml")
 if python3 -c "import xdist" 2>/dev/null; then PYTEST+=(-n 8 --dist load); else
     echo "tests: pytest-xdist missing, one process" >> "$SUMMARY"; fi
-if python3 -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout "${TEST_TIMEOUT:-120}"); else
+if python3 -c "import pytest_timeout" 2>/dev/null; then PYTEST+=(--timeout "${TEST_TIMEOUT:-150}"); else
     echo "tests: pytest-timeout missing, no per-test limit (only the stage's)" >> "$SUMMARY"; fi
 stage tests python3 -m pytest "${PYTEST[@]}" tests/test_gpu.py tests
 tail -n 15 "$WORK/tests.log" >> "$SUMMARY" 2>/dev/null
