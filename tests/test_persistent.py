@@ -174,8 +174,10 @@ def test_info_says_how_the_persistent_path_tiles(capsys, monkeypatch):
     assert kernel_path(32, 4096, torch.bfloat16) == "stepwise"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # fp32 as cuDNN runs it: TF32
     cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
-    # The plain interpreter runs one program at a time: a group is one program, serving every tile.
-    assert "forward: persistent path" in capsys.readouterr().out
+    # The plain interpreter runs one program at a time: a group is one program, one per tile.
+    text = capsys.readouterr().out
+    assert "forward: persistent path" in text
+    assert "3 group(s) of 1 program(s), 1 batch tile(s) a group, no program waits for another" in text, text
     with concurrent_programs():
         cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
     text = capsys.readouterr().out

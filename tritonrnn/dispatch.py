@@ -57,8 +57,9 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
             plan = kernels.recurrence.persistent_plan(seq_len, batch, hidden_size, dtype, device, direction,
                                                       allow_tf32)
             kernel += (f": {plan.groups} group(s) of {plan.programs_per_group} program(s), {plan.batch_tiles} "
-                       f"batch tile(s) a group, {plan.programs} of a resident capacity of "
-                       f"{plan.resident_capacity}")
+                       f"batch tile(s) a group, " + (f"{plan.programs} of a resident capacity of "
+                                                     f"{plan.resident_capacity}" if plan.waits else
+                                                     "no program waits for another"))
         tuned = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
         source = ("shipped tuned config" if tuned is not None and tuned["path"] == path
                   else "Triton autotuner" if which == "triton" and kernels.config.autotune_enabled()
