@@ -85,9 +85,10 @@ def _sleepy_atomic_rmw(original):
 
 
 @contextlib.contextmanager
-def concurrent_programs(seed: int = 0):
-    """Inside, interpreted launches run every program at once (and the persistent launcher knows
-    that every program is resident); each atomic sleeps up to MAX_SLEEP_S first."""
+def concurrent_programs(seed: int = 0, capacity: int = CONCURRENT_CAPACITY):
+    """Inside, interpreted launches run every program at once (and the persistent launcher is told
+    that `capacity` programs are resident: all of them, unless a test wants fewer); each atomic
+    sleeps up to MAX_SLEEP_S first."""
     builder_cls = type(interpreter.interpreter_builder)
     local = threading.local()
     saved = (interpreter.GridExecutor.__call__, builder_cls.create_atomic_rmw, persistent.INTERPRETED_RESIDENT_PROGRAMS)
@@ -97,7 +98,7 @@ def concurrent_programs(seed: int = 0):
     builder_cls.grid_idx = property(lambda self: getattr(local, "grid_idx", None),
                                     lambda self, value: setattr(local, "grid_idx", value))
     builder_cls.create_atomic_rmw = _sleepy_atomic_rmw(saved[1])
-    persistent.INTERPRETED_RESIDENT_PROGRAMS = CONCURRENT_CAPACITY
+    persistent.INTERPRETED_RESIDENT_PROGRAMS = capacity
     try:
         yield
     finally:

@@ -107,11 +107,10 @@ def test_launches_several_groups_of_several_programs(plans):
                                      resident_capacity=CONCURRENT_CAPACITY)]
 
 
-def test_groups_take_several_batch_tiles_where_programs_do_not_fit(plans, monkeypatch):
+def test_groups_take_several_batch_tiles_where_programs_do_not_fit(plans):
     """Capacity for one group only: one group of 3 programs serves both batch tiles."""
     p = _problem(True, seed=15)
-    with concurrent_programs(seed=4):
-        monkeypatch.setattr(persistent, "INTERPRETED_RESIDENT_PROGRAMS", 5)
+    with concurrent_programs(seed=4, capacity=5):
         out, h_n = _forward(p, "tanh", True, torch.float64, _config(1))
     assert plans == [persistent.Plan(programs_per_group=3, groups=1, batch_tiles=2, resident_capacity=5)]
     ref_out, ref_hn = _reference_forward(p, "tanh", True)
