@@ -1,5 +1,8 @@
-"""The default launch configs fit on chip: compiled offline for sm_90 (H100/H200) with Triton's
-bundled ptxas, no variant spills registers and every one multiplies on the tensor cores."""
+"""The launch configs fit on chip: compiled offline for sm_90 (H100/H200) with Triton's bundled
+ptxas, as launches specialise them (aligned pointers, integers divisible by 16). No default variant
+spills registers, every one multiplies on the tensor cores, and no variant a launch may ask for (the
+defaults, and each path's largest tuning config at the largest H it accepts) needs more shared
+memory than a program may use: Triton's dynamic shared memory, not cuobjdump's static 1 KB."""
 import json
 import os
 import subprocess
@@ -7,21 +10,43 @@ import sys
 
 import pytest
 
+from tritonrnn.kernels import config as configs
 from tritonrnn.perf import static
 
 MAX_STACK_BYTES = 32  # a few spilled registers (3xTF32 at H=128 spills 24 bytes), not a spill loop
 
 
-@pytest.mark.skipif(not static.available(), reason="this triton has no bundled NVIDIA toolchain")
-def test_default_configs_compile_for_hopper_without_spills():
+@pytest.fixture(scope="module")
+def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tritonrnn.perf.static"], env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    variants = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(variants) == len(static.default_variants())
-    table = "\n".join(f"{v['path']:8s} {v['dtype']:8s} tf32={v['allow_tf32']:5s} H={v['hidden']:4s} "
-                      f"bw={v.get('backward', 'False'):5s} regs={v['registers']} stack={v['stack_bytes']} "
-                      f"{v['mma'][:1]}" for v in variants)
-    assert all(v["stack_bytes"] <= MAX_STACK_BYTES for v in variants), "spills:\n" + table
-    assert all(v["mma"] for v in variants), "FMA-only matmuls:\n" + table
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _table(variants) -> str:
+    return "\n".join(f"{v['role']:7s} {v['path']:8s} {v['dtype']:8s} tf32={v['allow_tf32']:5s} H={v['hidden']:4s} "
+                     f"bw={v.get('backward', 'False'):5s} {v['config']} regs={v['registers']} "
+                     f"stack={v['stack_bytes']} shared={v['shared_bytes']} (model {v['modelled_shared_bytes']}) "
+                     f"{v['mma'][:1]}" for v in variants)
+
+
+pytestmark = pytest.mark.skipif(not static.available(), reason="this triton has no bundled NVIDIA toolchain")
+
+
+def test_default_configs_compile_for_hopper_without_spills(compiled):
+    defaults = [v for v in compiled if v["role"] == "default"]
+    assert len(defaults) == len(static.default_variants())
+    assert all(v["stack_bytes"] <= MAX_STACK_BYTES for v in defaults), "spills:\n" + _table(defaults)
+    assert all(v["mma"] for v in defaults), "FMA-only matmuls:\n" + _table(defaults)
+
+
+def test_every_launchable_variant_fits_in_shared_memory(compiled):
+    """Before the budget, the sequence path took fp32/fp64 up to H = 256: 278,528 B (TF32) and
+    557,056 B (3xTF32, fp64) of W_hh in shared memory, which a GPU refuses to load."""
+    assert len([v for v in compiled if v["role"] == "limit"]) == len(static.limit_variants())
+    too_big = [v for v in compiled if v["shared_bytes"] > configs.SHARED_MEMORY_BUDGET]
+    assert not too_big, f"over {configs.SHARED_MEMORY_BUDGET} B of shared memory:\n" + _table(too_big)
+    underestimated = [v for v in compiled if v["shared_bytes"] > v["modelled_shared_bytes"]]
+    assert not underestimated, "configs.shared_memory_bytes is below the compiler's figure:\n" + _table(underestimated)
