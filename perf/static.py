@@ -149,15 +149,22 @@ def limit_variants() -> list:
     return variants
 
 
+def edge_variants() -> list:
+    """The sequence path just past the largest H = 128 of fp32 and fp64 (H = 200, BLOCK_H 256, default
+    config): whether each loads is what path_fits must answer (fp32 and fp64 do not, 16-bit does)."""
+    return [dict(path="sequence", dtype=dtype, batch=256, hidden=200, allow_tf32=tf32, lengths=True)
+            for dtype, tf32 in NUMERICS]
+
+
 def main() -> None:
-    """Compile the default variants, then the limit variants, for sm_90 and print one JSON line each
+    """Compile the default, limit and edge variants for sm_90 and print one JSON line each
     (run without TRITON_INTERPRET: the compiler needs the real @triton.jit objects). Each line carries
     the shared memory the budget model predicts ("modelled_shared_bytes") next to the compiler's."""
     import json
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels the compiler needs")
-    for role, variants in (("default", default_variants()), ("limit", limit_variants())):
+    for role, variants in (("default", default_variants()), ("limit", limit_variants()), ("edge", edge_variants())):
         for variant in variants:
             result = compile_kernel(**variant)
             config = variant.get("config") or configs.default_config(variant["path"], variant["batch"],

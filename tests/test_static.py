@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tritonrnn.kernels import config as configs
 from tritonrnn.perf import static
@@ -43,10 +44,23 @@ def test_default_configs_compile_for_hopper_without_spills(compiled):
 
 
 def test_every_launchable_variant_fits_in_shared_memory(compiled):
-    """Before the budget, the sequence path took fp32/fp64 up to H = 256: 278,528 B (TF32) and
-    557,056 B (3xTF32, fp64) of W_hh in shared memory, which a GPU refuses to load."""
-    assert len([v for v in compiled if v["role"] == "limit"]) == len(static.limit_variants())
-    too_big = [v for v in compiled if v["shared_bytes"] > configs.SHARED_MEMORY_BUDGET]
+    """Each path's largest tuning config at the largest H it accepts loads: within the budget, and
+    within configs.shared_memory_bytes, the model that prunes the tuning spaces."""
+    launchable = [v for v in compiled if v["role"] in ("default", "limit")]
+    assert len(launchable) == len(static.default_variants()) + len(static.limit_variants())
+    too_big = [v for v in launchable if v["shared_bytes"] > configs.SHARED_MEMORY_BUDGET]
     assert not too_big, f"over {configs.SHARED_MEMORY_BUDGET} B of shared memory:\n" + _table(too_big)
-    underestimated = [v for v in compiled if v["shared_bytes"] > v["modelled_shared_bytes"]]
+    underestimated = [v for v in launchable if v["shared_bytes"] > v["modelled_shared_bytes"]]
     assert not underestimated, "configs.shared_memory_bytes is below the compiler's figure:\n" + _table(underestimated)
+
+
+def test_path_fits_answers_what_the_compiler_says_loads(compiled):
+    """The sequence path at H = 200: fp32 needs 278,528 B (TF32) or 557,056 B (3xTF32), fp64 557,056 B
+    of shared memory, over the 232,448 B a program may use; fp16/bf16 139,264 B. path_fits took all of
+    them before it followed the budget."""
+    edges = [v for v in compiled if v["role"] == "edge"]
+    assert len(edges) == len(static.edge_variants())
+    wrong = [v for v in edges if configs.path_fits("sequence", int(v["hidden"]), getattr(torch, v["dtype"]),
+                                                   v["allow_tf32"] == "True") != (v["shared_bytes"] <= configs.SHARED_MEMORY_BUDGET)]
+    assert not wrong, "path_fits disagrees with the compiled shared memory:\n" + _table(wrong)
+    assert any(v["shared_bytes"] > configs.SHARED_MEMORY_BUDGET for v in edges)  # the case is there
