@@ -15,6 +15,7 @@ from torch.nn.utils import parametrizations
 import tritonrnn
 from conftest import DEVICE, EXAMPLES, ON_GPU, assert_close, load_example
 from tritonrnn import dispatch, functional, ops
+from tritonrnn.kernels import config as configs
 
 I, H = 5, 12
 
@@ -63,22 +64,24 @@ def test_compile_fullgraph_matches_eager(backend):
 
 
 def test_compile_traces_no_device_query_and_no_file_read(monkeypatch):
-    """The kernel path (a device-name query and the tuned-config file on a GPU) is chosen inside the
-    custom op when it runs, never while Dynamo traces: the traced code is the same on a GPU and here."""
+    """The kernel path is chosen inside the custom op when it runs, never while Dynamo traces: the
+    shipped tuned configs (a device-name query and a file read on a GPU, kernels.config.tuned) are
+    looked up at run time only, so the traced code is the same on a GPU and here."""
     torch._dynamo.reset()
-    choices = []
+    lookups = []
+    tuned = configs.tuned
 
-    def kernel_path(*args, **kwargs):
-        assert not torch.compiler.is_compiling(), "the kernel path was chosen while tracing"
-        choices.append(args)
-        return "sequence"
+    def spy(dtype, hidden, batch, direction, device):
+        assert not torch.compiler.is_compiling(), "tuned configs looked up while tracing"
+        lookups.append(direction)
+        return tuned(dtype, hidden, batch, direction, device)
 
-    monkeypatch.setattr(dispatch, "kernel_path", kernel_path)
+    monkeypatch.setattr(configs, "tuned", spy)
     model = tritonrnn.RNN(I, H, device=DEVICE, dtype=torch.float64)
     x = torch.randn(6, 3, I, dtype=torch.float64, device=DEVICE, requires_grad=True)
     out, h_n = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
     (out.sum() + h_n.sum()).backward()
-    assert [args[-1] for args in choices] == ["forward", "backward"]  # at run time, once per direction
+    assert "forward" in lookups and "backward" in lookups  # at run time, in both directions
     for op in (ops.recurrence, ops.recurrence_backward):
         assert "str" not in str(op._opoverload._schema)  # no path argument for traced code to fill
 

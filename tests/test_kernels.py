@@ -221,24 +221,20 @@ def test_relu_propagates_nan_as_torch_does():
     x = torch.randn(4, 3, INPUT, dtype=torch.float64)
     x[1, 0, 2] = float("nan")
     g = torch.randn(4, 3, 6, dtype=torch.float64)
-    results = []
-    for run_on in (DEVICE, torch.device("cpu")):
-        rnn = oracle.to(run_on)
-        rnn.zero_grad()
-        xin = x.to(run_on).requires_grad_()
-        if run_on == DEVICE:
-            out, h_n = functional.rnn_layer(xin, torch.zeros(3, 6, dtype=torch.float64, device=DEVICE),
-                                            *rnn._flat_weights, nonlinearity="relu")
-        else:
-            out, h_n = rnn(xin)
-        (out * g.to(run_on)).sum().backward()
-        results.append([out, h_n[-1] if h_n.dim() == 3 else h_n, xin.grad,
-                        *(w.grad.clone() for w in rnn._flat_weights)])
-    for name, ours, theirs in zip(("out", "h_n", "dx", "dw_ih", "dw_hh", "db_ih", "db_hh"), *results, strict=True):
-        ours, theirs = ours.detach().cpu(), theirs.detach().cpu()
-        assert torch.equal(ours.isnan(), theirs.isnan()), f"{name}: NaN where torch has none, or the reverse"
-        assert theirs.isnan().any() or name in ("dx", "db_ih", "db_hh"), name  # the case reaches NaN
-        torch.testing.assert_close(ours, theirs, equal_nan=True, atol=1e-10, rtol=1e-10, msg=name)
+    weights = [w.detach().clone().to(DEVICE).requires_grad_() for w in oracle._flat_weights]
+    x_ours, x_torch = x.clone().to(DEVICE).requires_grad_(), x.clone().requires_grad_()
+    out, h_n = functional.rnn_layer(x_ours, torch.zeros(3, 6, dtype=torch.float64, device=DEVICE), *weights,
+                                    nonlinearity="relu")
+    (out * g.to(DEVICE)).sum().backward()
+    ref_out, ref_hn = oracle(x_torch)
+    (ref_out * g).sum().backward()
+    ours = [out, h_n, x_ours.grad, *(w.grad for w in weights)]
+    theirs = [ref_out, ref_hn[0], x_torch.grad, *(w.grad for w in oracle._flat_weights)]
+    for name, a, b in zip(("out", "h_n", "dx", "dw_ih", "dw_hh", "db_ih", "db_hh"), ours, theirs, strict=True):
+        a, b = a.detach().cpu(), b.detach()
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN where torch has none, or the reverse"
+        assert b.isnan().any() or name in ("dx", "db_ih", "db_hh"), name  # the case reaches NaN
+        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-10, rtol=1e-10, msg=name)
 
 
 def test_lengths_checked_on_the_host_only_where_they_live(monkeypatch):
