@@ -50,7 +50,7 @@ def recurrent_dot(b_s, b_w, acc, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.co
 def streamed_product(acc, p_s, o_row, m_b, p_w, o_n, m_n, H, stride_wk, stride_wn, BLOCK_K: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc + S @ M[:, o_n]: the state rows S at p_s + o_row and W_hh streamed in BLOCK_K-row chunks
-    (from L2), for tiles whose W_hh does not fit in registers."""
+    (from L2), for tiles whose W_hh does not fit on chip."""
     for k in range(0, H, BLOCK_K):
         o_k = k + tl.arange(0, BLOCK_K)
         m_k = o_k < H

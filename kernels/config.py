@@ -42,7 +42,7 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 
 def default_path(hidden_size: int, dtype: torch.dtype) -> str:
     """The path of a multi-step recurrence with no tuned config: "sequence" where one program holds
-    W_hh in registers for this size and dtype, else "stepwise"."""
+    W_hh on chip without spilling for this size and dtype, else "stepwise"."""
     return "sequence" if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize] else "stepwise"
 
 
@@ -125,7 +125,7 @@ def default_config(path: str, batch: int, hidden: int) -> triton.Config:
     """The untuned launch config of `path`.
 
     Chosen so that no variant spills registers on sm_90 (checked offline by tests/test_static.py):
-    the sequence path holds W_hh in registers, so its batch tile shrinks as H grows.
+    the sequence path holds W_hh on chip, so its batch tile shrinks as H grows.
     """
     bb = max(MIN_DOT, batch_bucket(batch))
     if path == "sequence":

@@ -5,7 +5,7 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
     recurrence_forward(xw, h0, w_hh)       -> out [T, B, H] (every h_t), h_n [B, H]
     recurrence_backward(grad, out, w_hh)   -> dz  [T, B, H]
 
-`path` is "sequence" (one launch for all T steps, W_hh held in registers by each program),
+`path` is "sequence" (one launch for all T steps, W_hh held on chip by each program),
 "streamed" (one launch, W_hh streamed from L2 each step; H <= 512) or "stepwise" (one launch of
 the step kernel per timestep; any H).
 """
