@@ -169,20 +169,22 @@ def prune_space(path: str):
     """early_config_prune for Triton's autotuner: the space for the actual B, H, dtype, precision
     and device."""
     def prune(configs, named_args, **kwargs):
-        tensor = named_args["p_in"]
-        space = tuning_space(path, named_args["B"], named_args["H"], tensor.dtype,
-                             kwargs.get("INPUT_PRECISION") == "tf32", shared_memory_budget(tensor.device))
+        tensor = named_args.get("p_in")  # absent: fit every dtype and precision on sm_90
+        dtype, device = (tensor.dtype, tensor.device) if tensor is not None else (None, None)
+        space = tuning_space(path, named_args["B"], named_args["H"], dtype, kwargs.get("INPUT_PRECISION") == "tf32",
+                             shared_memory_budget(device))
         allowed = {_config_key(c) for c in space}
         return [c for c in configs if _config_key(c) in allowed] or configs[:1]
     return prune
 
 
 def full_space(path: str) -> list:
-    """The union of the spaces over all shapes (what the autotuner is built with)."""
+    """The union of the spaces over all shapes, before the shared-memory budget (what the autotuner
+    is built with; prune_space applies the budget of each launch's dtype, precision and device)."""
     seen, space = set(), []
     for batch in (1, 1 << 20):
         for hidden in (16, 1 << 20):
-            for c in tuning_space(path, batch, hidden):
+            for c in tuning_space(path, batch, hidden, budget=float("inf")):
                 if _config_key(c) not in seen:
                     seen.add(_config_key(c))
                     space.append(c)

@@ -162,3 +162,26 @@ def test_device_lengths_are_checked_without_a_host_sync():
     ref_out, ref_hn = reference.forward(x.double(), h0.double(), w_ih.double(), w_hh.double(), lengths=lengths)
     assert_close(out, ref_out, torch.float32, "out")
     assert_close(h_n, ref_hn, torch.float32, "h_n")
+
+
+def test_w_hh_offsets_past_2_31_elements():
+    """H = 46,400: W_hh has H^2 > 2^31 elements, so its rows past 46,341 sit at offsets int32 wraps
+    (forward: every output column reads one; backward: every chunk past that row). One step of each,
+    against torch's matmul on the same fp16 inputs."""
+    H = 46_400
+    free, _ = torch.cuda.mem_get_info()
+    if free < 2 * H * H * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    torch.manual_seed(0)
+    w = torch.empty(H, H, device="cuda", dtype=torch.float16).normal_(std=H ** -0.5)
+    xw = torch.randn(2, 1, H, device="cuda", dtype=torch.float16)
+    h0 = torch.randn(1, H, device="cuda", dtype=torch.float16)
+    out, _ = kernels.recurrence_forward(xw, h0, w, path="stepwise")
+    for t, prev in ((0, h0), (1, out[0])):
+        expected = torch.tanh(xw[t].float() + (prev @ w.T).float())
+        assert_close(out[t], expected, torch.float16, f"h_{t}")
+    grad = torch.randn_like(out)
+    dz = kernels.recurrence_backward(grad, out, w, path="stepwise")
+    h = out.float()
+    expected = (grad[0].float() + (dz[1] @ w).float()) * (1 - h[0] ** 2)
+    assert_close(dz[0], expected, torch.float16, "dz_0")

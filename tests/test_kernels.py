@@ -207,7 +207,8 @@ def test_tanh_within_a_few_ulps_of_torch(path, dtype):
     H = z.numel()
     out, _ = kernels.recurrence_forward(z.reshape(1, 1, H), z.new_zeros(1, H), z.new_zeros(H, H), path=path)
     expected = torch.tanh(z)
-    ulps = (out.flatten() - expected).abs() / (torch.finfo(dtype).eps * expected.abs()).clamp_min(torch.finfo(dtype).tiny)
+    finfo = torch.finfo(dtype)
+    ulps = (out.flatten() - expected).abs() / (finfo.eps * expected.abs()).clamp_min(finfo.tiny)
     worst = ulps.argmax().item()
     assert ulps.max().item() <= 4, f"tanh({z[worst].item()!r}) = {out.flatten()[worst].item()!r}, torch: " \
                                    f"{expected[worst].item()!r} ({ulps[worst].item():.1f} ulps)"
@@ -260,3 +261,21 @@ def test_autotune_key_separates_every_variant():
         assert {"H", "B_BUCKET", "BACKWARD", "RELU", "HAS_LENGTHS", "INPUT_PRECISION"} <= keys
         assert ("REVERSE" in keys) == (path != "stepwise")  # the step kernel has no direction
         assert "T" not in keys and "B" not in keys
+
+
+def test_autotuner_prunes_by_each_launch_budget():
+    """The autotuner holds every config of the spaces; each launch keeps those that load for its
+    dtype and precision (a 128 x 128 x 64 step tile: 98,304 B in bf16, 393,216 B in fp64)."""
+    prune, full = configs.prune_space("stepwise"), configs.full_space("stepwise")
+
+    def largest_tile_kept(dtype, precision):
+        kept = prune(full, {"p_in": torch.empty(0, dtype=dtype), "B": 256, "H": 1024}, INPUT_PRECISION=precision)
+        return any((c.kwargs["BLOCK_B"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (128, 128, 64) for c in kept)
+
+    assert largest_tile_kept(torch.bfloat16, "ieee") and largest_tile_kept(torch.float32, "tf32")
+    assert not largest_tile_kept(torch.float64, "ieee")
+    for dtype, precision in ((torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.float64, "ieee")):
+        kept = configs.prune_space("sequence")(configs.full_space("sequence"),
+                                               {"p_in": torch.empty(0, dtype=dtype), "B": 256, "H": 128},
+                                               INPUT_PRECISION=precision)
+        assert kept and all(configs.config_fits("sequence", c, 128, dtype, precision == "tf32") for c in kept)
