@@ -58,8 +58,7 @@ def rnn_sequence_kernel(
 
     if BLOCK_K == 0:
         # Padded rows and columns of W are zero, so padded state columns stay zero.
-        o_h64 = o_h.to(tl.int64)  # H * H passes 2^31 from H = 46,341
-        b_w = tl.load(p_w + o_h64[:, None] * stride_wk + o_h64[None, :] * stride_wn,
+        b_w = tl.load(p_w + o_h[:, None] * stride_wk + o_h[None, :] * stride_wn,
                       mask=m_h[:, None] & m_h[None, :], other=0.0).to(DOT_DTYPE)
     if BACKWARD:
         b_s = tl.zeros([BLOCK_B, BLOCK_H], dtype=ACC_DTYPE)
