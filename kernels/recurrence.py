@@ -5,7 +5,7 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
     recurrence_forward(xw, h0, w_hh)       -> out [T, B, H] (every h_t), h_n [B, H]
     recurrence_backward(grad, out, w_hh)   -> dz  [T, B, H]
 
-`path` is "sequence" (one launch for all T steps, W_hh held in registers by each program),
+`path` is "sequence" (one launch for all T steps, W_hh held on chip by each program),
 "persistent" (one launch for all T steps, W_hh split by columns over programs that stay resident
 and meet at a barrier each step; kernels/persistent.py) or "stepwise" (one launch of the step
 kernel per timestep; any H).
@@ -51,14 +51,25 @@ def _jitted(path: str):
     return rnn_step_kernel if path == "stepwise" else rnn_sequence_kernel
 
 
+def _variant_flags(path: str) -> list:
+    """The constexpr arguments a launch sets besides the config's own (direction, nonlinearity,
+    optional inputs, numerics): each compiles a different variant, so each is in the autotuning key."""
+    annotations = _jitted(path).fn.fn.__annotations__  # below @triton.heuristics and @triton.jit
+    tuned = {name for config in configs.full_space(path) for name in config.kwargs}
+    return [name for name, kind in annotations.items() if kind is tl.constexpr and name not in tuned]
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(path: str):
-    return triton.autotune(configs=configs.full_space(path),
-                           key=["H", "B_BUCKET", "BACKWARD", "INPUT_PRECISION"],
-                           prune_configs_by={"early_config_prune": configs.prune_space(path)})(_jitted(path))
+    """Triton's autotuner over the path's space, keyed by H, the batch bucket and every variant flag
+    (never by T). The heuristics run first, so the flags they derive (HAS_LENGTHS, ...) reach the key."""
+    heuristics = _jitted(path)
+    tuner = triton.autotune(configs=configs.full_space(path), key=["H", "B_BUCKET", *_variant_flags(path)],
+                            prune_configs_by={"early_config_prune": configs.prune_space(path)})(heuristics.fn)
+    return triton.heuristics(heuristics.values)(tuner)
 
 
-def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config):
+def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config, allow_tf32: bool):
     """The kernel to launch and its meta-parameters: an explicit config, else the shipped tuned one,
     else Triton's autotuner (GPU), else the default config (interpreter, or autotuning off)."""
     if config is None:
@@ -69,6 +80,11 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config):
     if config is None and device.type == "cuda" and configs.autotune_enabled() and path != "persistent":
         return _autotuned(path), {}
     config = config or configs.default_config(path, B, H)
+    budget = configs.shared_memory_budget(device)
+    if not configs.config_fits(path, config, H, dtype, allow_tf32, budget):
+        raise ValueError(f"{path} config {configs.config_to_dict(config)} needs "
+                         f"{configs.shared_memory_bytes(path, config, H, dtype, allow_tf32)} B of shared memory "
+                         f"at H = {H} in {dtype}; a program may use {budget} B")
     return _jitted(path), configs.config_to_dict(config)
 
 
@@ -91,7 +107,7 @@ def _check(name: str, tensor: torch.Tensor, shape: tuple, like: torch.Tensor) ->
     return tensor.contiguous()
 
 
-def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str):
+def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str, allow_tf32: bool):
     if first.dim() != 3:
         raise ValueError(f"expected a [T, B, H] tensor, got shape {tuple(first.shape)}")
     T, B, H = first.shape
@@ -99,8 +115,10 @@ def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str):
         raise ValueError("expected at least one timestep, got T = 0")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if not configs.path_fits(path, H):
-        raise ValueError(f"the {path} path does not run H = {H}")
+    budget = configs.shared_memory_budget(first.device)
+    if not configs.path_fits(path, H, first.dtype, allow_tf32, budget):
+        raise ValueError(f"the {path} path does not run H = {H} in {first.dtype}: its smallest tile needs more than "
+                         f"the {budget} B of shared memory a program may use")
     _check("w_hh", w_hh, (H, H), first)
     if lengths is not None:
         if lengths.shape != (B,) or lengths.device != first.device:
@@ -122,7 +140,7 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     Returns:
         out [T, B, H] with every h_t, and h_n [B, H], the state after each row's last step.
     """
-    T, B, H, lengths = _prepare(xw, w_hh, lengths, path)
+    T, B, H, lengths = _prepare(xw, w_hh, lengths, path, allow_tf32)
     xw = xw.contiguous()
     h0 = _check("h0", h0, (B, H), xw)
     w_hh = w_hh.contiguous()
@@ -130,7 +148,7 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     out = _empty_like(xw)
     if B == 0:
         return out, h0.clone()
-    kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config)
+    kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
     if path == "persistent":
         h_n = _empty_like(h0)
         with _on(xw.device):
@@ -160,10 +178,10 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     return out, prev.clone()
 
 
-def _prepare_pair(first: torch.Tensor, w_hh: torch.Tensor, lengths):
+def _prepare_pair(first: torch.Tensor, w_hh: torch.Tensor, lengths, allow_tf32: bool):
     if first.dim() != 4 or first.shape[0] != 2:
         raise ValueError(f"expected a [2, T, B, H] tensor (both directions), got shape {tuple(first.shape)}")
-    T, B, H, lengths = _prepare(first[0], w_hh[0] if w_hh.dim() == 3 else w_hh, lengths, "persistent")
+    T, B, H, lengths = _prepare(first[0], w_hh[0] if w_hh.dim() == 3 else w_hh, lengths, "persistent", allow_tf32)
     _check("w_hh", w_hh, (2, H, H), first)
     return T, B, H, lengths
 
@@ -177,13 +195,13 @@ def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=
     Returns:
         out [2, T, B, H] and h_n [2, B, H], each direction as recurrence_forward gives it.
     """
-    T, B, H, lengths = _prepare_pair(xw, w_hh, lengths)
+    T, B, H, lengths = _prepare_pair(xw, w_hh, lengths, allow_tf32)
     xw, w_hh = xw.contiguous(), w_hh.contiguous()
     h0 = _check("h0", h0, (2, B, H), xw)
     out, h_n = _empty_like(xw), _empty_like(h0)
     if B == 0:
         return out, h0.clone()
-    _, meta = _launcher("persistent", B, H, xw.dtype, xw.device, "forward", config)
+    _, meta = _launcher("persistent", B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
     with _on(xw.device):
         persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False, relu=relu,
                           numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
@@ -193,13 +211,13 @@ def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=
 def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None):
     """recurrence_backward of both directions of a bidirectional layer in one launch: grad and out
     are [2, T, B, H], w_hh [2, H, H]; returns dz [2, T, B, H]."""
-    T, B, H, lengths = _prepare_pair(grad, w_hh, lengths)
+    T, B, H, lengths = _prepare_pair(grad, w_hh, lengths, allow_tf32)
     grad, w_hh = grad.contiguous(), w_hh.contiguous()
     out = _check("out", out, (2, T, B, H), grad)
     dz = _empty_like(grad)
     if B == 0:
         return dz
-    _, meta = _launcher("persistent", B, H, grad.dtype, grad.device, "backward", config)
+    _, meta = _launcher("persistent", B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
     with _on(grad.device):
         persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True, relu=relu,
                           numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
@@ -210,7 +228,7 @@ def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.de
                     allow_tf32: bool = True, config=None) -> persistent.Plan:
     """The tiling the persistent path runs for this shape: programs per group, groups, batch tiles
     and the resident capacity (on a GPU this compiles the kernel)."""
-    _, meta = _launcher("persistent", B, H, dtype, device, direction, config)
+    _, meta = _launcher("persistent", B, H, dtype, device, direction, config, allow_tf32)
     backward = direction == "backward"
     tensors = [dtype, None if backward else dtype, dtype, dtype if backward else None, dtype,
                None if backward else dtype, None]
@@ -231,7 +249,7 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     Returns:
         dz [T, B, H], the gradient of the pre-activations (0 at inactive steps).
     """
-    T, B, H, lengths = _prepare(grad, w_hh, lengths, path)
+    T, B, H, lengths = _prepare(grad, w_hh, lengths, path, allow_tf32)
     grad = grad.contiguous()
     out = _check("out", out, (T, B, H), grad)
     w_hh = w_hh.contiguous()
@@ -239,7 +257,7 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     dz = _empty_like(grad)
     if B == 0:
         return dz
-    kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config)
+    kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
     if path == "persistent":
         with _on(grad.device):
             persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=not reverse, relu=relu,

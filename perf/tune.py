@@ -16,6 +16,7 @@ import torch
 import triton
 
 from tritonrnn import kernels
+from tritonrnn.functional import _allow_tf32
 from tritonrnn.kernels import config as configs
 
 from .providers import DTYPES, compare
@@ -25,10 +26,11 @@ CONFIRM_ROUNDS = 5  # default and winner re-timed alternately, so drifts (clocks
 TUNE_SEQ_LEN = 128
 
 
-def candidates(hidden: int, batch: int):
-    """(path, config) pairs to try for this shape."""
-    paths = [p for p in configs.PATHS if configs.path_fits(p, hidden)]
-    return [(path, config) for path in paths for config in configs.tuning_space(path, batch, hidden)]
+def candidates(hidden: int, batch: int, dtype: torch.dtype):
+    """(path, config) pairs to try for this shape: only those that load at the layers' precision."""
+    tf32 = _allow_tf32()
+    paths = [p for p in configs.PATHS if configs.path_fits(p, hidden, dtype, tf32)]
+    return [(path, config) for path in paths for config in configs.tuning_space(path, batch, hidden, dtype, tf32)]
 
 
 def default_choice(hidden: int, batch: int, dtype: torch.dtype):
@@ -45,7 +47,7 @@ def _problem(dtype, batch, hidden, device, seq_len=TUNE_SEQ_LEN):
 
 def recurrence_fn(problem, direction: str, path: str, config):
     """The call a candidate is timed on: the forward or backward recurrence alone."""
-    tf32 = torch.backends.cudnn.allow_tf32  # the precision the layers run fp32 at
+    tf32 = _allow_tf32()  # the precision the layers run fp32 at
     if direction == "forward":
         return lambda: kernels.recurrence_forward(problem["xw"], problem["h0"], problem["w_hh"], path=path,
                                                   config=config, allow_tf32=tf32)
@@ -71,7 +73,7 @@ def tune_shape(dtype: torch.dtype, hidden: int, batch: int, direction: str, time
     expected = default_fn()
     default_ms = timer(default_fn)["median_ms"]
     best = None
-    for path, config in candidates(hidden, batch):
+    for path, config in candidates(hidden, batch, dtype):
         fn = recurrence_fn(problem, direction, path, config)
         try:
             if _agrees(fn(), expected, dtype):
@@ -132,7 +134,7 @@ def tune(shapes, timer, device, command: str = "", directory=None, seq_len: int 
     path = directory / f"{configs.gpu_slug(gpu)}.json"
     table = json.loads(path.read_text()) if path.exists() else {"gpu": gpu, "entries": {}}
     unique = sorted({(d, h, configs.batch_bucket(b)) for d, h, b in shapes})
-    total = sum(len(candidates(h, b)) for _, h, b in unique) * 2
+    total = sum(len(candidates(h, b, DTYPES[d])) for d, h, b in unique) * 2
     progress = Progress(total)
     results = []
     for dtype_name, hidden, batch in unique:

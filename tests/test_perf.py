@@ -424,8 +424,8 @@ def test_tune_runs_every_candidate_for_real(tmp_path):
     assert set(results) == {"forward", "backward"}
     for r in results.values():
         assert r["best"] is not None and r["best"]["path"] in configs.PATHS
-    candidates = len(tune.candidates(20, 3))
-    assert {p for p, _ in tune.candidates(20, 3)} == set(configs.PATHS)
+    candidates = len(tune.candidates(20, 3, torch.float32))
+    assert {p for p, _ in tune.candidates(20, 3, torch.float32)} == set(configs.PATHS)
     # every candidate agreed with the default and was timed; a would-be winner was then confirmed
     assert len(timed) - 2 * (1 + candidates) in {2 * tune.CONFIRM_ROUNDS * k for k in range(3)}
     assert json.loads(outcome["path"].read_text())["entries"].keys() <= {r["key"] for r in results.values()}
@@ -573,3 +573,13 @@ def test_profiler_failure_keeps_the_time(monkeypatch):
     (row,) = results["rows"]
     assert results["complete"] and row["status"] == "ok" and row["median_ms"] > 0
     assert row["kernels"] == ["profiler failed: RuntimeError: out of memory (simulated)"]
+
+
+def test_tune_offers_only_configs_that_load_at_the_layers_precision():
+    """fp32's sequence path cannot hold W_hh in shared memory at H = 200; bf16's can."""
+    assert "sequence" not in {p for p, _ in tune.candidates(200, 16, torch.float32)}
+    assert "sequence" in {p for p, _ in tune.candidates(200, 16, torch.bfloat16)}
+    budget = configs.SHARED_MEMORY_BUDGET
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for path, config in tune.candidates(200, 16, dtype):
+            assert configs.shared_memory_bytes(path, config, 200, dtype, True) <= budget, (path, config)

@@ -12,7 +12,7 @@ import triton
 
 from concurrent_interpreter import CONCURRENT_CAPACITY, concurrent_programs
 from conftest import DEVICE, assert_close, dtype_id
-from tritonrnn import kernels, ops, reference
+from tritonrnn import dispatch, kernels, ops, reference
 from tritonrnn.kernels import persistent
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's concurrent harness")
@@ -81,11 +81,12 @@ def test_backward_with_concurrent_programs_matches_reference(variant, dtype, mon
     config = _config(k_split)
     launch = kernels.recurrence_backward
     monkeypatch.setattr(kernels, "recurrence_backward", lambda *args, **kw: launch(*args, **kw, config=config))
+    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: "persistent")  # the op's choice
     cast = lambda t: t.to(dtype)  # noqa: E731
     lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
     with concurrent_programs(seed=2):
         dz, dh0, dw_hh = ops.recurrence_backward(cast(grad_out), cast(grad_hn), cast(out), cast(p["h0"]),
-                                                 cast(p["w_hh"]), lengths, reverse, act == "relu", "persistent", False)
+                                                 cast(p["w_hh"]), lengths, reverse, act == "relu", False)
     assert_close(dz, ref.dz, dtype, "dz")
     assert_close(dh0, ref.dh0, dtype, "dh0")
     assert_close(dw_hh, ref.dw_hh, dtype, "dW_hh")

@@ -46,11 +46,12 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
     if which == "torch":
         return f"torch's own RNN implementation on {device.type} (Triton kernels need CUDA or TRITON_INTERPRET=1)"
     mode = "compiled" if which == "triton" else "interpreted"
+    from tritonrnn.functional import _allow_tf32  # the layers' TF32 setting (functional imports this module)
+    allow_tf32 = _allow_tf32()
     lines = []
     for direction in ("forward", "backward"):
-        allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
         path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32)
-        kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh in registers",
+        kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh held on chip",
                   "persistent": "rnn_persistent_kernel, one launch for all steps, W_hh in column slices on chip",
                   "stepwise": f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)"}[path]
         if path == "persistent":

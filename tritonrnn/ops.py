@@ -5,8 +5,12 @@ projection before it and the parameter-gradient GEMMs after it are large matmuls
 
     tritonrnn::recurrence(xw, h0, w_hh, ...)               -> out [T, B, H], h_n [B, H]
     tritonrnn::recurrence_backward(grad_out, grad_hn, ...) -> dxw [T, B, H], dh0 [B, H], dw_hh [H, H]
+    tritonrnn::bidirectional_recurrence(_backward): the same for both directions of a layer, stacked
+        [2, ...] (one launch for both on the persistent path)
 
 Opaque custom ops keep torch.compile(fullgraph=True) tracing through the layers without a break.
+The kernel path (tuned configs per GPU, dispatch.kernel_path) is chosen inside the ops when they
+run, never in traced code: tracing queries no device and reads no file, on a GPU as on the CPU.
 """
 import warnings
 from typing import Optional
@@ -14,8 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tritonrnn import kernels, reference
-from tritonrnn.dispatch import kernel_path
+from tritonrnn import dispatch, kernels, reference
 
 DOUBLE_BACKWARD_WARNING = (
     "tritonrnn: double backward (create_graph=True) runs a differentiable PyTorch BPTT "
@@ -32,17 +35,35 @@ def _walk_ends(lengths: Optional[Tensor], T: int, B: int, reverse: bool, device)
     return (lengths - 1, zeros) if reverse else (zeros, lengths - 1)
 
 
+def _path(sequence: Tensor, direction: str, allow_tf32: bool) -> str:
+    """The kernel path of this [T, B, H] recurrence (or [2, T, B, H]: both directions) on this
+    device, chosen at run time."""
+    T, B, H = sequence.shape[-3:]
+    return dispatch.kernel_path(T, H, sequence.dtype, B, sequence.device, direction, allow_tf32)
+
+
 @torch.library.custom_op("tritonrnn::recurrence", mutates_args=())
 def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool,
-               relu: bool, path: str, backward_path: str, allow_tf32: bool) -> tuple[Tensor, Tensor]:
+               relu: bool, allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """h_t = act(xw_t + h_{t-1} W_hh^T) for all t; see tritonrnn.kernels.recurrence_forward."""
     return kernels.recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu,
-                                      path=path, allow_tf32=allow_tf32)
+                                      path=_path(xw, "forward", allow_tf32), allow_tf32=allow_tf32)
 
 
 @recurrence.register_fake
-def _(xw, h0, w_hh, lengths, reverse, relu, path, backward_path, allow_tf32):
+def _(xw, h0, w_hh, lengths, reverse, relu, allow_tf32):
     return torch.empty_like(xw), torch.empty_like(h0)
+
+
+@torch.library.custom_op("tritonrnn::recurrence_backward", mutates_args=())
+def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor,
+                        lengths: Optional[Tensor], reverse: bool, relu: bool,
+                        allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """BPTT of `recurrence`: the fused backward kernel, then dh0 and dW_hh as GEMMs."""
+    dz = kernels.recurrence_backward(_fold_final_grad(grad_out, grad_hn, lengths, reverse), out, w_hh,
+                                     lengths=lengths, reverse=reverse, relu=relu,
+                                     path=_path(out, "backward", allow_tf32), allow_tf32=allow_tf32)
+    return dz, *_state_grads(dz, out, h0, w_hh, lengths, reverse)
 
 
 def _fold_final_grad(grad_out: Tensor, grad_hn: Tensor, lengths: Optional[Tensor], reverse: bool) -> Tensor:
@@ -73,26 +94,16 @@ def _state_grads(dz: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor, lengths: Opt
     return dh0, dw_hh
 
 
-@torch.library.custom_op("tritonrnn::recurrence_backward", mutates_args=())
-def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor,
-                        lengths: Optional[Tensor], reverse: bool, relu: bool, path: str,
-                        allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """BPTT of `recurrence`: the fused backward kernel, then dh0 and dW_hh as GEMMs."""
-    dz = kernels.recurrence_backward(_fold_final_grad(grad_out, grad_hn, lengths, reverse), out, w_hh,
-                                     lengths=lengths, reverse=reverse, relu=relu, path=path, allow_tf32=allow_tf32)
-    return dz, *_state_grads(dz, out, h0, w_hh, lengths, reverse)
-
-
 @recurrence_backward.register_fake
-def _(grad_out, grad_hn, out, h0, w_hh, lengths, reverse, relu, path, allow_tf32):
+def _(grad_out, grad_hn, out, h0, w_hh, lengths, reverse, relu, allow_tf32):
     return torch.empty_like(out), torch.empty_like(h0), torch.empty_like(w_hh)
 
 
 def _setup_context(ctx, inputs, output):
-    xw, h0, w_hh, lengths, reverse, relu, path, backward_path, allow_tf32 = inputs
+    xw, h0, w_hh, lengths, reverse, relu, allow_tf32 = inputs
     out, _ = output
     ctx.save_for_backward(out, h0, w_hh, lengths)
-    ctx.flags = (reverse, relu, backward_path, allow_tf32)
+    ctx.flags = (reverse, relu, allow_tf32)
 
 
 def _saved(ctx, grad_out, grad_hn) -> tuple:
@@ -117,7 +128,7 @@ def _backward(ctx, grad_out, grad_hn):
                                                         "relu" if relu else "tanh", lengths, reverse)
     else:
         dxw, dh0, dw_hh = recurrence_backward(grad_out, grad_hn, out, h0, w_hh, lengths, *ctx.flags)
-    return dxw, dh0, dw_hh, None, None, None, None, None, None
+    return dxw, dh0, dw_hh, None, None, None, None
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
@@ -129,16 +140,11 @@ recurrence.register_autograd(_backward, setup_context=_setup_context)
 REVERSE_OF = (False, True)
 
 
-def _bidirectional_path(stacked: Tensor, direction: str, allow_tf32: bool) -> str:
-    _, T, B, H = stacked.shape
-    return kernel_path(T, H, stacked.dtype, B, stacked.device, direction, allow_tf32)
-
-
 @torch.library.custom_op("tritonrnn::bidirectional_recurrence", mutates_args=())
 def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], relu: bool,
                              allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """`recurrence` of both directions at once: xw [2, T, B, H], h0 [2, B, H], w_hh [2, H, H]."""
-    path = _bidirectional_path(xw, "forward", allow_tf32)
+    path = _path(xw, "forward", allow_tf32)
     if path == "persistent":
         return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
     outputs = [kernels.recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d], relu=relu,
@@ -158,7 +164,7 @@ def bidirectional_recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Te
     """BPTT of `bidirectional_recurrence`: the fused backward kernel for both directions (one
     launch on the persistent path), then dh0 and dW_hh of each as GEMMs."""
     grad = torch.stack([_fold_final_grad(grad_out[d], grad_hn[d], lengths, REVERSE_OF[d]) for d in range(2)])
-    path = _bidirectional_path(out, "backward", allow_tf32)
+    path = _path(out, "backward", allow_tf32)
     if path == "persistent":
         dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
     else:
