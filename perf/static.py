@@ -155,8 +155,9 @@ def persistent_fit(variants: list, limits: persistent.SMLimits = persistent.SMLi
         for hidden in PERSISTENT_HIDDENS:
             if configs.default_path(hidden, dtype) != "persistent":
                 continue
-            compiled = [v for v in variants if v["path"] == "persistent" and v["dtype"] == dtype_name
-                        and int(v["hidden"]) == hidden and (dtype_name != "float32" or v["allow_tf32"] == "True")]
+            compiled = [v for v in variants if v.get("role", "default") == "default" and v["path"] == "persistent"
+                        and v["dtype"] == dtype_name and int(v["hidden"]) == hidden
+                        and (dtype_name != "float32" or v["allow_tf32"] == "True")]
             per_sm = min(persistent.programs_per_sm(v["registers"], v["num_warps"], v["shared_bytes"], limits)
                          for v in compiled)
             for batch in grid.BATCHES:
