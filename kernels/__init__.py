@@ -1,5 +1,6 @@
 """Triton kernels of tritonrnn and their launchers (installed as tritonrnn.kernels)."""
 from .config import default_path
-from .recurrence import PATHS, recurrence_backward, recurrence_forward
+from .recurrence import PATHS, bidirectional_backward, bidirectional_forward, recurrence_backward, recurrence_forward
 
-__all__ = ["PATHS", "default_path", "recurrence_backward", "recurrence_forward"]
+__all__ = ["PATHS", "bidirectional_backward", "bidirectional_forward", "default_path", "recurrence_backward",
+           "recurrence_forward"]

@@ -1,9 +1,10 @@
 """Launch configurations of the RNN kernels: defaults, tuning spaces, and shipped tuned configs.
 
 Dimensions: B batch, H hidden. Everything a launch may vary is declared here once:
-- the paths: "sequence" (rnn_sequence_kernel, W_hh held on chip), "streamed" (the same kernel,
-  W_hh streamed from L2 each step) and "stepwise" (rnn_step_kernel, one launch per step);
-- the limit up to which the sequence path is the default, and the shared-memory budget every
+- the paths: "sequence" (rnn_sequence_kernel, W_hh held on chip), "persistent"
+  (rnn_persistent_kernel, W_hh in column slices over programs that stay resident) and "stepwise"
+  (rnn_step_kernel, one launch per step);
+- the limits up to which the sequence and persistent paths are the default, and the shared-memory budget every
   launch must fit (which decides what a path can run and prunes the tuning spaces);
 - the default config of each path (used under the interpreter, and as the baseline a tuned
   config must beat);
@@ -25,9 +26,12 @@ import triton
 # fragments); these are the sizes that compile spill-free on sm_90 (perf/NOTES.md).
 SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
 
-# The streamed path keeps two [BLOCK_B, H] fp32 tiles (state, accumulator) in registers: spill-free
-# on sm_90 up to H = 256 (BLOCK_B 16, BLOCK_K 16, 8 warps); at 512 it spills 130-200 bytes a thread.
-STREAMED_MAX_H = 512
+# Largest H of the persistent path, by element size: a 2048-wide W_hh split over 128 programs of
+# 16 columns (32 KB to 128 KB each), every one resident on its own SM of an H100/H200. fp64 runs
+# only in tests (gradcheck), where its slices must stay small. Exact fp32 (TF32 off) multiplies in
+# 3xTF32, whose operand copies spill from H = 512 and pass 227 KB of shared memory at 2048.
+PERSISTENT_MAX_H = {8: 512, 4: 2048, 2: 2048}
+PERSISTENT_EXACT_FP32_MAX_H = 256
 
 # Dynamic shared memory one program may use on sm_90 (H100, H200): the opt-in maximum
 # (CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, 227 KB). Above it a kernel compiles but
@@ -36,14 +40,19 @@ SHARED_MEMORY_BUDGET = 232_448
 
 # tl.dot on a GPU needs every dimension >= 16, so batch tiles are padded up to it.
 MIN_DOT = 16
-PATHS = ("sequence", "streamed", "stepwise")
+PATHS = ("sequence", "persistent", "stepwise")
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
-def default_path(hidden_size: int, dtype: torch.dtype) -> str:
+def default_path(hidden_size: int, dtype: torch.dtype, allow_tf32: bool = True) -> str:
     """The path of a multi-step recurrence with no tuned config: "sequence" where one program holds
-    W_hh on chip without spilling for this size and dtype, else "stepwise"."""
-    return "sequence" if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize] else "stepwise"
+    W_hh on chip without spilling for this size and dtype, else "persistent" (W_hh split over
+    resident programs) up to PERSISTENT_MAX_H, else "stepwise"."""
+    if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize]:
+        return "sequence"
+    exact_fp32 = dtype == torch.float32 and not allow_tf32
+    limit = PERSISTENT_EXACT_FP32_MAX_H if exact_fp32 else PERSISTENT_MAX_H[dtype.itemsize]
+    return "persistent" if hidden_size <= limit else "stepwise"
 
 
 def batch_bucket(batch: int) -> int:
@@ -79,9 +88,11 @@ def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: to
       e * BLOCK_H * (w * BLOCK_H + 2 * BLOCK_B), w = 2 in 3xTF32 else 1. Measured: H = 200
       (BLOCK_H 256), BLOCK_B 16: fp32 TF32 278,528 B, 3xTF32 and fp64 557,056 B, bf16 139,264 B;
       H = 128: TF32 73,728 B (BLOCK_B 16), 131,072 B (64, wgmma), 3xTF32 147,456 B (16).
-    - streamed: one W_hh chunk [BLOCK_K, BLOCK_H] and one state chunk [BLOCK_B, BLOCK_K], in the
-      accumulation dtype: a * BLOCK_K * (BLOCK_B + BLOCK_H) (exact for TF32 and fp64, above the
-      compiler's figure for 3xTF32 and 16-bit).
+    - persistent: the W_hh slice [BLOCK_H, BLOCK_N], hoisted (twice in 3xTF32), the state tile
+      [BLOCK_B, BLOCK_H / K_SPLIT] and the accumulator's layout change [BLOCK_B, BLOCK_N]:
+      e * BLOCK_H * (w * BLOCK_N + BLOCK_B / K_SPLIT) + a * BLOCK_B * BLOCK_N. Measured (lengths,
+      forward): fp32 TF32 H = 2048 (16 x 16, K_SPLIT 2) 197,632 B, H = 1024 (16 x 32) 198,656 B,
+      fp64 H = 512 200,704 B (all exact); bf16 H = 1024 98,304 B, 3xTF32 H = 256 81,920 B (below).
     - stepwise: num_stages pipelined copies of both operand tiles, in 3xTF32 one more of the
       batch tile: e * BLOCK_K * (num_stages * (BLOCK_B + BLOCK_N) + BLOCK_B if 3xTF32).
     """
@@ -90,9 +101,11 @@ def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: to
     if path == "sequence":
         width = block_h(hidden)
         return dtype.itemsize * width * ((2 if tf32x3 else 1) * width + 2 * kwargs["BLOCK_B"])
-    if path == "streamed":
+    if path == "persistent":
         acc_bytes = 8 if dtype == torch.float64 else 4
-        return acc_bytes * kwargs["BLOCK_K"] * (kwargs["BLOCK_B"] + block_h(hidden))
+        width, block_n, block_b = block_h(hidden), kwargs["BLOCK_N"], kwargs["BLOCK_B"]
+        return (dtype.itemsize * width * ((2 if tf32x3 else 1) * block_n + block_b // kwargs["K_SPLIT"])
+                + acc_bytes * block_b * block_n)
     stages = max(config.num_stages, 1)
     tiles = stages * (kwargs["BLOCK_B"] + kwargs["BLOCK_N"]) + (kwargs["BLOCK_B"] if tf32x3 else 0)
     return dtype.itemsize * kwargs["BLOCK_K"] * tiles
@@ -112,11 +125,12 @@ def config_fits(path: str, config: triton.Config, hidden: int, dtype: torch.dtyp
 def path_fits(path: str, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
               budget: int = SHARED_MEMORY_BUDGET) -> bool:
     """Whether `path` can run this hidden size at all: the stepwise path runs any; the others need
-    their smallest batch tile to fit in shared memory (the sequence path's W_hh: fp32 and fp64
-    to H = 128, fp16 and bf16 to H = 256 on sm_90), and the streamed path H <= STREAMED_MAX_H."""
+    their default tile to fit in shared memory (the sequence path's W_hh: fp32 and fp64 to
+    H = 128, fp16 and bf16 to H = 256 on sm_90), and the persistent path H <= 2048 (beyond, its
+    16-column programs outnumber the SMs)."""
     if path == "stepwise":
         return True
-    if path == "streamed" and hidden > STREAMED_MAX_H:
+    if path == "persistent" and hidden > max(PERSISTENT_MAX_H.values()):
         return False
     return config_fits(path, default_config(path, 1, hidden), hidden, dtype, allow_tf32, budget)
 
@@ -129,10 +143,16 @@ def default_config(path: str, batch: int, hidden: int) -> triton.Config:
     """
     bb = max(MIN_DOT, batch_bucket(batch))
     if path == "sequence":
-        return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32), "BLOCK_K": 0},
+        return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32)},
                              num_warps=8 if block_h(hidden) >= 64 else 4, num_stages=1)
-    if path == "streamed":
-        return triton.Config({"BLOCK_B": 16, "BLOCK_K": 16}, num_warps=8, num_stages=1)
+    if path == "persistent":
+        # 32 columns a program up to H = 1024; at 2048, 16 columns with the state read in two
+        # halves (fp32: a whole [16, 2048] state copy beside the 128 KB slice would pass 227 KB).
+        # Warps: ptxas spills a few bytes with 4 at H = 512-1024 (16-bit, lengths) and with 8 at
+        # 2048 (fp16 backward), none the other way round (checked by tests/test_static.py).
+        wide = block_h(hidden) > 1024
+        return triton.Config({"BLOCK_B": MIN_DOT, "BLOCK_N": 16 if wide else 32, "K_SPLIT": 2 if wide else 1},
+                             num_warps=8 if 512 <= block_h(hidden) <= 1024 else 4, num_stages=1)
     block_n = min(64, block_h(hidden))
     return triton.Config({"BLOCK_B": min(bb, 64), "BLOCK_N": block_n, "BLOCK_K": min(block_n, 32)}, num_warps=8,
                          num_stages=3)
@@ -147,14 +167,15 @@ def tuning_space(path: str, batch: int, hidden: int, dtype: torch.dtype = None, 
     max_bb = max(MIN_DOT, batch_bucket(batch))
     max_n = max(32, block_h(hidden))
     if path == "sequence":
-        space = [triton.Config({"BLOCK_B": bb, "BLOCK_K": 0}, num_warps=w, num_stages=1)
+        space = [triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb and bb * block_h(hidden) <= 64 * 128
                  for w in (4, 8, 16)]
-    elif path == "streamed":
-        space = [triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=1)
-                 for bb in (16, 32) if bb <= max_bb
-                 for bk in (16, 32, 64) if bk <= max_n
-                 for w in (4, 8, 16)]
+    elif path == "persistent":
+        space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": ks}, num_warps=w, num_stages=1)
+                 for bb in (16, 32, 64) if bb <= max_bb
+                 for bn in (16, 32, 64) if bn <= max_n
+                 for ks in ((1, 2) if block_h(hidden) >= 1024 else (1,))  # halves of >= 512 columns
+                 for w in (4, 8)]
     else:
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
                  for bb in (16, 64, 128) if bb <= max_bb

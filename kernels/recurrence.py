@@ -6,8 +6,9 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
     recurrence_backward(grad, out, w_hh)   -> dz  [T, B, H]
 
 `path` is "sequence" (one launch for all T steps, W_hh held on chip by each program),
-"streamed" (one launch, W_hh streamed from L2 each step; H <= 512) or "stepwise" (one launch of
-the step kernel per timestep; any H).
+"persistent" (one launch for all T steps, W_hh split by columns over programs that stay resident
+and meet at a barrier each step; kernels/persistent.py) or "stepwise" (one launch of the step
+kernel per timestep; any H).
 """
 import contextlib
 import functools
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import config as configs
+from . import persistent
 from .sequence import rnn_sequence_kernel
 from .step import rnn_step_kernel
 
@@ -74,7 +76,8 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config, 
         choice = configs.tuned(dtype, H, B, direction, device)
         if choice is not None and choice["path"] == path:
             config = choice["config"]
-    if config is None and device.type == "cuda" and configs.autotune_enabled():
+    # The persistent kernel's grid depends on its compiled resources: not for Triton's autotuner.
+    if config is None and device.type == "cuda" and configs.autotune_enabled() and path != "persistent":
         return _autotuned(path), {}
     config = config or configs.default_config(path, B, H)
     budget = configs.shared_memory_budget(device)
@@ -83,14 +86,6 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config, 
                          f"{configs.shared_memory_bytes(path, config, H, dtype, allow_tf32)} B of shared memory "
                          f"at H = {H} in {dtype}; a program may use {budget} B")
     return _jitted(path), configs.config_to_dict(config)
-
-
-def _scratch(path: str, like: torch.Tensor, B: int, H: int):
-    """The streamed path's double-buffered state, in the accumulation dtype."""
-    if path != "streamed":
-        return None
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.empty(2, B, H, dtype=dtype, device=like.device)
 
 
 def _on(device: torch.device):
@@ -120,8 +115,6 @@ def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str, allow_
         raise ValueError("expected at least one timestep, got T = 0")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "streamed" and H > configs.STREAMED_MAX_H:
-        raise ValueError(f"the streamed path runs H <= {configs.STREAMED_MAX_H}, got H = {H}")
     budget = configs.shared_memory_budget(first.device)
     if not configs.path_fits(path, H, first.dtype, allow_tf32, budget):
         raise ValueError(f"the {path} path does not run H = {H} in {first.dtype}: its smallest tile needs more than "
@@ -156,12 +149,18 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     if B == 0:
         return out, h0.clone()
     kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
+    if path == "persistent":
+        h_n = _empty_like(h0)
+        with _on(xw.device):
+            persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=reverse, relu=relu,
+                              numerics=numerics, meta=meta)
+        return out, h_n
     grid = _grid(path, B, H)
     # M = W_hh^T: read W_hh with its strides swapped.
     if path != "stepwise":
         h_n = _empty_like(h0)
         with _on(xw.device):
-            kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, _scratch(path, xw, B, H), T, B, H, 1, H,
+            kernel[grid](xw, h0, w_hh, None, out, h_n, lengths, T, B, H, 1, H,
                          configs.batch_bucket(B),
                          BLOCK_H=configs.block_h(H), BACKWARD=False, REVERSE=reverse, RELU=relu, **numerics,
                          **meta)
@@ -177,6 +176,66 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
                          BACKWARD=False, RELU=relu, **numerics, **meta)
             prev = state if state is not None else out[t]
     return out, prev.clone()
+
+
+def _prepare_pair(first: torch.Tensor, w_hh: torch.Tensor, lengths, allow_tf32: bool):
+    if first.dim() != 4 or first.shape[0] != 2:
+        raise ValueError(f"expected a [2, T, B, H] tensor (both directions), got shape {tuple(first.shape)}")
+    T, B, H, lengths = _prepare(first[0], w_hh[0] if w_hh.dim() == 3 else w_hh, lengths, "persistent", allow_tf32)
+    _check("w_hh", w_hh, (2, H, H), first)
+    return T, B, H, lengths
+
+
+def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None):
+    """Both directions of a bidirectional layer in one launch of the persistent kernel.
+
+    Args:
+        xw: [2, T, B, H] projected inputs of the forward (0) and reverse (1) direction.
+        h0: [2, B, H]. w_hh: [2, H, H]. lengths, relu, allow_tf32, config: as for recurrence_forward.
+    Returns:
+        out [2, T, B, H] and h_n [2, B, H], each direction as recurrence_forward gives it.
+    """
+    T, B, H, lengths = _prepare_pair(xw, w_hh, lengths, allow_tf32)
+    xw, w_hh = xw.contiguous(), w_hh.contiguous()
+    h0 = _check("h0", h0, (2, B, H), xw)
+    out, h_n = _empty_like(xw), _empty_like(h0)
+    if B == 0:
+        return out, h0.clone()
+    _, meta = _launcher("persistent", B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
+    with _on(xw.device):
+        persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False, relu=relu,
+                          numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
+    return out, h_n
+
+
+def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None):
+    """recurrence_backward of both directions of a bidirectional layer in one launch: grad and out
+    are [2, T, B, H], w_hh [2, H, H]; returns dz [2, T, B, H]."""
+    T, B, H, lengths = _prepare_pair(grad, w_hh, lengths, allow_tf32)
+    grad, w_hh = grad.contiguous(), w_hh.contiguous()
+    out = _check("out", out, (2, T, B, H), grad)
+    dz = _empty_like(grad)
+    if B == 0:
+        return dz
+    _, meta = _launcher("persistent", B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
+    with _on(grad.device):
+        persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True, relu=relu,
+                          numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
+    return dz
+
+
+def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.device, direction: str,
+                    allow_tf32: bool = True, config=None) -> persistent.Plan:
+    """The tiling the persistent path runs for this shape: programs per group, groups, batch tiles
+    and the resident capacity (on a GPU this compiles the kernel)."""
+    _, meta = _launcher("persistent", B, H, dtype, device, direction, config, allow_tf32)
+    backward = direction == "backward"
+    tensors = [dtype, None if backward else dtype, dtype, dtype if backward else None, dtype,
+               None if backward else dtype, None]
+    args, scalars, kwargs = persistent.launch_args(*tensors, T, B, H, backward=backward, reverse=backward, relu=False,
+                                                   numerics=_numerics(dtype, device, allow_tf32), meta=meta)
+    with _on(device):
+        return persistent.schedule(args, scalars, kwargs, device)[0]
 
 
 def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=False, path="sequence",
@@ -199,10 +258,15 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     if B == 0:
         return dz
     kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
+    if path == "persistent":
+        with _on(grad.device):
+            persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=not reverse, relu=relu,
+                              numerics=numerics, meta=meta)
+        return dz
     grid = _grid(path, B, H)
     if path != "stepwise":
         with _on(grad.device):
-            kernel[grid](grad, None, w_hh, out, dz, None, lengths, _scratch(path, grad, B, H), T, B, H, H, 1,
+            kernel[grid](grad, None, w_hh, out, dz, None, lengths, T, B, H, H, 1,
                          configs.batch_bucket(B),
                          BLOCK_H=configs.block_h(H), BACKWARD=True, REVERSE=not reverse, RELU=relu, **numerics,
                          **meta)

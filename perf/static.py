@@ -8,6 +8,7 @@ GPU is ever lent. Used by the tests to guard the default configs.
     compile_kernel("sequence", torch.float32, batch=64, hidden=128, backward=False)   # a path
     -> {"registers": 168, "stack_bytes": 0, "shared_bytes": 33280, "mma": ["wgmma..."], ...}
 """
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,7 +19,9 @@ import torch
 import triton
 
 from tritonrnn.kernels import config as configs
-from tritonrnn.kernels import recurrence
+from tritonrnn.kernels import persistent, recurrence
+
+from . import grid
 
 _POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 HOPPER = (90, 32)  # compute capability 9.0 (H100, H200), warp size 32
@@ -29,8 +32,9 @@ def _signature(path: str, dtype, backward: bool, lengths: bool):
     p = _POINTER[dtype]
     if path != "stepwise":
         pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
-                    "p_out": p, "p_hn": None if backward else p,
-                    "p_scratch": ("*fp64" if dtype == torch.float64 else "*fp32") if path == "streamed" else None}
+                    "p_out": p, "p_hn": None if backward else p}
+        if path == "persistent":
+            pointers["p_arrivals"] = "*i32"
     else:
         pointers = {"p_in": p, "p_prev": p, "p_w": p, "p_act": p if backward else None, "p_out": p,
                     "p_state": p if lengths and not backward else None}
@@ -41,8 +45,9 @@ def _signature(path: str, dtype, backward: bool, lengths: bool):
 def _int_arguments(path: str, batch: int, hidden: int, backward: bool) -> dict:
     """The integer arguments' values at a launch (the step index and T are not specialised)."""
     stride_wk, stride_wn = (hidden, 1) if backward else (1, hidden)
-    return {"T" if path != "stepwise" else "t": None, "B": batch, "H": hidden, "stride_wk": stride_wk,
-            "stride_wn": stride_wn, "B_BUCKET": configs.batch_bucket(batch)}
+    ints = {"T" if path != "stepwise" else "t": None, "B": batch, "H": hidden, "stride_wk": stride_wk,
+            "stride_wn": stride_wn}
+    return {**ints, "BATCH_TILES": None} if path == "persistent" else {**ints, "B_BUCKET": configs.batch_bucket(batch)}
 
 
 def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backward: bool = False,
@@ -56,7 +61,7 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     from triton.compiler import ASTSource
 
     config = config or configs.default_config(path, batch, hidden)
-    jitted = recurrence._jitted(path)
+    jitted = persistent.rnn_persistent_kernel if path == "persistent" else recurrence._jitted(path)
     fn = getattr(jitted, "fn", jitted)  # below @triton.heuristics
     pointers = _signature(path, dtype, backward, lengths)
     ints = _int_arguments(path, batch, hidden, backward)
@@ -64,6 +69,8 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     constants = {**numerics, **config.kwargs, "BACKWARD": backward, "RELU": relu}
     if path != "stepwise":
         constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths)
+        if path == "persistent":
+            constants.update(DEBUG_WAIT_SLACK=0)
     else:
         constants.update(HAS_PREV=True, HAS_LENGTHS=lengths, STORE_STATE=pointers["p_state"] is not None)
     # Specialise as a launch does (triton's JIT, BaseBackend.get_*_specialization): an integer equal
@@ -92,7 +99,7 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     # Triton's shared memory is dynamic (requested at launch, checked against the device's opt-in
     # maximum at load time): cuobjdump shows only the static 1 KB.
     return {**usage, "shared_bytes": compiled.metadata.shared, "mma": mma, "fma_only": not mma,
-            "config": configs.config_to_dict(config)}
+            "num_warps": config.num_warps, "config": configs.config_to_dict(config)}
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -121,17 +128,62 @@ NUMERICS = ((torch.float32, True), (torch.float32, False), (torch.bfloat16, Fals
 
 def default_variants() -> list:
     """The variants with default configs: every dtype and fp32 precision; the sequence path at the
-    largest and a small H, the streamed path at H = 256 (not fp64: that is for gradcheck), the
-    stepwise path at H = 1024; forward (and packed) and backward."""
+    largest and a small H, the stepwise path at H = 1024, the persistent path at every standard-grid
+    H it takes by default; forward (and packed) and backward."""
     variants = []
     for dtype, tf32 in NUMERICS:
         shapes = [("sequence", h) for h in sorted({configs.SEQUENCE_MAX_H[dtype.itemsize], 32})]
-        shapes += [("streamed", 256)] if dtype != torch.float64 else []
         shapes += [("stepwise", 1024)]
+        shapes += [("persistent", h) for h in PERSISTENT_HIDDENS
+                   if configs.default_path(h, dtype, tf32) == "persistent"]
         for path, hidden in shapes:
             common = dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32)
             variants += [dict(common, lengths=True), dict(common, backward=True, lengths=path != "stepwise")]
     return variants
+
+
+PERSISTENT_HIDDENS = tuple(h for h in grid.HIDDENS if h > 128)  # H = 128 takes the sequence path
+
+
+def persistent_fit(variants: list, limits: persistent.SMLimits = persistent.SMLimits()) -> list:
+    """For every standard-grid cell on the persistent path: programs resident per SM (from the
+    compiled forward and backward variants' registers, warps and shared memory), the resident
+    capacity, and the plan the launcher chooses there (which never exceeds it)."""
+    rows = []
+    for dtype_name in grid.DTYPES:
+        dtype = getattr(torch, dtype_name)
+        for hidden in PERSISTENT_HIDDENS:
+            if configs.default_path(hidden, dtype) != "persistent":
+                continue
+            compiled = [v for v in variants if v.get("role", "default") == "default" and v["path"] == "persistent"
+                        and v["dtype"] == dtype_name and int(v["hidden"]) == hidden
+                        and (dtype_name != "float32" or v["allow_tf32"] == "True")]
+            per_sm = min(persistent.programs_per_sm(v["registers"], v["num_warps"], v["shared_bytes"], limits)
+                         for v in compiled)
+            for batch in grid.BATCHES:
+                config = configs.default_config("persistent", batch, hidden)
+                chosen = persistent.plan(batch, hidden, config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"],
+                                         per_sm * limits.sms)
+                rows.append({"dtype": dtype_name, "batch": batch, "hidden": hidden, "variants": len(compiled),
+                             "registers": max(v["registers"] for v in compiled),
+                             "shared_bytes": max(v["shared_bytes"] for v in compiled),
+                             "num_warps": compiled[0]["num_warps"], "programs_per_sm": per_sm,
+                             "capacity": per_sm * limits.sms, "config": configs.config_to_dict(config),
+                             "plan": dataclasses.asdict(chosen)})
+    return rows
+
+
+def fit_table(rows: list) -> str:
+    """persistent_fit's rows as the markdown table of perf/NOTES.md."""
+    lines = ["| dtype | H | B | BLOCK_B x BLOCK_N, K_SPLIT, warps | regs | shared | per SM | capacity "
+             "| programs/group x groups | batch tiles/group | programs |", "|" + "---|" * 11]
+    for r in rows:
+        c, p = r["config"], r["plan"]
+        lines.append(f"| {r['dtype']} | {r['hidden']} | {r['batch']} | {c['BLOCK_B']} x {c['BLOCK_N']}, "
+                     f"{c['K_SPLIT']}, {c['num_warps']} | {r['registers']} | {r['shared_bytes'] // 1024} KB | "
+                     f"{r['programs_per_sm']} | {r['capacity']} | {p['programs_per_group']} x {p['groups']} | "
+                     f"{p['batch_tiles']} | {p['programs_per_group'] * p['groups']} |")
+    return "\n".join(lines)
 
 
 def limit_variants() -> list:

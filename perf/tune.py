@@ -34,7 +34,7 @@ def candidates(hidden: int, batch: int, dtype: torch.dtype):
 
 
 def default_choice(hidden: int, batch: int, dtype: torch.dtype):
-    path = configs.default_path(hidden, dtype)
+    path = configs.default_path(hidden, dtype, _allow_tf32())  # the layers' default at their precision
     return path, configs.default_config(path, batch, hidden)
 
 

@@ -87,7 +87,7 @@ def test_compile_traces_no_device_query_and_no_file_read(monkeypatch):
 
 
 @pytest.mark.parametrize("lengths", [None, [4, 2, 1]], ids=["dense", "lengths"])
-@pytest.mark.parametrize("path", ["sequence", "streamed", "stepwise"])
+@pytest.mark.parametrize("path", ["sequence", "persistent", "stepwise"])
 def test_custom_ops_pass_opcheck(path, lengths, monkeypatch):
     monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: path)
     torch.manual_seed(0)

@@ -184,11 +184,11 @@ def test_launcher_refuses_what_cannot_load():
         with pytest.raises(ValueError, match="shared memory a program may use"):
             kernels.recurrence_forward(xw, xw[0], torch.zeros(H, H, device=DEVICE, dtype=dtype), path="sequence",
                                        allow_tf32=tf32)
-    too_wide = triton_config(BLOCK_B=64, BLOCK_K=64)  # 278,528 B of fp64 chunks at H = 512
+    too_wide = triton_config(BLOCK_B=16, BLOCK_N=64, K_SPLIT=1)  # 335,872 B of fp64 slice and state at H = 512
     xw = torch.randn(3, 2, 512, device=DEVICE, dtype=torch.float64)
     with pytest.raises(ValueError, match="B of shared memory"):
         kernels.recurrence_forward(xw, xw[0], torch.zeros(512, 512, device=DEVICE, dtype=torch.float64),
-                                   path="streamed", config=too_wide)
+                                   path="persistent", config=too_wide)
 
 
 def triton_config(**kwargs):

@@ -122,6 +122,7 @@ def test_rnn_packed_sequence(config, enforce_sorted, dtype):
 def test_rnn_stepwise_path_matches_torch(monkeypatch):
     """Hidden sizes too large for one program take the per-step kernel: force it at a small H."""
     monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
+    monkeypatch.setitem(kernels.config.PERSISTENT_MAX_H, 8, 0)
     assert tritonrnn.kernel_path(6, H, torch.float64) == "stepwise"
     kwargs = CONFIGS["3layers-bidir-relu-batch_first"]
     ours, oracle = _pair(torch.float64, **kwargs)

@@ -340,7 +340,7 @@ class _Tagged:
         self.key = (direction, path, tuple(sorted(config.kwargs.items())), config.num_warps)
 
     def __call__(self):  # the output the candidates are checked with; "wrong" ones differ
-        return torch.full((2,), 9.0 if self.key[1] == "streamed" else 1.0)
+        return torch.full((2,), 9.0 if self.key[1] == "persistent" else 1.0)
 
 
 def test_tune_writes_only_winners_that_beat_the_default(monkeypatch, tmp_path):
@@ -368,7 +368,7 @@ def test_tune_writes_only_winners_that_beat_the_default(monkeypatch, tmp_path):
     timer = lambda fn: (timed.append(fn.key[1]), stub_timer(fn))[1]  # noqa: E731
     outcome = tune.tune([("float32", 64, 16), ("float32", 64, 9)], timer, torch.device("cpu"),
                         command="test", directory=tmp_path)
-    assert "streamed" not in timed  # wrong outputs are never timed
+    assert "persistent" not in timed  # wrong outputs are never timed
     assert defaults == {"forward": True, "backward": True}
     table = json.loads(outcome["path"].read_text())
     assert set(table["entries"]) == {"float32/H64/B16/forward"}  # B=9 and B=16 share the bucket

@@ -66,3 +66,16 @@ def test_path_fits_answers_what_the_compiler_says_loads(compiled):
     wrong = [v for v in edges if admitted(v) != (v["shared_bytes"] <= configs.SHARED_MEMORY_BUDGET)]
     assert not wrong, "path_fits disagrees with the compiled shared memory:\n" + _table(wrong)
     assert any(v["shared_bytes"] > configs.SHARED_MEMORY_BUDGET for v in edges)  # the case is there
+
+
+def test_persistent_grids_fit_on_132_sms(compiled):
+    """No persistent default variant spills, and every standard-grid cell's plan fits: H100 SXM and
+    H200 both have 132 SMs of sm_90 (65536 registers, 228 KB shared memory, 2048 threads each):
+    SMLimits' defaults. perf/NOTES.md holds the table."""
+    persistent = [v for v in compiled if v["role"] == "default" and v["path"] == "persistent"]
+    assert persistent and all(v["stack_bytes"] == 0 for v in persistent), "persistent spills:\n" + _table(persistent)
+    rows = static.persistent_fit(persistent)
+    assert len(rows) == 3 * 4 * 4, static.fit_table(rows)  # 3 dtypes x H 256..2048 x 4 batches
+    for row in rows:
+        programs = row["plan"]["programs_per_group"] * row["plan"]["groups"]
+        assert 1 <= row["programs_per_sm"] and programs <= row["capacity"], static.fit_table(rows)

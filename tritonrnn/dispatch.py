@@ -25,18 +25,19 @@ CPU = torch.device("cpu")
 
 
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
-                direction: str = "forward") -> str:
-    """'sequence', 'streamed' or 'stepwise' for the forward or backward recurrence of this shape.
+                direction: str = "forward", allow_tf32: bool = True) -> str:
+    """'sequence', 'persistent' or 'stepwise' for the forward or backward recurrence of this shape.
 
     A single step always takes the step kernel. Otherwise the tuned configs shipped for this GPU
-    decide where they exist; else 'sequence' when one program can hold W_hh, 'stepwise' if not.
+    decide where they exist; else 'sequence' when one program can hold W_hh, 'persistent' (W_hh
+    split over programs that stay resident) up to H = 2048, 'stepwise' beyond.
     """
     if seq_len == 1:
         return "stepwise"
     choice = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
     if choice is not None:
         return choice["path"]
-    return kernels.default_path(hidden_size, dtype)
+    return kernels.default_path(hidden_size, dtype, allow_tf32)
 
 
 def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> str:
@@ -45,12 +46,21 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
     if which == "torch":
         return f"torch's own RNN implementation on {device.type} (Triton kernels need CUDA or TRITON_INTERPRET=1)"
     mode = "compiled" if which == "triton" else "interpreted"
+    from tritonrnn.functional import _allow_tf32  # the layers' TF32 setting (functional imports this module)
+    allow_tf32 = _allow_tf32()
     lines = []
     for direction in ("forward", "backward"):
-        path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction)
+        path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32)
         kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh held on chip",
-                  "streamed": "rnn_sequence_kernel, one launch for all steps, W_hh streamed from L2",
+                  "persistent": "rnn_persistent_kernel, one launch for all steps, W_hh in column slices on chip",
                   "stepwise": f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)"}[path]
+        if path == "persistent":
+            plan = kernels.recurrence.persistent_plan(seq_len, batch, hidden_size, dtype, device, direction,
+                                                      allow_tf32)
+            kernel += (f": {plan.groups} group(s) of {plan.programs_per_group} program(s), {plan.batch_tiles} "
+                       f"batch tile(s) a group, " + (f"{plan.programs} of a resident capacity of "
+                                                     f"{plan.resident_capacity}" if plan.waits else
+                                                     "no program waits for another"))
         tuned = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
         source = ("shipped tuned config" if tuned is not None and tuned["path"] == path
                   else "Triton autotuner" if which == "triton" and kernels.config.autotune_enabled()

@@ -158,15 +158,21 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
     per_layer = 4 if bias else 2
     h_n = []
     for layer in range(num_layers):
-        outputs = []
-        for direction in range(directions):
-            index = layer * directions + direction
-            w = list(weights[index * per_layer:(index + 1) * per_layer]) + [None, None]
-            out, h = rnn_layer(x, hx[index], w[0], w[1], w[2], w[3], nonlinearity, lengths,
-                               reverse=direction == 1)
-            outputs.append(out)
-            h_n.append(h)
-        x = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
+        layer_weights = [list(weights[index * per_layer:(index + 1) * per_layer]) + [None, None]
+                         for index in range(layer * directions, (layer + 1) * directions)]
+        h0 = hx[layer * directions:(layer + 1) * directions]
+        # torch.func transforms take each direction through the op that has vmap rules.
+        if directions == 2 and not torch._C._are_functorch_transforms_active():
+            outputs, h = _bidirectional_layer(x, h0, layer_weights, relu, lengths)
+            h_n += list(h)
+        else:
+            outputs = []
+            for direction, w in enumerate(layer_weights):
+                out, h = rnn_layer(x, h0[direction], w[0], w[1], w[2], w[3], nonlinearity, lengths,
+                                   reverse=direction == 1)
+                outputs.append(out)
+                h_n.append(h)
+        x = torch.cat(list(outputs), dim=-1) if directions == 2 else outputs[0]
         if dropout > 0 and training and layer < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
     if batch_sizes is not None:
@@ -174,6 +180,22 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
     else:
         output = x.transpose(0, 1) if batch_first else x
     return output, torch.stack(h_n)
+
+
+def _bidirectional_layer(x: Tensor, h0: Tensor, weights: list, relu: bool,
+                         lengths: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Both directions of one layer through one op (one launch for both on the persistent path).
+
+    Args:
+        x: [T, B, I]. h0: [2, B, H]. weights: per direction [w_ih, w_hh, b_ih, b_hh] (biases may be None).
+    Returns:
+        out [2, T, B, H] (forward direction first) and h_n [2, B, H].
+    """
+    xw = torch.stack([_project(x, w[0], w[2], w[3]) for w in weights])
+    w_hh = torch.stack([w[1] for w in weights])
+    if lengths is not None:
+        lengths = lengths.to(device=x.device, dtype=torch.int32)
+    return ops.bidirectional_recurrence(xw, h0, w_hh, lengths, relu, _allow_tf32())
 
 
 def rnn_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,

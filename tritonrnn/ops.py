@@ -5,6 +5,8 @@ projection before it and the parameter-gradient GEMMs after it are large matmuls
 
     tritonrnn::recurrence(xw, h0, w_hh, ...)               -> out [T, B, H], h_n [B, H]
     tritonrnn::recurrence_backward(grad_out, grad_hn, ...) -> dxw [T, B, H], dh0 [B, H], dw_hh [H, H]
+    tritonrnn::bidirectional_recurrence(_backward): the same for both directions of a layer, stacked
+        [2, ...] (one launch for both on the persistent path)
 
 Opaque custom ops keep torch.compile(fullgraph=True) tracing through the layers without a break.
 The kernel path (tuned configs per GPU, dispatch.kernel_path) is chosen inside the ops when they
@@ -33,10 +35,11 @@ def _walk_ends(lengths: Optional[Tensor], T: int, B: int, reverse: bool, device)
     return (lengths - 1, zeros) if reverse else (zeros, lengths - 1)
 
 
-def _path(sequence: Tensor, direction: str) -> str:
-    """The kernel path of this [T, B, H] recurrence on this device, chosen at run time."""
-    T, B, H = sequence.shape
-    return dispatch.kernel_path(T, H, sequence.dtype, B, sequence.device, direction)
+def _path(sequence: Tensor, direction: str, allow_tf32: bool) -> str:
+    """The kernel path of this [T, B, H] recurrence (or [2, T, B, H]: both directions) on this
+    device, chosen at run time."""
+    T, B, H = sequence.shape[-3:]
+    return dispatch.kernel_path(T, H, sequence.dtype, B, sequence.device, direction, allow_tf32)
 
 
 @torch.library.custom_op("tritonrnn::recurrence", mutates_args=())
@@ -44,7 +47,7 @@ def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], 
                relu: bool, allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """h_t = act(xw_t + h_{t-1} W_hh^T) for all t; see tritonrnn.kernels.recurrence_forward."""
     return kernels.recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu,
-                                      path=_path(xw, "forward"), allow_tf32=allow_tf32)
+                                      path=_path(xw, "forward", allow_tf32), allow_tf32=allow_tf32)
 
 
 @recurrence.register_fake
@@ -57,14 +60,27 @@ def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tens
                         lengths: Optional[Tensor], reverse: bool, relu: bool,
                         allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
     """BPTT of `recurrence`: the fused backward kernel, then dh0 and dW_hh as GEMMs."""
-    T, B, H = out.shape
-    first, last = _walk_ends(lengths, T, B, reverse, out.device)
-    rows = torch.arange(B, device=out.device)
+    dz = kernels.recurrence_backward(_fold_final_grad(grad_out, grad_hn, lengths, reverse), out, w_hh,
+                                     lengths=lengths, reverse=reverse, relu=relu,
+                                     path=_path(out, "backward", allow_tf32), allow_tf32=allow_tf32)
+    return dz, *_state_grads(dz, out, h0, w_hh, lengths, reverse)
+
+
+def _fold_final_grad(grad_out: Tensor, grad_hn: Tensor, lengths: Optional[Tensor], reverse: bool) -> Tensor:
+    """dL/dh_t with dL/dh_n added at each row's last step (where h_n was taken)."""
+    T, B, _ = grad_out.shape
+    _, last = _walk_ends(lengths, T, B, reverse, grad_out.device)
     grad = grad_out.clone()
-    grad.index_put_((last, rows), grad_hn, accumulate=True)  # dL/dh_n enters at each row's last step
-    dz = kernels.recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu,
-                                     path=_path(out, "backward"), allow_tf32=allow_tf32)
-    dz_first = dz[first, rows]  # dz of each row's first step: the one that read h0
+    grad.index_put_((last, torch.arange(B, device=grad.device)), grad_hn, accumulate=True)
+    return grad
+
+
+def _state_grads(dz: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor],
+                 reverse: bool) -> tuple[Tensor, Tensor]:
+    """dh0 and dW_hh from the kernel's dz: GEMMs over all steps."""
+    T, B, H = out.shape
+    first, _ = _walk_ends(lengths, T, B, reverse, out.device)
+    dz_first = dz[first, torch.arange(B, device=out.device)]  # dz of each row's first step: the one that read h0
     dh0 = dz_first @ w_hh
     # dW_hh = sum_t dz_t^T h_{t-1}: h_{t-1} is the neighbouring output in walk order, h0 at the
     # first step (padding outputs are 0, so steps that start after padding add nothing there).
@@ -75,7 +91,7 @@ def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tens
     dw_hh = dz_first.T @ h0
     if T > 1:
         dw_hh = dw_hh + dz_body.reshape(-1, H).T @ h_prev.reshape(-1, H)
-    return dz, dh0, dw_hh
+    return dh0, dw_hh
 
 
 @recurrence_backward.register_fake
@@ -90,12 +106,23 @@ def _setup_context(ctx, inputs, output):
     ctx.flags = (reverse, relu, allow_tf32)
 
 
-def _backward(ctx, grad_out, grad_hn):
+def _saved(ctx, grad_out, grad_hn) -> tuple:
+    """The forward's saved out, h0, w_hh, lengths, and the incoming gradients (None: zeros)."""
     out, h0, w_hh, lengths = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn
-    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-        warnings.warn(DOUBLE_BACKWARD_WARNING, stacklevel=2)
+    return (out, h0, w_hh, lengths, torch.zeros_like(out) if grad_out is None else grad_out,
+            torch.zeros_like(h0) if grad_hn is None else grad_hn)
+
+
+def _double_backward() -> bool:
+    """create_graph=True: the gradient must itself be differentiable (PyTorch's BPTT, with a warning)."""
+    if torch.is_grad_enabled():
+        warnings.warn(DOUBLE_BACKWARD_WARNING, stacklevel=3)
+    return torch.is_grad_enabled()
+
+
+def _backward(ctx, grad_out, grad_hn):
+    out, h0, w_hh, lengths, grad_out, grad_hn = _saved(ctx, grad_out, grad_hn)
+    if _double_backward():
         reverse, relu = ctx.flags[:2]
         dxw, dh0, dw_hh = reference.recurrence_backward(out, h0, w_hh, grad_out, grad_hn,
                                                         "relu" if relu else "tanh", lengths, reverse)
@@ -106,6 +133,72 @@ def _backward(ctx, grad_out, grad_hn):
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
 
+
+# Both directions of a bidirectional layer: tensors stacked [2, ...], direction 0 forward in time,
+# direction 1 reverse. The kernel path is chosen here, at run time: on the persistent path both
+# directions run in one launch, on the others one launch (or T) per direction.
+REVERSE_OF = (False, True)
+
+
+@torch.library.custom_op("tritonrnn::bidirectional_recurrence", mutates_args=())
+def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], relu: bool,
+                             allow_tf32: bool) -> tuple[Tensor, Tensor]:
+    """`recurrence` of both directions at once: xw [2, T, B, H], h0 [2, B, H], w_hh [2, H, H]."""
+    path = _path(xw, "forward", allow_tf32)
+    if path == "persistent":
+        return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
+    outputs = [kernels.recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d], relu=relu,
+                                          path=path, allow_tf32=allow_tf32) for d in range(2)]
+    return tuple(torch.stack(o) for o in zip(*outputs, strict=True))
+
+
+@bidirectional_recurrence.register_fake
+def _(xw, h0, w_hh, lengths, relu, allow_tf32):
+    return torch.empty_like(xw), torch.empty_like(h0)
+
+
+@torch.library.custom_op("tritonrnn::bidirectional_recurrence_backward", mutates_args=())
+def bidirectional_recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor,
+                                      lengths: Optional[Tensor], relu: bool,
+                                      allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """BPTT of `bidirectional_recurrence`: the fused backward kernel for both directions (one
+    launch on the persistent path), then dh0 and dW_hh of each as GEMMs."""
+    grad = torch.stack([_fold_final_grad(grad_out[d], grad_hn[d], lengths, REVERSE_OF[d]) for d in range(2)])
+    path = _path(out, "backward", allow_tf32)
+    if path == "persistent":
+        dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
+    else:
+        dz = torch.stack([kernels.recurrence_backward(grad[d], out[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d],
+                                                      relu=relu, path=path, allow_tf32=allow_tf32) for d in range(2)])
+    dh0, dw_hh = zip(*(_state_grads(dz[d], out[d], h0[d], w_hh[d], lengths, REVERSE_OF[d]) for d in range(2)),
+                     strict=True)
+    return dz, torch.stack(dh0), torch.stack(dw_hh)
+
+
+@bidirectional_recurrence_backward.register_fake
+def _(grad_out, grad_hn, out, h0, w_hh, lengths, relu, allow_tf32):
+    return torch.empty_like(out), torch.empty_like(h0), torch.empty_like(w_hh)
+
+
+def _setup_bidirectional_context(ctx, inputs, output):
+    xw, h0, w_hh, lengths, relu, allow_tf32 = inputs
+    ctx.save_for_backward(output[0], h0, w_hh, lengths)
+    ctx.flags = (relu, allow_tf32)
+
+
+def _bidirectional_backward(ctx, grad_out, grad_hn):
+    out, h0, w_hh, lengths, grad_out, grad_hn = _saved(ctx, grad_out, grad_hn)
+    if _double_backward():
+        nonlinearity = "relu" if ctx.flags[0] else "tanh"
+        grads = [reference.recurrence_backward(out[d], h0[d], w_hh[d], grad_out[d], grad_hn[d], nonlinearity,
+                                               lengths, REVERSE_OF[d]) for d in range(2)]
+        dxw, dh0, dw_hh = (torch.stack(g) for g in zip(*grads, strict=True))
+    else:
+        dxw, dh0, dw_hh = bidirectional_recurrence_backward(grad_out, grad_hn, out, h0, w_hh, lengths, *ctx.flags)
+    return dxw, dh0, dw_hh, None, None, None
+
+
+bidirectional_recurrence.register_autograd(_bidirectional_backward, setup_context=_setup_bidirectional_context)
 
 # torch.func transforms (grad, vmap, per-sample gradients: vmap(grad(loss)) with functional_call).
 # torch.func refuses a custom op's own autograd (register_autograd: pytorch/pytorch#168393), so under

@@ -1,0 +1,293 @@
+"""The persistent path: programs that wait for each other at a per-group barrier every step.
+
+Triton's interpreter runs programs one after another, so these tests run every program of a
+launch at once, one thread per program, with a random short sleep at each atomic
+(tests/concurrent_interpreter.py), against the float64 reference: several groups of several
+programs, forward and backward, both directions, lengths, tanh and relu, float64 and float32.
+The same kernel with its wait broken (the target off by one, or no wait) must fail here.
+"""
+import pytest
+import torch
+import triton
+
+from concurrent_interpreter import CONCURRENT_CAPACITY, concurrent_programs
+from conftest import DEVICE, assert_close, dtype_id
+from tritonrnn import dispatch, kernels, ops, reference
+from tritonrnn.kernels import persistent
+
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's concurrent harness")
+
+# T = 5, B = 20 (2 groups of 16 rows, the second ragged), H = 40: 3 programs of 16 columns per
+# group, the last ragged; K_SPLIT = 2 reads the state in two halves of 32 columns.
+T, B, H = 5, 20, 40
+VARIANTS = [  # (nonlinearity, reverse, with lengths, K_SPLIT)
+    ("tanh", False, False, 1), ("relu", False, True, 2), ("tanh", True, True, 1), ("relu", True, False, 2),
+]
+
+
+def _variant_id(variant):
+    act, reverse, packed, k_split = variant
+    return act + ("-reverse" if reverse else "") + ("-lengths" if packed else "") + f"-ksplit{k_split}"
+
+
+def _problem(packed, seed, steps=T):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    p = dict(xw=rand(steps, B, H), h0=rand(B, H), w_hh=rand(H, H, scale=1.5 / H ** 0.5))
+    p["lengths"] = torch.randint(1, steps + 1, (B,), generator=g) if packed else None
+    return p
+
+
+def _config(k_split, **debug):
+    return triton.Config({"BLOCK_B": 16, "BLOCK_N": 16, "K_SPLIT": k_split, **debug}, num_warps=4, num_stages=1)
+
+
+def _forward(p, act, reverse, dtype, config):
+    return kernels.recurrence_forward(p["xw"].to(dtype), p["h0"].to(dtype), p["w_hh"].to(dtype),
+                                      lengths=p["lengths"], reverse=reverse, relu=act == "relu", path="persistent",
+                                      config=config)
+
+
+def _reference_forward(p, act, reverse):
+    eye = torch.eye(H, dtype=torch.float64)  # xw is already projected: x = xw, W_ih = I
+    return reference.forward(p["xw"], p["h0"], eye, p["w_hh"], None, None, act, p["lengths"], reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_forward_with_concurrent_programs_matches_reference(variant, dtype):
+    act, reverse, packed, k_split = variant
+    p = _problem(packed, seed=11)
+    with concurrent_programs(seed=1):
+        out, h_n = _forward(p, act, reverse, dtype, _config(k_split))
+    ref_out, ref_hn = _reference_forward(p, act, reverse)
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(h_n, ref_hn, dtype, "h_n")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_backward_with_concurrent_programs_matches_reference(variant, dtype, monkeypatch):
+    act, reverse, packed, k_split = variant
+    p = _problem(packed, seed=12)
+    out, _ = _reference_forward(p, act, reverse)
+    g = torch.Generator().manual_seed(13)
+    grad_out = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+    grad_hn = torch.randn(B, H, generator=g, dtype=torch.float64)
+    if packed:  # padding is not part of the output
+        grad_out = grad_out * (torch.arange(T)[:, None] < p["lengths"])[..., None]
+    eye = torch.eye(H, dtype=torch.float64)
+    ref = reference.backward(p["xw"], p["h0"], eye, p["w_hh"], out, grad_out, grad_hn, act, p["lengths"], reverse)
+    config = _config(k_split)
+    launch = kernels.recurrence_backward
+    monkeypatch.setattr(kernels, "recurrence_backward", lambda *args, **kw: launch(*args, **kw, config=config))
+    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: "persistent")  # the op's choice
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
+    with concurrent_programs(seed=2):
+        dz, dh0, dw_hh = ops.recurrence_backward(cast(grad_out), cast(grad_hn), cast(out), cast(p["h0"]),
+                                                 cast(p["w_hh"]), lengths, reverse, act == "relu", False)
+    assert_close(dz, ref.dz, dtype, "dz")
+    assert_close(dh0, ref.dh0, dtype, "dh0")
+    assert_close(dw_hh, ref.dw_hh, dtype, "dW_hh")
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    """The plans the persistent launches ran (to check that programs really waited for each other)."""
+    ran, launch = [], persistent.launch
+    monkeypatch.setattr(persistent, "launch", lambda *args, **kw: ran.append(launch(*args, **kw)) or ran[-1])
+    return ran
+
+
+def test_launches_several_groups_of_several_programs(plans):
+    p = _problem(False, seed=14)
+    with concurrent_programs(seed=3):
+        _forward(p, "tanh", False, torch.float64, _config(1))
+    assert plans == [persistent.Plan(programs_per_group=3, groups=2, batch_tiles=1,
+                                     resident_capacity=CONCURRENT_CAPACITY)]
+
+
+def test_groups_take_several_batch_tiles_where_programs_do_not_fit(plans):
+    """Capacity for one group only: one group of 3 programs serves both batch tiles."""
+    p = _problem(True, seed=15)
+    with concurrent_programs(seed=4, capacity=5):
+        out, h_n = _forward(p, "tanh", True, torch.float64, _config(1))
+    assert plans == [persistent.Plan(programs_per_group=3, groups=1, batch_tiles=2, resident_capacity=5)]
+    ref_out, ref_hn = _reference_forward(p, "tanh", True)
+    assert_close(out, ref_out, torch.float64, "out")
+    assert_close(h_n, ref_hn, torch.float64, "h_n")
+
+
+@pytest.mark.parametrize("slack", [1, 10 ** 6], ids=["target-off-by-one", "no-wait"])
+def test_harness_catches_a_broken_barrier(slack):
+    """The same kernel, its wait target lowered (DEBUG_WAIT_SLACK), must give wrong results: a
+    program reads a state row before its writer stored it (NaN-poisoned).
+
+    A race shows only in some schedules: over 12 steps, 19 of 20 off-by-one runs and 20 of 20
+    no-wait runs were wrong (seeds 0-19), so up to 3 schedules are tried (a broken barrier passing
+    all 3 was never seen); the correct kernel passes every schedule (the tests above)."""
+    p = _problem(False, seed=16, steps=12)
+    ref_out, _ = _reference_forward(p, "tanh", False)
+    for seed in range(3):
+        with concurrent_programs(seed=seed):
+            out, _ = _forward(p, "tanh", False, torch.float64, _config(1, DEBUG_WAIT_SLACK=slack))
+        if out.isnan().any() or not torch.allclose(out, ref_out, rtol=1e-10, atol=1e-10):
+            return
+    pytest.fail(f"a barrier that waits for {slack} arrival(s) too few passed 3 schedules")
+
+
+def test_plan_never_exceeds_the_resident_capacity():
+    # H = 2048 in 16-column slices: 128 programs a group; B = 256 in 16-row tiles.
+    assert persistent.plan(256, 2048, 16, 16, capacity=132) == persistent.Plan(128, 1, 16, 132)
+    assert persistent.plan(256, 1024, 16, 32, capacity=264) == persistent.Plan(32, 8, 2, 264)
+    assert persistent.plan(1, 512, 16, 32, capacity=132) == persistent.Plan(16, 1, 1, 132)
+    for batch in range(1, 300, 7):
+        for capacity in (16, 100, 132, 264):
+            chosen = persistent.plan(batch, 512, 16, 32, capacity)
+            assert chosen.programs_per_group * chosen.groups <= capacity
+            assert chosen.groups * chosen.batch_tiles * 16 >= batch
+    with pytest.raises(ValueError, match="needs 128 resident programs per group"):
+        persistent.plan(16, 2048, 16, 16, capacity=100)
+    with pytest.raises(ValueError, match="in each of 2 direction"):
+        persistent.plan(16, 1024, 16, 16, capacity=100, directions=2)
+    assert persistent.plan(256, 1024, 16, 32, capacity=132, directions=2) == persistent.Plan(32, 2, 8, 132, 2)
+    # A group of one program waits for no one: one group per batch tile, no co-residency needed.
+    alone = persistent.plan(300, 32, 16, 32, capacity=1, directions=2)
+    assert alone == persistent.Plan(1, 19, 1, 1, 2) and not alone.waits
+
+
+def test_programs_per_sm_takes_the_tightest_resource():
+    sm = persistent.SMLimits()
+    assert persistent.programs_per_sm(registers=128, num_warps=4, shared_bytes=98304, limits=sm) == 2  # shared
+    assert persistent.programs_per_sm(registers=255, num_warps=8, shared_bytes=0, limits=sm) == 1  # registers
+    assert persistent.programs_per_sm(registers=32, num_warps=4, shared_bytes=0, limits=sm) == 16  # threads
+    assert persistent.programs_per_sm(registers=16, num_warps=1, shared_bytes=0, limits=sm) == 32  # slots
+
+
+def test_info_says_how_the_persistent_path_tiles(capsys, monkeypatch):
+    from tritonrnn import cli, kernel_path
+    assert kernel_path(32, 512, torch.float32) == "persistent"
+    assert kernel_path(1, 512, torch.float32) == "stepwise"  # one step (RNNCell): the step kernel
+    assert kernel_path(32, 512, torch.float32, allow_tf32=False) == "stepwise"  # 3xTF32 spills there
+    assert kernel_path(32, 2048, torch.bfloat16) == "persistent"
+    assert kernel_path(32, 4096, torch.bfloat16) == "stepwise"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # fp32 as cuDNN runs it: TF32
+    cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
+    # The plain interpreter runs one program at a time: a group is one program, one per tile.
+    text = capsys.readouterr().out
+    assert "forward: persistent path" in text
+    assert "3 group(s) of 1 program(s), 1 batch tile(s) a group, no program waits for another" in text, text
+    with concurrent_programs():
+        cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
+    text = capsys.readouterr().out
+    assert f"3 group(s) of 16 program(s), 1 batch tile(s) a group, 48 of a resident capacity of " \
+           f"{CONCURRENT_CAPACITY}" in text, text
+
+
+def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
+    """tritonrnn.RNN (2 layers, bidirectional, lengths) by default dispatch on the persistent path,
+    both directions of a layer in one launch with groups of several concurrent programs, against
+    torch.nn.RNN in float64."""
+    import tritonrnn
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
+    monkeypatch.setattr(kernels.config, "default_config", lambda path, batch, hidden: _config(2))
+    assert tritonrnn.kernel_path(T, H, torch.float64) == "persistent"
+    torch.manual_seed(0)
+    oracle = nn.RNN(7, H, num_layers=2, bidirectional=True).double()
+    ours = tritonrnn.RNN(7, H, num_layers=2, bidirectional=True, dtype=torch.float64)
+    ours.load_state_dict(oracle.state_dict())
+    x = torch.randn(T, B, 7, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,))
+    g = torch.randn(T, B, 2 * H, dtype=torch.float64) * (torch.arange(T)[:, None] < lengths)[..., None]
+    results = []
+    for module in (ours, oracle):
+        leaf = x.clone().requires_grad_()
+        with concurrent_programs(seed=6):
+            out, h_n = module(pack_padded_sequence(leaf, lengths, enforce_sorted=False))
+            out, _ = pad_packed_sequence(out, total_length=T)
+            ((out * g).sum() + h_n.sum()).backward()
+        results.append({"out": out, "h_n": h_n, "dx": leaf.grad, **{n: p.grad for n, p in module.named_parameters()}})
+    for name, expected in results[1].items():
+        assert_close(results[0][name], expected, torch.float64, name)
+    # Per layer one launch forward and one backward, both directions in each.
+    assert plans == [persistent.Plan(3, 2, 1, CONCURRENT_CAPACITY, directions=2)] * 4
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_rows_of_length_zero_end_in_h0(reverse):
+    """The kernels accept length 0 (the layers do not): the row never steps, outputs 0, h_n = h0."""
+    p = _problem(True, seed=17)
+    p["lengths"][:3] = 0
+    with concurrent_programs(seed=7):
+        out, h_n = _forward(p, "tanh", reverse, torch.float64, _config(1))
+    ref_out, ref_hn = _reference_forward(p, "tanh", reverse)
+    assert_close(out, ref_out, torch.float64, "out")
+    assert_close(h_n, ref_hn, torch.float64, "h_n")
+    assert torch.equal(h_n[:3], p["h0"][:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_both_directions_in_one_launch(dtype):
+    """A bidirectional layer's two directions in one launch (grid axis 2, inputs stacked [2, ...],
+    each its own W_hh and h0; direction 1 walks the other way), forward and backward, lengths."""
+    p = [_problem(True, seed=18), _problem(True, seed=19)]
+    p[1]["lengths"] = p[0]["lengths"]
+    refs = [_reference_forward(p[d], "relu", reverse=d == 1) for d in range(2)]
+    g = torch.Generator().manual_seed(20)
+    active = (torch.arange(T)[:, None] < p[0]["lengths"])[..., None]
+    grads = [torch.randn(T, B, H, generator=g, dtype=torch.float64) * active for _ in range(2)]
+    eye = torch.eye(H, dtype=torch.float64)
+    ref_dz = [reference.backward(p[d]["xw"], p[d]["h0"], eye, p[d]["w_hh"], refs[d][0], grads[d],
+                                 torch.zeros(B, H, dtype=torch.float64), "relu", p[d]["lengths"], d == 1).dz
+              for d in range(2)]
+    stack = lambda tensors: torch.stack(tensors).to(dtype).contiguous()  # noqa: E731
+    w, lengths = stack([q["w_hh"] for q in p]), p[0]["lengths"].to(torch.int32)
+    numerics = kernels.recurrence._numerics(dtype, DEVICE, False)
+    meta = kernels.config.config_to_dict(_config(2))
+    out, h_n = torch.full((2, T, B, H), float("nan"), dtype=dtype), torch.full((2, B, H), float("nan"), dtype=dtype)
+    dz = torch.full_like(out, float("nan"))
+    with concurrent_programs(seed=8):
+        forward_plan = persistent.launch(stack([q["xw"] for q in p]), stack([q["h0"] for q in p]), w, None, out, h_n,
+                                         lengths, backward=False, reverse=False, relu=True, numerics=numerics, meta=meta)
+        persistent.launch(stack(grads), None, w, stack([r[0] for r in refs]), dz, None, lengths, backward=True,
+                          reverse=True, relu=True, numerics=numerics, meta=meta)
+    assert forward_plan.grid == (3, 2, 2)
+    for d in range(2):
+        assert_close(out[d], refs[d][0], dtype, f"out[{d}]")
+        assert_close(h_n[d], refs[d][1], dtype, f"h_n[{d}]")
+        assert_close(dz[d], ref_dz[d], dtype, f"dz[{d}]")
+
+
+@pytest.mark.parametrize("lengths", [None, [4, 2, 1]], ids=["dense", "lengths"])
+def test_bidirectional_ops_pass_opcheck(lengths):
+    torch.manual_seed(0)
+    steps, batch, hidden = 4, 3, 6
+    xw = torch.randn(2, steps, batch, hidden, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, batch, hidden, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(2, hidden, hidden, dtype=torch.float64) / hidden ** 0.5).requires_grad_()
+    lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int32)
+    torch.library.opcheck(ops.bidirectional_recurrence, (xw, h0, w, lens, True, False))
+    out, _ = ops.bidirectional_recurrence(xw, h0, w, lens, True, False)
+    args = (torch.randn_like(out), torch.randn_like(h0), out.detach(), h0.detach(), w.detach(), lens, True, False)
+    torch.library.opcheck(ops.bidirectional_recurrence_backward, args)
+
+
+def test_per_sample_gradients_of_bidirectional_layers_on_the_persistent_path(monkeypatch):
+    """Under torch.func transforms a bidirectional layer runs its directions one by one (the
+    one-launch op has no vmap rule): test_per_sample_grad's bidirectional case on this path."""
+    import test_per_sample_grad
+    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
+    assert kernels.default_path(test_per_sample_grad.H, torch.float64) == "persistent"
+    test_per_sample_grad.test_rnn_per_sample_grads_match_torch("B2-h0-batch_first-2layers-bidir-relu")
+
+
+def test_arrival_counters_never_overflow(monkeypatch):
+    """int32 counters reach T x (programs per group): a longer launch is refused, not wrapped."""
+    monkeypatch.setattr(persistent, "rnn_persistent_kernel", None)  # never launched
+    xw = torch.empty(1, 1, 40, dtype=torch.float64).expand(2 ** 31 // 3 + 1, 1, 40)  # 3 programs a group
+    with concurrent_programs(), pytest.raises(ValueError, match="overflow the int32 arrival counters"):
+        persistent.launch(xw, xw[0], torch.empty(40, 40, dtype=torch.float64), None, xw, xw[0], None, backward=False,
+                          reverse=False, relu=False, numerics={}, meta=dict(BLOCK_B=16, BLOCK_N=16))
