@@ -1,0 +1,121 @@
+"""tritonrnn.ElmanLM against the same model built from torch.nn (nn.Embedding + nn.RNN + nn.Linear
+and F.cross_entropy): state_dict both ways, the loss and gradients, the final state across calls,
+and the same training curve from the same seed."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tritonrnn
+from conftest import DEVICE, assert_close
+
+V, H = 13, 10
+
+
+class TorchLM(nn.Module):
+    """The torch.nn model ElmanLM mirrors: same attribute names, same parameter creation order."""
+
+    def __init__(self, vocab_size, hidden_size, num_layers=1, nonlinearity="tanh", embedding=True, **kwargs):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, hidden_size, **kwargs) if embedding else None
+        self.rnn = nn.RNN(hidden_size if embedding else vocab_size, hidden_size, num_layers, nonlinearity, **kwargs)
+        self.output = nn.Linear(hidden_size, vocab_size, **kwargs)
+
+    def forward(self, input, target, hx=None):
+        x = self.embedding(input) if self.embedding is not None else F.one_hot(input, self.vocab_size).double()
+        out, h_n = self.rnn(x, hx)
+        return F.cross_entropy(self.output(out).reshape(-1, self.vocab_size), target.reshape(-1)), h_n
+
+
+CONFIGS = {"embedding": dict(), "one-hot-2-layers-relu": dict(embedding=False, num_layers=2, nonlinearity="relu")}
+
+
+def _pair(config, seed=0):
+    kwargs = dict(CONFIGS[config], device=DEVICE, dtype=torch.float64)
+    torch.manual_seed(seed)
+    ours = tritonrnn.ElmanLM(V, H, **kwargs)
+    torch.manual_seed(seed)
+    oracle = TorchLM(V, H, **kwargs)
+    return ours, oracle
+
+
+def _tokens(T, B, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (T + 1, B), generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_state_dict_keys_and_same_init_from_same_seed(config):
+    ours, oracle = _pair(config)
+    assert list(ours.state_dict()) == list(oracle.state_dict())
+    for key, value in oracle.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_state_dict_loads_both_ways(config):
+    ours, oracle = _pair(config, seed=1)
+    _, other = _pair(config, seed=2)
+    ours.load_state_dict(other.state_dict())  # torch.nn -> ElmanLM
+    oracle.load_state_dict(tritonrnn.ElmanLM(V, H, **CONFIGS[config], dtype=torch.float64).state_dict())
+    for key, value in other.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    tokens = _tokens(5, 3, seed=3)
+    ours.load_state_dict(oracle.state_dict())  # ElmanLM <- torch.nn, then compare the models
+    assert_close(ours(tokens[:-1], tokens[1:]), oracle(tokens[:-1], tokens[1:])[0], torch.float64)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_loss_gradients_and_state_across_calls(config):
+    """Two consecutive windows, the second starting from the first's detached final state
+    (truncated BPTT): losses, h_n and every parameter gradient as torch's."""
+    ours, oracle = _pair(config, seed=4)
+    tokens = _tokens(9, 3, seed=5)
+    state = {"ours": None, "oracle": None}
+    for window in (tokens[:5], tokens[4:]):
+        loss, h_n = ours(window[:-1], window[1:], state["ours"], return_state=True)
+        ref, ref_h_n = oracle(window[:-1], window[1:], state["oracle"])
+        ours.zero_grad()
+        oracle.zero_grad()
+        loss.backward()
+        ref.backward()
+        assert_close(loss, ref, torch.float64, "loss")
+        assert_close(h_n, ref_h_n, torch.float64, "h_n")
+        for (name, p), q in zip(ours.named_parameters(), oracle.parameters(), strict=True):
+            assert_close(p.grad, q.grad, torch.float64, name)
+        state = {"ours": h_n.detach(), "oracle": ref_h_n.detach()}
+
+
+def test_trains_to_the_same_loss_curve_as_torch():
+    """Same seed, same batches (sequences that count modulo V), Adam: the loss curves agree to
+    float64 round-off."""
+    ours, oracle = _pair("embedding", seed=6)
+    curves = []
+    for model in (ours, oracle):
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        batches = torch.Generator().manual_seed(7)
+        losses = []
+        for _ in range(5):
+            offsets = torch.randint(0, V, (4,), generator=batches)
+            tokens = ((offsets + torch.arange(7)[:, None]) % V).to(DEVICE)  # counting: learnable
+            loss = model(tokens[:-1], tokens[1:])
+            loss = loss[0] if isinstance(loss, tuple) else loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses, dtype=torch.float64))
+    assert curves[0][-1] < curves[0][0] - 0.1  # it learns
+    assert_close(curves[0], curves[1], torch.float64, "loss curve")
+
+
+def test_batch_first_sum_and_logits():
+    torch.manual_seed(8)
+    model = tritonrnn.ElmanLM(V, H, batch_first=True, reduction="sum", ignore_index=0, device=DEVICE,
+                              dtype=torch.float64)
+    tokens = _tokens(6, 2, seed=9).T  # [B, T + 1]
+    logits, _ = model.logits(tokens[:, :-1])
+    expected = F.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="sum", ignore_index=0)
+    assert logits.shape == (2, 6, V)
+    assert_close(model(tokens[:, :-1], tokens[:, 1:]), expected, torch.float64)
