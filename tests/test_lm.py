@@ -1,5 +1,5 @@
-"""tritonrnn.ElmanLM against the same model built from torch.nn (nn.Embedding + nn.RNN + nn.Linear
-and F.cross_entropy): state_dict both ways, the loss and gradients, the final state across calls,
+"""tritonrnn.ElmanLM against the same model built from torch.nn (TorchElmanLM: nn.Embedding +
+nn.RNN + nn.Linear and F.cross_entropy): state_dict both ways, the loss and gradients, the final state across calls,
 and the same training curve from the same seed."""
 import pytest
 import torch
@@ -8,24 +8,10 @@ from torch import nn
 
 import tritonrnn
 from conftest import DEVICE, assert_close
+from tritonrnn.kernels import output
+from tritonrnn.lm import TorchElmanLM
 
 V, H = 13, 10
-
-
-class TorchLM(nn.Module):
-    """The torch.nn model ElmanLM mirrors: same attribute names, same parameter creation order."""
-
-    def __init__(self, vocab_size, hidden_size, num_layers=1, nonlinearity="tanh", embedding=True, **kwargs):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.embedding = nn.Embedding(vocab_size, hidden_size, **kwargs) if embedding else None
-        self.rnn = nn.RNN(hidden_size if embedding else vocab_size, hidden_size, num_layers, nonlinearity, **kwargs)
-        self.output = nn.Linear(hidden_size, vocab_size, **kwargs)
-
-    def forward(self, input, target, hx=None):
-        x = self.embedding(input) if self.embedding is not None else F.one_hot(input, self.vocab_size).double()
-        out, h_n = self.rnn(x, hx)
-        return F.cross_entropy(self.output(out).reshape(-1, self.vocab_size), target.reshape(-1)), h_n
 
 
 CONFIGS = {"embedding": dict(), "one-hot-2-layers-relu": dict(embedding=False, num_layers=2, nonlinearity="relu")}
@@ -36,7 +22,7 @@ def _pair(config, seed=0):
     torch.manual_seed(seed)
     ours = tritonrnn.ElmanLM(V, H, **kwargs)
     torch.manual_seed(seed)
-    oracle = TorchLM(V, H, **kwargs)
+    oracle = TorchElmanLM(V, H, **kwargs)
     return ours, oracle
 
 
@@ -48,6 +34,7 @@ def _tokens(T, B, seed):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_state_dict_keys_and_same_init_from_same_seed(config):
     ours, oracle = _pair(config)
+    assert type(ours.rnn) is tritonrnn.RNN and type(oracle.rnn) is nn.RNN
     assert list(ours.state_dict()) == list(oracle.state_dict())
     for key, value in oracle.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
@@ -63,19 +50,22 @@ def test_state_dict_loads_both_ways(config):
         assert torch.equal(ours.state_dict()[key], value), key
     tokens = _tokens(5, 3, seed=3)
     ours.load_state_dict(oracle.state_dict())  # ElmanLM <- torch.nn, then compare the models
-    assert_close(ours(tokens[:-1], tokens[1:]), oracle(tokens[:-1], tokens[1:])[0], torch.float64)
+    assert_close(ours(tokens[:-1], tokens[1:]), oracle(tokens[:-1], tokens[1:]), torch.float64)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_loss_gradients_and_state_across_calls(config):
+def test_loss_gradients_and_state_across_calls(config, monkeypatch):
     """Two consecutive windows, the second starting from the first's detached final state
-    (truncated BPTT): losses, h_n and every parameter gradient as torch's."""
+    (truncated BPTT): losses, h_n and every parameter gradient as torch's; the fused kernel ran."""
+    launches = []
+    launch = output.cross_entropy_chunk
+    monkeypatch.setattr(output, "cross_entropy_chunk", lambda *a, **k: launches.append(1) or launch(*a, **k))
     ours, oracle = _pair(config, seed=4)
     tokens = _tokens(9, 3, seed=5)
     state = {"ours": None, "oracle": None}
     for window in (tokens[:5], tokens[4:]):
         loss, h_n = ours(window[:-1], window[1:], state["ours"], return_state=True)
-        ref, ref_h_n = oracle(window[:-1], window[1:], state["oracle"])
+        ref, ref_h_n = oracle(window[:-1], window[1:], state["oracle"], return_state=True)
         ours.zero_grad()
         oracle.zero_grad()
         loss.backward()
@@ -85,6 +75,7 @@ def test_loss_gradients_and_state_across_calls(config):
         for (name, p), q in zip(ours.named_parameters(), oracle.parameters(), strict=True):
             assert_close(p.grad, q.grad, torch.float64, name)
         state = {"ours": h_n.detach(), "oracle": ref_h_n.detach()}
+    assert len(launches) == 2
 
 
 def test_trains_to_the_same_loss_curve_as_torch():
@@ -100,7 +91,6 @@ def test_trains_to_the_same_loss_curve_as_torch():
             offsets = torch.randint(0, V, (4,), generator=batches)
             tokens = ((offsets + torch.arange(7)[:, None]) % V).to(DEVICE)  # counting: learnable
             loss = model(tokens[:-1], tokens[1:])
-            loss = loss[0] if isinstance(loss, tuple) else loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -4,8 +4,8 @@
     h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)     (tritonrnn.RNN, any number of layers)
     o_t = V h_t + c,   L = CE(softmax(o_t), target_t)          (linear_cross_entropy: no [T*B, V] logits)
 
-state_dict keys are those of the same model built from torch.nn (attributes `embedding`, `rnn`,
-`output`), so checkpoints move both ways:
+state_dict keys are those of the same model built from torch.nn (TorchElmanLM below: attributes
+`embedding`, `rnn`, `output`), so checkpoints move both ways:
 
     embedding.weight                                  [vocab, embedding_dim]  (embedding=True only)
     rnn.weight_ih_l{k}, rnn.weight_hh_l{k}, rnn.bias_ih_l{k}, rnn.bias_hh_l{k}   (as torch.nn.RNN)
@@ -21,17 +21,13 @@ from tritonrnn import functional
 from tritonrnn.modules import RNN
 
 
-class ElmanLM(nn.Module):
-    """Embedding (or one-hot input) -> tritonrnn.RNN -> fused output layer and cross-entropy.
-
-    ElmanLM(vocab_size, hidden_size, num_layers=1, nonlinearity='tanh', embedding=True,
-            embedding_dim=None, bias=True, batch_first=False, dropout=0.0, ignore_index=-100,
-            reduction='mean', label_smoothing=0.0, device=None, dtype=None)
-
-    embedding_dim defaults to hidden_size; embedding=False feeds the one-hot tokens (input size
-    vocab_size). The parameters are created in the order nn.Embedding, nn.RNN, nn.Linear, so with
-    the same seed they equal those of the torch.nn model with the same attributes.
+class TorchElmanLM(nn.Module):
+    """The same network from torch.nn alone: nn.Embedding (or one-hot input), nn.RNN, nn.Linear and
+    F.cross_entropy on the materialised [N, V] logits. The reference ElmanLM is tested against, and
+    the model whose checkpoints ElmanLM loads (and the other way round). Arguments as ElmanLM.
     """
+
+    rnn_class = nn.RNN
 
     def __init__(self, vocab_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  embedding: bool = True, embedding_dim: Optional[int] = None, bias: bool = True,
@@ -47,8 +43,8 @@ class ElmanLM(nn.Module):
         else:
             self.embedding = None
             input_size = vocab_size
-        self.rnn = RNN(input_size, hidden_size, num_layers, nonlinearity, bias=bias, batch_first=batch_first,
-                       dropout=dropout, **factory)
+        self.rnn = self.rnn_class(input_size, hidden_size, num_layers, nonlinearity, bias=bias,
+                                  batch_first=batch_first, dropout=dropout, **factory)
         self.output = nn.Linear(hidden_size, vocab_size, bias=bias, **factory)
 
     def hidden(self, input: Tensor, hx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -60,6 +56,12 @@ class ElmanLM(nn.Module):
             x = F.one_hot(input, self.vocab_size).to(self.output.weight.dtype)
         return self.rnn(x, hx)
 
+    def loss(self, out: Tensor, target: Tensor) -> Tensor:
+        """The output layer and the cross-entropy of every step: out [..., H], target [...]."""
+        return F.cross_entropy(self.output(out).reshape(-1, self.vocab_size), target.reshape(-1),
+                               ignore_index=self.ignore_index, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing)
+
     def forward(self, input: Tensor, target: Tensor, hx: Optional[Tensor] = None,
                 return_state: bool = False):
         """The loss of predicting `target` (token ids, the shape of `input`) at every step.
@@ -68,12 +70,33 @@ class ElmanLM(nn.Module):
         h_n.detach() as the next call's hx for truncated BPTT across calls.
         """
         out, h_n = self.hidden(input, hx)
-        loss = functional.linear_cross_entropy(out.reshape(-1, out.shape[-1]), self.output.weight, self.output.bias,
-                                               target.reshape(-1), self.ignore_index, self.reduction,
-                                               self.label_smoothing)
+        loss = self.loss(out, target)
         return (loss, h_n) if return_state else loss
 
     def logits(self, input: Tensor, hx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Every step's logits (materialised: for sampling and evaluation of short inputs) and h_n."""
         out, h_n = self.hidden(input, hx)
         return self.output(out), h_n
+
+
+class ElmanLM(TorchElmanLM):
+    """Embedding (or one-hot input) -> tritonrnn.RNN -> fused output layer and cross-entropy.
+
+    ElmanLM(vocab_size, hidden_size, num_layers=1, nonlinearity='tanh', embedding=True,
+            embedding_dim=None, bias=True, batch_first=False, dropout=0.0, ignore_index=-100,
+            reduction='mean', label_smoothing=0.0, device=None, dtype=None)
+
+    forward(input, target, hx=None, return_state=False) -> loss, or (loss, h_n)
+
+    embedding_dim defaults to hidden_size; embedding=False feeds the one-hot tokens (input size
+    vocab_size). The parameters are created in the order nn.Embedding, RNN, nn.Linear, so with the
+    same seed they equal TorchElmanLM's. The loss never materialises the [T*B, V] logits
+    (tritonrnn.functional.linear_cross_entropy).
+    """
+
+    rnn_class = RNN
+
+    def loss(self, out: Tensor, target: Tensor) -> Tensor:
+        return functional.linear_cross_entropy(out.reshape(-1, out.shape[-1]), self.output.weight, self.output.bias,
+                                               target.reshape(-1), self.ignore_index, self.reduction,
+                                               self.label_smoothing)
