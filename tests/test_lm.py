@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tritonrnn
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, assert_close, load_example
 from tritonrnn.kernels import output
 from tritonrnn.lm import TorchElmanLM
 
@@ -109,3 +109,16 @@ def test_batch_first_sum_and_logits():
     expected = F.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="sum", ignore_index=0)
     assert logits.shape == (2, 6, V)
     assert_close(model(tokens[:, :-1], tokens[:, 1:]), expected, torch.float64)
+
+
+def test_word_lm_example(tmp_path):
+    """examples/word_lm.py: the fused and unfused output layers give the same losses, and the fused
+    one's peak memory is below the unfused one's by more than all the logits."""
+    summary = load_example("word_lm").main(["--vocab", "3000", "--steps", "2", "--seq-len", "16", "--batch", "48",
+                                            "--hidden", "32", "--files", "60", "--out-dir", str(tmp_path)])
+    unfused, fused = summary["results"]
+    assert summary["vocab_size"] == 3000
+    assert summary["max_loss_difference"] < 1e-4
+    assert unfused["losses"][0] > 7.0  # ~ln(3000): a real corpus, a real model
+    assert unfused["peak_memory_bytes"] - fused["peak_memory_bytes"] > summary["logits_bytes"]
+    assert (tmp_path / "word_lm_cpu.json").exists() or summary["device"].startswith("cuda")
