@@ -143,3 +143,39 @@ def format_rows(results: list) -> str:
         lines.append(f"{r['case']:28s} {r['provider']:10s} {ms:>10s} {mib:>10s} {loss:>8s}  "
                      f"{r['status']}{': ' + r['error'] if r['error'] else ''}")
     return "\n".join(lines)
+
+
+def compile_for_hopper() -> list:
+    """The output kernel's GPU variants (kernels/output.py's launch config at V = 32768) compiled
+    offline for sm_90: registers, spilled bytes, shared memory. Run without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton
+
+    from tritonrnn.kernels import output
+    from .static import HOPPER, _POINTER, _resource_usage
+
+    fn = output.cross_entropy_kernel.fn  # below @triton.heuristics
+    block_c, block_v, num_warps = output._blocks(32768, torch.device("cuda"))
+    results = []
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        acc = "*fp64" if dtype == torch.float64 else "*fp32"
+        for write_grad, scale, smoothing in ((False, False, False), (True, True, True)):
+            signature = {"p_logits": _POINTER[dtype], "p_target": "*i64", "p_scale": acc if scale else "constexpr",
+                         "p_smoothing": acc if smoothing else "constexpr", "p_loss": acc, "C": "i32", "V": "i32",
+                         "stride_c": "i32", "ignore_index": "i32"}
+            constants = {"BLOCK_C": block_c, "BLOCK_V": block_v, "WRITE_GRAD": write_grad, "HAS_SCALE": scale,
+                         "HAS_SMOOTHING": smoothing, "ACC_DTYPE": output._ACC.get(dtype, output.tl.float32)}
+            constants.update({name: None for name in ("p_scale", "p_smoothing") if signature[name] == "constexpr"})
+            compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", *HOPPER),
+                                      options={"num_warps": num_warps})
+            results.append({"dtype": str(dtype).removeprefix("torch."), "write_grad": write_grad, "scale": scale,
+                            "smoothing": smoothing, **_resource_usage(compiled.asm["cubin"])})
+    return results
+
+
+if __name__ == "__main__":  # python -m tritonrnn.perf.output_layer: the offline sm_90 compile, as JSON lines
+    import json
+
+    for variant in compile_for_hopper():
+        print(json.dumps(variant), flush=True)

@@ -1,7 +1,11 @@
 """The fused output layer (tritonrnn.functional.linear_cross_entropy) against
 F.cross_entropy(F.linear(...)) in float64: the loss and every gradient, across reductions,
 ignore_index, label smoothing and odd sizes; torch's errors; memory independent of N x V."""
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from conftest import DEVICE, DTYPES, ON_GPU, assert_close, dtype_id
 from tritonrnn import loss as fused
 from tritonrnn.functional import linear_cross_entropy
 from tritonrnn.kernels import output
+from tritonrnn.perf import static
 from tritonrnn.perf.output_layer import peak_memory, problem, training_step
 
 # (N, H, V, chunk_size): N not a multiple of the chunk, V not a multiple of the tile (the
@@ -271,3 +276,17 @@ def test_gpu_realistic_size_and_memory(dtype):
     torch_peak = peak_memory(training_step("torch", q), DEVICE)
     fused_peak = peak_memory(training_step("tritonrnn", q), DEVICE)
     assert fused_peak < torch_peak / 4, (fused_peak, torch_peak)
+
+
+@pytest.mark.skipif(not static.available(), reason="this triton has no bundled NVIDIA toolchain")
+def test_gpu_config_compiles_for_hopper_without_spills():
+    """The output kernel's GPU launch config, compiled offline for sm_90: no spills, and (fp32
+    accumulation) few enough registers for several programs per SM."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tritonrnn.perf.output_layer"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    variants = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(variants) == 6
+    assert all(v["stack_bytes"] == 0 for v in variants), variants
+    assert all(v["registers"] <= 96 for v in variants if v["dtype"] != "float64"), variants
