@@ -65,10 +65,10 @@ def peak_memory(fn, device: torch.device) -> int:
     return tracker.peak
 
 
-def loss_fn(provider: str):
+def loss_fn(provider: str, chunk_size=None):
     """The loss of a provider: (h, weight, bias, target) -> scalar mean cross-entropy."""
     if provider == "tritonrnn":
-        return linear_cross_entropy
+        return lambda h, weight, bias, target: linear_cross_entropy(h, weight, bias, target, chunk_size=chunk_size)
     return lambda h, weight, bias, target: F.cross_entropy(F.linear(h, weight, bias), target)
 
 
@@ -82,9 +82,9 @@ def problem(rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torc
             "target": torch.randint(0, vocab, (rows,), generator=generator, device=device)}
 
 
-def training_step(provider: str, p: dict):
+def training_step(provider: str, p: dict, chunk_size=None):
     """A callable running forward + backward of the loss into fresh gradients; returns the loss."""
-    fn = loss_fn(provider)
+    fn = loss_fn(provider, chunk_size)
     leaves = (p["h"], p["weight"], p["bias"])
 
     def step():

@@ -13,7 +13,6 @@ state_dict keys are those of the same model built from torch.nn (TorchElmanLM be
 """
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 

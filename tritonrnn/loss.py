@@ -45,7 +45,7 @@ def _chunked(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
     N, H = h.shape
     V = weight.shape[0]
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    dh = torch.empty_like(h) if compute_grad else h.new_empty(0)  # distinct empties: op outputs may not alias
+    dh = h.new_empty(h.shape) if compute_grad else h.new_empty(0)  # distinct empties: op outputs may not alias
     dw = torch.zeros(V, H, dtype=acc, device=h.device) if compute_grad else h.new_empty(0)
     db = torch.zeros(V, dtype=acc, device=h.device) if compute_grad and bias is not None else h.new_empty(0)
     logits = h.new_empty(min(chunk_size, N), V)  # the only [C, V] buffer: reused by every chunk
