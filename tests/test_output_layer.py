@@ -38,12 +38,13 @@ def poison_loss_buffers(monkeypatch):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts launches of the Triton kernel (so a test can tell it ran, not torch's fallback)."""
+    """(rows, dtype) of the logits of each launch of the Triton kernel (so a test can tell it ran,
+    not torch's fallback)."""
     calls = []
     launch = output.cross_entropy_chunk
 
     def counted(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append((args[0].shape[0], args[0].dtype))
         return launch(*args, **kwargs)
 
     monkeypatch.setattr(output, "cross_entropy_chunk", counted)
@@ -290,3 +291,24 @@ def test_gpu_config_compiles_for_hopper_without_spills():
     assert len(variants) == 6
     assert all(v["stack_bytes"] == 0 for v in variants), variants
     assert all(v["registers"] <= 96 for v in variants if v["dtype"] != "float64"), variants
+
+
+def test_torch_backend_is_plain_torch(monkeypatch, kernel_calls):
+    """Where the Triton kernels do not run (CPU without the interpreter), F.cross_entropy(F.linear)."""
+    monkeypatch.setattr(fused, "backend", lambda device: "torch")
+    p = _problem(6, 3, 5, seed=12)
+    torch.testing.assert_close(linear_cross_entropy(p["h"], p["weight"], p["bias"], p["target"], label_smoothing=0.1),
+                               _torch_loss(p["h"], p["weight"], p["bias"], p["target"], label_smoothing=0.1))
+    assert not kernel_calls
+
+
+def test_autocast_runs_in_its_dtype_and_returns_float32(kernel_calls):
+    """As torch: under autocast the linear runs in the autocast dtype and the loss comes back in fp32."""
+    p = _problem(10, 8, 12, seed=13)
+    args = [p[k].float() for k in ("h", "weight", "bias")] + [p["target"]]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        ours = linear_cross_entropy(*args)
+        ref = _torch_loss(*args)
+    assert ours.dtype == ref.dtype == torch.float32
+    assert kernel_calls == [(10, torch.bfloat16)]
+    assert_close(ours, ref, torch.bfloat16)
