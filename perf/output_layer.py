@@ -11,6 +11,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -113,6 +114,8 @@ def output_layer_rows(rows=(8192, 16384, 32768), vocab: int = 32768, hidden: int
                    "vocab": vocab, "hidden": hidden, "mode": "training", "provider": provider,
                    "backend": tritonrnn.backend(device) if provider == "tritonrnn" else "torch",
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "triton": triton.__version__,
+                   "matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
                    "status": "ok", "error": None}
             try:
                 step = training_step(provider, p)
@@ -150,7 +153,6 @@ def compile_for_hopper() -> list:
     offline for sm_90: registers, spilled bytes, shared memory. Run without TRITON_INTERPRET."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import triton
 
     from tritonrnn.kernels import output
     from .static import HOPPER, _POINTER, _resource_usage
