@@ -37,6 +37,10 @@ def default_chunk_size(N: int, V: int, H: int) -> int:
     return max(1, min(N, max(MIN_CHUNK_ROWS, math.ceil(N / math.ceil(V / max(H, 1))))))
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _chunked(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
              label_smoothing: float, grad_scale: Optional[Tensor], compute_grad: bool,
              chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -44,7 +48,7 @@ def _chunked(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, 
     sum_r grad_scale[r] * loss_r (grad_scale None: 1) for h, weight and bias; empty tensors otherwise."""
     N, H = h.shape
     V = weight.shape[0]
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(h.dtype)
     dh = h.new_empty(h.shape) if compute_grad else h.new_empty(0)  # distinct empties: op outputs may not alias
     dw = torch.zeros(V, H, dtype=acc, device=h.device) if compute_grad else h.new_empty(0)
     db = torch.zeros(V, dtype=acc, device=h.device) if compute_grad and bias is not None else h.new_empty(0)
@@ -96,8 +100,7 @@ def linear_cross_entropy_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], t
     n_valid = _n_valid(target, ignore_index)
     scale = None
     if compute_grad and reduction == "mean":  # 1 / n_valid per row; 1 / 1 when every row is ignored (grads 0)
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        scale = n_valid.clamp(min=1).to(acc).reciprocal().expand(h.shape[0]).contiguous()
+        scale = n_valid.clamp(min=1).to(_acc_dtype(h.dtype)).reciprocal().expand(h.shape[0]).contiguous()
     loss, dh, dw, db = _chunked(h, weight, bias, target, ignore_index, label_smoothing, scale, compute_grad,
                                 chunk_size)
     if reduction == "sum":
@@ -111,9 +114,9 @@ def linear_cross_entropy_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], t
 def _(h, weight, bias, target, ignore_index, reduction, label_smoothing, compute_grad, chunk_size):
     grads = compute_grad and reduction != "none"
     loss = h.new_empty(h.shape[0]) if reduction == "none" else h.new_empty(())
-    return (loss, torch.empty_like(h) if grads else h.new_empty(0),
-            torch.empty_like(weight) if grads else h.new_empty(0),
-            torch.empty_like(bias) if grads and bias is not None else h.new_empty(0))
+    return (loss, h.new_empty(h.shape) if grads else h.new_empty(0),
+            weight.new_empty(weight.shape) if grads else h.new_empty(0),
+            bias.new_empty(bias.shape) if grads and bias is not None else h.new_empty(0))
 
 
 @torch.library.custom_op("tritonrnn::linear_cross_entropy_backward", mutates_args=())
@@ -128,7 +131,8 @@ def linear_cross_entropy_backward(grad_loss: Tensor, h: Tensor, weight: Tensor, 
 
 @linear_cross_entropy_backward.register_fake
 def _(grad_loss, h, weight, bias, target, ignore_index, label_smoothing, chunk_size):
-    return torch.empty_like(h), torch.empty_like(weight), h.new_empty(0) if bias is None else torch.empty_like(bias)
+    return (h.new_empty(h.shape), weight.new_empty(weight.shape),
+            h.new_empty(0) if bias is None else bias.new_empty(bias.shape))
 
 
 def _setup_context(ctx, inputs, output):
