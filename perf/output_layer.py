@@ -7,7 +7,11 @@ Peak memory on CUDA is the caching allocator's peak above what was allocated bef
 the CPU (the interpreter: times there are not a speed measurement) it is TensorMemoryTracker's
 peak: the bytes of every tensor storage created during the call and still alive, at their largest.
 """
+import datetime
+import json
+import re
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +140,18 @@ def output_layer_rows(rows=(8192, 16384, 32768), vocab: int = 32768, hidden: int
     return results
 
 
+def run_to_file(directory: Path, command: str = "", **kwargs) -> tuple[list, Path]:
+    """output_layer_rows(**kwargs), written to directory/output_layer-<device>-<time>.json (a file
+    of its own kind: not an RNN results file for `tritonrnn report`)."""
+    rows = output_layer_rows(**kwargs)
+    device = rows[0]["device"] if rows else "none"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(directory) / f"output_layer-{re.sub(r'[^A-Za-z0-9]+', '_', device)}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    return rows, path
+
+
 def format_rows(results: list) -> str:
     """A text table of output_layer_rows' results."""
     lines = [f"{'case':28s} {'provider':10s} {'median ms':>10s} {'peak MiB':>10s} {'loss':>8s}  status"]
@@ -177,7 +193,5 @@ def compile_for_hopper() -> list:
 
 
 if __name__ == "__main__":  # python -m tritonrnn.perf.output_layer: the offline sm_90 compile, as JSON lines
-    import json
-
     for variant in compile_for_hopper():
         print(json.dumps(variant), flush=True)

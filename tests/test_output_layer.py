@@ -16,7 +16,7 @@ from tritonrnn import loss as fused
 from tritonrnn.functional import linear_cross_entropy
 from tritonrnn.kernels import output
 from tritonrnn.perf import static
-from tritonrnn.perf.output_layer import format_rows, output_layer_rows, peak_memory, problem, training_step
+from tritonrnn.perf.output_layer import format_rows, peak_memory, problem, run_to_file, training_step
 
 # (N, H, V, chunk_size): N not a multiple of the chunk, V not a multiple of the tile (the
 # interpreter's BLOCK_V is min(next_pow2(V), 4096): V = 4100 takes two tiles, the last nearly empty).
@@ -314,10 +314,11 @@ def test_autocast_runs_in_its_dtype_and_returns_float32(kernel_calls):
     assert_close(ours, ref, torch.bfloat16)
 
 
-def test_benchmark_case_rows():
+def test_benchmark_case_rows(tmp_path):
     """perf/output_layer.py's case, tiny: both providers ok, the same gradients, the fused peak lower."""
-    rows = output_layer_rows(rows=(300,), vocab=1000, hidden=8, dtype="float32",
+    rows, path = run_to_file(tmp_path, "test", rows=(300,), vocab=1000, hidden=8, dtype="float32",
                              timer=lambda fn: {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0})
+    assert json.loads(path.read_text()) == {"command": "test", "rows": rows}
     unfused, fused_row = rows
     assert [r["provider"] for r in rows] == ["torch", "tritonrnn"] and all(r["status"] == "ok" for r in rows)
     assert fused_row["backend"] == ("triton" if ON_GPU else "triton-interpreter")
