@@ -140,10 +140,11 @@ def output_layer_rows(rows=(8192, 16384, 32768), vocab: int = 32768, hidden: int
     return results
 
 
-def run_to_file(directory: Path, command: str = "", **kwargs) -> tuple[list, Path]:
-    """output_layer_rows(**kwargs), written to directory/output_layer-<device>-<time>.json (a file
-    of its own kind: not an RNN results file for `tritonrnn report`)."""
-    rows = output_layer_rows(**kwargs)
+def run_to_file(directory: Path, command: str = "", dtypes=("bfloat16",), **kwargs) -> tuple[list, Path]:
+    """output_layer_rows(dtype=d, **kwargs) for each of `dtypes`, written to
+    directory/output_layer-<device>-<time>.json (a file of its own kind: not an RNN results file
+    for `tritonrnn report`)."""
+    rows = [row for dtype in dtypes for row in output_layer_rows(dtype=dtype, **kwargs)]
     device = rows[0]["device"] if rows else "none"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(directory) / f"output_layer-{re.sub(r'[^A-Za-z0-9]+', '_', device)}-{stamp}.json"
