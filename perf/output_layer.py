@@ -162,6 +162,8 @@ def format_rows(results: list) -> str:
         loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
         lines.append(f"{r['case']:28s} {r['provider']:10s} {ms:>10s} {mib:>10s} {loss:>8s}  "
                      f"{r['status']}{': ' + r['error'] if r['error'] else ''}")
+    if any(r["backend"] == "triton-interpreter" for r in results):
+        lines.append("(CPU: tritonrnn ran in Triton's interpreter; its times are not a speed measurement)")
     return "\n".join(lines)
 
 
