@@ -6,7 +6,8 @@
 The corpus is the docstrings of Python's standard library: real English text on every machine,
 nothing to download. With the same seed, `--backend tritonrnn` and `--backend torch` start from the
 same weights and see the same batches, so their loss curves coincide to float32 noise; the default
-runs both and plots them with the tokens per second of each.
+runs both and plots them with the tokens per second of each (none for a run in Triton's
+interpreter: that is not a speed measurement).
 
     python examples/char_rnn.py                       # both backends, plot in examples/results/
     python examples/char_rnn.py --backend torch --steps 300
@@ -111,8 +112,10 @@ def train(backend: str, data: torch.Tensor, vocab_size: int, args, device: torch
             tokens += args.seq_len * args.batch
         losses.append(loss.item() / args.seq_len)
         progress(step, args.steps, losses[-1], start)
-    return {"backend": backend, "losses": losses, "tokens_per_second": tokens / seconds if seconds else None,
-            "model": model}
+    # The interpreter runs the kernels in numpy, program by program: its time measures nothing.
+    interpreted = backend == "tritonrnn" and tritonrnn.backend(device) == "triton-interpreter"
+    return {"backend": backend, "losses": losses, "interpreted": interpreted,
+            "tokens_per_second": tokens / seconds if seconds and not interpreted else None, "model": model}
 
 
 @torch.no_grad()
@@ -127,22 +130,37 @@ def sample(model: CharRNN, alphabet: str, length: int, device: torch.device, see
     return text
 
 
-def plot(results: list, path: Path, title: str) -> None:
+def speed(result: dict) -> str:
+    if result["interpreted"]:
+        return "Triton interpreter: not a speed measurement"
+    rate = result["tokens_per_second"]
+    return f"{rate:.0f} tokens/s" if rate else "tokens/s n/a"
+
+
+def loss_figure(results: list, title: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in sorted(results, key=lambda r: r["backend"] != "torch"):  # tritonrnn dashed, on top
-        rate = f"{r['tokens_per_second']:.0f} tokens/s" if r["tokens_per_second"] else "n/a"
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{r['backend']} ({rate})",
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{r['backend']} ({speed(r)})",
                 linestyle="-" if r["backend"] == "torch" else "--", linewidth=3 if r["backend"] == "torch" else 1.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("training step")
     ax.set_ylabel("cross-entropy per character (nats)")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot(results: list, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(results, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -191,9 +209,7 @@ def main(argv=None) -> dict:
         summary["max_loss_difference"] = (a - b).abs().max().item()
     (args.out_dir / f"char_rnn_{name}.json").write_text(json.dumps(summary, indent=1))
     for r in results:
-        rate = r["tokens_per_second"]
-        print(f"{r['backend']}: final loss {r['losses'][-1]:.4f}, "
-              f"{'%.0f tokens/s' % rate if rate else 'tokens/s n/a'}", file=sys.stderr)
+        print(f"{r['backend']}: final loss {r['losses'][-1]:.4f}, {speed(r)}", file=sys.stderr)
     if "max_loss_difference" in summary:
         print(f"largest difference between the loss curves: {summary['max_loss_difference']:.2e}", file=sys.stderr)
     print(f"plot: {png}", file=sys.stderr)

@@ -103,3 +103,57 @@ def test_rnn_cell_unknown_nonlinearity():
     x = torch.randn(2, 5)
     ours.to(DEVICE)
     assert _raised(lambda: ours(x.to(DEVICE))) == _raised(lambda: oracle(x)) is not None
+
+
+# A tensor on another device than the input: torch.nn's error (never the custom op's fake
+# implementation, which a meta tensor among real ones would select). Weights moved with .to("meta").
+DEVICE_CALLS = {
+    "hx-meta": ((4, 3, 5), (2, 3, 8), "hx"),
+    "hx-meta-unbatched": ((4, 5), (2, 8), "hx"),
+    "weights-meta": ((4, 3, 5), (2, 3, 8), "module"),
+    "weights-meta-no-hx": ((4, 3, 5), None, "module"),
+}
+
+
+def _device_call(module, x_shape, hx_shape, on_meta, device):
+    if on_meta == "module":
+        module.to("meta")
+    x = torch.randn(*x_shape, device=device)
+    hx = None if hx_shape is None else torch.randn(*hx_shape, device="meta" if on_meta == "hx" else device)
+    return _raised(lambda: module(x) if hx is None else module(x, hx))
+
+
+@pytest.mark.parametrize("case", DEVICE_CALLS, ids=str)
+def test_rnn_tensors_on_another_device(case):
+    expected = _device_call(nn.RNN(5, 8, num_layers=2).to(DEVICE), *DEVICE_CALLS[case], DEVICE)
+    assert expected is not None and expected[0] is RuntimeError
+    assert _device_call(tritonrnn.RNN(5, 8, num_layers=2, device=DEVICE), *DEVICE_CALLS[case], DEVICE) == expected
+
+
+CELL_DEVICE_CALLS = {
+    "hx-meta": ((3, 5), (3, 8), "hx"),
+    "hx-meta-unbatched": ((5,), (8,), "hx"),
+    "weights-meta": ((3, 5), (3, 8), "module"),
+    "weights-meta-no-hx": ((3, 5), None, "module"),
+}
+
+
+@pytest.mark.parametrize("case", CELL_DEVICE_CALLS, ids=str)
+def test_rnn_cell_tensors_on_another_device(case):
+    expected = _device_call(nn.RNNCell(5, 8).to(DEVICE), *CELL_DEVICE_CALLS[case], DEVICE)
+    assert expected is not None and expected[0] is RuntimeError
+    assert _device_call(tritonrnn.RNNCell(5, 8, device=DEVICE), *CELL_DEVICE_CALLS[case], DEVICE) == expected
+
+
+def test_rnn_layer_refuses_tensors_on_two_devices():
+    x, w_ih, w_hh = (torch.randn(*shape, device=DEVICE) for shape in ((4, 3, 5), (8, 5), (8, 8)))
+    with pytest.raises(RuntimeError, match=f"found at least two devices, {DEVICE.type}.* and meta!"):
+        tritonrnn.functional.rnn_layer(x, torch.randn(3, 8, device="meta"), w_ih, w_hh)
+
+
+@pytest.mark.parametrize("module", [tritonrnn.RNN(5, 8), tritonrnn.RNNCell(5, 8)], ids=["RNN", "RNNCell"])
+def test_expanded_weights_refused_naming_torch_func(module):
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+    x = torch.randn(4, 3, 5) if isinstance(module, nn.RNNBase) else torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match=r"does not support ExpandedWeights .* use torch\.func"):
+        call_for_per_sample_grads(module.to(DEVICE), batch_size=3)(x.to(DEVICE))

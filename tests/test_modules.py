@@ -261,7 +261,7 @@ def test_rnn_parameters_and_state_dict_as_torch(config):
     oracle, ours = nn.RNN(I, H, **kwargs), tritonrnn.RNN(I, H, **kwargs)
     assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in oracle.named_parameters()]
     assert list(ours.state_dict()) == list(oracle.state_dict())
-    assert repr(ours) == repr(oracle)
+    assert repr(ours) == f"tritonrnn.{oracle!r}"  # the same arguments, named as ours
     bound = 1 / H ** 0.5
     for p in ours.parameters():
         assert p.abs().max() <= bound and p.std() > bound / 3  # U(-1/sqrt(H), 1/sqrt(H)), like torch
@@ -273,10 +273,10 @@ def test_rnn_parameters_and_state_dict_as_torch(config):
 def test_positional_arguments_as_torch():
     oracle = nn.RNN(3, 4, 2, "relu", False, True, 0.0, True)
     ours = tritonrnn.RNN(3, 4, 2, "relu", False, True, 0.0, True)
-    assert repr(ours) == repr(oracle)
+    assert repr(ours) == f"tritonrnn.{oracle!r}"  # the same arguments, named as ours
     assert ours.nonlinearity == "relu" and ours.batch_first and ours.bidirectional and not ours.bias
     cell = tritonrnn.RNNCell(3, 4, False, "relu")
-    assert repr(cell) == repr(nn.RNNCell(3, 4, False, "relu"))
+    assert repr(cell) == f"tritonrnn.{nn.RNNCell(3, 4, False, 'relu')!r}"
 
 
 def test_module_survives_deepcopy_and_dtype_moves():
@@ -305,6 +305,17 @@ def test_convert_replaces_modules_and_keeps_parameters():
     assert type(nested["inner"][0]) is tritonrnn.RNNCell
     bare = tritonrnn.convert(nn.RNN(I, H))
     assert type(bare) is tritonrnn.RNN
+
+
+def test_converted_model_prints_as_tritonrnn_with_torch_state_dict_keys():
+    model = nn.Sequential(nn.RNN(100, 20, num_layers=2, bidirectional=True), nn.RNNCell(20, 8, nonlinearity="relu"))
+    keys = list(model.state_dict())
+    expected = repr(model).replace(": RNN(", ": tritonrnn.RNN(").replace(": RNNCell(", ": tritonrnn.RNNCell(")
+    tritonrnn.convert(model)
+    assert repr(model) == expected
+    assert "(0): tritonrnn.RNN(100, 20, num_layers=2, bidirectional=True)" in repr(model)
+    assert list(model.state_dict()) == keys
+    assert repr(tritonrnn.RNN(100, 20)) == "tritonrnn.RNN(100, 20)"
 
 
 # Which implementation ran.

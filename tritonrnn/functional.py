@@ -45,6 +45,10 @@ def _check_cell_args(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> N
     _check_same_dtype(hx, w_hh)
 
 
+def _devices(*tensors: Optional[Tensor]) -> list[torch.device]:
+    return list(dict.fromkeys(t.device for t in tensors if t is not None))
+
+
 def _autocast(device_type: str, *tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
     """Under torch.autocast, run in its dtype (weights cast differentiably), as torch's RNNs do;
     like autocast, leave float64 alone."""
@@ -83,6 +87,11 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     if backend(x.device) == "torch":
         raise RuntimeError(f"tritonrnn.functional.rnn_layer runs the Triton kernels: it needs CUDA tensors, or "
                            f"TRITON_INTERPRET=1 set before import to interpret them on the CPU; got {x.device}")
+    # The custom op dispatches on all its tensors at once: a meta h0 would send real inputs to its fake.
+    devices = _devices(x, h0, w_ih, w_hh, b_ih, b_hh)
+    if len(devices) > 1:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{devices[0]} and {devices[1]}!")
     x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x.device.type, x, h0, w_ih, w_hh, b_ih, b_hh)
     xw = _project(x, w_ih, b_ih, b_hh)
     T, B, H = xw.shape
@@ -91,7 +100,7 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
         if lengths.shape != (B,) or B and not bool(((lengths >= 1) & (lengths <= T)).all()):
             raise ValueError(f"lengths must be a [{B}] tensor of values in [1, {T}], got {lengths.tolist()}")
         lengths = lengths.to(device=x.device, dtype=torch.int32)
-    return ops.recurrence(xw, h0, w_hh, lengths, reverse, relu, *paths, _allow_tf32())
+    return ops.recurrence_any_transform(xw, h0, w_hh, lengths, reverse, relu, *paths, _allow_tf32())
 
 
 def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bool, num_layers: int,
@@ -110,7 +119,8 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
         output ([T, B, D * H], or packed data when batch_sizes is given) and h_n [L * D, B, H].
     """
     relu = _check_nonlinearity(nonlinearity)
-    if backend(input.device) == "torch":
+    # Tensors on several devices: torch's own RNN raises torch.nn's error for them.
+    if backend(input.device) == "torch" or len(_devices(input, hx, *weights)) > 1:
         fn = torch._VF.rnn_relu if relu else torch._VF.rnn_tanh
         if batch_sizes is None:
             return fn(input, hx, list(weights), bias, num_layers, dropout, training, bidirectional, batch_first)
@@ -158,7 +168,8 @@ def rnn_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
         h' [B, H], from one launch of the step kernel.
     """
     relu = _check_nonlinearity(nonlinearity)
-    if backend(input.device) == "torch":
+    # Tensors on several devices: torch's own cell raises torch.nn's error for them.
+    if backend(input.device) == "torch" or len(_devices(input, hx, w_ih, w_hh, b_ih, b_hh)) > 1:
         fn = torch._VF.rnn_relu_cell if relu else torch._VF.rnn_tanh_cell
         return fn(input, hx, w_ih, w_hh, b_ih, b_hh)
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input.device.type, input, hx, w_ih, w_hh, b_ih, b_hh)

@@ -8,12 +8,32 @@ RNN derives from nn.RNNBase, not nn.RNN: torch.compile's Dynamo refuses instance
 """
 import torch
 from torch import nn, Tensor
+from torch.nn.utils._expanded_weights import ExpandedWeight
 from torch.nn.utils.rnn import PackedSequence
 
 from tritonrnn import functional
 
 
-class RNN(nn.RNNBase):
+class _Tritonrnn:
+    """What the layers share beyond torch.nn: their printed name (print(model) shows what convert()
+    replaced: tritonrnn.RNN(100, 20)) and the refusal of ExpandedWeights."""
+
+    def _get_name(self) -> str:
+        name = super()._get_name()
+        return f"tritonrnn.{name}" if type(self).__module__ == __name__ else name
+
+    def _refuse_expanded_weights(self) -> None:
+        # torch.nn.utils._per_sample_grad.call_for_per_sample_grads swaps the parameters for
+        # ExpandedWeights, which handle only torch's own functions op by op.
+        if any(isinstance(p, ExpandedWeight) for p in self.parameters()):
+            raise RuntimeError(
+                f"tritonrnn.{type(self).__name__} does not support ExpandedWeights "
+                "(torch.nn.utils._per_sample_grad.call_for_per_sample_grads). For per-sample gradients use "
+                "torch.func: torch.func.vmap(torch.func.grad(loss)) over torch.func.functional_call(model, "
+                "params, inputs), which runs the Triton kernels.")
+
+
+class RNN(_Tritonrnn, nn.RNNBase):
     """Elman RNN with tanh or ReLU, on Triton kernels. Arguments as torch.nn.RNN:
 
     RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True, batch_first=False,
@@ -41,6 +61,7 @@ class RNN(nn.RNNBase):
         super().__init__(mode, *args, **kwargs)
 
     def forward(self, input, hx: Tensor | None = None):
+        self._refuse_expanded_weights()
         self._update_flat_weights()
         num_directions = 2 if self.bidirectional else 1
         is_packed = isinstance(input, PackedSequence)
@@ -84,7 +105,7 @@ class RNN(nn.RNNBase):
         return output, hidden
 
 
-class RNNCell(nn.RNNCell):
+class RNNCell(_Tritonrnn, nn.RNNCell):
     """Elman RNN cell with tanh or ReLU, on a Triton kernel. Arguments as torch.nn.RNNCell:
 
     RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh', device=None, dtype=None)
@@ -93,6 +114,7 @@ class RNNCell(nn.RNNCell):
     """
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        self._refuse_expanded_weights()
         if input.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() not in (1, 2):

@@ -97,3 +97,92 @@ def _backward(ctx, grad_out, grad_hn):
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
+
+
+# torch.func transforms (grad, vmap, per-sample gradients: vmap(grad(loss)) with functional_call).
+# torch.func refuses a custom op's own autograd (register_autograd: pytorch/pytorch#168393), so under
+# its transforms the layers call the op through an autograd.Function with the same setup_context and
+# backward; its vmap rule is generated from the ops' vmap rules below.
+
+class _Recurrence(torch.autograd.Function):
+    generate_vmap_rule = True
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def forward(*args):
+        return recurrence(*args)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hn):
+        # torch.func.grad runs every backward with create_graph=True, so that grad can nest: the
+        # fused backward unless a second grad (or jvp) transform really differentiates this one.
+        with torch.set_grad_enabled(_gradient_is_differentiated()):
+            return _backward(ctx, grad_out, grad_hn)
+
+
+def recurrence_any_transform(*args) -> tuple[Tensor, Tensor]:
+    """`recurrence`, also under torch.func transforms (same arguments)."""
+    if torch._C._are_functorch_transforms_active():
+        return _Recurrence.apply(*args)
+    return recurrence(*args)
+
+
+def _gradient_is_differentiated() -> bool:
+    """Under torch.func transforms: whether more than one grad or jvp level is active."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    levels = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+    return torch.is_grad_enabled() and sum(key in (TransformType.Grad, TransformType.Jvp) for key in levels) > 1
+
+
+# vmap rules. The batch is already a dimension of the kernels, so a vmapped dimension of N samples of
+# B rows becomes one batch of N*B rows (sample-major), run once and split back. Only a per-sample W_hh
+# (vmap over the parameters, as for model ensembles) cannot share the kernel's W_hh: then one call per
+# sample. The non-tensor arguments after `lengths` (direction, activation, settings) pass through.
+
+def _fold(tensor: Optional[Tensor], dim: Optional[int], n: int, axis: int) -> Optional[Tensor]:
+    """Merge the vmapped dimension `dim` (None: the same tensor for every sample) into the batch axis."""
+    if tensor is None:
+        return None
+    if dim is None:
+        tensor = tensor.unsqueeze(axis).expand(*tensor.shape[:axis], n, *tensor.shape[axis:])
+    else:
+        tensor = tensor.movedim(dim, axis)
+    return tensor.flatten(axis, axis + 1)
+
+
+def _per_sample(op, n: int, in_dims, args) -> tuple:
+    """One op call per sample, stacked along dim 0."""
+    calls = [op(*(arg if dim is None else arg.select(dim, i) for arg, dim in zip(args, in_dims, strict=True)))
+             for i in range(n)]
+    return tuple(torch.stack(outputs) for outputs in zip(*calls, strict=True)), (0,) * len(calls[0])
+
+
+@recurrence.register_vmap
+def _(info, in_dims, xw, h0, w_hh, lengths, *flags):
+    n = info.batch_size
+    if in_dims[2] is not None:
+        return _per_sample(recurrence, n, in_dims, (xw, h0, w_hh, lengths, *flags))
+    out, h_n = recurrence(_fold(xw, in_dims[0], n, 1), _fold(h0, in_dims[1], n, 0), w_hh,
+                          _fold(lengths, in_dims[3], n, 0), *flags)
+    return (out.unflatten(1, (n, -1)), h_n.unflatten(0, (n, -1))), (1, 0)
+
+
+@recurrence_backward.register_vmap
+def _(info, in_dims, grad_out, grad_hn, out, h0, w_hh, lengths, reverse, *flags):
+    n = info.batch_size
+    if in_dims[4] is not None:
+        args = (grad_out, grad_hn, out, h0, w_hh, lengths, reverse, *flags)
+        return _per_sample(recurrence_backward, n, in_dims, args)
+    out, h0, lengths = _fold(out, in_dims[2], n, 1), _fold(h0, in_dims[3], n, 0), _fold(lengths, in_dims[5], n, 0)
+    dz, dh0, _ = recurrence_backward(_fold(grad_out, in_dims[0], n, 1), _fold(grad_hn, in_dims[1], n, 0), out, h0,
+                                     w_hh, lengths, reverse, *flags)
+    # The op's dW_hh sums over all N*B rows; each sample needs its own: sum over t and its rows of
+    # dz_t^T h_{t-1}, where h_{t-1} is the neighbouring output in walk order and h0 at a row's first step.
+    T, B, H = out.shape
+    first, _ = _walk_ends(lengths, T, B, reverse, out.device)
+    h_prev = torch.cat([out[1:], torch.zeros_like(out[:1])]) if reverse else torch.cat([h0[None], out[:-1]])
+    h_prev = h_prev.index_put((first, torch.arange(B, device=out.device)), h0)
+    dw_hh = torch.einsum("tnbi,tnbj->nij", dz.unflatten(1, (n, -1)), h_prev.unflatten(1, (n, -1)))
+    return (dz.unflatten(1, (n, -1)), dh0.unflatten(0, (n, -1)), dw_hh), (1, 0, 0)
