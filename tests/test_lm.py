@@ -122,3 +122,14 @@ def test_word_lm_example(tmp_path):
     assert unfused["losses"][0] > 7.0  # ~ln(3000): a real corpus, a real model
     assert unfused["peak_memory_bytes"] - fused["peak_memory_bytes"] > summary["logits_bytes"]
     assert (tmp_path / "word_lm_cpu.json").exists() or summary["device"].startswith("cuda")
+
+
+def test_char_rnn_example_trains_elman_lm():
+    """examples/char_rnn.py: the tritonrnn backend is ElmanLM, the torch one the torch.nn network,
+    with the same weights."""
+    char_rnn = load_example("char_rnn")
+    args = char_rnn.argparse.Namespace(seed=0, hidden=12, layers=2)
+    ours, oracle = (char_rnn.char_rnn(backend, 7, args, DEVICE) for backend in ("tritonrnn", "torch"))
+    assert type(ours) is tritonrnn.ElmanLM and type(oracle) is TorchElmanLM and type(oracle.rnn) is nn.RNN
+    for key, value in oracle.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
