@@ -1,9 +1,10 @@
 """Launch configurations of the RNN kernels: defaults, tuning spaces, and shipped tuned configs.
 
 Dimensions: B batch, H hidden. Everything a launch may vary is declared here once:
-- the paths: "sequence" (rnn_sequence_kernel, W_hh in registers), "streamed" (the same kernel,
+- the paths: "sequence" (rnn_sequence_kernel, W_hh held on chip), "streamed" (the same kernel,
   W_hh streamed from L2 each step) and "stepwise" (rnn_step_kernel, one launch per step);
-- the limit of what one program of the sequence kernel can hold (which decides the default path);
+- the limit up to which the sequence path is the default, and the shared-memory budget every
+  launch must fit (which decides what a path can run and prunes the tuning spaces);
 - the default config of each path (used under the interpreter, and as the baseline a tuned
   config must beat);
 - the tuning space of each path (searched by `tritonrnn tune`, and by Triton's autotuner at run
@@ -19,18 +20,19 @@ from pathlib import Path
 import torch
 import triton
 
-# Largest H whose whole W_hh one program of the sequence kernel keeps on chip, by element size:
-# W_hh is BLOCK_H^2 elements held across the loop, plus its copy in the dot-operand layout.
-# Conservative until measured on a GPU (16-bit W_hh at H = 256 is 128 KB).
+# Largest H at which the sequence path is the default: W_hh is held across the loop by each
+# program, in shared memory (Triton hoists its copy there) and in registers (its dot-operand
+# fragments); these are the sizes that compile spill-free on sm_90 (perf/NOTES.md).
 SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
-
-# The sequence path runs up to this H when a tuned config asks for it (registers spill beyond the
-# default limit above; tune measures whether it still pays).
-SEQUENCE_PATH_MAX_H = 256
 
 # The streamed path keeps two [BLOCK_B, H] fp32 tiles (state, accumulator) in registers: spill-free
 # on sm_90 up to H = 256 (BLOCK_B 16, BLOCK_K 16, 8 warps); at 512 it spills 130-200 bytes a thread.
 STREAMED_MAX_H = 512
+
+# Dynamic shared memory one program may use on sm_90 (H100, H200): the opt-in maximum
+# (CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, 227 KB). Above it a kernel compiles but
+# fails to load (OutOfResources), which the interpreter never checks: every launch is held to it.
+SHARED_MEMORY_BUDGET = 232_448
 
 # tl.dot on a GPU needs every dimension >= 16, so batch tiles are padded up to it.
 MIN_DOT = 16
@@ -40,7 +42,7 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 
 def default_path(hidden_size: int, dtype: torch.dtype) -> str:
     """The path of a multi-step recurrence with no tuned config: "sequence" where one program holds
-    W_hh in registers for this size and dtype, else "stepwise"."""
+    W_hh on chip without spilling for this size and dtype, else "stepwise"."""
     return "sequence" if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize] else "stepwise"
 
 
@@ -53,16 +55,77 @@ def block_h(hidden: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(hidden))
 
 
-def path_fits(path: str, hidden: int) -> bool:
-    """Whether `path` can run this hidden size at all (the stepwise path runs any)."""
-    return path == "stepwise" or hidden <= (STREAMED_MAX_H if path == "streamed" else SEQUENCE_PATH_MAX_H)
+def shared_memory_budget(device: torch.device = None) -> int:
+    """Dynamic shared memory a program may use: the CUDA device's opt-in maximum, else sm_90's
+    (the interpreter holds launches to the GPU the kernels are written for)."""
+    if device is not None and device.type == "cuda":
+        return _device_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    return SHARED_MEMORY_BUDGET
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: torch.dtype, allow_tf32: bool) -> int:
+    """The dynamic shared memory a launch of `path` with `config` needs (an upper bound).
+
+    Triton stages tl.dot operands through shared memory. Fitted to `compiled.metadata.shared` of
+    offline sm_90 compiles (triton 3.6, aligned launches; perf/NOTES.md, v0.3), with e the element
+    size of the dot operands and a that of the accumulator:
+    - sequence: all of W_hh [BLOCK_H, BLOCK_H], hoisted out of the loop, twice in 3xTF32 (high and
+      low parts), plus the state tile [BLOCK_B, BLOCK_H] up to twice:
+      e * BLOCK_H * (w * BLOCK_H + 2 * BLOCK_B), w = 2 in 3xTF32 else 1. Measured: H = 200
+      (BLOCK_H 256), BLOCK_B 16: fp32 TF32 278,528 B, 3xTF32 and fp64 557,056 B, bf16 139,264 B;
+      H = 128: TF32 73,728 B (BLOCK_B 16), 131,072 B (64, wgmma), 3xTF32 147,456 B (16).
+    - streamed: one W_hh chunk [BLOCK_K, BLOCK_H] and one state chunk [BLOCK_B, BLOCK_K], in the
+      accumulation dtype: a * BLOCK_K * (BLOCK_B + BLOCK_H) (exact for TF32 and fp64, above the
+      compiler's figure for 3xTF32 and 16-bit).
+    - stepwise: num_stages pipelined copies of both operand tiles, in 3xTF32 one more of the
+      batch tile: e * BLOCK_K * (num_stages * (BLOCK_B + BLOCK_N) + BLOCK_B if 3xTF32).
+    """
+    kwargs = config.kwargs
+    tf32x3 = dtype == torch.float32 and not allow_tf32
+    if path == "sequence":
+        width = block_h(hidden)
+        return dtype.itemsize * width * ((2 if tf32x3 else 1) * width + 2 * kwargs["BLOCK_B"])
+    if path == "streamed":
+        acc_bytes = 8 if dtype == torch.float64 else 4
+        return acc_bytes * kwargs["BLOCK_K"] * (kwargs["BLOCK_B"] + block_h(hidden))
+    stages = max(config.num_stages, 1)
+    tiles = stages * (kwargs["BLOCK_B"] + kwargs["BLOCK_N"]) + (kwargs["BLOCK_B"] if tf32x3 else 0)
+    return dtype.itemsize * kwargs["BLOCK_K"] * tiles
+
+
+# Without a dtype, a config must fit for every dtype and precision: fp64 and fp32 in 3xTF32 need the most.
+_DEMANDING = ((torch.float64, False), (torch.float32, False))
+
+
+def config_fits(path: str, config: triton.Config, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
+                budget: int = SHARED_MEMORY_BUDGET) -> bool:
+    """Whether a launch of `path` with `config` loads: its shared memory within `budget`."""
+    numerics = [(dtype, allow_tf32)] if dtype is not None else _DEMANDING
+    return all(shared_memory_bytes(path, config, hidden, d, tf32) <= budget for d, tf32 in numerics)
+
+
+def path_fits(path: str, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
+              budget: int = SHARED_MEMORY_BUDGET) -> bool:
+    """Whether `path` can run this hidden size at all: the stepwise path runs any; the others need
+    their smallest batch tile to fit in shared memory (the sequence path's W_hh: fp32 and fp64
+    to H = 128, fp16 and bf16 to H = 256 on sm_90), and the streamed path H <= STREAMED_MAX_H."""
+    if path == "stepwise":
+        return True
+    if path == "streamed" and hidden > STREAMED_MAX_H:
+        return False
+    return config_fits(path, default_config(path, 1, hidden), hidden, dtype, allow_tf32, budget)
 
 
 def default_config(path: str, batch: int, hidden: int) -> triton.Config:
     """The untuned launch config of `path`.
 
     Chosen so that no variant spills registers on sm_90 (checked offline by tests/test_static.py):
-    the sequence path holds W_hh in registers, so its batch tile shrinks as H grows.
+    the sequence path holds W_hh on chip, so its batch tile shrinks as H grows.
     """
     bb = max(MIN_DOT, batch_bucket(batch))
     if path == "sequence":
@@ -75,8 +138,12 @@ def default_config(path: str, batch: int, hidden: int) -> triton.Config:
                          num_stages=3)
 
 
-def tuning_space(path: str, batch: int, hidden: int) -> list:
-    """Every config worth trying for this shape; tiles never exceed the (padded) batch and hidden."""
+def tuning_space(path: str, batch: int, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
+                 budget: int = SHARED_MEMORY_BUDGET) -> list:
+    """Every config worth trying for this shape that loads within the shared-memory budget (for
+    every dtype and precision when `dtype` is None); tiles never exceed the (padded) batch and
+    hidden. Where none does, the default config alone: whether the path runs this shape at all is
+    path_fits's answer."""
     max_bb = max(MIN_DOT, batch_bucket(batch))
     max_n = max(32, block_h(hidden))
     if path == "sequence":
@@ -94,23 +161,30 @@ def tuning_space(path: str, batch: int, hidden: int) -> list:
                  for bn in (32, 64, 128) if bn <= max_n
                  for bk in (32, 64) if bk <= max_n
                  for w in (4, 8)]
+    space = [c for c in space if config_fits(path, c, hidden, dtype, allow_tf32, budget)]
     return space or [default_config(path, batch, hidden)]
 
 
 def prune_space(path: str):
-    """early_config_prune for Triton's autotuner: the space for the actual B and H."""
+    """early_config_prune for Triton's autotuner: the space for the actual B, H, dtype, precision
+    and device."""
     def prune(configs, named_args, **kwargs):
-        allowed = {_config_key(c) for c in tuning_space(path, named_args["B"], named_args["H"])}
+        tensor = named_args.get("p_in")  # absent: fit every dtype and precision on sm_90
+        dtype, device = (tensor.dtype, tensor.device) if tensor is not None else (None, None)
+        space = tuning_space(path, named_args["B"], named_args["H"], dtype, kwargs.get("INPUT_PRECISION") == "tf32",
+                             shared_memory_budget(device))
+        allowed = {_config_key(c) for c in space}
         return [c for c in configs if _config_key(c) in allowed] or configs[:1]
     return prune
 
 
 def full_space(path: str) -> list:
-    """The union of the spaces over all shapes (what the autotuner is built with)."""
+    """The union of the spaces over all shapes, before the shared-memory budget (what the autotuner
+    is built with; prune_space applies the budget of each launch's dtype, precision and device)."""
     seen, space = set(), []
     for batch in (1, 1 << 20):
         for hidden in (16, 1 << 20):
-            for c in tuning_space(path, batch, hidden):
+            for c in tuning_space(path, batch, hidden, budget=float("inf")):
                 if _config_key(c) not in seen:
                     seen.add(_config_key(c))
                     space.append(c)

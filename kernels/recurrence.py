@@ -5,7 +5,7 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
     recurrence_forward(xw, h0, w_hh)       -> out [T, B, H] (every h_t), h_n [B, H]
     recurrence_backward(grad, out, w_hh)   -> dz  [T, B, H]
 
-`path` is "sequence" (one launch for all T steps, W_hh held in registers by each program),
+`path` is "sequence" (one launch for all T steps, W_hh held on chip by each program),
 "streamed" (one launch, W_hh streamed from L2 each step; H <= 512) or "stepwise" (one launch of
 the step kernel per timestep; any H).
 """
@@ -49,14 +49,25 @@ def _jitted(path: str):
     return rnn_step_kernel if path == "stepwise" else rnn_sequence_kernel
 
 
+def _variant_flags(path: str) -> list:
+    """The constexpr arguments a launch sets besides the config's own (direction, nonlinearity,
+    optional inputs, numerics): each compiles a different variant, so each is in the autotuning key."""
+    annotations = _jitted(path).fn.fn.__annotations__  # below @triton.heuristics and @triton.jit
+    tuned = {name for config in configs.full_space(path) for name in config.kwargs}
+    return [name for name, kind in annotations.items() if kind is tl.constexpr and name not in tuned]
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(path: str):
-    return triton.autotune(configs=configs.full_space(path),
-                           key=["H", "B_BUCKET", "BACKWARD", "INPUT_PRECISION"],
-                           prune_configs_by={"early_config_prune": configs.prune_space(path)})(_jitted(path))
+    """Triton's autotuner over the path's space, keyed by H, the batch bucket and every variant flag
+    (never by T). The heuristics run first, so the flags they derive (HAS_LENGTHS, ...) reach the key."""
+    heuristics = _jitted(path)
+    tuner = triton.autotune(configs=configs.full_space(path), key=["H", "B_BUCKET", *_variant_flags(path)],
+                            prune_configs_by={"early_config_prune": configs.prune_space(path)})(heuristics.fn)
+    return triton.heuristics(heuristics.values)(tuner)
 
 
-def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config):
+def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config, allow_tf32: bool):
     """The kernel to launch and its meta-parameters: an explicit config, else the shipped tuned one,
     else Triton's autotuner (GPU), else the default config (interpreter, or autotuning off)."""
     if config is None:
@@ -66,6 +77,11 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config):
     if config is None and device.type == "cuda" and configs.autotune_enabled():
         return _autotuned(path), {}
     config = config or configs.default_config(path, B, H)
+    budget = configs.shared_memory_budget(device)
+    if not configs.config_fits(path, config, H, dtype, allow_tf32, budget):
+        raise ValueError(f"{path} config {configs.config_to_dict(config)} needs "
+                         f"{configs.shared_memory_bytes(path, config, H, dtype, allow_tf32)} B of shared memory "
+                         f"at H = {H} in {dtype}; a program may use {budget} B")
     return _jitted(path), configs.config_to_dict(config)
 
 
@@ -96,7 +112,7 @@ def _check(name: str, tensor: torch.Tensor, shape: tuple, like: torch.Tensor) ->
     return tensor.contiguous()
 
 
-def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str):
+def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str, allow_tf32: bool):
     if first.dim() != 3:
         raise ValueError(f"expected a [T, B, H] tensor, got shape {tuple(first.shape)}")
     T, B, H = first.shape
@@ -104,8 +120,12 @@ def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str):
         raise ValueError("expected at least one timestep, got T = 0")
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if not configs.path_fits(path, H):
-        raise ValueError(f"the {path} path does not run H = {H}")
+    if path == "streamed" and H > configs.STREAMED_MAX_H:
+        raise ValueError(f"the streamed path runs H <= {configs.STREAMED_MAX_H}, got H = {H}")
+    budget = configs.shared_memory_budget(first.device)
+    if not configs.path_fits(path, H, first.dtype, allow_tf32, budget):
+        raise ValueError(f"the {path} path does not run H = {H} in {first.dtype}: its smallest tile needs more than "
+                         f"the {budget} B of shared memory a program may use")
     _check("w_hh", w_hh, (H, H), first)
     if lengths is not None:
         if lengths.shape != (B,) or lengths.device != first.device:
@@ -127,7 +147,7 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     Returns:
         out [T, B, H] with every h_t, and h_n [B, H], the state after each row's last step.
     """
-    T, B, H, lengths = _prepare(xw, w_hh, lengths, path)
+    T, B, H, lengths = _prepare(xw, w_hh, lengths, path, allow_tf32)
     xw = xw.contiguous()
     h0 = _check("h0", h0, (B, H), xw)
     w_hh = w_hh.contiguous()
@@ -135,7 +155,7 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     out = _empty_like(xw)
     if B == 0:
         return out, h0.clone()
-    kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config)
+    kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
     grid = _grid(path, B, H)
     # M = W_hh^T: read W_hh with its strides swapped.
     if path != "stepwise":
@@ -170,7 +190,7 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     Returns:
         dz [T, B, H], the gradient of the pre-activations (0 at inactive steps).
     """
-    T, B, H, lengths = _prepare(grad, w_hh, lengths, path)
+    T, B, H, lengths = _prepare(grad, w_hh, lengths, path, allow_tf32)
     grad = grad.contiguous()
     out = _check("out", out, (T, B, H), grad)
     w_hh = w_hh.contiguous()
@@ -178,7 +198,7 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     dz = _empty_like(grad)
     if B == 0:
         return dz
-    kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config)
+    kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
     grid = _grid(path, B, H)
     if path != "stepwise":
         with _on(grad.device):

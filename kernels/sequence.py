@@ -1,8 +1,9 @@
 """Whole-sequence recurrence: one launch runs all T steps.
 
 Dimensions: T steps, B batch, H hidden. Each program owns BLOCK_B rows of the batch and all of H,
-keeps the state in registers and walks the sequence. W_hh is either loaded once and held in
-registers (BLOCK_K = 0, the "sequence" path) or, where it does not fit, streamed from L2 in
+keeps the state in registers and walks the sequence. W_hh is either loaded once and held on chip
+(BLOCK_K = 0, the "sequence" path: Triton keeps it in shared memory, within the budget of
+kernels/config.py) or, where it does not fit, streamed from L2 in
 BLOCK_K-row chunks every step, the state read back from a double-buffered scratch (the "streamed"
 path). The same kernel runs the forward (state h, writes every h_t) and the backward (state dz,
 writes every dz_t):
@@ -38,7 +39,7 @@ def rnn_sequence_kernel(
     B_BUCKET,  # the batch size rounded up to a power of two: the autotuning key (unused here)
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # 0: W_hh held in registers; else rows of W_hh streamed per chunk
+    BLOCK_K: tl.constexpr,  # 0: W_hh held on chip; else rows of W_hh streamed per chunk
     BACKWARD: tl.constexpr,
     REVERSE: tl.constexpr,
     RELU: tl.constexpr,

@@ -1,13 +1,26 @@
 """Benchmarks against cuDNN, autotuning and the performance report (installed as tritonrnn.perf).
 
     grid.py       the cases: the standard grid, its lines, the quick subset, user-named shapes
-    measure.py    timers, peak memory, profiler kernel names, the GPU's measured ceilings (floor)
-    providers.py  tritonrnn, cudnn and torch-native runs of a case, checked against cuDNN
-    bench.py      runs cases, writes one results file per run under perf/results/
-    tune.py       searches the kernels' tuning space, writes kernels/tuned/<GPU>.json
-    report.py     renders perf/REPORT.md and its plots from results files
+    measure.py    timers, peak memory, profiled kernel names and backend, the GPU's measured ceilings (floor)
+    providers.py  tritonrnn, cudnn and torch-native runs of a case, checked against one float64 run
+    bench.py      runs cases, writes one results file per run
+    tune.py       searches the kernels' tuning space, writes <GPU>.json (kernels/tuned/ in a checkout)
+    report.py     renders REPORT.md and its plots from results files
 """
+import os
 from pathlib import Path
 
 PERF_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = PERF_DIR / "results"
+RESULTS_DIR = PERF_DIR / "results"  # the shipped results `tritonrnn report` renders by default
+
+
+def in_checkout() -> bool:
+    """Whether this package runs from a writable source checkout (an editable install), not from an
+    installed copy (site-packages), which is no place to write output."""
+    return (PERF_DIR.parent / "pyproject.toml").is_file() and os.access(PERF_DIR, os.W_OK)
+
+
+def output_dir(checkout_subdir: str = "") -> Path:
+    """Where bench and report write by default: the checkout's perf/<subdir> from a checkout, else the
+    current directory (a place the user owns)."""
+    return PERF_DIR / checkout_subdir if in_checkout() else Path.cwd()

@@ -1,13 +1,18 @@
 """`tritonrnn bench`: run cases for each mode and provider, and write one results file per run.
 
-Before timing, every provider's output is checked against the reference provider's (cuDNN where
-it exists, else torch-native): a wrong answer is recorded as status "wrong", never as a time.
-Each row is self-contained: device, versions, settings, shape, mode, provider, times, memory,
-kernels, floor, and the exact command.
+Before timing, every provider's output (cuDNN's included) is checked against one float64 run of
+the case: a wrong answer is recorded as status "wrong", never as a time; when the float64 run
+itself fails, the case's rows are "unchecked" (no provider is blamed). After all timing, a separate
+pass profiles one call per row to record the kernels and the backend that really ran (the profiler
+stays attached once used, and would slow later timings). An error that breaks the CUDA context
+(an illegal address) ends the run cleanly with the rows so far. Each row is self-contained:
+device, versions, settings, shape, mode, provider, backend, times, memory, kernels, floor, and the
+exact command.
 """
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import sys
 import traceback
@@ -17,17 +22,18 @@ import torch
 import triton
 
 import tritonrnn
+from tritonrnn.functional import _allow_tf32
 from . import RESULTS_DIR, measure
 from .grid import MODES, PROVIDERS
-from .providers import DTYPES, Run, available, compare
+from .providers import DTYPES, Run, available, check_reference, compare, output_names
 
-SCHEMA = 1
+SCHEMA = 2  # 2: rel_error is norm-wise against float64; status unchecked; backend from the profiler
 ROW_FIELDS = (
     "gpu", "sm_count", "driver", "torch", "triton", "cudnn", "python", "date", "command", "tf32", "matmul_tf32",
     "tuned_configs", "autotune",
     "case", "group", "dtype", "seq_len", "batch", "input_size", "hidden", "layers", "bidirectional", "packed",
     "mode", "provider", "backend", "status", "error", "median_ms", "p20_ms", "p80_ms", "peak_memory_bytes",
-    "kernels", "max_rel_error", "floor_ms", "compute_ms", "memory_ms", "chain_ms", "flops",
+    "kernels", "rel_error", "floor_ms", "compute_ms", "memory_ms", "chain_ms", "flops",
 )
 
 
@@ -53,7 +59,7 @@ def environment(device: torch.device, command: str) -> dict:
             "autotune": device.type == "cuda" and configs.autotune_enabled(),
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": command, "tf32": bool(torch.backends.cudnn.allow_tf32),
+            "command": command, "tf32": _allow_tf32(),
             "matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
 
 
@@ -71,41 +77,67 @@ def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
 
-def run_case(case, modes, providers, device, timer, env: dict, ceiling: dict, profile: bool = True) -> list:
-    """All rows of one case: per mode, per provider. Failures become rows, never exceptions."""
+class DeviceBroken(Exception):
+    """A sticky CUDA error: the context is unusable, every later call would fail too."""
+
+    def __init__(self, message: str, rows: list):
+        super().__init__(message)
+        self.rows = rows
+
+
+def _check_device(exc: Exception, device: torch.device, rows: list) -> None:
+    """Raise DeviceBroken if `exc` left the CUDA context unusable (some errors only show at the next sync)."""
+    broken = measure.is_sticky_cuda_error(exc)
+    if not broken and device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+            torch.ones(1, device=device).add_(1).item()
+        except RuntimeError:
+            broken = True
+    if broken:
+        raise DeviceBroken(f"{type(exc).__name__}: {exc}"[:500], rows) from exc
+
+
+def run_case(case, modes, providers, device, timer, env: dict, ceiling: dict) -> list:
+    """All rows of one case: per mode, per provider. Failures become rows, never exceptions, except
+    a sticky CUDA error (DeviceBroken, carrying the rows so far)."""
     dtype = DTYPES[case.dtype]
     base = {**env, "case": case.name, **dataclasses.asdict(case), "input_size": case.inputs}
-    backend = {p: tritonrnn.backend(device) if p == "tritonrnn" else "torch" for p in providers}
+    # tritonrnn's backend is what dispatch decides; cuDNN's is known only once profiled.
+    backend = {"tritonrnn": tritonrnn.backend(device), "cudnn": None, "torch-native": "torch-native"}
     floors = {mode: measure.floor_ms(case, mode, dtype.itemsize, ceiling) for mode in modes}
+    rows = []
     try:
         runs = {p: Run(p, case, device) for p in providers if available(p, device)}
-        reference_provider = "cudnn" if "cudnn" in runs else "torch-native"
-        if reference_provider not in runs:
-            runs[reference_provider] = Run(reference_provider, case, device)
+        float64 = Run("torch-native", case, device, reference=True)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory building the case
         message = _error(exc)
-        return [_row(base, m, p, floors[m], backend=backend[p], status="error", error=message)
+        rows = [_row(base, m, p, floors[m], backend=backend[p], status="error", error=message)
                 for m in modes for p in providers]
-    rows = []
+        _check_device(exc, device, rows)
+        return rows
+    names = output_names(float64.model)
     for mode in modes:
         try:
-            reference, reference_error = runs[reference_provider].outputs(mode), None
+            reference, reference_error = float64.outputs(mode), None
+            check_reference(reference)
         except Exception as exc:  # noqa: BLE001
-            reference, reference_error = None, f"{reference_provider} failed: {_error(exc)}"
+            reference, reference_error = None, f"float64 reference failed, nothing checked: {_error(exc)}"
+            _check_device(exc, device, rows)
         for provider in providers:
             row = _row(base, mode, provider, floors[mode], backend=backend[provider])
+            rows.append(row)
             run = runs.get(provider)
             if run is None:
                 row.update(status="unavailable", error=f"{provider} is not available on {device.type}")
             elif reference is None:
-                row.update(status="error", error=reference_error)
+                row.update(status="unchecked", error=reference_error)
             else:
                 try:
-                    ok, error = compare(run.outputs(mode), reference, dtype)
-                    row["max_rel_error"] = error
+                    ok, error, why = compare(run.outputs(mode), reference, dtype, names[:len(reference)])
+                    row["rel_error"] = error if math.isfinite(error) else None  # JSON has no inf
                     if not ok:
-                        row.update(status="wrong", error=f"differs from {reference_provider} by {error:.3g} "
-                                                         f"(relative), over the {case.dtype} tolerance")
+                        row.update(status="wrong", error=why)
                     else:
                         fn = run.fn(mode)
                         row.update(timer(fn))
@@ -113,49 +145,74 @@ def run_case(case, modes, providers, device, timer, env: dict, ceiling: dict, pr
                             row["peak_memory_bytes"] = measure.peak_memory(fn, device)
                 except Exception as exc:  # noqa: BLE001 - a failing provider is a result, not a crash
                     row.update(status="error", error=_error(exc))
-                if profile and provider != "tritonrnn" and row["status"] == "ok":
-                    try:  # which kernels the baselines ran (cuDNN's persistent algorithm or not)
-                        row["kernels"] = measure.kernel_names(run.fn(mode), device)
-                    except Exception as exc:  # noqa: BLE001 - a profiler hiccup does not void a time
-                        row["kernels"] = [f"profiler failed: {type(exc).__name__}"]
-            rows.append(row)
+                    _check_device(exc, device, rows)
             time_text = f"{row['median_ms']:.3f} ms" if row.get("median_ms") is not None else row["status"]
             _log(f"  {case.name:40s} {mode:9s} {provider:12s} {time_text}")
+    del runs, float64
     if device.type == "cuda":
-        del runs
         torch.cuda.empty_cache()
     return rows
 
 
+def profile_case(case, rows, device) -> None:
+    """The kernels and backend of each timed row of `case`, from one profiled call (after all timing)."""
+    timed = [r for r in rows if r["status"] == "ok"]
+    runs = {}
+    for row in timed:
+        try:
+            if row["provider"] not in runs:
+                runs[row["provider"]] = Run(row["provider"], case, device)
+            row.update(measure.profile_call(runs[row["provider"]].fn(row["mode"]), device))
+        except Exception as exc:  # noqa: BLE001 - a profiler hiccup does not void a time
+            row["kernels"] = [f"profiler failed: {type(exc).__name__}: {exc}"[:160]]
+            _check_device(exc, device, [])
+
+
 def run(cases, modes=MODES, providers=PROVIDERS, device=None, timer=None, command: str = "", profile=True,
         after_case=None) -> dict:
-    """Measure `cases`; returns {"schema", "ceilings", "rows", "complete"}.
+    """Measure `cases`; returns {"schema", "ceilings", "rows", "complete", "stopped"}.
 
     `after_case(results)` runs after every case (the CLI writes the file there, so an interrupted
-    run keeps what it measured); Ctrl-C / SIGINT ends the run early with complete = False.
-    fp32 matmuls outside cuDNN (cuBLAS in torch-native and in tritonrnn's GEMMs) follow cuDNN's
-    TF32 switch for the run, so every provider computes at the same precision.
+    run keeps what it measured); Ctrl-C / SIGINT ends the run early with complete = False, and so
+    does a sticky CUDA error (its message in "stopped"). Kernel names and backends are profiled
+    after all cases are timed. fp32 matmuls outside cuDNN (cuBLAS in torch-native and in
+    tritonrnn's GEMMs) follow cuDNN's TF32 switch for the run, so every provider computes at the
+    same precision.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timer = timer or measure.timer_for(device)
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = _allow_tf32()
     env = environment(device, command)
     _log(f"benchmark on {env['gpu']}: {len(cases)} cases x {len(modes)} modes x {len(providers)} providers")
-    results = {"schema": SCHEMA, "ceilings": {}, "rows": [], "complete": False}
+    results = {"schema": SCHEMA, "ceilings": {}, "rows": [], "complete": False, "stopped": None}
+    measured = []  # (case, its rows)
     try:
         for i, case in enumerate(cases, 1):
             if case.dtype not in results["ceilings"]:
-                results["ceilings"][case.dtype] = measure.ceilings(device, DTYPES[case.dtype], timer)
+                try:
+                    results["ceilings"][case.dtype] = measure.ceilings(device, DTYPES[case.dtype], timer)
+                except Exception as exc:  # noqa: BLE001 - the cases still run, without a floor
+                    results["ceilings"][case.dtype] = {"error": _error(exc)}
+                    _check_device(exc, device, [])
                 _log(f"ceilings {case.dtype}: {results['ceilings'][case.dtype]}")
             _log(f"[{i}/{len(cases)}] {case.name}")
-            results["rows"] += run_case(case, modes, providers, device, timer, env, results["ceilings"][case.dtype],
-                                        profile)
+            rows = run_case(case, modes, providers, device, timer, env, results["ceilings"][case.dtype])
+            measured.append((case, rows))
+            results["rows"] += rows
             if after_case:
                 after_case(results)
+        if profile:
+            _log("profiling one call per timed row (kernel names, backend)")
+            for case, rows in measured:
+                profile_case(case, rows, device)
         results["complete"] = True
     except KeyboardInterrupt:
         _log(f"interrupted: keeping the {len(results['rows'])} rows measured so far")
+    except DeviceBroken as exc:
+        results["rows"] += exc.rows
+        results["stopped"] = f"the CUDA context broke ({exc}); later cases would all fail, so the run ends here"
+        _log(f"stopped: {results['stopped']}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     return results
@@ -192,11 +249,17 @@ def run_to_file(cases, grid_name: str, directory: Path = RESULTS_DIR, **kwargs):
 
 
 def load(paths) -> list:
-    """Rows of the given results files."""
+    """Rows of the given results files; ValueError saying what is wrong with a file that is not one."""
     rows = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
-        if data.get("schema") != SCHEMA:
-            raise ValueError(f"{path}: results schema {data.get('schema')}, expected {SCHEMA}")
+        try:
+            data = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a results file: not JSON ({exc})") from None
+        schema = data.get("schema") if isinstance(data, dict) else None
+        if schema != SCHEMA:
+            raise ValueError(f"{path} is not a results file of schema {SCHEMA} (its schema: {schema})")
+        if not data.get("rows") or not all(isinstance(r, dict) and set(ROW_FIELDS) <= r.keys() for r in data["rows"]):
+            raise ValueError(f"{path} holds no rows, or rows without the fields of schema {SCHEMA}")
         rows += data["rows"]
     return rows

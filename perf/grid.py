@@ -34,6 +34,15 @@ class Case:
     def inputs(self) -> int:
         return self.input_size or self.hidden
 
+    def lengths(self) -> list:
+        """Packed cases: each row's length, spread evenly from T/8 to T (in batch order); else T each."""
+        if not self.packed:
+            return [self.seq_len] * self.batch
+        low = max(1, self.seq_len // 8)
+        if self.batch == 1:
+            return [self.seq_len]
+        return [round(low + (self.seq_len - low) * i / (self.batch - 1)) for i in range(self.batch)]
+
     @property
     def name(self) -> str:
         extra = (f"-L{self.layers}" if self.layers > 1 else "") + ("-bidir" if self.bidirectional else "") + \
@@ -72,6 +81,8 @@ def parse_shape(text: str, dtype: str) -> Case:
     if not match:
         raise ValueError(f"bad shape {text!r}: expected e.g. T512-B16-H256[-I128][-L2][-bidir][-packed]")
     t, b, h, i, layers, bidir, packed = match.groups()
+    if any(int(v) == 0 for v in (t, b, h, i, layers) if v is not None):
+        raise ValueError(f"bad shape {text!r}: T, B, H, I and L must be positive")
     if dtype not in DTYPES + ("float64",):
         raise ValueError(f"unknown dtype {dtype!r}")
     return Case(dtype, int(b), int(h), seq_len=int(t), input_size=int(i or 0), layers=int(layers or 1),

@@ -1,13 +1,17 @@
 """Measuring on the device: timers, peak memory, the kernels a call launches, and the floor.
 
-The floor of a case is the largest of: its FLOPs at the GPU's measured matmul rate, its fewest
-bytes at the measured copy bandwidth, and its sequential chain (layers x T steps, twice for
-training) at the shortest measured step. All three ceilings are measured once per run.
+The floor of a case is a lower bound on its time, the largest of: its FLOPs at the GPU's measured
+matmul rate, its fewest bytes at the measured copy bandwidth, and its sequential chain (layers x T
+steps, twice for training) at the shortest dependent step (a load-free chain of 16x16x16 tensor-core
+matmuls, not this project's kernel). Packed cases count their real lengths. All three ceilings are
+measured once per dtype and run.
 """
 import statistics
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 QUANTILES = (0.5, 0.2, 0.8)
 
@@ -57,56 +61,109 @@ def peak_memory(fn, device: torch.device):
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def kernel_names(fn, device: torch.device, limit: int = 12) -> list:
-    """The distinct GPU kernels one call launches, most time first (on the CPU: the aten ops)."""
+def profile_call(fn, device: torch.device, limit: int = 12) -> dict:
+    """One call under torch.profiler: {"kernels": the distinct GPU kernels, most time first (on the
+    CPU: the aten ops), "backend": which implementation of the RNN ran}.
+
+    The backend comes from the operators the call dispatched: aten::_cudnn_rnn is cuDNN (torch may
+    route a cuDNN-enabled call to its native kernels instead, e.g. bf16 before cuDNN 9.13),
+    tritonrnn::* is this project's kernels, anything else torch's native RNN.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    totals = {}
+    totals, ops = {}, set()
     for event in prof.events():
         on_device = event.device_type == torch.autograd.DeviceType.CUDA
+        if not on_device:
+            ops.add(event.name)
         if on_device == (device.type == "cuda") and (on_device or event.name.startswith("aten::")):
             totals[event.name] = totals.get(event.name, 0) + (event.device_time_total if on_device
                                                                 else event.cpu_time_total)
-    return [name[:160] for name, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:limit]]
+    kernels = [name[:160] for name, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:limit]]
+    return {"kernels": kernels, "backend": backend_from_ops(ops, device)}
+
+
+def backend_from_ops(ops, device: torch.device) -> str:
+    """Which RNN implementation ran, from the names of the operators a call dispatched."""
+    from tritonrnn.dispatch import backend
+
+    if "aten::_cudnn_rnn" in ops:
+        return "cudnn"
+    if any(name.startswith("tritonrnn::") for name in ops):
+        return backend(device)
+    return "torch-native"
+
+
+def is_sticky_cuda_error(exc: BaseException) -> bool:
+    """An error that leaves the CUDA context unusable (illegal address, device assert, launch failure):
+    every later call on the device fails too, so the run must stop, not record more failures."""
+    sticky = ("illegal memory access", "illegal instruction", "misaligned address", "unspecified launch failure",
+              "device-side assert", "an illegal address", "hardware exception", "context is destroyed")
+    return isinstance(exc, RuntimeError) and any(s in str(exc).lower() for s in sticky)
+
+
+@triton.jit
+def _dependent_chain_kernel(p_out, steps, BLOCK: tl.constexpr, DTYPE: tl.constexpr, TF32: tl.constexpr):
+    """`steps` dependent [BLOCK, BLOCK] x [BLOCK, BLOCK] tensor-core matmuls and nothing else: no
+    load, no nonlinearity, one program. The shortest step any RNN kernel can take."""
+    o_i = tl.arange(0, BLOCK)
+    b_w = ((o_i[:, None] * 7 + o_i[None, :] * 3) % 5 - 2).to(tl.float32) * 0.05
+    b_w = b_w.to(DTYPE)
+    b_h = (o_i[:, None] == o_i[None, :]).to(DTYPE)
+    for _ in range(steps):
+        b_h = tl.dot(b_h, b_w, input_precision="tf32" if TF32 else "ieee").to(DTYPE)
+    tl.store(p_out + o_i[:, None] * BLOCK + o_i[None, :], b_h)
+
+
+def dependent_step_ms(device: torch.device, dtype: torch.dtype, timer, steps: int) -> float:
+    """Time of one step of `_dependent_chain_kernel`: the difference of `2 * steps` and `steps`
+    steps, so that the launch cost cancels. fp32 runs as TF32, the fastest fp32 matmul (a lower bound
+    for exact fp32 too)."""
+    block = 16
+    out = torch.empty(block, block, device=device, dtype=dtype)
+    kernel_dtype = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                    torch.float64: tl.float64}[dtype]
+
+    def chain(n):
+        return lambda: _dependent_chain_kernel[(1,)](out, n, BLOCK=block, DTYPE=kernel_dtype,
+                                                     TF32=dtype == torch.float32,
+                                                     num_warps=1)  # one warp: no exchange between warps
+    short, long = timer(chain(steps))["median_ms"], timer(chain(2 * steps))["median_ms"]
+    return max(long - short, 0.0) / steps
 
 
 def ceilings(device: torch.device, dtype: torch.dtype, timer) -> dict:
-    """The device's measured matmul rate (FLOP/s), copy bandwidth (B/s) and shortest RNN step (ms)."""
-    from tritonrnn import kernels
-
+    """The device's measured matmul rate (FLOP/s), copy bandwidth (B/s) and shortest dependent step (ms)."""
     n = 8192 if device.type == "cuda" else 256
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     matmul_ms = timer(lambda: a @ b)["median_ms"]  # fp32: TF32 if the run allows it (bench.run sets it)
+    del a, b
     size = (1 << 28) if device.type == "cuda" else (1 << 22)  # 1 GiB of fp32 on a GPU
     src = torch.randn(size, device=device)
     dst = torch.empty_like(src)
     copy_ms = timer(lambda: dst.copy_(src))["median_ms"]
-    # The shortest dependent step: the sequence kernel at the smallest tile, time per step.
-    steps = 1024 if device.type == "cuda" else 8
-    xw = torch.randn(steps, 1, 16, device=device, dtype=dtype)
-    h0 = torch.zeros(1, 16, device=device, dtype=dtype)
-    w = torch.randn(16, 16, device=device, dtype=dtype) * 0.1
-    tf32 = torch.backends.cudnn.allow_tf32
-    chain_ms = timer(lambda: kernels.recurrence_forward(xw, h0, w, path="sequence", allow_tf32=tf32))["median_ms"]
+    del src, dst
     return {"matmul_flops_per_s": 2 * n ** 3 / (matmul_ms * 1e-3),
-            "copy_bytes_per_s": 2 * src.numel() * src.element_size() / (copy_ms * 1e-3),
-            "step_ms": chain_ms / steps}
+            "copy_bytes_per_s": 2 * size * 4 / (copy_ms * 1e-3),
+            "step_ms": dependent_step_ms(device, dtype, timer, 1024 if device.type == "cuda" else 8)}
 
 
 def case_work(case, mode: str, element_size: int) -> dict:
-    """FLOPs and fewest bytes of a case (training: forward + backward, about 3x the forward)."""
+    """FLOPs and fewest bytes of a case (training: forward + backward, about 3x the forward); a
+    packed case counts its real lengths, not T for every row."""
     directions = 2 if case.bidirectional else 1
     flops = nbytes = 0
+    rows = sum(case.lengths())  # T x B unpacked
     for layer in range(case.layers):
         inputs = case.inputs if layer == 0 else directions * case.hidden
-        flops += directions * 2 * case.seq_len * case.batch * case.hidden * (inputs + case.hidden)
-        activations = case.seq_len * case.batch * (inputs + directions * case.hidden)
+        flops += directions * 2 * rows * case.hidden * (inputs + case.hidden)
+        activations = rows * (inputs + directions * case.hidden)
         weights = directions * case.hidden * (inputs + case.hidden + 2)
         nbytes += (activations + weights) * element_size
     factor = 3 if mode == "training" else 1
@@ -115,7 +172,10 @@ def case_work(case, mode: str, element_size: int) -> dict:
 
 
 def floor_ms(case, mode: str, element_size: int, ceiling: dict) -> dict:
+    """The floor and its three terms (all None when the ceilings could not be measured)."""
     work = case_work(case, mode, element_size)
+    if not ceiling or "error" in ceiling:
+        return {"floor_ms": None, "compute_ms": None, "memory_ms": None, "chain_ms": None, "flops": work["flops"]}
     parts = {"compute_ms": work["flops"] / ceiling["matmul_flops_per_s"] * 1e3,
              "memory_ms": work["bytes"] / ceiling["copy_bytes_per_s"] * 1e3,
              "chain_ms": work["chain_steps"] * ceiling["step_ms"]}

@@ -9,7 +9,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .grid import BATCHES, HIDDENS, MODES, PROVIDERS
+from .grid import BATCHES, DTYPES, HIDDENS, MODES, PROVIDERS
 
 
 def _index(rows):
@@ -34,25 +34,67 @@ def speedups(rows, baseline: str = "cudnn") -> dict:
     return result
 
 
+def _failed(row) -> bool:
+    return row is not None and row["status"] in ("wrong", "error")
+
+
+def fell_back(row) -> bool:
+    """A "cudnn" row that torch actually ran on its native kernels (the profiler saw no cuDNN RNN)."""
+    return row is not None and row["provider"] == "cudnn" and row.get("backend") == "torch-native"
+
+
 def summary(rows) -> list:
-    """Per dtype and mode over the grid: cells compared, cells where tritonrnn failed (wrong or
-    error: they have no speedup), and the geometric mean and minimum of the speedup."""
+    """Per dtype and mode over the grid cells: cells compared (both timed), the failures of each
+    provider, counted against the provider that failed (wrong or error), cells left unchecked (the
+    float64 reference failed), cells where "cuDNN" fell back to torch's native kernels, and the
+    geometric mean and minimum of the speedup (None without a compared cell)."""
     grid = [r for r in rows if r["group"] == "grid"]
-    failed = defaultdict(int)
-    for r in grid:
-        if r["provider"] == "tritonrnn" and r["status"] in ("wrong", "error"):
-            failed[(r["dtype"], r["mode"])] += 1
+    index = _index(grid)
+    pairs = speedups(grid)
     lines = []
-    for (dtype, mode), pairs in sorted(speedups(grid).items()):
-        values = [s for _, s in pairs]
-        geomean = math.exp(sum(math.log(v) for v in values) / len(values))
-        worst_row, worst = min(pairs, key=lambda p: p[1])
-        lines.append({"dtype": dtype, "mode": mode, "cells": len(values), "failed": failed[(dtype, mode)],
-                      "geomean": geomean, "min": worst, "min_case": worst_row["case"]})
+    for dtype, mode in sorted({(r["dtype"], r["mode"]) for r in grid}):
+        cells = sorted({r["case"] for r in grid if (r["dtype"], r["mode"]) == (dtype, mode)})
+        ours = [index.get((c, mode, "tritonrnn")) for c in cells]
+        theirs = [index.get((c, mode, "cudnn")) for c in cells]
+        values = [s for _, s in pairs.get((dtype, mode), [])]
+        line = {"dtype": dtype, "mode": mode, "cells": len(values), "failed": sum(map(_failed, ours)),
+                "cudnn_failed": sum(map(_failed, theirs)),
+                "unchecked": sum(1 for r in ours if r is not None and r["status"] == "unchecked"),
+                "fallback": sum(1 for r, t in zip(ours, theirs, strict=True) if fell_back(t) and _time(r) and _time(t)),
+                "geomean": None, "min": None, "min_case": None}
+        if values:
+            worst_row, worst = min(pairs[(dtype, mode)], key=lambda p: p[1])
+            line.update(geomean=math.exp(sum(math.log(v) for v in values) / len(values)), min=worst,
+                        min_case=worst_row["case"])
+        lines.append(line)
     return lines
 
 
-def _save(fig, path: Path) -> Path:
+def caveat(rows):
+    """What the rows are not, if they are not a GPU measurement: None for a real GPU run."""
+    if any("FIXTURE" in (r["gpu"] or "") or "synthetic" in (r["gpu"] or "") for r in rows):
+        return "SYNTHETIC rows (a test fixture), not a measurement"
+    if any(not r["sm_count"] for r in rows):
+        return "a CPU run (Triton's interpreter): checks the harness, not the kernels' speed"
+    return None
+
+
+def summary_text(line: dict) -> str:
+    """One console line of the summary."""
+    text = (f"{line['dtype']:9s} {line['mode']:9s} {line['cells']} compared, {line['failed']} failed (tritonrnn), "
+            f"{line['cudnn_failed']} failed (cuDNN)")
+    if line["unchecked"]:
+        text += f", {line['unchecked']} unchecked"
+    if line["geomean"] is not None:
+        text += f": geomean speedup over cuDNN {line['geomean']:.2f}, min {line['min']:.2f} ({line['min_case']})"
+    if line["fallback"]:
+        text += f"; in {line['fallback']} of them cuDNN fell back to torch-native"
+    return text
+
+
+def _save(fig, path: Path, note=None) -> Path:
+    if note:
+        fig.suptitle(note, color="red", fontsize=10)
     for ax in fig.axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -66,7 +108,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_speedup_heatmaps(rows, path: Path):
+def plot_speedup_heatmaps(rows, path: Path, note=None):
     import matplotlib.pyplot as plt
 
     grid = [r for r in rows if r["group"] == "grid"]
@@ -89,9 +131,11 @@ def plot_speedup_heatmaps(rows, path: Path):
                         continue
                     if _time(ours) and _time(theirs):
                         values[bi][hi] = math.log2(_time(theirs) / _time(ours))
-                        labels[bi][hi] = f"{_time(theirs) / _time(ours):.2f}x"
-                    else:
-                        labels[bi][hi] = ours["status"] if ours["status"] != "ok" else theirs["status"]
+                        native = "\nnative" if fell_back(theirs) else ""
+                        labels[bi][hi] = f"{_time(theirs) / _time(ours):.2f}x{native}"
+                    else:  # who failed
+                        labels[bi][hi] = (f"ours: {ours['status']}" if ours["status"] != "ok" else
+                                          f"cuDNN: {theirs['status']}")
             ax.imshow(values, cmap="RdYlGn", vmin=-3, vmax=3, aspect="auto")
             for bi in range(len(batches)):
                 for hi in range(len(hiddens)):
@@ -100,11 +144,12 @@ def plot_speedup_heatmaps(rows, path: Path):
             ax.set_yticks(range(len(batches)), [str(b) for b in batches])
             ax.set_xlabel("hidden size H")
             ax.set_ylabel("batch B")
-            ax.set_title(f"{dtype} {mode}: speedup over cuDNN", fontsize=9)
-    return _save(fig, path)
+            ax.set_title(f"{dtype} {mode}: speedup over cuDNN (native: cuDNN fell back to torch's kernels)",
+                         fontsize=8)
+    return _save(fig, path, note)
 
 
-def plot_time_vs_t(rows, path: Path):
+def plot_time_vs_t(rows, path: Path, note=None):
     import matplotlib.pyplot as plt
 
     line = [r for r in rows if r["group"] == "t-line" or
@@ -121,10 +166,10 @@ def plot_time_vs_t(rows, path: Path):
         ax.set_xlabel("sequence length T")
         ax.set_ylabel("median time (ms)")
         ax.set_title(f"float32, B=16, H=256, {mode}", fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, note)
 
 
-def plot_memory(rows, path: Path):
+def plot_memory(rows, path: Path, note=None):
     import matplotlib.pyplot as plt
 
     grid = [r for r in rows if r["group"] == "grid" and r["mode"] == "training" and r["peak_memory_bytes"]]
@@ -141,10 +186,10 @@ def plot_memory(rows, path: Path):
         ax.set_xlabel("hidden size H")
         ax.set_ylabel("peak training memory (MiB)")
         ax.set_title(f"{dtype}, B={batch}, T=512", fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, note)
 
 
-def plot_floor(rows, path: Path):
+def plot_floor(rows, path: Path, note=None):
     import matplotlib.pyplot as plt
 
     grid = [r for r in rows if r["group"] == "grid" and _time(r) and r["floor_ms"]]
@@ -163,13 +208,21 @@ def plot_floor(rows, path: Path):
         ax.set_xlabel("grid cells, ordered by tritonrnn's distance")
         ax.set_ylabel("time / floor")
         ax.set_title(f"{mode}: distance to the floor", fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, note)
 
 
 def _ms(row):
     if row is None:
         return "-"
     return f"{row['median_ms']:.3f}" if _time(row) else row["status"]
+
+
+def _measured_on(row) -> str:
+    """'**GPU** (132 SMs, driver 550.1)', leaving out what a run did not know (a CPU run: no SMs, no driver)."""
+    known = [f"{row['sm_count']} SMs" if row.get("sm_count") else None,
+             f"driver {row['driver']}" if row.get("driver") else None]
+    known = [k for k in known if k]
+    return f"**{row['gpu']}**" + (f" ({', '.join(known)})" if known else "")
 
 
 def render(rows, sources, out_dir: Path) -> Path:
@@ -179,60 +232,77 @@ def render(rows, sources, out_dir: Path) -> Path:
     matplotlib.use("Agg")
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
+    note = caveat(rows)
     figures = {
-        "Speedup over cuDNN (B x H)": plot_speedup_heatmaps(rows, plots / "speedup_heatmap.png"),
-        "Time against T": plot_time_vs_t(rows, plots / "time_vs_T.png"),
-        "Peak training memory": plot_memory(rows, plots / "memory.png"),
-        "Distance to the floor": plot_floor(rows, plots / "floor.png"),
+        "Speedup over cuDNN (B x H)": plot_speedup_heatmaps(rows, plots / "speedup_heatmap.png", note),
+        "Time against T": plot_time_vs_t(rows, plots / "time_vs_T.png", note),
+        "Peak training memory": plot_memory(rows, plots / "memory.png", note),
+        "Distance to the floor": plot_floor(rows, plots / "floor.png", note),
     }
     first = rows[0]
     gpus = sorted({r["gpu"] for r in rows})
-    lines = ["# tritonrnn performance report", "",
-             f"Measured on **{first['gpu']}** ({first['sm_count']} SMs, driver {first['driver']}), torch "
-             f"{first['torch']}, triton {first['triton']}, cuDNN {first['cudnn']}, {first['date']}. "
-             f"TF32: cuDNN {'on' if first['tf32'] else 'off'}, cuBLAS {'on' if first.get('matmul_tf32') else 'off'}. "
-             f"tritonrnn configs: {first.get('tuned_configs') or 'no shipped tuned file'}, autotuner "
-             f"{'on' if first.get('autotune') else 'off'}.", ""]
+    lines = ["# tritonrnn performance report", ""]
+    if note:
+        lines += [f"**{note[0].upper() + note[1:]}.**", ""]
+    lines += [f"Measured on {_measured_on(first)}, torch "
+              f"{first['torch']}, triton {first['triton']}, cuDNN {first['cudnn']}, {first['date']}. "
+              f"TF32: cuDNN {'on' if first['tf32'] else 'off'}, cuBLAS {'on' if first.get('matmul_tf32') else 'off'}. "
+              f"tritonrnn configs: {first.get('tuned_configs') or 'no shipped tuned file'}, autotuner "
+              f"{'on' if first.get('autotune') else 'off'}.", ""]
     if len(gpus) > 1:
         lines += [f"**These results mix GPUs**: {', '.join(gpus)}; compare rows of one GPU only.", ""]
     lines += ["Results used: " + ", ".join(f"`{Path(s).name}`" for s in sources) + ".",
               f"Command: `{first['command']}`", "",
-              "Speedup = cuDNN median time / tritonrnn median time (above 1: tritonrnn is faster). A provider "
-              "whose output differed from cuDNN's is marked `wrong` and has no time.", ""]
-    if not first["gpu"] or not first["sm_count"]:
-        lines += ["**Not a GPU measurement**: these rows come from a CPU run (Triton's interpreter), which "
-                  "checks the harness, not the kernels' speed.", ""]
-    lines += ["## Summary (standard grid)", "",
-              "| dtype | mode | cells compared | cells failed | geomean speedup | min speedup | at |",
-              "|---|---|---|---|---|---|---|"]
+              "Speedup = cuDNN median time / tritonrnn median time (above 1: tritonrnn is faster). Every "
+              "provider, cuDNN included, is first checked against one float64 run of the case (norm-wise "
+              "relative error); a provider that fails the check is marked `wrong` and has no time, and a "
+              "failure counts against the provider that failed. The floor is a lower bound: FLOPs at the "
+              "measured matmul rate, bytes at the measured copy bandwidth, or T dependent 16x16x16 matmuls, "
+              "whichever is largest.", ""]
+    fallbacks = [r for r in rows if fell_back(r)]
+    if fallbacks:
+        lines += [f"**cuDNN fell back to torch's native kernels in {len(fallbacks)} rows** (the profiler saw no "
+                  "cuDNN RNN: torch routes bf16 RNNs to cuDNN only from cuDNN 9.13): their \"cudnn\" times are "
+                  "torch-native times, marked `native` in the heatmap and in the cases' backend column.", ""]
+    grid_cells = len({r["case"] for r in rows if r["group"] == "grid"})
+    lines += [f"## Summary ({grid_cells} B x H grid cells in these results; the standard grid has "
+              f"{len(DTYPES) * len(BATCHES) * len(HIDDENS)})", "",
+              "| dtype | mode | cells compared | tritonrnn failed | cuDNN failed | unchecked | cuDNN fell back "
+              "| geomean speedup | min speedup | at |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary(rows):
-        lines.append(f"| {s['dtype']} | {s['mode']} | {s['cells']} | {s['failed']} | {s['geomean']:.2f} | "
-                     f"{s['min']:.2f} | {s['min_case']} |")
+        speed = (f"{s['geomean']:.2f} | {s['min']:.2f} | {s['min_case']}" if s["geomean"] is not None
+                 else "- | - | -")
+        lines.append(f"| {s['dtype']} | {s['mode']} | {s['cells']} | {s['failed']} | {s['cudnn_failed']} | "
+                     f"{s['unchecked']} | {s['fallback']} | {speed} |")
     compared = speedups(rows)
     slower = sorted((r["case"], r["mode"], s) for pairs in compared.values() for r, s in pairs if s < 1)
     lines += ["", "## Where tritonrnn is slower than cuDNN", ""]
     if not compared:
         lines.append("- no case was measured with both tritonrnn and cuDNN")
     else:
-        lines += [f"- {case} {mode}: {s:.2f}x" for case, mode, s in slower] or ["- nowhere in these results"]
+        index = _index(rows)
+        lines += [f"- {case} {mode}: {s:.2f}x" + (" (cuDNN fell back to torch-native)"
+                                                   if fell_back(index.get((case, mode, "cudnn"))) else "")
+                  for case, mode, s in slower] or ["- nowhere in these results"]
     failures = [r for r in rows if r["status"] not in ("ok", "unavailable")]
     if failures:
-        lines += ["", "## Failures", ""] + [f"- {r['case']} {r['mode']} {r['provider']}: {r['status']}: "
-                                            f"{r['error']}" for r in failures]
+        lines += ["", "## Failures (by the provider that failed)", ""] + [
+            f"- {r['case']} {r['mode']} {r['provider']}: {r['status']}: {r['error']}" for r in failures]
     for title, png in figures.items():
         lines += ["", f"## {title}", "", f"![{title}](plots/{png.name})"]
     lines += ["", "## Cases", "", "| case | mode | tritonrnn ms | cudnn ms | torch-native ms | speedup | floor ms "
-              "| tritonrnn / floor | cuDNN kernels |", "|---|---|---|---|---|---|---|---|---|"]
+              "| tritonrnn / floor | cudnn backend | cuDNN kernels |", "|---|---|---|---|---|---|---|---|---|---|"]
     index = _index(rows)
     for case, mode in sorted({(r["case"], r["mode"]) for r in rows}):
         ours, cudnn, native = (index.get((case, mode, p)) for p in PROVIDERS)
         speed = f"{_time(cudnn) / _time(ours):.2f}" if _time(ours) and _time(cudnn) else "-"
         floor = ours["floor_ms"] if ours else None
         distance = f"{_time(ours) / floor:.1f}" if _time(ours) and floor else "-"
+        floor_text = f"{floor:.3f}" if floor else "-"
+        ran = "-" if cudnn is None else ("native" if fell_back(cudnn) else cudnn.get("backend") or "unverified")
         kernels = "<br>".join((cudnn or {}).get("kernels") or [])[:400] or "-"
-        lines.append(f"| {case} | {mode} | {_ms(ours)} | {_ms(cudnn)} | {_ms(native)} | {speed} | "
-                     f"{floor:.3f} | {distance} | {kernels} |" if floor else
-                     f"| {case} | {mode} | {_ms(ours)} | {_ms(cudnn)} | {_ms(native)} | {speed} | - | - | {kernels} |")
+        lines.append(f"| {case} | {mode} | {_ms(ours)} | {_ms(cudnn)} | {_ms(native)} | {speed} | {floor_text} | "
+                     f"{distance} | {ran} | {kernels} |")
     report = out_dir / "REPORT.md"
     report.write_text("\n".join(lines) + "\n")
     return report

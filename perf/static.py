@@ -31,49 +31,68 @@ def _signature(path: str, dtype, backward: bool, lengths: bool):
         pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
                     "p_out": p, "p_hn": None if backward else p,
                     "p_scratch": ("*fp64" if dtype == torch.float64 else "*fp32") if path == "streamed" else None}
-        ints = ("T", "B", "H", "stride_wk", "stride_wn", "B_BUCKET")
     else:
         pointers = {"p_in": p, "p_prev": p, "p_w": p, "p_act": p if backward else None, "p_out": p,
                     "p_state": p if lengths and not backward else None}
-        ints = ("t", "B", "H", "stride_wk", "stride_wn", "B_BUCKET")
     pointers["p_len"] = "*i32" if lengths else None
-    return pointers, ints
+    return pointers
+
+
+def _int_arguments(path: str, batch: int, hidden: int, backward: bool) -> dict:
+    """The integer arguments' values at a launch (the step index and T are not specialised)."""
+    stride_wk, stride_wn = (hidden, 1) if backward else (1, hidden)
+    return {"T" if path != "stepwise" else "t": None, "B": batch, "H": hidden, "stride_wk": stride_wk,
+            "stride_wn": stride_wn, "B_BUCKET": configs.batch_bucket(batch)}
 
 
 def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backward: bool = False,
                    lengths: bool = False, relu: bool = False, allow_tf32: bool = True, config=None,
-                   target=HOPPER) -> dict:
-    """Compile the kernel of `path` for `target`; its resource usage and matmul instructions."""
+                   aligned: bool = True, target=HOPPER) -> dict:
+    """Compile the kernel of `path` for `target`; its resource usage and matmul instructions.
+
+    `aligned`: the variant a launch gets (pointers 16-byte aligned, integers divisible by 16 where
+    they are); False compiles the unspecialised one."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     config = config or configs.default_config(path, batch, hidden)
     jitted = recurrence._jitted(path)
     fn = getattr(jitted, "fn", jitted)  # below @triton.heuristics
-    pointers, ints = _signature(path, dtype, backward, lengths)
+    pointers = _signature(path, dtype, backward, lengths)
+    ints = _int_arguments(path, batch, hidden, backward)
     numerics = recurrence._numerics(dtype, torch.device("cuda"), allow_tf32)
     constants = {**numerics, **config.kwargs, "BACKWARD": backward, "RELU": relu}
     if path != "stepwise":
         constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths)
     else:
         constants.update(HAS_PREV=True, HAS_LENGTHS=lengths, STORE_STATE=pointers["p_state"] is not None)
-    # Launches specialise an integer argument equal to 1: W_hh's unit stride is a constant there.
-    constants["stride_wn" if backward else "stride_wk"] = 1
-    signature = {}
-    for name in fn.arg_names:
-        if name in pointers and pointers[name] is not None:
+    # Specialise as a launch does (triton's JIT, BaseBackend.get_*_specialization): an integer equal
+    # to 1 becomes a constant; pointers (fresh torch allocations) are 16-byte aligned and integers
+    # divisible by 16 are marked so (tt.divisibility), which lets loads vectorise.
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if pointers.get(name) is not None:
             signature[name] = pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]] if aligned else []
+        elif name in ints and ints[name] == 1:
+            signature[name] = "constexpr"
+            constants[name] = 1
         elif name in ints:
             signature[name] = "i32"
+            divisible = aligned and ints[name] is not None and ints[name] % 16 == 0
+            attrs[(index,)] = [["tt.divisibility", 16]] if divisible else []
         else:
             signature[name] = "constexpr"
             constants.setdefault(name, None)
-    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", *target),
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", *target),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     mma = sorted(set(re.findall(r"(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx)))
-    return {**usage, "mma": mma, "fma_only": not mma, "config": configs.config_to_dict(config)}
+    # Triton's shared memory is dynamic (requested at launch, checked against the device's opt-in
+    # maximum at load time): cuobjdump shows only the static 1 KB.
+    return {**usage, "shared_bytes": compiled.metadata.shared, "mma": mma, "fma_only": not mma,
+            "config": configs.config_to_dict(config)}
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -88,7 +107,7 @@ def _resource_usage(cubin: bytes) -> dict:
     if match is None:
         raise RuntimeError(f"cuobjdump gave no resource usage:\n{text}")
     registers, stack, shared, local = map(int, match.groups())
-    return {"registers": registers, "stack_bytes": stack, "shared_bytes": shared, "local_bytes": local}
+    return {"registers": registers, "stack_bytes": stack, "static_shared_bytes": shared, "local_bytes": local}
 
 
 def available() -> bool:
@@ -96,13 +115,16 @@ def available() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
 
 
+NUMERICS = ((torch.float32, True), (torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+            (torch.float64, False))  # every dtype, fp32 in TF32 and in 3xTF32
+
+
 def default_variants() -> list:
     """The variants with default configs: every dtype and fp32 precision; the sequence path at the
     largest and a small H, the streamed path at H = 256 (not fp64: that is for gradcheck), the
     stepwise path at H = 1024; forward (and packed) and backward."""
     variants = []
-    for dtype, tf32 in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, False),
-                        (torch.float16, False), (torch.float64, False)):
+    for dtype, tf32 in NUMERICS:
         shapes = [("sequence", h) for h in sorted({configs.SEQUENCE_MAX_H[dtype.itemsize], 32})]
         shapes += [("streamed", 256)] if dtype != torch.float64 else []
         shapes += [("stepwise", 1024)]
@@ -112,16 +134,45 @@ def default_variants() -> list:
     return variants
 
 
+def limit_variants() -> list:
+    """What a launch may ask for at the edge of the shared-memory budget: per dtype, precision and
+    path, the largest power-of-two H the path accepts (path_fits) with the config of its tuning space
+    that needs the most shared memory (by configs.shared_memory_bytes); forward, packed."""
+    variants = []
+    for dtype, tf32 in NUMERICS:
+        for path in configs.PATHS:
+            hidden = max(h for h in (32, 64, 128, 256, 512, 1024) if configs.path_fits(path, h, dtype, tf32))
+            space = configs.tuning_space(path, 256, hidden, dtype, tf32)
+            config = max(space, key=lambda c: configs.shared_memory_bytes(path, c, hidden, dtype, tf32))
+            variants.append(dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32, lengths=True,
+                                 config=config))
+    return variants
+
+
+def edge_variants() -> list:
+    """The sequence path just past the largest H = 128 of fp32 and fp64 (H = 200, BLOCK_H 256, default
+    config): whether each loads is what path_fits must answer (fp32 and fp64 do not, 16-bit does)."""
+    return [dict(path="sequence", dtype=dtype, batch=256, hidden=200, allow_tf32=tf32, lengths=True)
+            for dtype, tf32 in NUMERICS]
+
+
 def main() -> None:
-    """Compile the default variants for sm_90 and print one JSON line each (run without
-    TRITON_INTERPRET: the compiler needs the real @triton.jit objects)."""
+    """Compile the default, limit and edge variants for sm_90 and print one JSON line each
+    (run without TRITON_INTERPRET: the compiler needs the real @triton.jit objects). Each line carries
+    the shared memory the budget model predicts ("modelled_shared_bytes") next to the compiler's."""
     import json
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels the compiler needs")
-    for variant in default_variants():
-        result = compile_kernel(**variant)
-        print(json.dumps({**{k: str(v).removeprefix("torch.") for k, v in variant.items()}, **result}), flush=True)
+    for role, variants in (("default", default_variants()), ("limit", limit_variants()), ("edge", edge_variants())):
+        for variant in variants:
+            result = compile_kernel(**variant)
+            config = variant.get("config") or configs.default_config(variant["path"], variant["batch"],
+                                                                     variant["hidden"])
+            modelled = configs.shared_memory_bytes(variant["path"], config, variant["hidden"], variant["dtype"],
+                                                   variant["allow_tf32"])
+            described = {k: str(v).removeprefix("torch.") for k, v in variant.items() if k != "config"}
+            print(json.dumps({"role": role, **described, **result, "modelled_shared_bytes": modelled}), flush=True)
 
 
 if __name__ == "__main__":

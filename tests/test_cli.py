@@ -1,8 +1,11 @@
-"""`tritonrnn info`: versions, device, and which path a shape takes."""
+"""The command line: `tritonrnn info` (versions, device, which path a shape takes), the conventions
+of every command (usage errors, help, --version) and where output goes."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ON_GPU
@@ -32,3 +35,175 @@ def test_console_script_entry_point():
     command = [str(script)] if script.exists() else [sys.executable, "-m", "tritonrnn.cli"]
     result = subprocess.run(command + ["info"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("tritonrnn ")
+
+
+# The command line's conventions: one line and exit status 2 for a usage error, no traceback unless
+# --debug; help for every option; output where the user can write it.
+FIXTURE = Path(__file__).parent / "fixtures" / "results_fixture.json"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fails_with(argv, capsys, expected: str, status: int = 2) -> str:
+    """main(argv) exits with `status` and prints one line to stderr holding `expected`."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == status, err
+    assert expected in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1, err
+    return err
+
+
+def test_version(capsys):
+    import tritonrnn
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"tritonrnn {tritonrnn.__version__}"
+
+
+@pytest.mark.parametrize("option", ["--hidden-size", "--batch", "--seq-len"])
+@pytest.mark.parametrize("value", ["-3", "0", "x"])
+def test_info_rejects_sizes_that_are_not_positive(option, value, capsys):
+    _fails_with(["info", option, value], capsys, f"argument {option}:")
+
+
+def test_every_option_has_help():
+    import argparse
+
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in [("tritonrnn", parser), *commands.choices.items()]:
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{name} {action.option_strings} has no help"
+    assert {a.dest for a in commands._choices_actions} == set(commands.choices)
+    assert all(a.help for a in commands._choices_actions)
+
+
+def test_bench_help_documents_the_smoke_grid(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "smoke: two tiny shapes, to check the harness on the CPU (TRITON_INTERPRET=1)" in out
+
+
+def test_bench_bad_shape_is_a_usage_error(capsys):
+    _fails_with(["bench", "--shapes", "foo"], capsys, "tritonrnn bench: error: bad shape 'foo'")
+    _fails_with(["bench", "--shapes", "T8-B0-H16"], capsys, "must be positive")
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(cli.UsageError, match="does not exist"):
+        cli.main(["report", "--results", "/nonexistent.json", "--debug"])
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's refusal; a GPU runs every grid")
+def test_bench_under_the_interpreter_refuses_the_big_grids(capsys):
+    for grid in ("standard", "quick"):
+        _fails_with(["bench", "--grid", grid], capsys, "use --grid smoke")
+
+
+@pytest.mark.skipif(ON_GPU, reason="needs a machine without a GPU")
+def test_bench_without_gpu_or_interpreter_says_so_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tritonrnn.cli", "bench", "--grid", "smoke"], env=env,
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("tritonrnn bench: error: needs a CUDA GPU; without one, TRITON_INTERPRET=1 "
+                                     "with --grid smoke checks the harness on the CPU (not a speed measurement)")
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_bad_files_are_usage_errors(tmp_path, capsys):
+    _fails_with(["report", "--results", "/nonexistent.json"], capsys, "results file /nonexistent.json does not exist")
+    _fails_with(["report", "--results-dir", "/nonexistent"], capsys, "results directory /nonexistent does not exist")
+    (tmp_path / "text.json").write_text("not json")
+    _fails_with(["report", "--results", str(tmp_path / "text.json")], capsys, "is not a results file: not JSON")
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    _fails_with(["report", "--results", str(tmp_path / "other.json")], capsys, "not a results file of schema")
+    (tmp_path / "empty.json").write_text('{"schema": 2, "rows": [{"gpu": "x"}]}')
+    _fails_with(["report", "--results", str(tmp_path / "empty.json")], capsys, "rows without the fields")
+    assert not (tmp_path / "REPORT.md").exists()
+
+
+def test_report_console_labels_the_fixture_synthetic(tmp_path, capsys):
+    assert cli.main(["report", "--results", str(FIXTURE), "--out-dir", str(tmp_path), "--no-bench"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"rendered {tmp_path / 'REPORT.md'}")
+    assert out[1].strip() == "SYNTHETIC ROWS (A TEST FIXTURE), NOT A MEASUREMENT"
+    assert "float32   training  3 compared, 0 failed (tritonrnn), 1 failed (cuDNN): geomean" in out[-1]
+
+
+def test_cpu_run_header_prints_what_is_known():
+    from tritonrnn.perf import report
+
+    assert report._measured_on({"gpu": "cpu (x86_64)", "sm_count": None, "driver": None}) == "**cpu (x86_64)**"
+    assert report._measured_on({"gpu": "NVIDIA H200", "sm_count": 132, "driver": "570.1"}) == \
+        "**NVIDIA H200** (132 SMs, driver 570.1)"
+
+
+def test_output_goes_to_the_checkout_from_a_checkout_else_the_current_directory(monkeypatch, tmp_path):
+    from tritonrnn import perf
+
+    assert perf.in_checkout() and perf.output_dir("results") == ROOT / "perf" / "results"  # an editable install
+    installed = tmp_path / "site-packages" / "tritonrnn" / "perf"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(perf, "PERF_DIR", installed)
+    monkeypatch.chdir(tmp_path)
+    assert not perf.in_checkout() and perf.output_dir("results") == tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_GPU, reason="packaging, checked on the CPU; a GPU run's time goes to the GPU")
+def test_installed_copy_writes_to_the_current_directory_not_site_packages(tmp_path):
+    """A regular (non-editable) install: report and bench write into the current directory and say so;
+    nothing is written into the installed package."""
+    from test_packaging import build_wheel
+
+    wheel = build_wheel(tmp_path / "wheel")
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "TRITON_INTERPRET": "1"}
+    before = sorted(p.relative_to(target) for p in target.rglob("*") if "__pycache__" not in p.parts)
+
+    def cli_run(*argv):
+        result = subprocess.run([sys.executable, "-m", "tritonrnn.cli", *argv], env=env, cwd=work,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    where = subprocess.run([sys.executable, "-c", "import tritonrnn.perf as p; print(p.PERF_DIR)"], env=env,
+                           cwd=work, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where) == target / "tritonrnn" / "perf"
+    out = cli_run("report", "--results", str(FIXTURE), "--no-bench")
+    assert f"rendered {work / 'REPORT.md'}" in out and (work / "plots" / "speedup_heatmap.png").exists()
+    out = cli_run("bench", "--grid", "smoke", "--providers", "torch-native", "--modes", "inference", "--no-profile")
+    (results,) = work.glob("*-smoke.json")
+    assert f"results: {results}" in out
+    after = sorted(p.relative_to(target) for p in target.rglob("*") if "__pycache__" not in p.parts)
+    assert after == before
+
+
+def test_tune_writes_where_asked_and_into_the_checkout_by_default(monkeypatch, tmp_path, capsys):
+    from tritonrnn.kernels import config as configs
+    from tritonrnn.perf import tune
+
+    asked = []
+
+    def fake_tune(shapes, timer, device, command="", directory=None):
+        asked.append(directory)
+        return {"path": directory / "H200.json", "results": []}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune, "tune", fake_tune)
+    assert cli.main(["tune", "--shapes", "T8-B2-H16", "--out-dir", str(tmp_path)]) == 0
+    assert f"tuned configs: {tmp_path / 'H200.json'} (the launchers read {configs.TUNED_DIR}" in capsys.readouterr().out
+    assert cli.main(["tune", "--shapes", "T8-B2-H16"]) == 0
+    assert asked == [tmp_path, configs.TUNED_DIR]  # a checkout: where the launchers read them
+    assert capsys.readouterr().out.strip() == f"tuned configs: {configs.TUNED_DIR / 'H200.json'}"

@@ -14,7 +14,8 @@ from torch.nn.utils import parametrizations
 
 import tritonrnn
 from conftest import DEVICE, EXAMPLES, ON_GPU, assert_close, load_example
-from tritonrnn import ops
+from tritonrnn import dispatch, functional, ops
+from tritonrnn.kernels import config as configs
 
 I, H = 5, 12
 
@@ -62,20 +63,78 @@ def test_compile_fullgraph_matches_eager(backend):
         assert_close(a, b, torch.float64)
 
 
+def test_compile_traces_no_device_query_and_no_file_read(monkeypatch):
+    """The kernel path is chosen inside the custom op when it runs, never while Dynamo traces: the
+    shipped tuned configs (a device-name query and a file read on a GPU, kernels.config.tuned) are
+    looked up at run time only, so the traced code is the same on a GPU and here."""
+    torch._dynamo.reset()
+    lookups = []
+    tuned = configs.tuned
+
+    def spy(dtype, hidden, batch, direction, device):
+        assert not torch.compiler.is_compiling(), "tuned configs looked up while tracing"
+        lookups.append(direction)
+        return tuned(dtype, hidden, batch, direction, device)
+
+    monkeypatch.setattr(configs, "tuned", spy)
+    model = tritonrnn.RNN(I, H, device=DEVICE, dtype=torch.float64)
+    x = torch.randn(6, 3, I, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out, h_n = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    (out.sum() + h_n.sum()).backward()
+    assert "forward" in lookups and "backward" in lookups  # at run time, in both directions
+    for op in (ops.recurrence, ops.recurrence_backward):
+        assert "str" not in str(op._opoverload._schema)  # no path argument for traced code to fill
+
+
 @pytest.mark.parametrize("lengths", [None, [4, 2, 1]], ids=["dense", "lengths"])
 @pytest.mark.parametrize("path", ["sequence", "streamed", "stepwise"])
-def test_custom_ops_pass_opcheck(path, lengths):
+def test_custom_ops_pass_opcheck(path, lengths, monkeypatch):
+    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: path)
     torch.manual_seed(0)
     T, B = 4, 3
     xw = torch.randn(T, B, H, dtype=torch.float64, device=DEVICE, requires_grad=True)
     h0 = torch.randn(B, H, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = (torch.randn(H, H, dtype=torch.float64, device=DEVICE) / H ** 0.5).requires_grad_()
     lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(ops.recurrence, (xw, h0, w, lens, lengths is not None, False, path, path, False))
-    out, _ = ops.recurrence(xw, h0, w, lens, False, True, path, path, False)
+    torch.library.opcheck(ops.recurrence, (xw, h0, w, lens, lengths is not None, False, False))
+    out, _ = ops.recurrence(xw, h0, w, lens, False, True, False)
     args = (torch.randn_like(out), torch.randn_like(h0), out.detach(), h0.detach(), w.detach(), lens, False, True,
-            path, False)
+            False)
     torch.library.opcheck(ops.recurrence_backward, args)
+
+
+@pytest.fixture
+def fp32_precision_api():
+    """Leave cuDNN's TF32 settings as found, set through the new API (torch >= 2.9)."""
+    saved = (torch.backends.fp32_precision, torch.backends.cudnn.fp32_precision,
+             torch.backends.cudnn.rnn.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    yield torch.backends
+    (torch.backends.fp32_precision, torch.backends.cudnn.fp32_precision,
+     torch.backends.cudnn.rnn.fp32_precision, torch.backends.cudnn.conv.fp32_precision) = saved
+
+
+def test_tf32_follows_cudnn_rnn_fp32_precision(fp32_precision_api):
+    """torch.backends.cudnn.rnn.fp32_precision decides TF32, as for cuDNN's RNN ("none" inherits
+    from cudnn, then from the generic setting); once it is set, reading the legacy
+    torch.backends.cudnn.allow_tf32 raises, and a layer must still run."""
+    backends = fp32_precision_api
+    backends.cudnn.rnn.fp32_precision = "tf32"
+    backends.cudnn.conv.fp32_precision = "ieee"  # conv and rnn differ: the legacy flag now raises
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.backends.cudnn.allow_tf32  # noqa: B018
+    assert functional._allow_tf32()
+    ours, oracle = _pair()
+    x = torch.randn(4, 3, I, dtype=torch.float64, device=DEVICE)
+    assert_close(ours(x)[0], oracle(x)[0], torch.float64)
+    backends.cudnn.rnn.fp32_precision = "ieee"
+    assert not functional._allow_tf32()
+    backends.fp32_precision = "none"
+    backends.cudnn.fp32_precision = "tf32"
+    backends.cudnn.rnn.fp32_precision = "none"  # inherits cudnn's
+    assert functional._allow_tf32()
+    backends.cudnn.fp32_precision = "none"
+    backends.cudnn.rnn.fp32_precision = "none"  # nothing set anywhere: not TF32, as cuDNN decides
+    assert not functional._allow_tf32()
 
 
 def test_autocast_cpu_behaves_as_torch():

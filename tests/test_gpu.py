@@ -5,7 +5,7 @@ from torch import nn
 
 import tritonrnn
 from conftest import ON_GPU, TOLERANCE, assert_close, dtype_id
-from tritonrnn import kernels, reference
+from tritonrnn import functional, kernels, reference
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 
@@ -70,7 +70,8 @@ def test_rnn_realistic_sizes_match_torch_float64(H, B, dtype):
 
 @pytest.mark.parametrize("path", kernels.PATHS)
 def test_offsets_past_2_31_elements(path):
-    """T*B*H > 2^31: the last rows must match a run of those rows alone (small offsets)."""
+    """T*B*H > 2^31: the last rows must match a run of those rows alone (small offsets), at the
+    steps past 2^31 elements (the forward's last, the backward's first) and at the other end."""
     T, B, H = 8200, 2048, 128  # 2.15e9 elements
     free, _ = torch.cuda.mem_get_info()
     if free < 3 * T * B * H * 2 + (1 << 30):
@@ -88,6 +89,9 @@ def test_offsets_past_2_31_elements(path):
     del xw
     dz = kernels.recurrence_backward(out, out, w, path=path)  # any [T, B, H] gradient will do
     dz_tail = kernels.recurrence_backward(out[:, tail].contiguous(), out[:, tail].contiguous(), w, path=path)
+    # The backward walks from t = T-1: its first steps are the ones past 2^31 elements (by the walk's
+    # end, dz[:4], thousands of contracting steps have erased any error made there).
+    torch.testing.assert_close(dz[-4:, tail], dz_tail[-4:], atol=atol, rtol=rtol)
     torch.testing.assert_close(dz[:4, tail], dz_tail[:4], atol=atol, rtol=rtol)
 
 
@@ -116,3 +120,68 @@ def test_streamed_path_with_lengths_matches_reference(H, B, dtype):
         assert_close(out, ref_out, dtype, "out")
         assert_close(h_n, ref_hn, dtype, "h_n")
         assert_close(dz, ref.dz, dtype, "dz")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("path", kernels.PATHS)
+def test_relu_keeps_nan_on_the_gpu(path, dtype):
+    """relu(NaN) is NaN as in torch (max.f32 without NaN propagation would give 0), and the backward
+    passes the gradient through it as torch's relu backward does."""
+    torch.manual_seed(0)
+    T, B, H = 6, 16, 64
+    eye = torch.eye(H, device="cuda", dtype=torch.float64)
+    xw = torch.randn(T, B, H, device="cuda", dtype=torch.float64)
+    xw[2, 3, 5] = float("nan")
+    h0 = torch.randn(B, H, device="cuda", dtype=torch.float64)
+    w = torch.randn(H, H, device="cuda", dtype=torch.float64) / H ** 0.5
+    ref_out, _ = reference.forward(xw, h0, eye, w, nonlinearity="relu")
+    grad = torch.randn_like(ref_out)
+    ref = reference.backward(xw, h0, eye, w, ref_out, grad, torch.zeros_like(h0), nonlinearity="relu")
+    out, _ = kernels.recurrence_forward(xw.to(dtype), h0.to(dtype), w.to(dtype), relu=True, path=path)
+    dz = kernels.recurrence_backward(grad.to(dtype), ref_out.to(dtype), w.to(dtype), relu=True, path=path)
+    for name, actual, expected in (("out", out, ref_out), ("dz", dz, ref.dz)):
+        assert torch.equal(actual.isnan(), expected.isnan()), name
+        finite = ~expected.isnan()
+        assert_close(actual[finite], expected[finite], dtype, name)
+
+
+def test_device_lengths_are_checked_without_a_host_sync():
+    """CUDA lengths are checked by an asynchronous device assertion: no host sync (which would block,
+    and break CUDA-graph capture and compiled graphs); CPU lengths (PackedSequence's) on the host."""
+    torch.manual_seed(0)
+    T, B, I, H = 5, 3, 4, 8
+    x, h0 = torch.randn(T, B, I, device="cuda"), torch.randn(B, H, device="cuda")
+    w_ih, w_hh = torch.randn(H, I, device="cuda"), torch.randn(H, H, device="cuda") / H ** 0.5
+    lengths = torch.tensor([5, 2, 3], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, h_n = functional.rnn_layer(x, h0, w_ih, w_hh, lengths=lengths)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref_out, ref_hn = reference.forward(x.double(), h0.double(), w_ih.double(), w_hh.double(), lengths=lengths)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert_close(h_n, ref_hn, torch.float32, "h_n")
+
+
+def test_w_hh_offsets_past_2_31_elements():
+    """H = 46,400: W_hh has H^2 > 2^31 elements, so its rows past 46,341 sit at offsets int32 wraps
+    (forward: every output column reads one; backward: every chunk past that row). One step of each,
+    against torch's matmul on the same fp16 inputs."""
+    H = 46_400
+    free, _ = torch.cuda.mem_get_info()
+    if free < 2 * H * H * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    torch.manual_seed(0)
+    w = torch.empty(H, H, device="cuda", dtype=torch.float16).normal_(std=H ** -0.5)
+    xw = torch.randn(2, 1, H, device="cuda", dtype=torch.float16)
+    h0 = torch.randn(1, H, device="cuda", dtype=torch.float16)
+    out, _ = kernels.recurrence_forward(xw, h0, w, path="stepwise")
+    for t, prev in ((0, h0), (1, out[0])):
+        expected = torch.tanh(xw[t].float() + (prev @ w.T).float())
+        assert_close(out[t], expected, torch.float16, f"h_{t}")
+    grad = torch.randn_like(out)
+    dz = kernels.recurrence_backward(grad, out, w, path="stepwise")
+    h = out.float()
+    expected = (grad[0].float() + (dz[1] @ w).float()) * (1 - h[0] ** 2)
+    assert_close(dz[0], expected, torch.float16, "dz_0")

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPES, assert_close, dtype_id
-from tritonrnn import functional, kernels, ops, reference
+from tritonrnn import dispatch, functional, kernels, ops, reference
+from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import recurrence
 
 # (T, B, H): T = 1, B % 16 != 0, H not 2^k; the last two launch several programs (batch tiles of
 # the sequence kernel, hidden tiles of the step kernel).
@@ -26,6 +28,11 @@ def _case_id(case):
 
 
 CASES = [(shape, variant) for shape in SHAPES for variant in VARIANTS]
+# Every case on every path that loads on a GPU (the sequence path's W_hh must fit in shared memory:
+# not fp32/fp64 at H = 200; test_launcher_refuses_what_cannot_load checks the refusal).
+LAUNCHABLE = [pytest.param(case, dtype, path, id=f"{_case_id(case)}-{dtype_id(dtype)}-{path}")
+              for case in CASES for dtype in DTYPES for path in kernels.PATHS
+              if configs.path_fits(path, case[0][2], dtype)]
 
 
 def _problem(T, B, H, packed, seed):
@@ -45,9 +52,7 @@ def _projected(p):
     return p["x"] @ p["w_ih"].T + p["b_ih"] + p["b_hh"]
 
 
-@pytest.mark.parametrize("path", kernels.PATHS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize(("case", "dtype", "path"), LAUNCHABLE)
 def test_forward_matches_reference(case, dtype, path):
     (T, B, H), (act, reverse, packed) = case
     p = _problem(T, B, H, packed, seed=T * 1000 + B * 10 + H)
@@ -60,10 +65,8 @@ def test_forward_matches_reference(case, dtype, path):
     assert_close(h_n, ref_hn, dtype, "h_n")
 
 
-@pytest.mark.parametrize("path", kernels.PATHS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_backward_matches_reference(case, dtype, path):
+@pytest.mark.parametrize(("case", "dtype", "path"), LAUNCHABLE)
+def test_backward_matches_reference(case, dtype, path, monkeypatch):
     (T, B, H), (act, reverse, packed) = case
     p = _problem(T, B, H, packed, seed=T * 1000 + B * 10 + H + 1)
     out, _ = reference.forward(p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], act,
@@ -76,8 +79,9 @@ def test_backward_matches_reference(case, dtype, path):
                              p["lengths"], reverse)
     lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
     cast = lambda t: t.to(dtype)
+    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: path)  # the op's run-time choice
     dz, dh0, dw_hh = ops.recurrence_backward(cast(grad_out), cast(grad_hn), cast(out), cast(p["h0"]),
-                                             cast(p["w_hh"]), lengths, reverse, act == "relu", path, False)
+                                             cast(p["w_hh"]), lengths, reverse, act == "relu", False)
     assert_close(dz, ref.dz, dtype, "dz")
     assert_close(dh0, ref.dh0, dtype, "dh0")
     assert_close(dw_hh, ref.dw_hh, dtype, "dW_hh")
@@ -110,7 +114,7 @@ def test_layer_gradients_match_reference(case, dtype):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v))
 def test_gradcheck_float64(variant, path, monkeypatch):
     act, reverse, packed = variant
-    monkeypatch.setattr(functional, "kernel_path", lambda *args, **kwargs: path)
+    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: path)
     p = _problem(3, 2, 4, packed, seed=3)
     if packed:
         p["lengths"] = torch.tensor([3, 2], device=DEVICE)
@@ -169,3 +173,109 @@ def test_launcher_rejects_bad_shapes():
     with pytest.raises(TypeError, match="support float16"):
         kernels.recurrence_forward(xw.int(), torch.zeros(2, 4, device=DEVICE).int(),
                                    torch.zeros(4, 4, device=DEVICE).int())
+
+
+def test_launcher_refuses_what_cannot_load():
+    """fp32/fp64 W_hh at H = 200 (BLOCK_H 256) needs 278,528-557,056 B of shared memory on sm_90: the
+    interpreter would run it, a GPU would not load it, so no device takes it."""
+    H = 200
+    for dtype, tf32 in ((torch.float32, True), (torch.float32, False), (torch.float64, False)):
+        xw = torch.randn(3, 2, H, device=DEVICE, dtype=dtype)
+        with pytest.raises(ValueError, match="shared memory a program may use"):
+            kernels.recurrence_forward(xw, xw[0], torch.zeros(H, H, device=DEVICE, dtype=dtype), path="sequence",
+                                       allow_tf32=tf32)
+    too_wide = triton_config(BLOCK_B=64, BLOCK_K=64)  # 278,528 B of fp64 chunks at H = 512
+    xw = torch.randn(3, 2, 512, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(ValueError, match="B of shared memory"):
+        kernels.recurrence_forward(xw, xw[0], torch.zeros(512, 512, device=DEVICE, dtype=torch.float64),
+                                   path="streamed", config=too_wide)
+
+
+def triton_config(**kwargs):
+    return configs.config_from_dict({**kwargs, "num_warps": 8, "num_stages": 1})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("path", ["sequence", "stepwise"])
+def test_tanh_within_a_few_ulps_of_torch(path, dtype):
+    """h = tanh(xw) (W_hh = 0, h0 = 0) on tiny, moderate and huge arguments, both signs: within 4 ulps
+    of torch.tanh in the same dtype. (1 - e) / (1 + e) alone gave tanh(1e-8) = 0 and 3e-4 relative
+    error at 1e-4."""
+    magnitudes = [1e-30, 1e-8, 1e-6, 1e-4, 1e-2, 0.1, 0.124, 0.125, 0.126, 0.25, 0.49, 0.5, 0.51, 1.0, 3.0, 10.0,
+                  20.0, 100.0, 1e4, 1e30]  # and the series' thresholds: 1/8 (fp64), 1/2 (fp32)
+    z = torch.tensor(magnitudes + [-m for m in magnitudes] + [0.0], dtype=dtype, device=DEVICE)
+    H = z.numel()
+    out, _ = kernels.recurrence_forward(z.reshape(1, 1, H), z.new_zeros(1, H), z.new_zeros(H, H), path=path)
+    expected = torch.tanh(z)
+    finfo = torch.finfo(dtype)
+    ulps = (out.flatten() - expected).abs() / (finfo.eps * expected.abs()).clamp_min(finfo.tiny)
+    worst = ulps.argmax().item()
+    assert ulps.max().item() <= 4, f"tanh({z[worst].item()!r}) = {out.flatten()[worst].item()!r}, torch: " \
+                                   f"{expected[worst].item()!r} ({ulps[worst].item():.1f} ulps)"
+
+
+def test_relu_propagates_nan_as_torch_does():
+    """A NaN input: relu keeps NaN in the forward (the GPU's max would make it 0), and the backward
+    passes the gradient where h_t is NaN, as torch's relu backward does (result <= 0 ? 0 : grad)."""
+    torch.manual_seed(0)
+    oracle = torch.nn.RNN(INPUT, 6, nonlinearity="relu").double()
+    x = torch.randn(4, 3, INPUT, dtype=torch.float64)
+    x[1, 0, 2] = float("nan")
+    g = torch.randn(4, 3, 6, dtype=torch.float64)
+    weights = [w.detach().clone().to(DEVICE).requires_grad_() for w in oracle._flat_weights]
+    x_ours, x_torch = x.clone().to(DEVICE).requires_grad_(), x.clone().requires_grad_()
+    out, h_n = functional.rnn_layer(x_ours, torch.zeros(3, 6, dtype=torch.float64, device=DEVICE), *weights,
+                                    nonlinearity="relu")
+    (out * g.to(DEVICE)).sum().backward()
+    ref_out, ref_hn = oracle(x_torch)
+    (ref_out * g).sum().backward()
+    ours = [out, h_n, x_ours.grad, *(w.grad for w in weights)]
+    theirs = [ref_out, ref_hn[0], x_torch.grad, *(w.grad for w in oracle._flat_weights)]
+    for name, a, b in zip(("out", "h_n", "dx", "dw_ih", "dw_hh", "db_ih", "db_hh"), ours, theirs, strict=True):
+        a, b = a.detach().cpu(), b.detach()
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN where torch has none, or the reverse"
+        assert b.isnan().any() or name in ("dx", "db_ih", "db_hh"), name  # the case reaches NaN
+        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_lengths_checked_on_the_host_only_where_they_live(monkeypatch):
+    """CPU lengths (a PackedSequence's): checked on the host, a ValueError with the values. Device
+    lengths: torch._assert_async, never a host sync (it fires at the device's next sync;
+    tests/test_gpu.py checks that valid CUDA lengths do not synchronise)."""
+    with pytest.raises(ValueError, match=r"values in \[1, 3\], got \[0, 3\]"):
+        functional._check_lengths(torch.tensor([0, 3]), 3, 2)
+    functional._check_lengths(torch.tensor([1, 3]), 3, 2)
+    asserted = []
+    monkeypatch.setattr(torch, "_assert_async", lambda valid, message: asserted.append((valid.device, message)))
+    functional._check_lengths(torch.tensor([0, 9], device="meta"), 3, 2)  # meta: no values a host could read
+    assert asserted == [(torch.device("meta"), "lengths must be values in [1, 3]")]
+
+
+def test_autotune_key_separates_every_variant():
+    """A config tuned for tanh must not be reused for relu, reverse or packed input: every constexpr
+    a launch sets (its heuristics' flags too, which must run before the autotuner) is in the key."""
+    for path in kernels.PATHS:
+        heuristics = recurrence._autotuned(path)
+        keys = set(heuristics.fn.keys)
+        assert "HAS_LENGTHS" in heuristics.values  # derived before the autotuner sees the arguments
+        assert {"H", "B_BUCKET", "BACKWARD", "RELU", "HAS_LENGTHS", "INPUT_PRECISION"} <= keys
+        assert ("REVERSE" in keys) == (path != "stepwise")  # the step kernel has no direction
+        assert "T" not in keys and "B" not in keys
+
+
+def test_autotuner_prunes_by_each_launch_budget():
+    """The autotuner holds every config of the spaces; each launch keeps those that load for its
+    dtype and precision (a 128 x 128 x 64 step tile: 98,304 B in bf16, 393,216 B in fp64)."""
+    prune, full = configs.prune_space("stepwise"), configs.full_space("stepwise")
+
+    def largest_tile_kept(dtype, precision):
+        kept = prune(full, {"p_in": torch.empty(0, dtype=dtype), "B": 256, "H": 1024}, INPUT_PRECISION=precision)
+        return any((c.kwargs["BLOCK_B"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (128, 128, 64) for c in kept)
+
+    assert largest_tile_kept(torch.bfloat16, "ieee") and largest_tile_kept(torch.float32, "tf32")
+    assert not largest_tile_kept(torch.float64, "ieee")
+    for dtype, precision in ((torch.float32, "tf32"), (torch.float32, "tf32x3"), (torch.float64, "ieee")):
+        kept = configs.prune_space("sequence")(configs.full_space("sequence"),
+                                               {"p_in": torch.empty(0, dtype=dtype), "B": 256, "H": 128},
+                                               INPUT_PRECISION=precision)
+        assert kept and all(configs.config_fits("sequence", c, 128, dtype, precision == "tf32") for c in kept)

@@ -18,12 +18,12 @@ def test_kernels_import_as_subpackage():
     assert Path(tritonrnn.kernels.__file__).parent.name == "kernels"
 
 
-@pytest.mark.slow
-def test_wheel_contains_kernels_under_tritonrnn(tmp_path):
+def build_wheel(tmp_path: Path) -> Path:
+    """A wheel of this checkout, built into tmp_path (skips the test without setuptools)."""
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed")
     source = tmp_path / "src"  # build from a copy: setuptools leaves build/ in the tree it builds
-    source.mkdir()
+    source.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md", "tritonrnn", "kernels", "perf"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
@@ -31,7 +31,12 @@ def test_wheel_contains_kernels_under_tritonrnn(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("tritonrnn-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    return wheel
+
+
+@pytest.mark.slow
+def test_wheel_contains_kernels_under_tritonrnn(tmp_path):
+    names = zipfile.ZipFile(build_wheel(tmp_path)).namelist()
     assert "tritonrnn/kernels/sequence.py" in names
     assert "tritonrnn/kernels/step.py" in names
     assert "tritonrnn/perf/bench.py" in names and "tritonrnn/perf/device_check.sh" not in names

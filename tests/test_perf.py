@@ -2,8 +2,14 @@
 schema, wrong outputs reported as failures, the report from a committed fixture, the tune logic
 with a stubbed timer, and the tuned-config lookup."""
 import json
+import math
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -49,9 +55,6 @@ def test_case_work_counts_flops():
     assert work["chain_steps"] == 3
 
 
-REFERENCE = "cudnn" if ON_GPU else "torch-native"
-
-
 def test_smoke_bench_writes_complete_rows(tmp_path):
     assert cli.main(["bench", "--grid", "smoke", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*.json")
@@ -67,13 +70,13 @@ def test_smoke_bench_writes_complete_rows(tmp_path):
             continue
         assert row["status"] == "ok" and row["median_ms"] > 0 and row["p20_ms"] <= row["p80_ms"]
         assert row["floor_ms"] > 0
-        if row["provider"] != "tritonrnn":  # the baselines' kernels (aten ops on the CPU)
-            assert row["kernels"] and not row["kernels"][0].startswith("profiler failed")
+        assert row["kernels"] and not row["kernels"][0].startswith("profiler failed")  # aten ops on the CPU
         if row["mode"] == "training":
             assert (row["peak_memory_bytes"] or 0) > 0 if ON_GPU else row["peak_memory_bytes"] is None
     ours = [r for r in rows if r["provider"] == "tritonrnn"]
     assert {r["backend"] for r in ours} == {"triton" if ON_GPU else "triton-interpreter"}  # not torch's RNN
-    assert all(r["max_rel_error"] < 1e-2 for r in ours)
+    assert {r["backend"] for r in rows if r["provider"] == "torch-native"} == {"torch-native"}  # the profiler's
+    assert all(r["rel_error"] < 1e-4 for r in rows if r["status"] == "ok")  # fp32 (TF32 off) vs float64
     native = [r for r in rows if r["provider"] == "torch-native" and r["mode"] == "inference"]
     if not ON_GPU:
         assert any("aten::rnn_tanh" in name for name in native[0]["kernels"])
@@ -117,45 +120,204 @@ def test_wrong_provider_output_is_reported_as_a_failure(monkeypatch, tmp_path):
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
     wrong = [r for r in rows if r["provider"] == "tritonrnn"]
     assert wrong and all(r["status"] == "wrong" and r["median_ms"] is None for r in wrong)
-    assert f"differs from {REFERENCE}" in wrong[0]["error"]
+    assert "differs from the float64 run" in wrong[0]["error"]
+    assert all(r["status"] == "ok" for r in rows if r["provider"] != "tritonrnn" and r["status"] != "unavailable")
+
+
+def test_compare_rejects_nan_reference_wrong_shapes_and_non_finite_outputs():
+    reference = (torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(1, 3, 4, dtype=torch.float64))
+    close = tuple((t * (1 + 1e-6)).float() for t in reference)
+    assert providers.compare(close, reference, torch.float32)[0]
+    broadcastable = (close[0], close[1].expand(5, 3, 4))  # (1,3,4) vs (5,3,4) would broadcast
+    ok, error, why = providers.compare(broadcastable[::-1], reference[::-1], torch.float32, ["h_n", "out"])
+    assert not ok and "shape" in why and "(5, 3, 4)" in why
+    ok, _, why = providers.compare((close[0][:, :1],) + close[1:], reference, torch.float32)
+    assert not ok and "shape" in why  # (5,3,1) against (5,3,4)
+    ok, _, why = providers.compare((close[0], torch.full_like(close[1], math.nan)), reference, torch.float32)
+    assert not ok and "not finite" in why
+    assert not providers.compare(close[:1], reference, torch.float32)[0]
+    poisoned = (reference[0].clone().fill_(math.nan), reference[1])
+    with pytest.raises(ValueError, match="not finite"):
+        providers.check_reference(poisoned)
+    # Norm-wise: one element off by 10% of itself in a large tensor is within bf16's tolerance.
+    big = torch.randn(64, 16, 32, dtype=torch.float64)
+    spiked = big.clone()
+    spiked.view(-1)[0] *= 1.1
+    ok, error, _ = providers.compare((spiked,), (big,), torch.bfloat16)
+    assert ok and error < 1e-2
+    ok, error, why = providers.compare((big * 1.2,), (big,), torch.bfloat16, ["d_weight_hh_l0"])
+    assert not ok and error == pytest.approx(0.2) and "d_weight_hh_l0" in why
+
+
+def test_nan_float64_reference_leaves_rows_unchecked_not_blamed(monkeypatch):
+    honest = providers.Run.outputs
+
+    def nan_reference(self, mode):
+        results = honest(self, mode)
+        return tuple(torch.full_like(t, math.nan) for t in results) if self.dtype == torch.float64 else results
+
+    monkeypatch.setattr(providers.Run, "outputs", nan_reference)
+    rows = bench.run([grid.smoke_grid()[0]], timer=measure.wall_timer, profile=False,
+                     providers=("tritonrnn", "torch-native"))["rows"]
+    assert {r["status"] for r in rows} == {"unchecked"}
+    assert all("float64 reference failed" in r["error"] and r["median_ms"] is None for r in rows)
+    for line in report.summary(rows):  # no provider counted as failed
+        assert (line["cells"], line["failed"], line["cudnn_failed"], line["unchecked"]) == (0, 0, 0, 1)
+
+
+def test_packed_case_packs_once_outside_the_timed_call(monkeypatch):
+    calls = []
+    real = providers.pack_padded_sequence
+    monkeypatch.setattr(providers, "pack_padded_sequence", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    case = grid.Case("float32", 5, 8, seq_len=6, packed=True)
+    run = providers.Run("torch-native", case, torch.device("cpu"))
+    packed_at_setup = len(calls)
+    for mode in ("inference", "training"):
+        run.fn(mode)()
+    assert packed_at_setup == len(run.inputs) and len(calls) == packed_at_setup
+    out = run.outputs("training")
+    assert out[0].shape == (sum(case.lengths()), 8) and out[2].shape == (sum(case.lengths()), 8)
+
+
+def test_profiling_runs_after_all_timing_and_names_the_backend(monkeypatch):
+    events = []
+    real_profile = measure.profile_call
+
+    def timer(fn):
+        events.append("time")
+        return measure.wall_timer(fn, reps=1)
+
+    monkeypatch.setattr(measure, "profile_call", lambda fn, device: (events.append("profile"),
+                                                                     real_profile(fn, device))[1])
+    results = bench.run(grid.smoke_grid(), timer=timer, providers=("tritonrnn", "torch-native"))
+    assert results["complete"]
+    first_profile = events.index("profile")
+    assert "profile" not in events[:first_profile] and "time" not in events[first_profile:]
+    assert events.count("profile") == len(results["rows"])
+    backends = {(r["provider"], r["backend"]) for r in results["rows"]}
+    assert backends == {("tritonrnn", "triton" if ON_GPU else "triton-interpreter"), ("torch-native", "torch-native")}
+
+
+def test_backend_from_ops_tells_cudnn_from_its_fallback():
+    cuda = torch.device("cuda")
+    assert measure.backend_from_ops({"aten::rnn_tanh", "aten::_cudnn_rnn"}, cuda) == "cudnn"
+    assert measure.backend_from_ops({"aten::rnn_tanh", "aten::addmm", "aten::tanh"}, cuda) == "torch-native"
+    assert measure.backend_from_ops({"tritonrnn::recurrence"}, cuda) == "triton"
+
+
+def test_sticky_cuda_error_ends_the_run_with_the_rows_so_far(monkeypatch, tmp_path):
+    honest = providers.Run.outputs
+
+    def illegal_address(self, mode):
+        if self.provider == "tritonrnn" and mode == "training":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return honest(self, mode)
+
+    monkeypatch.setattr(providers.Run, "outputs", illegal_address)
+    assert cli.main(["bench", "--grid", "smoke", "--out-dir", str(tmp_path), "--no-profile"]) == 1
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert not data["complete"] and "illegal memory access" in data["stopped"]
+    rows = data["rows"]
+    assert {r["case"] for r in rows} == {grid.smoke_grid()[0].name}  # the second case never ran
+    assert rows[-1]["provider"] == "tritonrnn" and rows[-1]["status"] == "error"  # the failing row is kept
+    assert len(rows) == 3 + 1  # inference's three, then the failing one
+
+
+def test_failing_ceilings_leave_the_cases_running_without_a_floor(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(measure, "ceilings", broken)
+    results = bench.run([grid.smoke_grid()[0]], timer=lambda fn: measure.wall_timer(fn, reps=1), profile=False,
+                        providers=("torch-native",))
+    assert results["complete"] and "simulated" in results["ceilings"]["float32"]["error"]
+    assert all(r["status"] == "ok" and r["floor_ms"] is None for r in results["rows"])
+
+
+def test_floor_counts_packed_work_at_real_lengths():
+    padded, packed = grid.Case("float32", 64, 256), grid.Case("float32", 64, 256, packed=True)
+    ratio = measure.case_work(packed, "training", 4)["flops"] / measure.case_work(padded, "training", 4)["flops"]
+    assert ratio == pytest.approx(sum(packed.lengths()) / (64 * 512)) and ratio < 0.6
+    assert measure.case_work(packed, "training", 4)["chain_steps"] == 2 * 512
+
+
+CHAIN_PTX = """
+import re, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tritonrnn.perf import measure
+signature = {"p_out": "*bf16", "steps": "i32", "BLOCK": "constexpr", "DTYPE": "constexpr", "TF32": "constexpr"}
+source = ASTSource(measure._dependent_chain_kernel, signature, {"BLOCK": 16, "DTYPE": tl.bfloat16, "TF32": False})
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ptx"]
+print(bool(re.search(r"mma.sync.aligned.m16n8k16[.a-z0-9]*bf16", ptx)), "ld.global" in ptx)
+"""
+
+
+def test_floor_chain_is_a_load_free_dependent_matmul_chain(device):
+    """The chain term's step compiles (sm_90) to tensor-core matmuls with no global load at all."""
+    from tritonrnn.perf import static
+
+    if not static.available():
+        pytest.skip("this triton cannot compile for NVIDIA offline")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", CHAIN_PTX], env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["True", "False"], result.stderr[-2000:]
+    assert measure.dependent_step_ms(device, torch.float32, lambda fn: measure.wall_timer(fn, reps=1), 4) >= 0
 
 
 def test_report_renders_fixture(tmp_path, monkeypatch):
     drawn = {}
     save = report._save
 
-    def counting_save(fig, path):  # what each plot holds, before it is written
+    titles = {}
+
+    def counting_save(fig, path, note=None):  # what each plot holds, before it is written
         drawn[path.name] = sum(len(ax.lines) + len(ax.images) for ax in fig.axes)
-        return save(fig, path)
+        result = save(fig, path, note)
+        titles[path.name] = fig._suptitle.get_text() if fig._suptitle else ""
+        return result
 
     monkeypatch.setattr(report, "_save", counting_save)
     report_path = report.render(bench.load([FIXTURE]), [FIXTURE], tmp_path)
     text = report_path.read_text()
-    assert "FIXTURE (synthetic rows, not a measurement)" in text
+    assert text.startswith("# tritonrnn performance report\n\n**SYNTHETIC rows (a test fixture), not a measurement.**")
     for png in ("speedup_heatmap.png", "time_vs_T.png", "memory.png", "floor.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 5000, png
         assert f"plots/{png}" in text
         assert drawn[png] > 0, f"{png} has no data"
+        assert titles[png].startswith("SYNTHETIC"), png
     assert drawn["speedup_heatmap.png"] == 4  # 2 dtypes x 2 modes
     assert drawn["time_vs_T.png"] == 6  # 3 providers x 2 modes
-    assert "| float32 | inference | 4 | 0 |" in text and "| bfloat16 | training | 3 | 1 |" in text
-    # H=1024 is slower than cuDNN in the fixture; the bf16 training cell at H=1024, B=64 is wrong.
+    assert "## Summary (8 B x H grid cells in these results; the standard grid has 60)" in text
+    assert "standard grid)" not in text
+    # Failures count against the provider that failed: tritonrnn's wrong bf16 cell, cuDNN's failed fp32 cell.
+    assert "| float32 | inference | 4 | 0 | 0 | 0 | 0 |" in text
+    assert "| float32 | training | 3 | 0 | 1 | 0 | 0 |" in text
+    assert "| bfloat16 | training | 3 | 1 | 0 | 0 | 3 |" in text  # and cuDNN fell back in the 3 compared
     assert "- float32-T512-B1-I1024-H1024 inference:" in text
+    assert "- bfloat16-T512-B1-I1024-H1024 inference: 0.85x (cuDNN fell back to torch-native)" in text
     assert "bfloat16-T512-B64-I1024-H1024 training tritonrnn: wrong" in text
-    assert "RNN_blockPersist_fp_GPU" in text
+    assert "float32-T512-B64-I1024-H1024 training cudnn: error" in text
+    assert "RNN_blockPersist_fp_GPU" in text and "**cuDNN fell back to torch's native kernels in 8 rows**" in text
+    assert "| bfloat16-T512-B1-I128-H128 | inference | 0.504 | 0.808 | 2.025 | 1.60 | 0.302 | 1.7 | native |" in text
 
 
 def test_report_summary_numbers():
-    def row(case, provider, ms, status="ok"):
+    def row(case, provider, ms, status="ok", backend=None):
         return {"case": case, "mode": "training", "provider": provider, "median_ms": ms, "status": status,
-                "dtype": "float16", "group": "grid"}
+                "dtype": "float16", "group": "grid", "backend": backend}
 
-    rows = [row("a", "tritonrnn", 1.0), row("a", "cudnn", 2.0),  # 2x faster
-            row("b", "tritonrnn", 4.0), row("b", "cudnn", 2.0),  # 2x slower
-            row("c", "tritonrnn", None, "wrong"), row("c", "cudnn", 1.0)]
+    rows = [row("a", "tritonrnn", 1.0), row("a", "cudnn", 2.0, backend="cudnn"),  # 2x faster
+            row("b", "tritonrnn", 4.0), row("b", "cudnn", 2.0, backend="torch-native"),  # 2x slower, a fallback
+            row("c", "tritonrnn", None, "wrong"), row("c", "cudnn", 1.0),  # tritonrnn's failure
+            row("d", "tritonrnn", 1.0), row("d", "cudnn", None, "error"),  # cuDNN's failure, not tritonrnn's
+            row("e", "tritonrnn", None, "unchecked"), row("e", "cudnn", None, "unchecked")]  # the reference failed
     (line,) = report.summary(rows)
-    assert (line["cells"], line["failed"], line["min_case"]) == (2, 1, "b")
-    assert line["geomean"] == pytest.approx(1.0) and line["min"] == pytest.approx(0.5)
+    assert (line["cells"], line["failed"], line["cudnn_failed"], line["unchecked"], line["fallback"]) == (2, 1, 1, 1, 1)
+    assert line["min_case"] == "b" and line["geomean"] == pytest.approx(1.0) and line["min"] == pytest.approx(0.5)
+    text = report.summary_text(line)
+    assert "2 compared, 1 failed (tritonrnn), 1 failed (cuDNN), 1 unchecked: geomean speedup over cuDNN 1.00" in text
+    assert "in 1 of them cuDNN fell back to torch-native" in text
 
 
 def test_report_cli_renders_newest_results_and_says_which(tmp_path, capsys):
@@ -215,6 +377,39 @@ def test_tune_writes_only_winners_that_beat_the_default(monkeypatch, tmp_path):
     assert table["command"] == "test"
 
 
+def test_tune_confirms_a_winner_against_the_default_before_writing(monkeypatch, tmp_path):
+    """A candidate that was fast once (noise) is re-timed with the default, interleaved, and loses;
+    a real winner stays fast in every round and is written."""
+    monkeypatch.setattr(tune, "recurrence_fn",
+                        lambda problem, direction, path, config: _Tagged(direction, path, config))
+    default_path, default_config = tune.default_choice(64, 16, torch.float32)
+    default_key = (default_path, tuple(sorted(default_config.kwargs.items())), default_config.num_warps)
+    seen, calls = {}, []
+
+    def stub_timer(fn):
+        direction, path, kwargs, warps = fn.key
+        calls.append("default" if (path, kwargs, warps) == default_key else (path, kwargs, warps))
+        if calls[-1] == "default":
+            return {"median_ms": 1.0}
+        if path == "stepwise" and warps == 8 and dict(kwargs)["BLOCK_N"] == 32:
+            seen[fn.key] = seen.get(fn.key, 0) + 1
+            if direction == "forward":
+                return {"median_ms": 0.5}  # a real winner
+            return {"median_ms": 0.5 if seen[fn.key] == 1 else 1.0}  # lucky once, then as slow as the default
+        return {"median_ms": 2.0}
+
+    outcome = tune.tune([("float32", 64, 16)], stub_timer, torch.device("cpu"), directory=tmp_path)
+    forward, backward = outcome["results"]
+    assert forward["written"] and forward["best"]["time_ms"] == 0.5 and forward["default_ms"] == 1.0
+    assert not backward["written"] and backward["best"]["time_ms"] == 1.0  # the confirmed time, not the lucky one
+    assert set(json.loads(outcome["path"].read_text())["entries"]) == {"float32/H64/B16/forward"}
+    # Each confirmation alternates the default and the winner, CONFIRM_ROUNDS times, after the search.
+    rounds = 2 * tune.CONFIRM_ROUNDS
+    for confirmation in (calls[len(calls) // 2 - rounds:len(calls) // 2], calls[-rounds:]):
+        assert confirmation[0::2] == ["default"] * tune.CONFIRM_ROUNDS
+        assert len(set(confirmation[1::2])) == 1 and confirmation[1] != "default"
+
+
 def test_tune_runs_every_candidate_for_real(tmp_path):
     """No stubs: every candidate of a tiny shape runs (interpreted here), is checked and timed."""
     timed = []
@@ -229,9 +424,10 @@ def test_tune_runs_every_candidate_for_real(tmp_path):
     assert set(results) == {"forward", "backward"}
     for r in results.values():
         assert r["best"] is not None and r["best"]["path"] in configs.PATHS
-    candidates = len(tune.candidates(20, 3))
-    assert {p for p, _ in tune.candidates(20, 3)} == set(configs.PATHS)
-    assert len(timed) == 2 * (1 + candidates)  # every candidate agreed with the default and was timed
+    candidates = len(tune.candidates(20, 3, torch.float32))
+    assert {p for p, _ in tune.candidates(20, 3, torch.float32)} == set(configs.PATHS)
+    # every candidate agreed with the default and was timed; a would-be winner was then confirmed
+    assert len(timed) - 2 * (1 + candidates) in {2 * tune.CONFIRM_ROUNDS * k for k in range(3)}
     assert json.loads(outcome["path"].read_text())["entries"].keys() <= {r["key"] for r in results.values()}
 
 
@@ -269,6 +465,7 @@ def test_tuning_space_fits_the_shape():
 
 DEVICE_CHECK = Path(__file__).resolve().parents[1] / "perf" / "device_check.sh"
 STUB_PYTHON = """#!/bin/sh
+if [ "$1 $2" = "-m pytest" ] && [ "$STUB_HANG" = tests ]; then exec sleep 600; fi
 case "$1 $2" in "-m pip"|"-m pytest") echo "stub $*"; exit 0;; esac
 exec {python} "$@"
 """
@@ -280,32 +477,109 @@ if [ "$1" = report ]; then mkdir -p "$last"; echo report > "$last/REPORT.md"; fi
 """
 
 
-@pytest.mark.parametrize("with_results", [True, False], ids=["results", "no-results"])
-def test_device_check_stages_and_outputs(tmp_path, with_results):
-    """The script's shell logic, with stub commands: every stage runs, and OUTDIR holds two files."""
-    import sys
-    import tarfile
+# Shell logic with stubs, about a minute of sleeping stages: checked on the CPU, so that the GPU run's
+# own (deadline-bound) test stage spends its time on the GPU.
+CPU_ONLY = pytest.mark.skipif(ON_GPU, reason="shell logic, checked on the CPU; a GPU run's time goes to the GPU")
 
+
+def _device_check(tmp_path, deadline, **env_vars):
+    """perf/device_check.sh with stub commands (pip, pytest, tritonrnn, nvidia-smi): a running process."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("python3", STUB_PYTHON.format(python=sys.executable)), ("tritonrnn", STUB_TRITONRNN),
                        ("nvidia-smi", "#!/bin/sh\necho stub GPU\n")):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    if with_results:
-        env["STUB_WRITES_RESULTS"] = "1"
-    out = tmp_path / "out"
-    result = subprocess.run(["bash", str(DEVICE_CHECK), str(out)], env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["SUMMARY.txt", "device_check.tar.gz"]
-    summary = (out / "SUMMARY.txt").read_text()
+    (tmp_path / "tmp").mkdir()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path / "tmp"),
+           "DEADLINE": str(deadline), "KILL_GRACE": "2", **env_vars}
+    return subprocess.Popen(["bash", str(DEVICE_CHECK), str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _outputs(out: Path):
+    assert sorted(p.name for p in out.iterdir()) == ["SUMMARY.txt", "device_check.tar.gz"]  # nothing else
+    with tarfile.open(out / "device_check.tar.gz") as archive:
+        return (out / "SUMMARY.txt").read_text(), archive.getnames()
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("with_results", [True, False], ids=["results", "no-results"])
+def test_device_check_stages_and_outputs(tmp_path, with_results):
+    """The script's shell logic: every stage runs, OUTDIR holds two files, the summary says what ran where."""
+    process = _device_check(tmp_path, 300, **({"STUB_WRITES_RESULTS": "1"} if with_results else {}))
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    summary, names = _outputs(tmp_path / "out")
     for stage in ("install: exit 0", "info: exit 0", "tests: exit 0", "bench: exit 0"):
         assert stage in summary
-    names = tarfile.open(out / "device_check.tar.gz").getnames()
-    assert "device_check/tests.log" in names and "device_check/env.txt" in names
+    assert f"torch {torch.__version__} CUDA {torch.version.cuda}" in summary and "triton 3." in summary
+    assert "cuDNN" in summary and "stub GPU" in summary
+    tree_hash = subprocess.run(["bash", str(DEVICE_CHECK), "--tree-hash"], capture_output=True, text=True).stdout
+    assert f"tree hash: {tree_hash.strip()} " in summary and len(tree_hash.strip()) == 16
+    assert "commit: " in summary
+    assert "device_check/tests.log" in names and "device_check/SUMMARY.txt" in names
     if with_results:
         assert "report: exit 0" in summary and "device_check/report/REPORT.md" in names
     else:
         assert "report: skipped" in summary
+    assert not list((tmp_path / "tmp").iterdir())  # the work folder is gone
+
+
+@CPU_ONLY
+def test_device_check_hanging_stage_keeps_the_deadline(tmp_path):
+    """A hanging test stage is cut at its share; the later stages still run; all within DEADLINE."""
+    deadline = 60
+    start = time.monotonic()
+    process = _device_check(tmp_path, deadline, STUB_HANG="tests", STUB_WRITES_RESULTS="1")
+    _, stderr = process.communicate(timeout=deadline + 30)
+    assert time.monotonic() - start <= deadline, "over the deadline"
+    summary, names = _outputs(tmp_path / "out")
+    assert "tests: TIMED OUT" in summary, summary
+    assert "bench: exit 0" in summary and "report: exit 0" in summary
+    assert "device_check/tests.log" in names
+
+
+@CPU_ONLY
+def test_device_check_cut_short_returns_the_finished_stages(tmp_path):
+    """Killed mid-run (as the device tool does at its limit): OUTDIR already holds the finished stages."""
+    process = _device_check(tmp_path, 120, STUB_HANG="tests")
+    summary = tmp_path / "out" / "SUMMARY.txt"
+    for _ in range(300):
+        if summary.exists() and "info: exit" in summary.read_text():
+            break
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=30)
+    text, names = _outputs(tmp_path / "out")
+    assert "install: exit 0" in text and "info: exit 0" in text
+    assert "tests: exit" not in text and "tests: TIMED" not in text
+    assert "device_check/info.log" in names
+
+
+def test_profiler_failure_keeps_the_time(monkeypatch):
+    real_init = providers.Run.__init__
+    built = []
+
+    def fails_second_time(self, *args, **kwargs):  # the profiling pass rebuilds the case: out of memory there
+        built.append(1)
+        if len(built) > 2:
+            raise RuntimeError("out of memory (simulated)")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(providers.Run, "__init__", fails_second_time)
+    results = bench.run([grid.smoke_grid()[0]], timer=lambda fn: measure.wall_timer(fn, reps=1),
+                        providers=("torch-native",), modes=("inference",))
+    (row,) = results["rows"]
+    assert results["complete"] and row["status"] == "ok" and row["median_ms"] > 0
+    assert row["kernels"] == ["profiler failed: RuntimeError: out of memory (simulated)"]
+
+
+def test_tune_offers_only_configs_that_load_at_the_layers_precision():
+    """fp32's sequence path cannot hold W_hh in shared memory at H = 200; bf16's can."""
+    assert "sequence" not in {p for p, _ in tune.candidates(200, 16, torch.float32)}
+    assert "sequence" in {p for p, _ in tune.candidates(200, 16, torch.bfloat16)}
+    budget = configs.SHARED_MEMORY_BUDGET
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for path, config in tune.candidates(200, 16, dtype):
+            assert configs.shared_memory_bytes(path, config, 200, dtype, True) <= budget, (path, config)

@@ -1,27 +1,68 @@
-"""The default launch configs fit on chip: compiled offline for sm_90 (H100/H200) with Triton's
-bundled ptxas, no variant spills registers and every one multiplies on the tensor cores."""
+"""The launch configs fit on chip: compiled offline for sm_90 (H100/H200) with Triton's bundled
+ptxas, as launches specialise them (aligned pointers, integers divisible by 16). No default variant
+spills registers, every one multiplies on the tensor cores, and no variant a launch may ask for (the
+defaults, and each path's largest tuning config at the largest H it accepts) needs more shared
+memory than a program may use: Triton's dynamic shared memory, not cuobjdump's static 1 KB."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from tritonrnn.kernels import config as configs
 from tritonrnn.perf import static
 
 MAX_STACK_BYTES = 32  # a few spilled registers (3xTF32 at H=128 spills 24 bytes), not a spill loop
 
 
-@pytest.mark.skipif(not static.available(), reason="this triton has no bundled NVIDIA toolchain")
-def test_default_configs_compile_for_hopper_without_spills():
+@pytest.fixture(scope="module")
+def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tritonrnn.perf.static"], env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    variants = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(variants) == len(static.default_variants())
-    table = "\n".join(f"{v['path']:8s} {v['dtype']:8s} tf32={v['allow_tf32']:5s} H={v['hidden']:4s} "
-                      f"bw={v.get('backward', 'False'):5s} regs={v['registers']} stack={v['stack_bytes']} "
-                      f"{v['mma'][:1]}" for v in variants)
-    assert all(v["stack_bytes"] <= MAX_STACK_BYTES for v in variants), "spills:\n" + table
-    assert all(v["mma"] for v in variants), "FMA-only matmuls:\n" + table
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _table(variants) -> str:
+    return "\n".join(f"{v['role']:7s} {v['path']:8s} {v['dtype']:8s} tf32={v['allow_tf32']:5s} H={v['hidden']:4s} "
+                     f"bw={v.get('backward', 'False'):5s} {v['config']} regs={v['registers']} "
+                     f"stack={v['stack_bytes']} shared={v['shared_bytes']} (model {v['modelled_shared_bytes']}) "
+                     f"{v['mma'][:1]}" for v in variants)
+
+
+pytestmark = pytest.mark.skipif(not static.available(), reason="this triton has no bundled NVIDIA toolchain")
+
+
+def test_default_configs_compile_for_hopper_without_spills(compiled):
+    defaults = [v for v in compiled if v["role"] == "default"]
+    assert len(defaults) == len(static.default_variants())
+    assert all(v["stack_bytes"] <= MAX_STACK_BYTES for v in defaults), "spills:\n" + _table(defaults)
+    assert all(v["mma"] for v in defaults), "FMA-only matmuls:\n" + _table(defaults)
+
+
+def test_every_launchable_variant_fits_in_shared_memory(compiled):
+    """Each path's largest tuning config at the largest H it accepts loads: within the budget, and
+    within configs.shared_memory_bytes, the model that prunes the tuning spaces."""
+    launchable = [v for v in compiled if v["role"] in ("default", "limit")]
+    assert len(launchable) == len(static.default_variants()) + len(static.limit_variants())
+    too_big = [v for v in launchable if v["shared_bytes"] > configs.SHARED_MEMORY_BUDGET]
+    assert not too_big, f"over {configs.SHARED_MEMORY_BUDGET} B of shared memory:\n" + _table(too_big)
+    underestimated = [v for v in launchable if v["shared_bytes"] > v["modelled_shared_bytes"]]
+    assert not underestimated, "configs.shared_memory_bytes is below the compiler's figure:\n" + _table(underestimated)
+
+
+def test_path_fits_answers_what_the_compiler_says_loads(compiled):
+    """The sequence path at H = 200: fp32 needs 278,528 B (TF32) or 557,056 B (3xTF32), fp64 557,056 B
+    of shared memory, over the 232,448 B a program may use; fp16/bf16 139,264 B. path_fits took all of
+    them before it followed the budget."""
+    edges = [v for v in compiled if v["role"] == "edge"]
+    assert len(edges) == len(static.edge_variants())
+    def admitted(v):
+        return configs.path_fits("sequence", int(v["hidden"]), getattr(torch, v["dtype"]), v["allow_tf32"] == "True")
+
+    wrong = [v for v in edges if admitted(v) != (v["shared_bytes"] <= configs.SHARED_MEMORY_BUDGET)]
+    assert not wrong, "path_fits disagrees with the compiled shared memory:\n" + _table(wrong)
+    assert any(v["shared_bytes"] > configs.SHARED_MEMORY_BUDGET for v in edges)  # the case is there

@@ -1,5 +1,11 @@
-"""The tritonrnn command line: info, bench, tune, report."""
+"""The tritonrnn command line: info, bench, tune, report.
+
+Usage errors (bad arguments, missing or malformed files, no device to run on) print one line and
+exit with status 2; any other failure prints one line and exits with 1. `--debug` shows the
+traceback instead.
+"""
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -8,6 +14,10 @@ import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
+
+
+class UsageError(Exception):
+    """What the user asked for cannot run as asked: one line, exit status 2."""
 
 
 def _info(args) -> int:
@@ -40,8 +50,6 @@ def _info(args) -> int:
 def _no_autotuning() -> None:
     """Benchmarks measure the shipped tuned configs or the defaults: the autotuner would first
     tune every shape (slow, and not what a timed call runs)."""
-    import os
-
     os.environ["TRITONRNN_AUTOTUNE"] = "0"
 
 
@@ -49,108 +57,204 @@ def _command(argv) -> str:
     return "tritonrnn " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
-def _bench(args) -> int:
-    from tritonrnn.perf import bench, grid
+def _cases(args):
+    from tritonrnn.perf import grid
 
+    try:
+        return grid.select(args.grid, args.shapes, args.dtypes)
+    except ValueError as exc:
+        raise UsageError(exc) from None
+
+
+def _bench_device(args) -> torch.device:
+    """The device bench runs on, or a UsageError saying why there is none that makes sense."""
+    from tritonrnn.dispatch import interpreter_enabled
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not interpreter_enabled():
+        raise UsageError("needs a CUDA GPU; without one, TRITON_INTERPRET=1 with --grid smoke checks the harness "
+                         "on the CPU (not a speed measurement)")
+    if not args.shapes and args.grid != "smoke":
+        raise UsageError(f"--grid {args.grid} under the interpreter (TRITON_INTERPRET=1) would take hours; use "
+                         "--grid smoke (or small --shapes) to check the harness on the CPU")
+    return torch.device("cpu")
+
+
+def _bench(args) -> int:
+    from tritonrnn.perf import bench, output_dir
+
+    cases = _cases(args)
+    device = _bench_device(args)
     if not args.autotune:
         _no_autotuning()
-    cases = grid.select(args.grid, args.shapes, args.dtypes)
-    results, path = bench.run_to_file(cases, "custom" if args.shapes else args.grid, args.out_dir,
-                                      modes=args.modes, providers=args.providers, command=args.command,
+    out_dir = args.out_dir or output_dir("results")
+    results, path = bench.run_to_file(cases, "custom" if args.shapes else args.grid, out_dir, device=device,
+                                      modes=args.modes, providers=args.providers, command=args.command_line,
                                       profile=not args.no_profile)
     failed = [r for r in results["rows"] if r["status"] in ("wrong", "error")]
+    if results["stopped"]:
+        print(f"stopped early: {results['stopped']}", file=sys.stderr)
     print(f"results: {path} ({len(results['rows'])} rows, {len(failed)} wrong or failed"
           f"{'' if results['complete'] else ', interrupted'})")
     return 1 if failed or not results["complete"] else 0
 
 
 def _tune(args) -> int:
-    from tritonrnn.perf import grid, measure, tune
+    from tritonrnn.kernels import config as configs
+    from tritonrnn.perf import in_checkout, measure, tune
 
     if not torch.cuda.is_available():
-        print("tritonrnn tune: needs a CUDA GPU (timings under the interpreter mean nothing)", file=sys.stderr)
-        return 2
-    cases = grid.select(args.grid, args.shapes, args.dtypes)
-    shapes = [(c.dtype, c.hidden, c.batch) for c in cases]
-    outcome = tune.tune(shapes, measure.cuda_timer, torch.device("cuda"), command=args.command)
+        raise UsageError("needs a CUDA GPU (timings under the interpreter mean nothing)")
+    shapes = [(c.dtype, c.hidden, c.batch) for c in _cases(args)]
+    directory = args.out_dir or (configs.TUNED_DIR if in_checkout() else Path.cwd())
+    outcome = tune.tune(shapes, measure.cuda_timer, torch.device("cuda"), command=args.command_line,
+                        directory=directory)
     for r in outcome["results"]:
         best = r["best"]
         verdict = "written" if r["written"] else "default kept"
         print(f"{r['key']:32s} default {r['default_ms']:.3f} ms, best "
               f"{best['time_ms']:.3f} ms {best['path']} {best['config']} -> {verdict}" if best else
               f"{r['key']:32s} no candidate ran")
-    print(f"tuned configs: {outcome['path']}")
+    note = "" if outcome["path"].parent.resolve() == configs.TUNED_DIR.resolve() else \
+        f" (the launchers read {configs.TUNED_DIR}: copy it there to use it)"
+    print(f"tuned configs: {outcome['path']}{note}")
     return 0
+
+
+def _load_results(sources) -> list:
+    from tritonrnn.perf import bench
+
+    for source in sources:
+        if not Path(source).is_file():
+            raise UsageError(f"results file {source} does not exist")
+    try:
+        return bench.load(sources)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; pass a file that `tritonrnn bench` wrote") from None
 
 
 def _report(args) -> int:
-    from tritonrnn.perf import bench, grid, report
+    from tritonrnn.perf import RESULTS_DIR, bench, grid, output_dir, report
 
+    results_dir = args.results_dir or RESULTS_DIR
     sources = list(args.results)
+    if not sources and args.results_dir is not None and not results_dir.is_dir():
+        raise UsageError(f"results directory {results_dir} does not exist")
     if not sources and torch.cuda.is_available() and not args.no_bench:
         _no_autotuning()
-        _, path = bench.run_to_file(grid.quick_grid(), "quick", args.results_dir, command=args.command)
+        _, path = bench.run_to_file(grid.quick_grid(), "quick", output_dir("results"), command=args.command_line)
         sources = [path] if path else []
     if not sources:
-        found = sorted(args.results_dir.glob("*.json"))
-        sources = found[-1:]  # the newest run
+        sources = sorted(results_dir.glob("*.json"))[-1:]  # the newest run
     if not sources:
-        print(f"No results to render: {args.results_dir} holds none yet. Measure on a GPU with "
+        print(f"No results to render: {results_dir} holds none yet. Measure on a GPU with "
               f"`tritonrnn bench` (or perf/device_check.sh), or pass --results FILE.")
         return 0
-    rows = bench.load(sources)
-    path = report.render(rows, sources, args.out_dir)
+    rows = _load_results(sources)
+    path = report.render(rows, sources, args.out_dir or output_dir())
     print(f"rendered {path} from {', '.join(str(s) for s in sources)}")
-    for s in report.summary(rows):
-        print(f"  {s['dtype']:9s} {s['mode']:9s} geomean speedup over cuDNN {s['geomean']:.2f}, "
-              f"min {s['min']:.2f} ({s['min_case']})")
+    if report.caveat(rows):
+        print(f"  {report.caveat(rows).upper()}")
+    for line in report.summary(rows):
+        print(f"  {report.summary_text(line)}")
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="tritonrnn", description="Triton kernels for Elman RNNs")
-    commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="versions, GPU, and which kernel path a shape takes")
-    info.add_argument("--hidden-size", type=int, default=256)
-    info.add_argument("--seq-len", type=int, default=512)
-    info.add_argument("--batch", type=int, default=16)
-    info.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    info.set_defaults(run=_info)
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
 
-    from tritonrnn.perf import PERF_DIR, RESULTS_DIR
+
+def build_parser() -> argparse.ArgumentParser:
+    import tritonrnn
     from tritonrnn.perf.grid import DTYPES, MODES, PROVIDERS
 
-    def add_cases(sub, grids):
-        sub.add_argument("--grid", choices=grids, default=grids[0],
-                         help="standard: the full grid and its lines; quick: a ~4 minute subset on an H100")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(prog="tritonrnn", parents=[debug],
+                                     description="Triton kernels for Elman RNNs: versions and kernel paths, "
+                                                 "benchmark against cuDNN, tuning, performance report")
+    parser.add_argument("--version", action="version", version=f"tritonrnn {tritonrnn.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", parents=[debug], help="versions, GPU, and which kernel path a shape takes")
+    info.add_argument("--hidden-size", type=_positive_int, default=256, help="hidden size H (default 256)")
+    info.add_argument("--seq-len", type=_positive_int, default=512, help="sequence length T (default 512)")
+    info.add_argument("--batch", type=_positive_int, default=16, help="batch size B (default 16)")
+    info.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="data type (default float32)")
+    info.set_defaults(run=_info)
+
+    def add_cases(sub, grids, grid_help):
+        sub.add_argument("--grid", choices=grids, default=grids[0], help=grid_help)
         sub.add_argument("--shapes", nargs="+", default=(), metavar="SHAPE",
                          help="instead of a grid: shapes like T512-B16-H256[-I128][-L2][-bidir][-packed]")
-        sub.add_argument("--dtypes", nargs="+", choices=DTYPES + ("float64",), default=None)
+        sub.add_argument("--dtypes", nargs="+", choices=DTYPES + ("float64",), default=None,
+                         help="only these dtypes (with --shapes: float32 unless given)")
 
-    bench = commands.add_parser("bench", help="time tritonrnn, cuDNN and torch-native; write perf/results/*.json")
-    add_cases(bench, ["standard", "quick", "smoke"])
-    bench.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    bench.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    bench.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    bench.add_argument("--no-profile", action="store_true", help="skip recording kernel names")
+    bench = commands.add_parser("bench", parents=[debug],
+                                help="time tritonrnn, cuDNN and torch-native (checked against float64); "
+                                     "write one results JSON")
+    add_cases(bench, ["standard", "quick", "smoke"],
+              "standard: the full grid and its lines (a GPU); quick: a subset sized for ~4 minutes on an H100; "
+              "smoke: two tiny shapes, to check the harness on the CPU (TRITON_INTERPRET=1), not a measurement")
+    bench.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: both")
+    bench.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS), help="default: all")
+    bench.add_argument("--out-dir", type=Path, default=None,
+                       help="where the results JSON goes (default: the checkout's perf/results/ when run from a "
+                            "checkout, else the current directory)")
+    bench.add_argument("--no-profile", action="store_true",
+                       help="skip the profiling pass (kernel names, and which backend cuDNN's calls really ran)")
     bench.add_argument("--autotune", action="store_true",
                        help="let Triton's autotuner tune shapes with no shipped config (slow first calls)")
     bench.set_defaults(run=_bench)
 
-    tune = commands.add_parser("tune", help="search the kernels' tuning space on this GPU; write kernels/tuned/")
-    add_cases(tune, ["standard", "quick"])
+    tune = commands.add_parser("tune", parents=[debug],
+                               help="search the kernels' tuning space on this GPU; write <GPU>.json")
+    add_cases(tune, ["standard", "quick"], "standard: every grid shape; quick: the quick grid's shapes")
+    tune.add_argument("--out-dir", type=Path, default=None,
+                      help="where <GPU>.json goes (default: the checkout's kernels/tuned/, which the launchers "
+                           "read, when run from a checkout, else the current directory)")
     tune.set_defaults(run=_tune)
 
-    report = commands.add_parser("report", help="render perf/REPORT.md and plots (with a GPU: quick bench first)")
-    report.add_argument("--results", nargs="+", type=Path, default=(), help="results files (default: newest)")
-    report.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    report.add_argument("--out-dir", type=Path, default=PERF_DIR)
-    report.add_argument("--no-bench", action="store_true", help="with a GPU: render without measuring")
+    report = commands.add_parser("report", parents=[debug],
+                                 help="render REPORT.md and plots (with a GPU and no --results: quick bench first)")
+    report.add_argument("--results", nargs="+", type=Path, default=(), metavar="FILE",
+                        help="results files to render (default: the newest in --results-dir)")
+    report.add_argument("--results-dir", type=Path, default=None,
+                        help="where to find results (default: the results shipped in the package, perf/results/)")
+    report.add_argument("--out-dir", type=Path, default=None,
+                        help="where REPORT.md and plots/ go (default: the checkout's perf/ when run from a "
+                             "checkout, else the current directory)")
+    report.add_argument("--no-bench", action="store_true", help="with a GPU: render without measuring first")
     report.set_defaults(run=_report)
+    return parser
 
-    args = parser.parse_args(argv)
-    args.command = _command(argv)
-    return args.run(args)
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse: usage line, one error line, exit 2
+    args.command_line = _command(argv)
+    debug = getattr(args, "debug", False)
+    prefix = f"tritonrnn {args.command}: error:"
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"{prefix} {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
+        if debug:
+            raise
+        print(f"{prefix} {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

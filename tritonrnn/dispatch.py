@@ -48,7 +48,7 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
     lines = []
     for direction in ("forward", "backward"):
         path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction)
-        kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh in registers",
+        kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh held on chip",
                   "streamed": "rnn_sequence_kernel, one launch for all steps, W_hh streamed from L2",
                   "stepwise": f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)"}[path]
         tuned = kernels.config.tuned(dtype, hidden_size, batch, direction, device)

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, PackedSequence
 
 from tritonrnn import ops
-from tritonrnn.dispatch import backend, kernel_path
+from tritonrnn.dispatch import backend
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -60,8 +60,28 @@ def _autocast(device_type: str, *tensors: Optional[Tensor]) -> list[Optional[Ten
 
 
 def _allow_tf32() -> bool:
-    # The same switch that lets cuDNN run fp32 RNNs in TF32 (on by default).
-    return bool(torch.backends.cudnn.allow_tf32)
+    """Whether fp32 recurrences may multiply in TF32: the switch cuDNN's RNNs follow (on by default).
+
+    torch >= 2.9 has torch.backends.cudnn.rnn.fp32_precision ("tf32", "ieee", or "none": inherit
+    from cudnn, then from the generic setting; the getter resolves it, as cuDNN's RNN does). Once a
+    user sets it, reading the legacy cudnn.allow_tf32 raises ("mix of the legacy and new APIs")."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if rnn is None:
+        return bool(torch.backends.cudnn.allow_tf32)
+    return rnn.fp32_precision == "tf32"
+
+
+def _check_lengths(lengths: Tensor, T: int, B: int) -> None:
+    """Every length in [1, T]: on the host when the lengths are there (PackedSequence keeps them on
+    the CPU); on a device, an asynchronous assertion (no host sync, so CUDA graphs and compiled
+    graphs stay whole; a violation surfaces as a device-side assert at the next sync)."""
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must be a [{B}] tensor of values in [1, {T}], got shape {tuple(lengths.shape)}")
+    valid = ((lengths >= 1) & (lengths <= T)).all()
+    if lengths.device.type != "cpu":
+        torch._assert_async(valid, f"lengths must be values in [1, {T}]")
+    elif B and not bool(valid):
+        raise ValueError(f"lengths must be a [{B}] tensor of values in [1, {T}], got {lengths.tolist()}")
 
 
 def _project(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
@@ -95,12 +115,10 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x.device.type, x, h0, w_ih, w_hh, b_ih, b_hh)
     xw = _project(x, w_ih, b_ih, b_hh)
     T, B, H = xw.shape
-    paths = [kernel_path(T, H, xw.dtype, B, xw.device, direction) for direction in ("forward", "backward")]
     if lengths is not None:
-        if lengths.shape != (B,) or B and not bool(((lengths >= 1) & (lengths <= T)).all()):
-            raise ValueError(f"lengths must be a [{B}] tensor of values in [1, {T}], got {lengths.tolist()}")
+        _check_lengths(lengths, T, B)
         lengths = lengths.to(device=x.device, dtype=torch.int32)
-    return ops.recurrence_any_transform(xw, h0, w_hh, lengths, reverse, relu, *paths, _allow_tf32())
+    return ops.recurrence_any_transform(xw, h0, w_hh, lengths, reverse, relu, _allow_tf32())
 
 
 def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bool, num_layers: int,

@@ -7,6 +7,8 @@ projection before it and the parameter-gradient GEMMs after it are large matmuls
     tritonrnn::recurrence_backward(grad_out, grad_hn, ...) -> dxw [T, B, H], dh0 [B, H], dw_hh [H, H]
 
 Opaque custom ops keep torch.compile(fullgraph=True) tracing through the layers without a break.
+The kernel path (tuned configs per GPU, dispatch.kernel_path) is chosen inside the ops when they
+run, never in traced code: tracing queries no device and reads no file, on a GPU as on the CPU.
 """
 import warnings
 from typing import Optional
@@ -14,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tritonrnn import kernels, reference
+from tritonrnn import dispatch, kernels, reference
 
 DOUBLE_BACKWARD_WARNING = (
     "tritonrnn: double backward (create_graph=True) runs a differentiable PyTorch BPTT "
@@ -31,22 +33,28 @@ def _walk_ends(lengths: Optional[Tensor], T: int, B: int, reverse: bool, device)
     return (lengths - 1, zeros) if reverse else (zeros, lengths - 1)
 
 
+def _path(sequence: Tensor, direction: str) -> str:
+    """The kernel path of this [T, B, H] recurrence on this device, chosen at run time."""
+    T, B, H = sequence.shape
+    return dispatch.kernel_path(T, H, sequence.dtype, B, sequence.device, direction)
+
+
 @torch.library.custom_op("tritonrnn::recurrence", mutates_args=())
 def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool,
-               relu: bool, path: str, backward_path: str, allow_tf32: bool) -> tuple[Tensor, Tensor]:
+               relu: bool, allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """h_t = act(xw_t + h_{t-1} W_hh^T) for all t; see tritonrnn.kernels.recurrence_forward."""
     return kernels.recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu,
-                                      path=path, allow_tf32=allow_tf32)
+                                      path=_path(xw, "forward"), allow_tf32=allow_tf32)
 
 
 @recurrence.register_fake
-def _(xw, h0, w_hh, lengths, reverse, relu, path, backward_path, allow_tf32):
+def _(xw, h0, w_hh, lengths, reverse, relu, allow_tf32):
     return torch.empty_like(xw), torch.empty_like(h0)
 
 
 @torch.library.custom_op("tritonrnn::recurrence_backward", mutates_args=())
 def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor,
-                        lengths: Optional[Tensor], reverse: bool, relu: bool, path: str,
+                        lengths: Optional[Tensor], reverse: bool, relu: bool,
                         allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
     """BPTT of `recurrence`: the fused backward kernel, then dh0 and dW_hh as GEMMs."""
     T, B, H = out.shape
@@ -55,7 +63,7 @@ def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tens
     grad = grad_out.clone()
     grad.index_put_((last, rows), grad_hn, accumulate=True)  # dL/dh_n enters at each row's last step
     dz = kernels.recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu,
-                                     path=path, allow_tf32=allow_tf32)
+                                     path=_path(out, "backward"), allow_tf32=allow_tf32)
     dz_first = dz[first, rows]  # dz of each row's first step: the one that read h0
     dh0 = dz_first @ w_hh
     # dW_hh = sum_t dz_t^T h_{t-1}: h_{t-1} is the neighbouring output in walk order, h0 at the
@@ -71,15 +79,15 @@ def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tens
 
 
 @recurrence_backward.register_fake
-def _(grad_out, grad_hn, out, h0, w_hh, lengths, reverse, relu, path, allow_tf32):
+def _(grad_out, grad_hn, out, h0, w_hh, lengths, reverse, relu, allow_tf32):
     return torch.empty_like(out), torch.empty_like(h0), torch.empty_like(w_hh)
 
 
 def _setup_context(ctx, inputs, output):
-    xw, h0, w_hh, lengths, reverse, relu, path, backward_path, allow_tf32 = inputs
+    xw, h0, w_hh, lengths, reverse, relu, allow_tf32 = inputs
     out, _ = output
     ctx.save_for_backward(out, h0, w_hh, lengths)
-    ctx.flags = (reverse, relu, backward_path, allow_tf32)
+    ctx.flags = (reverse, relu, allow_tf32)
 
 
 def _backward(ctx, grad_out, grad_hn):
@@ -93,7 +101,7 @@ def _backward(ctx, grad_out, grad_hn):
                                                         "relu" if relu else "tanh", lengths, reverse)
     else:
         dxw, dh0, dw_hh = recurrence_backward(grad_out, grad_hn, out, h0, w_hh, lengths, *ctx.flags)
-    return dxw, dh0, dw_hh, None, None, None, None, None, None
+    return dxw, dh0, dw_hh, None, None, None, None
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)

@@ -23,8 +23,9 @@ def _act(z, nonlinearity):
 
 
 def _act_grad(h, nonlinearity):
-    # tanh' = 1 - h^2; relu' = [z > 0], which equals [h > 0].
-    return 1 - h * h if nonlinearity == "tanh" else (h > 0).to(h.dtype)
+    # tanh' = 1 - h^2; relu' = [z > 0], which equals [h > 0], and 1 where h is NaN, as torch's relu
+    # backward passes the gradient wherever the result is not <= 0.
+    return 1 - h * h if nonlinearity == "tanh" else (~(h <= 0)).to(h.dtype)
 
 
 def _order(T, reverse):
