@@ -100,7 +100,7 @@ def test_trains_to_the_same_loss_curve_as_torch():
     assert_close(curves[0], curves[1], torch.float64, "loss curve")
 
 
-def test_batch_first_sum_and_logits():
+def test_batch_first_sum_none_and_logits():
     torch.manual_seed(8)
     model = tritonrnn.ElmanLM(V, H, batch_first=True, reduction="sum", ignore_index=0, device=DEVICE,
                               dtype=torch.float64)
@@ -109,6 +109,9 @@ def test_batch_first_sum_and_logits():
     expected = F.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="sum", ignore_index=0)
     assert logits.shape == (2, 6, V)
     assert_close(model(tokens[:, :-1], tokens[:, 1:]), expected, torch.float64)
+    model.reduction = "none"
+    per_token = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none", ignore_index=0)
+    assert_close(model(tokens[:, :-1], tokens[:, 1:]), per_token, torch.float64)  # [B, T], as the targets
 
 
 def test_word_lm_example(tmp_path):

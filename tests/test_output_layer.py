@@ -269,14 +269,15 @@ def test_default_chunk_size():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 def test_gpu_realistic_size_and_memory(dtype):
     """N = 4096 rows, V = 32000: the loss and gradients against float64, and the peak memory of
-    forward + backward below a quarter of torch's (which holds [N, V] logits several times)."""
+    forward + backward below one [N, V] logits array (torch's holds several)."""
     N, H, V = 4096, 512, 32000
     p = _problem(N, H, V, seed=10, ignored=range(0, N, 7))
     _check(p, dtype, "mean", label_smoothing=0.1)
     q = problem(N, V, H, dtype, DEVICE)
+    logits_bytes = N * V * dtype.itemsize
     torch_peak = peak_memory(training_step("torch", q), DEVICE)
     fused_peak = peak_memory(training_step("tritonrnn", q), DEVICE)
-    assert fused_peak < torch_peak / 4, (fused_peak, torch_peak)
+    assert fused_peak < logits_bytes < torch_peak / 2, (fused_peak, logits_bytes, torch_peak)
 
 
 @pytest.mark.skipif(not static.available(), reason="this triton has no bundled NVIDIA toolchain")

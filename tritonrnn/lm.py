@@ -63,13 +63,16 @@ class TorchElmanLM(nn.Module):
 
     def forward(self, input: Tensor, target: Tensor, hx: Optional[Tensor] = None,
                 return_state: bool = False):
-        """The loss of predicting `target` (token ids, the shape of `input`) at every step.
+        """The loss of predicting `target` (token ids, the shape of `input`) at every step: a
+        scalar, or with reduction="none" one per token (the shape of `target`).
 
         hx: [num_layers, B, H] initial state. With return_state, returns (loss, h_n): pass
         h_n.detach() as the next call's hx for truncated BPTT across calls.
         """
         out, h_n = self.hidden(input, hx)
         loss = self.loss(out, target)
+        if self.reduction == "none":
+            loss = loss.view(target.shape)  # one loss per token
         return (loss, h_n) if return_state else loss
 
     def logits(self, input: Tensor, hx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
