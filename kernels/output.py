@@ -8,8 +8,8 @@ Dimensions: C rows of the chunk (a slice of the N = T*B rows), V classes (the vo
 where q_r is the (label-smoothed) one-hot of target_r: (1 - eps) [c == target_r] + eps / V. Rows
 whose target is ignore_index get loss 0 and gradient 0. One program owns BLOCK_C rows and sweeps
 their V columns twice in BLOCK_V tiles: an online (max, sum-exp) softmax that also collects the
-target's logit and the logits' sum (for smoothing), then the gradient tiles. The chunk's logits
-never leave L2 on a GPU at the chunk sizes used; only [C, V] of them exist at a time.
+target's logit and the logits' sum (for smoothing), then the gradient tiles: the logits are read
+twice and written once, and the gradient needs no logits beyond this chunk's.
 """
 import contextlib
 
