@@ -3,11 +3,13 @@
     h_t = tanh(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)      x_t: one-hot character
     o_t = V h_t + c        y_t = softmax(o_t)        L = sum_t CE(y_t, next character)
 
-The corpus is the docstrings of Python's standard library: real English text on every machine,
-nothing to download. With the same seed, `--backend tritonrnn` and `--backend torch` start from the
-same weights and see the same batches, so their loss curves coincide to float32 noise; the default
-runs both and plots them with the tokens per second of each (none for a run in Triton's
-interpreter: that is not a speed measurement).
+`--backend tritonrnn` trains tritonrnn.ElmanLM (the RNN kernels and the fused output layer and
+loss, which never holds all T*B x V logits); `--backend torch` the same network from torch.nn alone
+(nn.RNN, nn.Linear, F.cross_entropy). The corpus is the docstrings of Python's standard library:
+real English text on every machine, nothing to download. With the same seed, both backends start
+from the same weights and see the same batches, so their loss curves coincide to float32 noise;
+the default runs both and plots them with the tokens per second of each (none for a run in
+Triton's interpreter: that is not a speed measurement).
 
     python examples/char_rnn.py                       # both backends, plot in examples/results/
     python examples/char_rnn.py --backend torch --steps 300
@@ -34,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tritonrnn  # noqa: E402
+from tritonrnn.lm import TorchElmanLM  # noqa: E402
 
 CORPUS_MODULES = ("argparse", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
                   "difflib", "email", "fractions", "functools", "heapq", "inspect", "itertools", "json",
@@ -59,19 +62,16 @@ def stdlib_corpus() -> str:
     return "".join(c for c in text if c.isascii())
 
 
-class CharRNN(nn.Module):
-    """One-hot characters -> Elman RNN -> output layer o_t = V h_t + c."""
+def char_rnn(backend: str, vocab_size: int, args, device: torch.device) -> nn.Module:
+    """One-hot characters -> Elman RNN -> output layer o_t = V h_t + c -> summed cross-entropy.
 
-    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.rnn = nn.RNN(vocab_size, hidden_size, num_layers)
-        self.output = nn.Linear(hidden_size, vocab_size)
-
-    def forward(self, chars, h=None):
-        x = F.one_hot(chars, self.vocab_size).to(self.output.weight.dtype)
-        hidden, h = self.rnn(x, h)
-        return self.output(hidden), h
+    tritonrnn: tritonrnn.ElmanLM (the RNN kernels and the fused output layer); torch: the same
+    network from torch.nn alone (tritonrnn.lm.TorchElmanLM: nn.RNN, nn.Linear, F.cross_entropy).
+    Same seed, same weights.
+    """
+    torch.manual_seed(args.seed)
+    cls = tritonrnn.ElmanLM if backend == "tritonrnn" else TorchElmanLM
+    return cls(vocab_size, args.hidden, args.layers, embedding=False, reduction="sum", device=device)
 
 
 def progress(step: int, total: int, loss: float, start: float) -> None:
@@ -86,22 +86,19 @@ def progress(step: int, total: int, loss: float, start: float) -> None:
 
 
 def train(backend: str, data: torch.Tensor, vocab_size: int, args, device: torch.device) -> dict:
-    torch.manual_seed(args.seed)
-    model = CharRNN(vocab_size, args.hidden, args.layers).to(device)
-    if backend == "tritonrnn":
-        tritonrnn.convert(model)  # the same weights, now on the Triton kernels
+    model = char_rnn(backend, vocab_size, args, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     batches = torch.Generator().manual_seed(args.seed)
     losses, tokens, seconds = [], 0, 0.0
-    print(f"{backend}: {type(model.rnn).__module__}.{type(model.rnn).__name__} on {device}", file=sys.stderr)
+    print(f"{backend}: {type(model).__name__} ({type(model.rnn).__module__}.{type(model.rnn).__name__}) on {device}",
+          file=sys.stderr)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         offsets = torch.randint(0, len(data) - args.seq_len - 1, (args.batch,), generator=batches)
         window = torch.stack([data[o:o + args.seq_len + 1] for o in offsets], dim=1).to(device)  # [T+1, B]
         tic = time.perf_counter()
-        logits, _ = model(window[:-1])
         # L = sum_t CE(y_t): summed over time, averaged over the batch.
-        loss = F.cross_entropy(logits.reshape(-1, vocab_size), window[1:].reshape(-1), reduction="sum") / args.batch
+        loss = model(window[:-1], window[1:]) / args.batch
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -119,12 +116,12 @@ def train(backend: str, data: torch.Tensor, vocab_size: int, args, device: torch
 
 
 @torch.no_grad()
-def sample(model: CharRNN, alphabet: str, length: int, device: torch.device, seed: int) -> str:
+def sample(model: TorchElmanLM, alphabet: str, length: int, device: torch.device, seed: int) -> str:
     generator = torch.Generator(device=device).manual_seed(seed)
     char = torch.tensor([[alphabet.index("T")]], device=device)
     h, text = None, "T"
     for _ in range(length):
-        logits, h = model(char, h)
+        logits, h = model.logits(char, h)
         char = torch.multinomial(F.softmax(logits[-1], dim=-1), 1, generator=generator)
         text += alphabet[char.item()]
     return text

@@ -4,6 +4,7 @@
     measure.py    timers, peak memory, profiled kernel names and backend, the GPU's measured ceilings (floor)
     providers.py  tritonrnn, cudnn and torch-native runs of a case, checked against one float64 run
     bench.py      runs cases, writes one results file per run
+    output_layer.py  the fused output layer against F.cross_entropy(F.linear(...)) (`bench --output-layer`)
     tune.py       searches the kernels' tuning space, writes <GPU>.json (kernels/tuned/ in a checkout)
     report.py     renders REPORT.md and its plots from results files
 """

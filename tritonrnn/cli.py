@@ -81,9 +81,37 @@ def _bench_device(args) -> torch.device:
     return torch.device("cpu")
 
 
+OUTPUT_LAYER_ROWS = (8192, 16384, 32768)
+INTERPRETER_MAX_LOGITS = 1 << 22  # rows x vocabulary the interpreter gets through in about a minute
+
+
+def _bench_output_layer(args) -> int:
+    """The fused output layer against F.cross_entropy(F.linear(...)): time and peak memory."""
+    from tritonrnn.dispatch import interpreter_enabled
+    from tritonrnn.perf import output_dir, output_layer
+
+    rows = args.output_layer or OUTPUT_LAYER_ROWS
+    if not torch.cuda.is_available():
+        if not interpreter_enabled():
+            raise UsageError("--output-layer needs a CUDA GPU; without one, TRITON_INTERPRET=1 with small sizes "
+                             "(e.g. --output-layer 256 --vocab 2048 --hidden 64) checks it on the CPU")
+        if max(rows) * args.vocab > INTERPRETER_MAX_LOGITS:
+            raise UsageError(f"{max(rows)} rows x {args.vocab} classes under the interpreter would take hours; "
+                             f"keep rows x vocabulary within {INTERPRETER_MAX_LOGITS}")
+    out_dir = args.out_dir or output_dir("results")
+    results, path = output_layer.run_to_file(out_dir, args.command_line, dtypes=args.dtypes or ("bfloat16",),
+                                             rows=rows, vocab=args.vocab, hidden=args.hidden)
+    print(output_layer.format_rows(results))
+    failed = [r for r in results if r["status"] != "ok"]
+    print(f"results: {path} ({len(results)} rows, {len(failed)} failed)")
+    return 1 if failed else 0
+
+
 def _bench(args) -> int:
     from tritonrnn.perf import bench, output_dir
 
+    if args.output_layer is not None:
+        return _bench_output_layer(args)
     cases = _cases(args)
     device = _bench_device(args)
     if not args.autotune:
@@ -213,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the profiling pass (kernel names, and which backend cuDNN's calls really ran)")
     bench.add_argument("--autotune", action="store_true",
                        help="let Triton's autotuner tune shapes with no shipped config (slow first calls)")
+    bench.add_argument("--output-layer", nargs="*", type=_positive_int, default=None, metavar="ROWS",
+                       help="instead of the RNN cases: the fused output layer (linear_cross_entropy) against "
+                            "F.cross_entropy(F.linear(...)), forward + backward, time and peak memory, at these "
+                            "row counts T*B (default 8192 16384 32768) and --dtypes (default bfloat16)")
+    bench.add_argument("--vocab", type=_positive_int, default=32768,
+                       help="with --output-layer: the vocabulary (default 32768)")
+    bench.add_argument("--hidden", type=_positive_int, default=1024,
+                       help="with --output-layer: the hidden size (default 1024)")
     bench.set_defaults(run=_bench)
 
     tune = commands.add_parser("tune", parents=[debug],

@@ -216,3 +216,5 @@ def rnn_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     _check_cell_args(input, hx, w_ih, w_hh)
     out, _ = rnn_layer(input.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     return out[0]
+
+from tritonrnn.loss import linear_cross_entropy  # noqa: E402,F401  (the fused output layer; tritonrnn/loss.py)
