@@ -254,6 +254,12 @@ def tuned(dtype: torch.dtype, hidden: int, batch: int, direction: str, device: t
     return {"path": entry["path"], "config": config_from_dict(entry["config"])}
 
 
+def autotunes(path: str, device: torch.device) -> bool:
+    """Whether an untuned launch of `path` goes through Triton's autotuner: on a GPU, where enabled,
+    and not the persistent path (its grid depends on its compiled resources)."""
+    return device.type == "cuda" and autotune_enabled() and path != "persistent"
+
+
 def autotune_enabled() -> bool:
     """Triton's autotuner runs where no tuned config ships (TRITONRNN_AUTOTUNE=0 turns it off)."""
     return os.environ.get("TRITONRNN_AUTOTUNE", "1") != "0"

@@ -55,7 +55,8 @@ def _load_state(p_s, m_s, o_k, H):
 
 
 @triton.heuristics({"HAS_LENGTHS": lambda args: args["p_len"] is not None})
-@triton.jit(do_not_specialize=["T", "BATCH_TILES"])
+# B unspecialised: B = 1 would become a constant (no .to) and a variant of its own to compile.
+@triton.jit(do_not_specialize=["T", "B", "BATCH_TILES"])
 def rnn_persistent_kernel(
     p_in,  # [D, T, B, H] forward: x_t W_ih^T + b; backward: dL/dh_t (dL/dh_n folded in)
     p_h0,  # [D, B, H] initial state (forward only)
@@ -281,6 +282,13 @@ def schedule(args, scalars, kwargs, device: torch.device, directions: int = 1) -
     return plan(B, H, kwargs["BLOCK_B"], kwargs["BLOCK_N"], capacity, directions), kwargs
 
 
+def check_counters(T: int, chosen: Plan) -> None:
+    """The int32 arrival counters reach T times the programs of a group."""
+    if T * chosen.programs_per_group >= 2 ** 31:
+        raise ValueError(f"T = {T} steps overflow the int32 arrival counters of {chosen.programs_per_group} "
+                         f"programs per group")
+
+
 def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> Plan:
     """Run the whole recurrence in one launch into `out` (and `h_n` in the forward); see the module
     docstring. Tensors are [T, B, H], [B, H] and [H, H], or both directions stacked on a leading
@@ -290,9 +298,7 @@ def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> Plan:
     directions = out.shape[0] if out.dim() == 4 else 1
     args, scalars, kwargs = launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, *out.shape[-3:], **options)
     chosen, kwargs = schedule(args, scalars, kwargs, out.device, directions)
-    if scalars[0] * chosen.programs_per_group >= 2 ** 31:
-        raise ValueError(f"T = {scalars[0]} steps overflow the int32 arrival counters of "
-                         f"{chosen.programs_per_group} programs per group")
+    check_counters(scalars[0], chosen)
     arrivals = torch.zeros(directions, chosen.groups, dtype=torch.int32, device=out.device)
     rnn_persistent_kernel[chosen.grid](*args, arrivals, *scalars, chosen.batch_tiles,
                                        launch_cooperative_grid=chosen.waits, **kwargs)

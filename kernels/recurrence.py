@@ -76,8 +76,7 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config, 
         choice = configs.tuned(dtype, H, B, direction, device)
         if choice is not None and choice["path"] == path:
             config = choice["config"]
-    # The persistent kernel's grid depends on its compiled resources: not for Triton's autotuner.
-    if config is None and device.type == "cuda" and configs.autotune_enabled() and path != "persistent":
+    if config is None and configs.autotunes(path, device):
         return _autotuned(path), {}
     config = config or configs.default_config(path, B, H)
     budget = configs.shared_memory_budget(device)
@@ -225,9 +224,10 @@ def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_t
 
 
 def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.device, direction: str,
-                    allow_tf32: bool = True, config=None) -> persistent.Plan:
+                    allow_tf32: bool = True, config=None, directions: int = 1) -> persistent.Plan:
     """The tiling the persistent path runs for this shape: programs per group, groups, batch tiles
-    and the resident capacity (on a GPU this compiles the kernel)."""
+    and the resident capacity (on a GPU this compiles the kernel). Raises ValueError where the
+    path cannot run it on this device (shared memory, resident programs, arrival counters)."""
     _, meta = _launcher("persistent", B, H, dtype, device, direction, config, allow_tf32)
     backward = direction == "backward"
     tensors = [dtype, None if backward else dtype, dtype, dtype if backward else None, dtype,
@@ -235,7 +235,19 @@ def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.de
     args, scalars, kwargs = persistent.launch_args(*tensors, T, B, H, backward=backward, reverse=backward, relu=False,
                                                    numerics=_numerics(dtype, device, allow_tf32), meta=meta)
     with _on(device):
-        return persistent.schedule(args, scalars, kwargs, device)[0]
+        chosen = persistent.schedule(args, scalars, kwargs, device, directions)[0]
+    persistent.check_counters(T, chosen)
+    return chosen
+
+
+def persistent_fits(T: int, B: int, H: int, dtype: torch.dtype, device: torch.device, direction: str,
+                    allow_tf32: bool = True, directions: int = 1) -> bool:
+    """Whether the persistent path runs this shape on this device (see persistent_plan)."""
+    try:
+        persistent_plan(T, B, H, dtype, device, direction, allow_tf32, directions=directions)
+    except ValueError:
+        return False
+    return True
 
 
 def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=False, path="sequence",

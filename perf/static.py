@@ -43,11 +43,13 @@ def _signature(path: str, dtype, backward: bool, lengths: bool):
 
 
 def _int_arguments(path: str, batch: int, hidden: int, backward: bool) -> dict:
-    """The integer arguments' values at a launch (the step index and T are not specialised)."""
+    """The integer arguments' values at a launch (None: not specialised, as the step index and T)."""
     stride_wk, stride_wn = (hidden, 1) if backward else (1, hidden)
     ints = {"T" if path != "stepwise" else "t": None, "B": batch, "H": hidden, "stride_wk": stride_wk,
             "stride_wn": stride_wn}
-    return {**ints, "BATCH_TILES": None} if path == "persistent" else {**ints, "B_BUCKET": configs.batch_bucket(batch)}
+    if path == "persistent":  # the kernel leaves B unspecialised (do_not_specialize)
+        return {**ints, "B": None, "BATCH_TILES": None}
+    return {**ints, "B_BUCKET": configs.batch_bucket(batch)}
 
 
 def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backward: bool = False,
@@ -139,6 +141,8 @@ def default_variants() -> list:
         for path, hidden in shapes:
             common = dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32)
             variants += [dict(common, lengths=True), dict(common, backward=True, lengths=path != "stepwise")]
+            if path == "persistent":  # unpacked input, the common launch: its own compiled variant
+                variants += [dict(common, lengths=False)]
     return variants
 
 

@@ -93,7 +93,8 @@ def test_custom_ops_pass_opcheck(path, lengths, monkeypatch):
     torch.manual_seed(0)
     T, B = 4, 3
     xw = torch.randn(T, B, H, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    h0 = torch.randn(B, H, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    # h0 transposed in memory: the fake must still promise the contiguous outputs the op returns.
+    h0 = torch.randn(H, B, dtype=torch.float64, device=DEVICE).T.requires_grad_()
     w = (torch.randn(H, H, dtype=torch.float64, device=DEVICE) / H ** 0.5).requires_grad_()
     lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(ops.recurrence, (xw, h0, w, lens, lengths is not None, False, False))

@@ -216,6 +216,39 @@ def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
     assert plans == [persistent.Plan(3, 2, 1, CONCURRENT_CAPACITY, directions=2)] * 4
 
 
+def test_module_falls_back_where_the_device_cannot_hold_every_program(monkeypatch, plans):
+    """A device that holds 3 programs at once (a smaller GPU, in miniature): one direction's group of
+    3 programs fits, so each direction of a bidirectional layer gets a launch of its own; a device
+    that holds 2 takes the stepwise path. Outputs and gradients against torch.nn.RNN either way."""
+    import tritonrnn
+    from torch import nn
+    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
+    default = kernels.config.default_config
+    monkeypatch.setattr(kernels.config, "default_config",
+                        lambda path, batch, hidden: _config(2) if path == "persistent" else default(path, batch, hidden))
+    torch.manual_seed(0)
+    oracle = nn.RNN(7, H, bidirectional=True).double()
+    ours = tritonrnn.RNN(7, H, bidirectional=True, dtype=torch.float64)
+    ours.load_state_dict(oracle.state_dict())
+    x = torch.randn(T, B, 7, dtype=torch.float64)
+    for capacity, path, expected_plans in ((3, "persistent", [persistent.Plan(3, 1, 2, 3)] * 4), (2, "stepwise", [])):
+        with concurrent_programs(seed=8, capacity=capacity):
+            assert tritonrnn.kernel_path(T, H, torch.float64, B, directions=2) == "stepwise"
+            assert tritonrnn.kernel_path(T, H, torch.float64, B) == path
+            results = []
+            for module in (ours, oracle):
+                leaf = x.clone().requires_grad_()
+                out, h_n = module(leaf)
+                (out.sum() + h_n.sum()).backward()
+                results.append({"out": out, "h_n": h_n, "dx": leaf.grad,
+                                **{n: p.grad for n, p in module.named_parameters()}})
+                module.zero_grad()
+        for name, expected in results[1].items():
+            assert_close(results[0][name], expected, torch.float64, name)
+        assert plans == expected_plans
+        plans.clear()
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_rows_of_length_zero_end_in_h0(reverse):
     """The kernels accept length 0 (the layers do not): the row never steps, outputs 0, h_n = h0."""

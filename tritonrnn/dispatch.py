@@ -25,19 +25,25 @@ CPU = torch.device("cpu")
 
 
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
-                direction: str = "forward", allow_tf32: bool = True) -> str:
-    """'sequence', 'persistent' or 'stepwise' for the forward or backward recurrence of this shape.
+                direction: str = "forward", allow_tf32: bool = True, directions: int = 1) -> str:
+    """'sequence', 'persistent' or 'stepwise' for the forward or backward recurrence of this shape
+    (`directions` = 2: both directions of a layer in one launch).
 
     A single step always takes the step kernel. Otherwise the tuned configs shipped for this GPU
     decide where they exist; else 'sequence' when one program can hold W_hh, 'persistent' (W_hh
-    split over programs that stay resident) up to H = 2048, 'stepwise' beyond.
+    split over programs that stay resident) up to H = 2048 where this device holds every program
+    at once, 'stepwise' beyond (`tritonrnn info` says which).
     """
     if seq_len == 1:
         return "stepwise"
     choice = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
     if choice is not None:
         return choice["path"]
-    return kernels.default_path(hidden_size, dtype, allow_tf32)
+    path = kernels.default_path(hidden_size, dtype, allow_tf32)
+    if path == "persistent" and not kernels.recurrence.persistent_fits(seq_len, batch, hidden_size, dtype, device,
+                                                                       direction, allow_tf32, directions):
+        return "stepwise"  # e.g. fewer SMs or less shared memory than an H100's
+    return path
 
 
 def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> str:
@@ -63,7 +69,7 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
                                                      "no program waits for another"))
         tuned = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
         source = ("shipped tuned config" if tuned is not None and tuned["path"] == path
-                  else "Triton autotuner" if which == "triton" and kernels.config.autotune_enabled()
+                  else "Triton autotuner" if kernels.config.autotunes(path, device)
                   else "default config")
         lines.append(f"{direction}: {path} path ({kernel}; {source}; {mode})")
     return "\n  ".join(lines)

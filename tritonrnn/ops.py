@@ -35,11 +35,16 @@ def _walk_ends(lengths: Optional[Tensor], T: int, B: int, reverse: bool, device)
     return (lengths - 1, zeros) if reverse else (zeros, lengths - 1)
 
 
-def _path(sequence: Tensor, direction: str, allow_tf32: bool) -> str:
-    """The kernel path of this [T, B, H] recurrence (or [2, T, B, H]: both directions) on this
-    device, chosen at run time."""
+def _path(sequence: Tensor, direction: str, allow_tf32: bool, directions: int = 1) -> str:
+    """The kernel path of this [T, B, H] recurrence on this device, chosen at run time
+    (`directions` = 2: both directions of a layer in one launch)."""
     T, B, H = sequence.shape[-3:]
-    return dispatch.kernel_path(T, H, sequence.dtype, B, sequence.device, direction, allow_tf32)
+    return dispatch.kernel_path(T, H, sequence.dtype, B, sequence.device, direction, allow_tf32, directions)
+
+
+def _contiguous_like(tensor: Tensor) -> Tensor:
+    """A fake output: the real ops return contiguous tensors whatever the inputs' strides."""
+    return tensor.new_empty(tensor.shape)
 
 
 @torch.library.custom_op("tritonrnn::recurrence", mutates_args=())
@@ -52,7 +57,7 @@ def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], 
 
 @recurrence.register_fake
 def _(xw, h0, w_hh, lengths, reverse, relu, allow_tf32):
-    return torch.empty_like(xw), torch.empty_like(h0)
+    return _contiguous_like(xw), _contiguous_like(h0)
 
 
 @torch.library.custom_op("tritonrnn::recurrence_backward", mutates_args=())
@@ -96,7 +101,7 @@ def _state_grads(dz: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor, lengths: Opt
 
 @recurrence_backward.register_fake
 def _(grad_out, grad_hn, out, h0, w_hh, lengths, reverse, relu, allow_tf32):
-    return torch.empty_like(out), torch.empty_like(h0), torch.empty_like(w_hh)
+    return _contiguous_like(out), _contiguous_like(h0), _contiguous_like(w_hh)
 
 
 def _setup_context(ctx, inputs, output):
@@ -144,9 +149,9 @@ REVERSE_OF = (False, True)
 def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], relu: bool,
                              allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """`recurrence` of both directions at once: xw [2, T, B, H], h0 [2, B, H], w_hh [2, H, H]."""
-    path = _path(xw, "forward", allow_tf32)
-    if path == "persistent":
+    if _path(xw, "forward", allow_tf32, directions=2) == "persistent":
         return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
+    path = _path(xw, "forward", allow_tf32)  # where both directions' programs are not resident at once: one each
     outputs = [kernels.recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d], relu=relu,
                                           path=path, allow_tf32=allow_tf32) for d in range(2)]
     return tuple(torch.stack(o) for o in zip(*outputs, strict=True))
@@ -154,7 +159,7 @@ def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Opti
 
 @bidirectional_recurrence.register_fake
 def _(xw, h0, w_hh, lengths, relu, allow_tf32):
-    return torch.empty_like(xw), torch.empty_like(h0)
+    return _contiguous_like(xw), _contiguous_like(h0)
 
 
 @torch.library.custom_op("tritonrnn::bidirectional_recurrence_backward", mutates_args=())
@@ -164,10 +169,10 @@ def bidirectional_recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Te
     """BPTT of `bidirectional_recurrence`: the fused backward kernel for both directions (one
     launch on the persistent path), then dh0 and dW_hh of each as GEMMs."""
     grad = torch.stack([_fold_final_grad(grad_out[d], grad_hn[d], lengths, REVERSE_OF[d]) for d in range(2)])
-    path = _path(out, "backward", allow_tf32)
-    if path == "persistent":
+    if _path(out, "backward", allow_tf32, directions=2) == "persistent":
         dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
     else:
+        path = _path(out, "backward", allow_tf32)
         dz = torch.stack([kernels.recurrence_backward(grad[d], out[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d],
                                                       relu=relu, path=path, allow_tf32=allow_tf32) for d in range(2)])
     dh0, dw_hh = zip(*(_state_grads(dz[d], out[d], h0[d], w_hh[d], lengths, REVERSE_OF[d]) for d in range(2)),
@@ -177,7 +182,7 @@ def bidirectional_recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Te
 
 @bidirectional_recurrence_backward.register_fake
 def _(grad_out, grad_hn, out, h0, w_hh, lengths, relu, allow_tf32):
-    return torch.empty_like(out), torch.empty_like(h0), torch.empty_like(w_hh)
+    return _contiguous_like(out), _contiguous_like(h0), _contiguous_like(w_hh)
 
 
 def _setup_bidirectional_context(ctx, inputs, output):
