@@ -22,8 +22,8 @@ def _check_nonlinearity(nonlinearity: str) -> bool:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
-            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
+    # torch's scalar type name in its messages: Float, Long, Int, BFloat16, ...
+    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
 def _check_same_dtype(tensor: Tensor, weight: Tensor) -> None:

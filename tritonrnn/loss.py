@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tritonrnn.dispatch import backend
-from tritonrnn.functional import _autocast
+from tritonrnn.functional import _autocast, _dtype_name
 from tritonrnn.kernels import output
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -165,11 +165,6 @@ def _backward(ctx, grad_loss, *unused):
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    # torch's scalar type name in its messages: Float, Long, Int, BFloat16, ...
-    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
 def _check_args(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, reduction: str,
