@@ -54,6 +54,14 @@ def _load_state(p_s, m_s, o_k, H):
     return tl.load(p_s + o_k[None, :], mask=m_s[:, None] & (o_k < H)[None, :], other=0.0, cache_modifier=".cg")
 
 
+@triton.jit
+def _batch_tile(first, B, H, m_n, BLOCK_B: tl.constexpr):
+    """Rows first .. first + BLOCK_B - 1: their indices, mask, row offsets and mask with columns m_n."""
+    o_b = first + tl.arange(0, BLOCK_B)
+    m_b = o_b < B
+    return o_b, m_b, o_b[:, None].to(tl.int64) * H, m_b[:, None] & m_n[None, :]
+
+
 @triton.heuristics({"HAS_LENGTHS": lambda args: args["p_len"] is not None})
 # B unspecialised: B = 1 would become a constant (no .to) and a variant of its own to compile.
 @triton.jit(do_not_specialize=["T", "B", "BATCH_TILES"])
@@ -114,10 +122,7 @@ def rnn_persistent_kernel(
         t = tl.where(reverse, T - 1 - i, i)
         t_prev = tl.where(reverse, t + 1, t - 1)
         for j in range(BATCH_TILES):
-            o_b = first_row + j * BLOCK_B + tl.arange(0, BLOCK_B)
-            m_b = o_b < B
-            o_row = o_b[:, None].to(tl.int64) * H
-            m_bn = m_b[:, None] & m_n[None, :]
+            o_b, m_b, o_row, m_bn = _batch_tile(first_row + j * BLOCK_B, B, H, m_n, BLOCK_B)
             m_prev = m_b & (i > 0)
             if HAS_LENGTHS:
                 b_len = tl.load(p_len + o_b, mask=m_b, other=0)
@@ -153,10 +158,7 @@ def rnn_persistent_kernel(
 
     if not BACKWARD:
         for j in range(BATCH_TILES):  # h_n: each row's state after its own last step (own columns)
-            o_b = first_row + j * BLOCK_B + tl.arange(0, BLOCK_B)
-            m_b = o_b < B
-            o_row = o_b[:, None].to(tl.int64) * H
-            m_bn = m_b[:, None] & m_n[None, :]
+            o_b, m_b, o_row, m_bn = _batch_tile(first_row + j * BLOCK_B, B, H, m_n, BLOCK_B)
             # The reverse walk ends at t = 0 in every row, the forward walk at each row's last step.
             t_last = tl.zeros([BLOCK_B], dtype=tl.int32) + tl.where(reverse, 0, T - 1)
             if HAS_LENGTHS:

@@ -180,9 +180,9 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
 def _prepare_pair(first: torch.Tensor, w_hh: torch.Tensor, lengths, allow_tf32: bool):
     if first.dim() != 4 or first.shape[0] != 2:
         raise ValueError(f"expected a [2, T, B, H] tensor (both directions), got shape {tuple(first.shape)}")
-    T, B, H, lengths = _prepare(first[0], w_hh[0] if w_hh.dim() == 3 else w_hh, lengths, "persistent", allow_tf32)
+    H = first.shape[-1]
     _check("w_hh", w_hh, (2, H, H), first)
-    return T, B, H, lengths
+    return _prepare(first[0], w_hh[0], lengths, "persistent", allow_tf32)
 
 
 def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None):
