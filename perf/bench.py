@@ -22,7 +22,7 @@ import torch
 import triton
 
 import tritonrnn
-from tritonrnn.functional import _allow_tf32
+from tritonrnn.numerics import allow_tf32
 from . import RESULTS_DIR, measure
 from .grid import MODES, PROVIDERS
 from .providers import DTYPES, Run, available, check_reference, compare, output_names
@@ -59,7 +59,7 @@ def environment(device: torch.device, command: str) -> dict:
             "autotune": device.type == "cuda" and configs.autotune_enabled(),
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": command, "tf32": _allow_tf32(),
+            "command": command, "tf32": allow_tf32(),
             "matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
 
 
@@ -182,7 +182,7 @@ def run(cases, modes=MODES, providers=PROVIDERS, device=None, timer=None, comman
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timer = timer or measure.timer_for(device)
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = _allow_tf32()
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32()
     env = environment(device, command)
     _log(f"benchmark on {env['gpu']}: {len(cases)} cases x {len(modes)} modes x {len(providers)} providers")
     results = {"schema": SCHEMA, "ceilings": {}, "rows": [], "complete": False, "stopped": None}

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from tritonrnn import kernels
-from tritonrnn.functional import _allow_tf32
+from tritonrnn.numerics import allow_tf32
 from tritonrnn.kernels import config as configs
 
 from .providers import DTYPES, compare
@@ -28,13 +28,13 @@ TUNE_SEQ_LEN = 128
 
 def candidates(hidden: int, batch: int, dtype: torch.dtype):
     """(path, config) pairs to try for this shape: only those that load at the layers' precision."""
-    tf32 = _allow_tf32()
+    tf32 = allow_tf32()
     paths = [p for p in configs.PATHS if configs.path_fits(p, hidden, dtype, tf32)]
     return [(path, config) for path in paths for config in configs.tuning_space(path, batch, hidden, dtype, tf32)]
 
 
 def default_choice(hidden: int, batch: int, dtype: torch.dtype):
-    path = configs.default_path(hidden, dtype, _allow_tf32())  # the layers' default at their precision
+    path = configs.default_path(hidden, dtype, allow_tf32())  # the layers' default at their precision
     return path, configs.default_config(path, batch, hidden)
 
 
@@ -47,7 +47,7 @@ def _problem(dtype, batch, hidden, device, seq_len=TUNE_SEQ_LEN):
 
 def recurrence_fn(problem, direction: str, path: str, config):
     """The call a candidate is timed on: the forward or backward recurrence alone."""
-    tf32 = _allow_tf32()  # the precision the layers run fp32 at
+    tf32 = allow_tf32()  # the precision the layers run fp32 at
     if direction == "forward":
         return lambda: kernels.recurrence_forward(problem["xw"], problem["h0"], problem["w_hh"], path=path,
                                                   config=config, allow_tf32=tf32)

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations
 
 import tritonrnn
 from conftest import DEVICE, EXAMPLES, ON_GPU, assert_close, load_example
-from tritonrnn import dispatch, functional, ops
+from tritonrnn import dispatch, functional, numerics, ops
 from tritonrnn.kernels import config as configs
 
 I, H = 5, 12
@@ -123,19 +123,19 @@ def test_tf32_follows_cudnn_rnn_fp32_precision(fp32_precision_api):
     backends.cudnn.conv.fp32_precision = "ieee"  # conv and rnn differ: the legacy flag now raises
     with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
         torch.backends.cudnn.allow_tf32  # noqa: B018
-    assert functional._allow_tf32()
+    assert numerics.allow_tf32()
     ours, oracle = _pair()
     x = torch.randn(4, 3, I, dtype=torch.float64, device=DEVICE)
     assert_close(ours(x)[0], oracle(x)[0], torch.float64)
     backends.cudnn.rnn.fp32_precision = "ieee"
-    assert not functional._allow_tf32()
+    assert not numerics.allow_tf32()
     backends.fp32_precision = "none"
     backends.cudnn.fp32_precision = "tf32"
     backends.cudnn.rnn.fp32_precision = "none"  # inherits cudnn's
-    assert functional._allow_tf32()
+    assert numerics.allow_tf32()
     backends.cudnn.fp32_precision = "none"
     backends.cudnn.rnn.fp32_precision = "none"  # nothing set anywhere: not TF32, as cuDNN decides
-    assert not functional._allow_tf32()
+    assert not numerics.allow_tf32()
 
 
 def test_autocast_cpu_behaves_as_torch():

@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from tritonrnn import kernels
+from tritonrnn import kernels, numerics
 
 
 def interpreter_enabled() -> bool:
@@ -52,8 +52,7 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
     if which == "torch":
         return f"torch's own RNN implementation on {device.type} (Triton kernels need CUDA or TRITON_INTERPRET=1)"
     mode = "compiled" if which == "triton" else "interpreted"
-    from tritonrnn.functional import _allow_tf32  # the layers' TF32 setting (functional imports this module)
-    allow_tf32 = _allow_tf32()
+    allow_tf32 = numerics.allow_tf32()
     lines = []
     for direction in ("forward", "backward"):
         path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32)

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, PackedSequence
 
 from tritonrnn import ops
+from tritonrnn.numerics import allow_tf32
 from tritonrnn.dispatch import backend
 
 NONLINEARITIES = ("tanh", "relu")
@@ -59,18 +60,6 @@ def _autocast(device_type: str, *tensors: Optional[Tensor]) -> list[Optional[Ten
             for t in tensors]
 
 
-def _allow_tf32() -> bool:
-    """Whether fp32 recurrences may multiply in TF32: the switch cuDNN's RNNs follow (on by default).
-
-    torch >= 2.9 has torch.backends.cudnn.rnn.fp32_precision ("tf32", "ieee", or "none": inherit
-    from cudnn, then from the generic setting; the getter resolves it, as cuDNN's RNN does). Once a
-    user sets it, reading the legacy cudnn.allow_tf32 raises ("mix of the legacy and new APIs")."""
-    rnn = getattr(torch.backends.cudnn, "rnn", None)
-    if rnn is None:
-        return bool(torch.backends.cudnn.allow_tf32)
-    return rnn.fp32_precision == "tf32"
-
-
 def _check_lengths(lengths: Tensor, T: int, B: int) -> None:
     """Every length in [1, T]: on the host when the lengths are there (PackedSequence keeps them on
     the CPU); on a device, an asynchronous assertion (no host sync, so CUDA graphs and compiled
@@ -118,7 +107,7 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     if lengths is not None:
         _check_lengths(lengths, T, B)
         lengths = lengths.to(device=x.device, dtype=torch.int32)
-    return ops.recurrence_any_transform(xw, h0, w_hh, lengths, reverse, relu, _allow_tf32())
+    return ops.recurrence_any_transform(xw, h0, w_hh, lengths, reverse, relu, allow_tf32())
 
 
 def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bool, num_layers: int,
@@ -195,7 +184,7 @@ def _bidirectional_layer(x: Tensor, h0: Tensor, weights: list, relu: bool,
     w_hh = torch.stack([w[1] for w in weights])
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int32)
-    return ops.bidirectional_recurrence(xw, h0, w_hh, lengths, relu, _allow_tf32())
+    return ops.bidirectional_recurrence(xw, h0, w_hh, lengths, relu, allow_tf32())
 
 
 def rnn_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
