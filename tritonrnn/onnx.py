@@ -9,7 +9,8 @@ registers there a decomposition of the recurrence ops into ONNX's RNN operator (
 symbolic_multi_out, which only the ONNX exporter translates). Registering needs torch alone (importing
 tritonrnn stays light); the export itself needs onnx and onnxscript: pip install 'tritonrnn[onnx]'.
 Outside ONNX export nothing changes: torch.export, torch.compile and the default decompositions keep
-the ops whole (they take decompositions from that table only by name).
+the ops whole (they take decompositions from that table only by name), and where fake tensors read
+the table the entries give the ops' fakes.
 
 The ops take the input already projected (xw = x W_ih^T + b_ih + b_hh, one GEMM over all steps before
 them), so the RNN node gets the identity as its input weights W and no bias: ONNX's
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tritonrnn import ops  # noqa: F401  (defines torch.ops.tritonrnn.*)
+from tritonrnn import ops  # defines torch.ops.tritonrnn.*
 
 EXTRA = "pip install 'tritonrnn[onnx]'"
 # What torch.onnx.export(..., dynamo=True) imports beyond torch.
@@ -72,11 +73,29 @@ def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Opti
     return y.transpose(0, 1), y_h
 
 
+def _only_under_onnx_export(translation):
+    """The table's entry for an op: its ONNX translation under ONNX export, its fake elsewhere.
+
+    FakeTensorMode prefers a table's decomposition to an op's own fake where sizes are symbolic
+    (torch.compile(dynamic=True), torch.export's dynamic_shapes): there the entry must give what the
+    op's fake gives. Nothing else outside ONNX export reads this table's entries for our ops."""
+
+    def decomposition(xw: Tensor, h0: Tensor, *args):
+        if torch.onnx.is_in_onnx_export():
+            return translation(xw, h0, *args)
+        if not isinstance(xw, torch._subclasses.FakeTensor):
+            raise RuntimeError("tritonrnn.onnx's decompositions translate the recurrence for ONNX export only")
+        return ops._contiguous_like(xw), ops._contiguous_like(h0)
+
+    return decomposition
+
+
 if _onnx_ops is not None:
     from torch._decomp import register_decomposition
 
-    register_decomposition(torch.ops.tritonrnn.recurrence.default)(recurrence)
-    register_decomposition(torch.ops.tritonrnn.bidirectional_recurrence.default)(bidirectional_recurrence)
+    register_decomposition(torch.ops.tritonrnn.recurrence.default)(_only_under_onnx_export(recurrence))
+    register_decomposition(torch.ops.tritonrnn.bidirectional_recurrence.default)(
+        _only_under_onnx_export(bidirectional_recurrence))
 
 
 def require() -> None:
