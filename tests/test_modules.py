@@ -308,6 +308,25 @@ def test_convert_replaces_modules_and_keeps_parameters():
     assert type(bare) is tritonrnn.RNN
 
 
+def test_unconvert_gives_back_torch_modules_with_the_same_parameters():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"rnn": tritonrnn.RNN(I, H, num_layers=2, nonlinearity="relu", bidirectional=True),
+                           "cells": nn.ModuleList([tritonrnn.RNNCell(I, H, nonlinearity="relu")])})
+    model.double().to(DEVICE).eval()
+    x = torch.randn(4, 2, I, dtype=torch.float64, device=DEVICE)
+    expected = model["rnn"](x), model["cells"][0](x[0])
+    params, keys = list(model.parameters()), list(model.state_dict())
+    assert tritonrnn.unconvert(model) is model
+    assert type(model["rnn"]) is nn.RNN and type(model["cells"][0]) is nn.RNNCell
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert list(model.state_dict()) == keys and not model.training
+    assert model["rnn"].nonlinearity == model["cells"][0].nonlinearity == "relu"
+    for a, b in zip((*model["rnn"](x), model["cells"][0](x[0])), (*expected[0], expected[1]), strict=True):
+        assert_close(a, b, torch.float64)
+    assert type(tritonrnn.convert(model)["rnn"]) is tritonrnn.RNN  # and back again
+    assert type(tritonrnn.unconvert(tritonrnn.RNN(I, H))) is nn.RNN  # a bare layer: its replacement
+
+
 def test_converted_model_prints_as_tritonrnn_with_torch_state_dict_keys():
     model = nn.Sequential(nn.RNN(100, 20, num_layers=2, bidirectional=True), nn.RNNCell(20, 8, nonlinearity="relu"))
     keys = list(model.state_dict())

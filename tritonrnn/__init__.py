@@ -8,10 +8,10 @@ _ROOT = _Path(__file__).resolve().parent.parent
 if not (_Path(__file__).parent / "kernels").is_dir() and (_ROOT / "kernels" / "__init__.py").is_file() \
         and (_ROOT / "pyproject.toml").is_file():
     __path__.append(str(_ROOT))
-from tritonrnn import functional, reference
+from tritonrnn import functional, onnx, reference
 from tritonrnn.dispatch import backend, kernel_path
-from tritonrnn.modules import RNN, RNNCell, convert
+from tritonrnn.modules import RNN, RNNCell, convert, unconvert
 from tritonrnn.lm import ElmanLM
 
 __version__ = "0.1.0"
-__all__ = ["ElmanLM", "RNN", "RNNCell", "backend", "convert", "functional", "kernel_path", "reference"]
+__all__ = ["ElmanLM", "RNN", "RNNCell", "backend", "convert", "functional", "kernel_path", "reference", "unconvert"]

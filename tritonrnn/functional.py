@@ -46,6 +46,14 @@ def _check_cell_args(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> N
     _check_same_dtype(hx, w_hh)
 
 
+def _torch_runs(device: torch.device) -> bool:
+    """Whether torch's own RNN runs on this device (see dispatch.backend). Never under the ONNX exporter's
+    torch.export (dynamo=True; the TorchScript exporter is not exporting in torch.compiler's sense), which
+    traces the ops wherever it runs (tritonrnn/onnx.py translates them to ONNX's RNN operator): the file
+    is the same whichever device exported it, and keeps a dynamic sequence length."""
+    return backend(device) == "torch" and not (torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export())
+
+
 def _devices(*tensors: Optional[Tensor]) -> list[torch.device]:
     return list(dict.fromkeys(t.device for t in tensors if t is not None))
 
@@ -93,7 +101,7 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
         out [T, B, H] (every h_t) and h_n [B, H] (each row's state after its own last step).
     """
     relu = _check_nonlinearity(nonlinearity)
-    if backend(x.device) == "torch":
+    if _torch_runs(x.device):
         raise RuntimeError(f"tritonrnn.functional.rnn_layer runs the Triton kernels: it needs CUDA tensors, or "
                            f"TRITON_INTERPRET=1 set before import to interpret them on the CPU; got {x.device}")
     # The custom op dispatches on all its tensors at once: a meta h0 would send real inputs to its fake.
@@ -127,7 +135,7 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
     """
     relu = _check_nonlinearity(nonlinearity)
     # Tensors on several devices: torch's own RNN raises torch.nn's error for them.
-    if backend(input.device) == "torch" or len(_devices(input, hx, *weights)) > 1:
+    if _torch_runs(input.device) or len(_devices(input, hx, *weights)) > 1:
         fn = torch._VF.rnn_relu if relu else torch._VF.rnn_tanh
         if batch_sizes is None:
             return fn(input, hx, list(weights), bias, num_layers, dropout, training, bidirectional, batch_first)
@@ -198,7 +206,7 @@ def rnn_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     """
     relu = _check_nonlinearity(nonlinearity)
     # Tensors on several devices: torch's own cell raises torch.nn's error for them.
-    if backend(input.device) == "torch" or len(_devices(input, hx, w_ih, w_hh, b_ih, b_hh)) > 1:
+    if _torch_runs(input.device) or len(_devices(input, hx, w_ih, w_hh, b_ih, b_hh)) > 1:
         fn = torch._VF.rnn_relu_cell if relu else torch._VF.rnn_tanh_cell
         return fn(input, hx, w_ih, w_hh, b_ih, b_hh)
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input.device.type, input, hx, w_ih, w_hh, b_ih, b_hh)

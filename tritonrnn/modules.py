@@ -138,28 +138,40 @@ def convert(model: nn.Module) -> nn.Module:
     equivalent holding the very same Parameter objects (and hooks, mode, settings). Returns `model`;
     a bare nn.RNN or nn.RNNCell cannot be replaced in place, so its replacement is returned.
     """
-    replacement = _converted(model)
+    return _swap(model, {nn.RNN: RNN, nn.RNNCell: RNNCell})
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """The inverse of `convert`: replace, in place, every tritonrnn.RNN and tritonrnn.RNNCell inside
+    `model` with torch.nn.RNN / torch.nn.RNNCell holding the very same Parameter objects, for code that
+    should not depend on tritonrnn (a checkpoint's state_dict is the same either way). Returns `model`,
+    or the replacement of a bare layer.
+    """
+    return _swap(model, {RNN: nn.RNN, RNNCell: nn.RNNCell})
+
+
+def _swap(model: nn.Module, classes: dict) -> nn.Module:
+    """Replace every module whose exact type is a key of `classes` with an instance of its value."""
+    replacement = _swapped(model, classes)
     if replacement is not None:
         return replacement
     for name, child in list(model.named_children()):
-        replacement = _converted(child)
+        replacement = _swapped(child, classes)
         if replacement is not None:
             setattr(model, name, replacement)
         else:
-            convert(child)
+            _swap(child, classes)
     return model
 
 
-def _converted(module: nn.Module):
-    if type(module) is nn.RNN:
-        new = RNN.__new__(RNN)
-    elif type(module) is nn.RNNCell:
-        new = RNNCell.__new__(RNNCell)
-    else:
+def _swapped(module: nn.Module, classes: dict):
+    cls = classes.get(type(module))
+    if cls is None:
         return None
+    new = cls.__new__(cls)
     # Share state (parameters, hooks, training flag, config) rather than re-initialising.
     new.__dict__.update({key: value.copy() if isinstance(value, (dict, list)) else value
                          for key, value in module.__dict__.items()})
-    if isinstance(new, RNN):
+    if isinstance(new, nn.RNNBase):
         new._init_flat_weights()
     return new
