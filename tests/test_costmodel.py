@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import ON_GPU, assert_close
-from tritonrnn import costmodel, dispatch, kernels, reference
+from tritonrnn import cli, costmodel, dispatch, kernels, reference
 from tritonrnn.kernels import config as configs
+from tritonrnn.perf import plan
 
 H100 = costmodel.OFFLINE_GPUS["h100"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,17 +33,14 @@ def calibration_dir(tmp_path, monkeypatch):
     costmodel._calibration_for.cache_clear()
 
 
-def _calibration(constants, layout_scale=None) -> dict:  # the schema of kernels/calibration/README.md
+def _calibration(constants, layout_scale=None) -> dict:
     return {"schema": costmodel.CALIBRATION_SCHEMA, "constants": constants, "layout_scale": layout_scale or {}}
 
 
 def test_every_standard_cell_gets_a_layout_that_fits():
     """The chosen candidate fits (no spill, within the shared-memory budget, a persistent plan within
     the resident capacity) and is the fastest that fits; candidates that do not fit say why."""
-    from tritonrnn.perf import grid
-
-    for row in [costmodel.plan_cell(costmodel.Shape(512, b, h, d, r), H100) for d in grid.DTYPES
-                for h in grid.HIDDENS for b in grid.BATCHES for r in ("forward", "backward")]:
+    for row in plan.grid_plan("h100"):
         fitting = [c for c in row["candidates"] if c["fits"]]
         assert fitting and row["path"] == fitting[0]["layout"] and row["config"] == fitting[0]["config"]
         assert row["predicted_us"] == min(c["predicted_us"] for c in fitting)
@@ -189,3 +187,56 @@ def test_resource_table_matches_a_recompile():
     table = costmodel.resource_table("sm_90")
     for pick, compiled in zip(picks, json.loads(result.stdout)):
         assert table[costmodel.resource_key(*pick)] == compiled, pick
+
+
+# The command line: info --offline, and report's prediction.
+
+def _run(argv, capsys):
+    assert cli.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_info_offline_grid_json_has_every_cell_and_direction(capsys):
+    rows = [json.loads(line) for line in _run(["info", "--offline", "h100", "--grid", "standard", "--json"],
+                                              capsys).splitlines()]
+    assert len(rows) == 3 * 4 * 5 * 2
+    assert all(set(plan.JSON_KEYS) <= set(r) for r in rows)
+    assert {(r["dtype"], r["batch"], r["hidden"], r["direction"]) for r in rows} == {
+        (d, b, h, direction) for d in ("float32", "bfloat16", "float16") for b in (1, 16, 64, 256)
+        for h in (128, 256, 512, 1024, 2048) for direction in ("forward", "backward")}
+    assert {r["path"] for r in rows} <= set(costmodel.LAYOUTS) and all(r["gpu"] == "H100" for r in rows)
+
+
+def test_info_offline_shape_lists_every_candidate(capsys):
+    out = _run(["info", "--offline", "H200", "--hidden-size", "1024", "--batch", "64", "--dtype", "bfloat16"], capsys)
+    assert out.startswith("offline plan for H200")
+    assert "bfloat16 T=512 B=64 H=1024 forward:" in out and "bfloat16 T=512 B=64 H=1024 backward:" in out
+    assert "cuDNN STANDARD" in out and "stepwise" in out and "persistent" in out
+    rows = [json.loads(line) for line in _run(["info", "--offline", "h200", "--hidden-size", "1024", "--batch", "64",
+                                               "--dtype", "bfloat16", "--json"], capsys).splitlines()]
+    assert [r["direction"] for r in rows] == ["forward", "backward"] and rows[0]["hidden"] == 1024
+
+
+def test_info_offline_needs_no_interpreter_and_no_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tritonrnn.cli", "info", "--offline", "h100", "--json"], env=env,
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)  # this checkout's tritonrnn
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_info_offline_bad_gpu_and_stray_options_are_usage_errors(capsys):
+    for argv, expected in ((["info", "--offline", "a100"], "unknown GPU 'a100': --offline knows h100, h200"),
+                           (["info", "--grid", "standard"], "--grid and --json go with --offline GPU")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+
+
+def test_report_without_results_renders_the_prediction(tmp_path, capsys):
+    out = _run(["report", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path), "--no-bench"], capsys)
+    assert "No results to render" in out and "a PREDICTION" in out
+    text = (tmp_path / "PREDICTION.md").read_text()
+    assert text.startswith("# tritonrnn: PREDICTED performance (no GPU measured this)")
+    assert (tmp_path / "plots" / "predicted_speedup.png").stat().st_size > 0
+    assert not (tmp_path / "REPORT.md").exists()  # REPORT.md is for measurements only
