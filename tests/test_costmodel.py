@@ -4,6 +4,7 @@ calibration file."""
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ON_GPU, assert_close
+from conftest import DEVICE, ON_GPU, assert_close
 from tritonrnn import cli, costmodel, dispatch, kernels, reference
 from tritonrnn.kernels import config as configs
-from tritonrnn.perf import plan
+from tritonrnn.perf import calibrate, plan
 
 H100 = costmodel.OFFLINE_GPUS["h100"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,3 +241,49 @@ def test_report_without_results_renders_the_prediction(tmp_path, capsys):
     assert text.startswith("# tritonrnn: PREDICTED performance (no GPU measured this)")
     assert (tmp_path / "plots" / "predicted_speedup.png").stat().st_size > 0
     assert not (tmp_path / "REPORT.md").exists()  # REPORT.md is for measurements only
+
+
+# Calibration: the file's format from measured numbers (anywhere), the measurement itself on a GPU only.
+
+def _measured():
+    cells = []
+    for dtype in calibrate.DTYPES:
+        for hidden in calibrate.HIDDENS:
+            for batch in calibrate.BATCHES:
+                for layout in calibrate._layouts(dtype, hidden) + ["cudnn"]:
+                    cells.append({"layout": layout, "dtype": dtype, "hidden": hidden, "batch": batch,
+                                  "measured_ns": 3000.0 if layout != "stepwise" else 6000.0 + hidden})
+    return {"gpu": "NVIDIA H100 80GB HBM3", "barrier_ns": 700.0, "round_trip_ns": 1100.0, "cells": cells}
+
+
+def test_calibration_document_from_measured_numbers(calibration_dir):
+    document = calibrate.calibration_document(_measured())
+    assert document["slug"] == "H100" and document["constants"]["barrier_ns"] == 700.0
+    assert document["constants"]["l2_latency_ns"] == 400.0 and document["constants"]["launch_ns"] == 6256.0
+    assert document["constants"]["cudnn_standard_floor_ns"]["bfloat16"] == 3000.0
+    assert set(document["layout_scale"]) == {"sequence", "persistent"}
+    # Calibrated predictions of the measured cells: the scale makes their median ratio 1.
+    for layout in ("sequence", "persistent"):
+        ratios = [c["measured_ns"] / c["predicted_calibrated_ns"] for c in document["cells"] if c["layout"] == layout]
+        assert statistics.median(ratios) == pytest.approx(1.0, rel=1e-6)
+    path = calibration_dir / "H100.json"
+    path.write_text(json.dumps(document))
+    hw = costmodel.offline_hardware("h100")
+    assert hw.calibrated and hw.barrier_ns == 700.0 and hw.scale("persistent") == document["layout_scale"]["persistent"]
+    assert "barrier 700 ns" in calibrate.table(document) and len(calibrate.table(document).splitlines()) == 2 + len(
+        document["cells"])
+    path.write_text(json.dumps({"schema": 1, "constants": {"warp_speed": 1}}))
+    with pytest.raises(ValueError, match="unknown constants"):
+        costmodel.read_calibration(path)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the refusal without a GPU")
+def test_calibrate_refuses_without_a_gpu(tmp_path, capsys):
+    assert calibrate.main([str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not ON_GPU, reason="measures a GPU")
+def test_calibration_barrier_measures_on_a_gpu():
+    ns = calibrate.measure_barrier(DEVICE, round_trip=False)
+    assert 0 < ns < 50_000
