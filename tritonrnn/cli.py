@@ -41,6 +41,9 @@ def _info_offline(args) -> int:
     print(f"offline plan for {rows[0]['gpu']} (cost model, {'calibrated' if rows[0]['calibrated'] else 'uncalibrated'} "
           f"constants; resources from the offline sm_90 compile; no GPU measured this)")
     print(plan.text(rows))
+    if len(rows) > 2:
+        head = plan.headline(rows)
+        print(f"predicted speedup >= 1.0 in {head['winning']} of {head['cells']} cells and directions")
     return 0
 
 

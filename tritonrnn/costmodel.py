@@ -188,17 +188,21 @@ def candidate_configs(layout: str, hidden: int, dtype: str, allow_tf32: bool = T
             return []
         space += [_config({"BLOCK_B": bb}, w) for bb in (16, 32, 64) for w in (4, 8)]
     else:
+        # The default's keys, with the tile sizes varied: a kernel whose config grows or loses a key
+        # (K_SPLIT is optional) keeps its candidates.
+        base = dict(space[0].kwargs)
+        splits = (1, 2) if "K_SPLIT" in base and width >= 1024 else (base.get("K_SPLIT"),)
         for bb in (16, 32, 64, 128):
             for bn in (16, 32, 64, 128):
                 if bn > width // 2 or (bn == 16 and width < 2048):  # at least two programs; 16 only at 2048
                     continue
-                for ks in (1, 2) if width >= 1024 else (1,):
-                    config = _config({"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": ks}, 4 if bb * bn <= 16 * 64 else 8)
-                    fits = configs.config_fits("persistent", config, hidden, torch_dtype, allow_tf32)
-                    if ks == 2 and configs.config_fits("persistent", _config(
-                            {"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": 1}, 4), hidden, torch_dtype, allow_tf32):
+                for ks in splits:
+                    tiles = dict(base, BLOCK_B=bb, BLOCK_N=bn, **({} if ks is None else {"K_SPLIT": ks}))
+                    config = _config(tiles, 4 if bb * bn <= 16 * 64 else 8)
+                    if ks == 2 and configs.config_fits("persistent", _config(dict(tiles, K_SPLIT=1), 4), hidden,
+                                                       torch_dtype, allow_tf32):
                         continue  # halves only where the whole state tile does not fit
-                    if fits:
+                    if configs.config_fits("persistent", config, hidden, torch_dtype, allow_tf32):
                         space.append(config)
     seen, out = set(), []
     for c in space:  # the default once, and only where it loads
