@@ -25,6 +25,10 @@ import triton
 # program, in shared memory (Triton hoists its copy there) and in registers (its dot-operand
 # fragments); these are the sizes that compile spill-free on sm_90 (perf/NOTES.md).
 SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
+# Up to where the cost model (tritonrnn.costmodel) also weighs the sequence path: all of a 16-bit
+# W_hh at H = 256 (128 KB) fits one program's shared memory, and its 4-warp default (BLOCK_B 16)
+# compiles spill-free forward and backward on sm_90 (kernels/offline/sm_90.json).
+SEQUENCE_CANDIDATE_MAX_H = {2: 256}
 
 # Largest H of the persistent path, by element size: a 2048-wide W_hh split over 128 programs of
 # 16 columns (32 KB to 128 KB each), every one resident on its own SM of an H100/H200. fp64 runs
@@ -45,9 +49,10 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 
 
 def default_path(hidden_size: int, dtype: torch.dtype, allow_tf32: bool = True) -> str:
-    """The path of a multi-step recurrence with no tuned config: "sequence" where one program holds
-    W_hh on chip without spilling for this size and dtype, else "persistent" (W_hh split over
-    resident programs) up to PERSISTENT_MAX_H, else "stepwise"."""
+    """The path of a multi-step recurrence by size alone (the baseline `tritonrnn tune` measures;
+    the layers ask the cost model, tritonrnn.dispatch): "sequence" where one program holds W_hh on
+    chip without spilling for this size and dtype, else "persistent" (W_hh split over resident
+    programs) up to PERSISTENT_MAX_H, else "stepwise"."""
     if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize]:
         return "sequence"
     exact_fp32 = dtype == torch.float32 and not allow_tf32
@@ -143,8 +148,9 @@ def default_config(path: str, batch: int, hidden: int) -> triton.Config:
     """
     bb = max(MIN_DOT, batch_bucket(batch))
     if path == "sequence":
+        # At H = 256 (16-bit) 8 warps spill 8 B; 4 hold the 16-row tile in 168 registers.
         return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32)},
-                             num_warps=8 if block_h(hidden) >= 64 else 4, num_stages=1)
+                             num_warps=8 if 64 <= block_h(hidden) <= 128 else 4, num_stages=1)
     if path == "persistent":
         # 32 columns a program up to H = 1024; at 2048, 16 columns with the state read in two
         # halves (fp32: a whole [16, 2048] state copy beside the 128 KB slice would pass 227 KB).

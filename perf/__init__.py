@@ -7,6 +7,9 @@
     output_layer.py  the fused output layer against F.cross_entropy(F.linear(...)) (`bench --output-layer`)
     tune.py       searches the kernels' tuning space, writes <GPU>.json (kernels/tuned/ in a checkout)
     report.py     renders REPORT.md and its plots from results files
+    plan.py       the cost model's offline plan (`info --offline`), rendered as PREDICTION.md without results
+    resources.py  the offline sm_90 resource table the cost model reads (kernels/offline/sm_90.json)
+    calibrate.py  measures the cost model's constants on a GPU (kernels/calibration/<GPU>.json)
 """
 import os
 from pathlib import Path

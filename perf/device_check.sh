@@ -11,7 +11,7 @@
 # Time: one overall DEADLINE (seconds from start, kill grace included, default 480: fits a 560 s
 # device call with room for its start). Stage i must end by its cumulative share of it, so time an
 # early stage leaves unused goes to the later ones, and a hanging stage cannot eat their shares; at
-# 480: versions 33 s, install 43, info 24, tests 173, bench 168, report 38, kill grace included.
+# 480: versions 33 s, install 33, calibrate 100, info 14, tests 115, bench 168, report 38, kill grace included.
 #
 # perf/device_check.sh --tree-hash prints the tree hash the summary records, to match a run to a
 # commit here: the device tool copies the working tree without .git, so `git rev-parse` cannot work.
@@ -89,6 +89,16 @@ tail -n 6 "$WORK/versions.log" >> "$SUMMARY" 2>/dev/null
 publish
 
 stage install python3 -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e .
+
+# Calibration of the cost model (issue 16 item 7), the first stage on the GPU: the empty-step
+# barrier, the state round trip, one step of each layout and cuDNN's at H = 256/1024/2048 x
+# B = 16/64/256 in fp32 and bf16 (perf/calibrate.py). Writes calibration/<GPU>.json into the archive
+# (copy it into kernels/calibration/ to ship it) and its measured-against-predicted table into the
+# summary. Its share comes out of the install's and the tests' (at 480 s: about 100 s).
+BY[install]=14; BY[calibrate]=35; BY[info]=38; BY[tests]=62
+stage calibrate python3 -m tritonrnn.perf.calibrate "$WORK/calibration"
+cat "$WORK/calibration/calibration.txt" >> "$SUMMARY" 2>/dev/null || tail -n 5 "$WORK/calibrate.log" >> "$SUMMARY"
+publish
 stage info tritonrnn info --hidden-size 256 --batch 16
 
 # Tests: with pytest-xdist, 8 workers take tests one by one (--dist load), so the GPU file's slow

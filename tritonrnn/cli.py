@@ -20,12 +20,43 @@ class UsageError(Exception):
     """What the user asked for cannot run as asked: one line, exit status 2."""
 
 
+def _info_offline(args) -> int:
+    """What an H100 or H200 would run, from the cost model and the shipped offline sm_90 table: no GPU,
+    no compile (works with or without TRITON_INTERPRET)."""
+    import json
+
+    from tritonrnn.perf import plan
+
+    try:
+        if args.grid == "standard":
+            rows = plan.grid_plan(args.offline)
+        else:
+            rows = plan.cells(args.offline, [(args.seq_len, args.batch, args.hidden_size, args.dtype)])
+    except ValueError as exc:
+        raise UsageError(exc) from None
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(f"offline plan for {rows[0]['gpu']} (cost model, {'calibrated' if rows[0]['calibrated'] else 'uncalibrated'} "
+          f"constants; resources from the offline sm_90 compile; no GPU measured this)")
+    print(plan.text(rows))
+    if len(rows) > 2:
+        head = plan.headline(rows)
+        print(f"predicted speedup >= 1.0 in {head['winning']} of {head['cells']} cells and directions")
+    return 0
+
+
 def _info(args) -> int:
     import triton
 
     import tritonrnn
     from tritonrnn.dispatch import backend, describe, interpreter_enabled
 
+    if args.offline:
+        return _info_offline(args)
+    if args.grid or args.json:
+        raise UsageError("--grid and --json go with --offline GPU")
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     print(f"tritonrnn {tritonrnn.__version__}")
     print(f"python    {platform.python_version()}")
@@ -176,9 +207,7 @@ def _report(args) -> int:
     if not sources:
         sources = sorted(results_dir.glob("*.json"))[-1:]  # the newest run
     if not sources:
-        print(f"No results to render: {results_dir} holds none yet. Measure on a GPU with "
-              f"`tritonrnn bench` (or perf/device_check.sh), or pass --results FILE.")
-        return 0
+        return _report_prediction(args, results_dir)
     rows = _load_results(sources)
     path = report.render(rows, sources, args.out_dir or output_dir())
     print(f"rendered {path} from {', '.join(str(s) for s in sources)}")
@@ -186,6 +215,20 @@ def _report(args) -> int:
         print(f"  {report.caveat(rows).upper()}")
     for line in report.summary(rows):
         print(f"  {report.summary_text(line)}")
+    return 0
+
+
+def _report_prediction(args, results_dir) -> int:
+    """No measured results: render the cost model's offline plan, titled as a prediction."""
+    from tritonrnn.perf import output_dir, plan
+
+    print(f"No results to render: {results_dir} holds none yet. Measure on a GPU with "
+          f"`tritonrnn bench` (or perf/device_check.sh), or pass --results FILE.")
+    rows = plan.grid_plan("h100")
+    path = plan.render_prediction(rows, args.out_dir or output_dir())
+    head = plan.headline(rows)
+    print(f"rendered {path}: a PREDICTION (cost model, H100, no GPU measured it); predicted speedup >= 1.0 "
+          f"in {head['winning']} of {head['cells']} standard-grid cells and directions")
     return 0
 
 
@@ -217,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seq-len", type=_positive_int, default=512, help="sequence length T (default 512)")
     info.add_argument("--batch", type=_positive_int, default=16, help="batch size B (default 16)")
     info.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="data type (default float32)")
+    info.add_argument("--offline", metavar="GPU", type=str.lower, default=None,
+                      help="what that GPU (h100 or h200) would run, predicted by the cost model from the shipped "
+                           "offline sm_90 compile, with no GPU here: the chosen layout and every candidate's step")
+    info.add_argument("--grid", choices=["standard"], default=None,
+                      help="with --offline: every standard-grid cell (3 dtypes x 4 B x 5 H, T=512), both directions")
+    info.add_argument("--json", action="store_true",
+                      help="with --offline: one JSON object per cell and direction")
     info.set_defaults(run=_info)
 
     def add_cases(sub, grids, grid_help):

@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from tritonrnn import kernels, numerics
+from tritonrnn import costmodel, kernels, numerics
 
 
 def interpreter_enabled() -> bool:
@@ -24,26 +24,53 @@ def backend(device: torch.device) -> str:
 CPU = torch.device("cpu")
 
 
+def hardware(device: torch.device) -> costmodel.Hardware:
+    """What the cost model knows of `device`: a CUDA GPU's own limits (and its calibration file);
+    elsewhere (the interpreter) the H100's, the GPU the kernels are written for."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return costmodel.device_hardware(device.index if device.index is not None else torch.cuda.current_device())
+    return costmodel.offline_hardware("h100")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def kernel_choice(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
+                  direction: str = "forward", allow_tf32: bool = True, directions: int = 1) -> dict:
+    """The layout and config a recurrence of this shape runs, and why: {"path", "config" (a dict, or
+    None: the launcher's own), "source", "predicted_us" (None where no prediction was made)}.
+
+    A single step takes the step kernel. A tuned config shipped for this GPU wins. Otherwise the cost
+    model (tritonrnn.costmodel) predicts every layout that fits and the fastest is taken; a
+    persistent choice is then checked against the compiled kernel's resident capacity on this
+    device (kernels.recurrence.persistent_fits: on a GPU it compiles, as the launch would anyway),
+    and where it does not fit the model's next layout is taken.
+    """
+    if seq_len == 1:
+        return {"path": "stepwise", "config": None, "source": "one step: the step kernel", "predicted_us": None}
+    choice = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
+    if choice is not None:
+        return {"path": choice["path"], "config": kernels.config.config_to_dict(choice["config"]),
+                "source": "shipped tuned config", "predicted_us": None}
+    hw = hardware(device)
+    shape = costmodel.Shape(seq_len, batch, hidden_size, _dtype_name(dtype), direction, allow_tf32, directions)
+    best = costmodel.choose(shape, hw)
+    if best.layout == "persistent" and not kernels.recurrence.persistent_fits(
+            seq_len, batch, hidden_size, dtype, device, direction, allow_tf32, directions):
+        best = costmodel.choose(shape, hw, exclude=("persistent",))  # e.g. fewer SMs than an H100's
+    source = "cost model" + (f", calibrated on {hw.name}" if hw.calibrated else f", {hw.name} constants")
+    return {"path": best.layout, "config": best.config, "source": source, "predicted_us": best.step_us}
+
+
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
                 direction: str = "forward", allow_tf32: bool = True, directions: int = 1) -> str:
     """'sequence', 'persistent' or 'stepwise' for the forward or backward recurrence of this shape
-    (`directions` = 2: both directions of a layer in one launch).
-
-    A single step always takes the step kernel. Otherwise the tuned configs shipped for this GPU
-    decide where they exist; else 'sequence' when one program can hold W_hh, 'persistent' (W_hh
-    split over programs that stay resident) up to H = 2048 where this device holds every program
-    at once, 'stepwise' beyond (`tritonrnn info` says which).
+    (`directions` = 2: both directions of a layer in one launch): kernel_choice's layout. A single
+    step takes the step kernel; a shipped tuned config wins; else the layout the cost model
+    predicts fastest among those this device can run (`tritonrnn info` says which and why).
     """
-    if seq_len == 1:
-        return "stepwise"
-    choice = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
-    if choice is not None:
-        return choice["path"]
-    path = kernels.default_path(hidden_size, dtype, allow_tf32)
-    if path == "persistent" and not kernels.recurrence.persistent_fits(seq_len, batch, hidden_size, dtype, device,
-                                                                       direction, allow_tf32, directions):
-        return "stepwise"  # e.g. fewer SMs or less shared memory than an H100's
-    return path
+    return kernel_choice(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32, directions)["path"]
 
 
 def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> str:
@@ -55,7 +82,8 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
     allow_tf32 = numerics.allow_tf32()
     lines = []
     for direction in ("forward", "backward"):
-        path = kernel_path(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32)
+        choice = kernel_choice(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32)
+        path = choice["path"]
         kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh held on chip",
                   "persistent": "rnn_persistent_kernel, one launch for all steps, W_hh in column slices on chip",
                   "stepwise": f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)"}[path]
@@ -70,5 +98,7 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
         source = ("shipped tuned config" if tuned is not None and tuned["path"] == path
                   else "Triton autotuner" if kernels.config.autotunes(path, device)
                   else "default config")
-        lines.append(f"{direction}: {path} path ({kernel}; {source}; {mode})")
+        why = "" if choice["predicted_us"] is None else \
+            f"; chosen by the {choice['source']}: {choice['predicted_us']:.2f} us a step predicted"
+        lines.append(f"{direction}: {path} path ({kernel}; {source}; {mode}{why})")
     return "\n  ".join(lines)

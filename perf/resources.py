@@ -1,0 +1,93 @@
+"""The resource table the cost model reads offline: every candidate config of every layout, dtype and
+standard-grid H, compiled for sm_90 as launches specialise them (perf/static.compile_kernel), forward
+and backward, with its registers, spilled bytes, shared memory and matmul instruction.
+
+    python -m tritonrnn.perf.resources --write     # rewrites kernels/offline/sm_90.json (minutes)
+    python -m tritonrnn.perf.resources             # prints the table's rows as JSON lines
+
+This is the table's only source: tritonrnn.costmodel.candidate_configs says what to compile, and
+tests/test_costmodel.py recompiles a few entries and checks that they match. Run it without
+TRITON_INTERPRET (the compiler needs the real @triton.jit objects), again whenever a kernel changes.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+from tritonrnn import costmodel
+from tritonrnn.kernels import config as configs
+
+from . import grid, static
+
+TARGET = "sm_90"
+DIRECTIONS = ("forward", "backward")
+
+
+def variants(dtypes=grid.DTYPES, hiddens=grid.HIDDENS) -> list:
+    """(layout, dtype, H, direction, config) of every entry: the candidates the model weighs."""
+    out = []
+    for dtype in dtypes:
+        for hidden in hiddens:
+            for layout in costmodel.LAYOUTS:
+                for config in costmodel.candidate_configs(layout, hidden, dtype):
+                    for direction in DIRECTIONS:
+                        out.append((layout, dtype, hidden, direction, config))
+    return out
+
+
+def compile_entry(layout: str, dtype: str, hidden: int, direction: str, config) -> dict:
+    """One table entry: the compiled variant's resources (unpacked input, TF32 for fp32, as the grid runs)."""
+    result = static.compile_kernel(layout, getattr(torch, dtype), 256, hidden, backward=direction == "backward",
+                                   lengths=False, allow_tf32=True, config=config)
+    kinds = result["mma"]
+    kind = "wgmma" if any(m.startswith("wgmma") for m in kinds) else "mma.sync" if kinds else "fma"
+    return {"registers": result["registers"], "stack_bytes": result["stack_bytes"],
+            "shared_bytes": result["shared_bytes"], "num_warps": result["num_warps"], "mma": kind}
+
+
+def build(selection=None, log=None, known=None) -> dict:
+    """The table of `selection` (default: every variant); entries in `known` (a previous table's, of the
+    same triton) are kept instead of recompiled."""
+    entries = {}
+    selection = selection if selection is not None else variants()
+    for i, (layout, dtype, hidden, direction, config) in enumerate(selection):
+        key = costmodel.resource_key(layout, dtype, hidden, direction, config)
+        entries[key] = (known or {}).get(key) or compile_entry(layout, dtype, hidden, direction, config)
+        if log:
+            print(f"[{i + 1}/{len(selection)}] {key} {entries[key]}", file=log, flush=True)
+    return {"target": TARGET, "triton": triton.__version__,
+            "generator": "python -m tritonrnn.perf.resources --write",
+            "note": "offline compiles (perf/static.compile_kernel: aligned pointers, B unspecialised where the "
+                    "kernel leaves it so, no lengths, fp32 in TF32); read by tritonrnn.costmodel.resources",
+            "entries": dict(sorted(entries.items()))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help=f"rewrite kernels/offline/{TARGET}.json")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the entries the current table already has (same triton): compile only new "
+                             "variants; after a kernel changes, run without it")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels the compiler needs")
+    path = costmodel.OFFLINE_DIR / f"{TARGET}.json"
+    known = None
+    if args.keep and path.exists():
+        old = json.loads(path.read_text())
+        known = old["entries"] if old.get("triton") == triton.__version__ else None
+    table = build(log=sys.stderr, known=known)
+    if args.write:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(table, indent=1, sort_keys=False) + "\n")
+        print(f"wrote {path} ({len(table['entries'])} entries)")
+    else:
+        for key, entry in table["entries"].items():
+            print(json.dumps({"key": key, **entry}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,487 @@
+"""The cost model the dispatcher runs: the predicted step time of every layout that fits a shape.
+
+Dimensions: T steps, B batch, H hidden; e the element size. A layout is one way to run the
+recurrence of one layer and direction:
+
+- "sequence": one program per batch tile of BLOCK_B rows holds all of W_hh on chip; no barrier.
+- "persistent": program (n, g) holds the W_hh columns n*BLOCK_N ... as the MMA's M side, the batch
+  tile (BLOCK_B rows) is its N side; after every step the programs of a group meet at a counter
+  barrier. Groups = batch tiles until the resident capacity (kernels.persistent.plan) runs out.
+- "stepwise": one launch of rnn_step_kernel per step.
+
+Per step, from the compiled kernel's resources (registers, warps, shared memory, the matmul
+instruction) and the constants of `Hardware` (each with its source; a calibration file measured on
+the GPU replaces them, kernels/calibration/<GPU>.json, `Calibration`):
+
+    sequence   = waves * (input latency + shared(W + state staging) + max(mma, chain) + epilogue)
+    persistent = barrier + tiles * (dependent L2 latency + chain) + state bytes over the SM's L2 share
+                 + shared(W slice per tile + state staging) + mma + epilogue
+    stepwise   = max(host launch, device step)
+
+Resources come from a table of offline sm_90 compiles shipped in the package
+(kernels/offline/sm_90.json, written by `python -m tritonrnn.perf.resources --write`, the table's
+only source); shapes and GPUs the table lacks get an estimate (shared memory from
+kernels.config.shared_memory_bytes). Nothing here compiles: dispatch checks the chosen persistent
+layout against the compiled kernel's capacity on a GPU (kernels.recurrence.persistent_fits).
+
+cuDNN's side (`cudnn_algorithm`, `cudnn_step_ns`) follows PyTorch's choice of algorithm (GUIDE
+section 2) and the published per-step figures (GUIDE section 7).
+"""
+import dataclasses
+import functools
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import triton
+
+from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import persistent
+
+LAYOUTS = ("sequence", "persistent", "stepwise")
+KERNELS_DIR = Path(configs.__file__).resolve().parent
+OFFLINE_DIR = KERNELS_DIR / "offline"  # resource tables of offline compiles, one per target
+CALIBRATION_DIR = KERNELS_DIR / "calibration"  # measured constants, one file per GPU (slug)
+CALIBRATION_SCHEMA = 1
+ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+SPILL_FREE = 0  # a candidate must compile without spilling (stack bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """What the model needs of a GPU. Defaults: H100 SXM5 (sm_90). Times in ns, rates per ns."""
+
+    name: str = "H100"
+    target: str = "sm_90"
+    # 132 SMs, 65536 registers, 2048 threads, 228 KB shared memory, 32 programs an SM (NVIDIA H100
+    # datasheet / CUDA C Programming Guide, compute capability 9.0 table).
+    limits: persistent.SMLimits = persistent.SMLimits()
+    clock_ghz: float = 1.98  # boost clock of the H100 SXM5 (datasheet)
+    # Dense tensor-core peak per dtype, TFLOP/s (H100 SXM5 datasheet, without sparsity): 989 16-bit,
+    # 495 TF32; fp64 tensor 67.
+    peak_tflops: tuple = (("bfloat16", 989.0), ("float16", 989.0), ("float32", 495.0), ("float64", 67.0))
+    mma_sync_efficiency: float = 0.5  # mma.sync reaches about half of wgmma's peak on Hopper (Luo et al., 2024,
+    # "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture", Table of mma throughput)
+    wgmma_efficiency: float = 0.7  # cuBLAS-class wgmma kernels reach ~70% of peak at these small N
+    mma_latency_cycles: float = 33.0  # one dependent mma.sync m16n8k16 (Luo et al., 2024: ~30-35 cycles)
+    shared_bytes_per_cycle: float = 128.0  # per SM: 32 banks x 4 B a clock (CUDA Programming Guide)
+    l2_bytes_per_cycle_per_sm: float = 64.0  # one SM's port to L2 (NVIDIA Hopper tuning guide: 64 B/clk/SM)
+    l2_total_bytes_per_ns: float = 5500.0  # aggregate L2 read bandwidth, ~5.5 TB/s (Chips and Cheese, "Nvidia's
+    # H100: Funny L2, and Tons of Bandwidth", 2023)
+    # A dependent load served by L2: ~260 cycles near, more from the far partition (Chips and Cheese,
+    # 2023), plus the ramp of a tile's requests: assumed 300 ns; the calibration's state round trip measures it.
+    l2_latency_ns: float = 300.0
+    # The group barrier: release add + acquire polls through L2 + the skew of the last arrival.
+    # Assumed 1 us (perf/NOTES.md v0.4); the calibration's empty-step kernel measures it.
+    barrier_ns: float = 1000.0
+    # Host cost of one Triton launch from Python: 4.5-18 us a call (GUIDE section 6; a bare CUDA
+    # launch ~3 us); the calibration's stepwise steps measure it.
+    launch_ns: float = 8000.0
+    epilogue_ns: float = 100.0  # activation, store and loop bookkeeping per step (assumed)
+    # cuDNN (GUIDE section 7, PyTorch PR 62143's benchmark, Elman tanh I=H=120, B=34): the small-H
+    # persistent kernel 0.78 us a step fp32, 0.62 fp16; STANDARD (a GEMM + a pointwise kernel a step)
+    # 8.96 fp32, 7.9 fp16. cuDNN's persistent LSTM H=768 B=16 fp16 on H100: 1.96 us a step (NX-AI
+    # flashrnn figures): PERSIST_STATIC for Elman is scaled from it by W's size (one gate, not four).
+    cudnn_small_h_ns: tuple = (("float32", 780.0), ("bfloat16", 620.0), ("float16", 620.0))
+    cudnn_standard_floor_ns: tuple = (("float32", 8960.0), ("bfloat16", 7900.0), ("float16", 7900.0))
+    cudnn_lstm768_ns: float = 1960.0
+    cudnn_boundaries_ns: float = 2000.0  # two kernel boundaries a STANDARD step (GEMM, pointwise)
+    calibrated: bool = False  # constants from a calibration file, not the defaults above
+    layout_scale: tuple = ()  # (layout, measured / predicted) from a calibration file
+
+    def peak_per_sm(self, dtype: str) -> float:
+        """Dense tensor-core flop/ns of one SM."""
+        return dict(self.peak_tflops)[dtype] * 1e3 / self.limits.sms
+
+    def cycles(self, n: float) -> float:
+        return n / self.clock_ghz
+
+    def scale(self, layout: str) -> float:
+        return dict(self.layout_scale).get(layout, 1.0)
+
+
+# The GPUs `tritonrnn info --offline` knows: H100 SXM5 and H200 (same GH100 die, 132 SMs, same
+# clocks, L2 and shared memory; the H200's HBM3e is faster, which no term here reads).
+OFFLINE_GPUS = {"h100": Hardware(name="H100"), "h200": Hardware(name="H200")}
+
+# Constants a calibration file may replace (their names in Hardware).
+CALIBRATED_CONSTANTS = ("barrier_ns", "l2_latency_ns", "launch_ns", "cudnn_small_h_ns", "cudnn_standard_floor_ns",
+                        "cudnn_lstm768_ns")
+
+
+def calibration_path(slug: str, directory: Path = None) -> Path:
+    return (directory or CALIBRATION_DIR) / f"{slug}.json"
+
+
+def read_calibration(path: Path) -> dict:
+    """A calibration file (schema in kernels/calibration/README.md), checked."""
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != CALIBRATION_SCHEMA or not isinstance(data.get("constants"), dict):
+        raise ValueError(f"{path} is not a tritonrnn calibration file of schema {CALIBRATION_SCHEMA}")
+    unknown = set(data["constants"]) - set(CALIBRATED_CONSTANTS)
+    if unknown:
+        raise ValueError(f"{path}: unknown constants {sorted(unknown)}")
+    return data
+
+
+def calibrated(hardware: Hardware, data: dict) -> Hardware:
+    """`hardware` with the constants of a calibration document in place of its defaults."""
+    values = {}
+    for name, value in data["constants"].items():
+        values[name] = tuple(sorted(value.items())) if isinstance(value, dict) else float(value)
+    scale = tuple(sorted((k, float(v)) for k, v in data.get("layout_scale", {}).items()))
+    return dataclasses.replace(hardware, calibrated=True, layout_scale=scale, **values)
+
+
+@functools.lru_cache(maxsize=None)
+def _calibration_for(slug: str):
+    path = calibration_path(slug)
+    if os.environ.get("TRITONRNN_CALIBRATION", "1") == "0" or not path.exists():
+        return None
+    return read_calibration(path)
+
+
+def offline_hardware(gpu: str) -> Hardware:
+    """The Hardware of an offline GPU name ('h100', 'h200'), calibrated where a file ships."""
+    key = gpu.lower()
+    if key not in OFFLINE_GPUS:
+        raise ValueError(f"unknown GPU {gpu!r}: --offline knows {', '.join(sorted(OFFLINE_GPUS))}")
+    hardware = OFFLINE_GPUS[key]
+    data = _calibration_for(hardware.name)
+    return calibrated(hardware, data) if data else hardware
+
+
+@functools.lru_cache(maxsize=None)
+def device_hardware(index: int) -> Hardware:
+    """The Hardware of a CUDA device: its limits, its target, and its calibration file if one ships."""
+    props = torch.cuda.get_device_properties(index)
+    name = configs.gpu_slug(props.name)
+    base = OFFLINE_GPUS.get(name.lower(), Hardware(name=name))
+    limits = persistent.SMLimits.of(torch.device("cuda", index))
+    hardware = dataclasses.replace(base, name=name, target=f"sm_{props.major}{props.minor}", limits=limits)
+    data = _calibration_for(name)
+    return calibrated(hardware, data) if data else hardware
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates and their resources
+
+
+def _config(kwargs: dict, warps: int) -> triton.Config:
+    return triton.Config(dict(kwargs), num_warps=warps, num_stages=1 if "BLOCK_K" not in kwargs else 3)
+
+
+def candidate_configs(layout: str, hidden: int, dtype: str, allow_tf32: bool = True) -> list:
+    """The configs the model weighs for `layout` at this H (padded to a power of two) and dtype: those
+    whose shared memory (configs.shared_memory_bytes, an upper bound) fits the sm_90 budget. The
+    resource table compiles exactly these (one source)."""
+    torch_dtype = getattr(torch, dtype)
+    width = configs.block_h(hidden)
+    if layout == "stepwise":
+        return [configs.default_config("stepwise", 16, hidden)]
+    # The launcher's default config first (what runs until the model's config is passed to it).
+    space = [configs.default_config(layout, 16, hidden)]
+    if layout == "sequence":
+        if width > 256:  # all of W_hh on chip: beyond 256 not even 16-bit fits
+            return []
+        space += [_config({"BLOCK_B": bb}, w) for bb in (16, 32, 64) for w in (4, 8)]
+    else:
+        # The default's keys, with the tile sizes varied: a kernel whose config grows or loses a key
+        # (K_SPLIT is optional) keeps its candidates.
+        base = dict(space[0].kwargs)
+        splits = (1, 2) if "K_SPLIT" in base and width >= 1024 else (base.get("K_SPLIT"),)
+        for bb in (16, 32, 64, 128):
+            for bn in (16, 32, 64, 128):
+                if bn > width // 2 or (bn == 16 and width < 2048):  # at least two programs; 16 only at 2048
+                    continue
+                for ks in splits:
+                    tiles = dict(base, BLOCK_B=bb, BLOCK_N=bn, **({} if ks is None else {"K_SPLIT": ks}))
+                    config = _config(tiles, 4 if bb * bn <= 16 * 64 else 8)
+                    if ks == 2 and configs.config_fits("persistent", _config(dict(tiles, K_SPLIT=1), 4), hidden,
+                                                       torch_dtype, allow_tf32):
+                        continue  # halves only where the whole state tile does not fit
+                    if configs.config_fits("persistent", config, hidden, torch_dtype, allow_tf32):
+                        space.append(config)
+    seen, out = set(), []
+    for c in space:  # the default once, and only where it loads
+        if config_key(c) not in seen and configs.config_fits(layout, c, hidden, torch_dtype, allow_tf32):
+            seen.add(config_key(c))
+            out.append(c)
+    return out
+
+
+def config_key(config) -> str:
+    """A config as a stable string: 'BLOCK_B=16,BLOCK_N=32,K_SPLIT=1,w4,s1'."""
+    values = config if isinstance(config, dict) else configs.config_to_dict(config)
+    kwargs = {k: v for k, v in values.items() if k not in ("num_warps", "num_stages")}
+    return ",".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + f",w{values['num_warps']},s{values['num_stages']}"
+
+
+def resource_key(layout: str, dtype: str, hidden: int, direction: str, config) -> str:
+    """The resource table's key: the kernel compiles per BLOCK_H, so H is padded to a power of two."""
+    return f"{layout}/{dtype}/H{configs.block_h(hidden)}/{direction}/{config_key(config)}"
+
+
+@functools.lru_cache(maxsize=None)
+def resource_table(target: str = "sm_90") -> dict:
+    """The shipped offline-compile table of `target` ({} where none ships)."""
+    path = OFFLINE_DIR / f"{target}.json"
+    return json.loads(path.read_text())["entries"] if path.exists() else {}
+
+
+def resources(layout: str, dtype: str, hidden: int, direction: str, config, target: str = "sm_90",
+              allow_tf32: bool = True) -> dict:
+    """Registers, warps, spilled bytes, shared memory and matmul kind of a compiled variant: from the
+    shipped table, else an estimate (source 'estimate': shared memory from the budget model, 255
+    registers, mma.sync below 64-wide tiles)."""
+    config = config if isinstance(config, triton.Config) else configs.config_from_dict(config)
+    exact = dtype == "float32" and not allow_tf32
+    entry = None if exact else resource_table(target).get(resource_key(layout, dtype, hidden, direction, config))
+    if entry is not None:
+        return {**entry, "source": f"offline {target} compile"}
+    shared = configs.shared_memory_bytes(layout, config, hidden, getattr(torch, dtype), allow_tf32)
+    m_side = config.kwargs.get("BLOCK_N", 0) if layout == "persistent" else config.kwargs.get("BLOCK_B", 0)
+    return {"registers": 255, "stack_bytes": 0, "shared_bytes": shared, "num_warps": config.num_warps,
+            "mma": "wgmma" if m_side >= 64 and target == "sm_90" else "mma.sync", "source": "estimate"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step times
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    seq_len: int
+    batch: int
+    hidden: int
+    dtype: str  # 'float32', 'bfloat16', 'float16', 'float64'
+    direction: str = "forward"
+    allow_tf32: bool = True
+    directions: int = 1  # 2: both directions of a layer in one launch
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One layout and config for a shape: whether it fits, its predicted step and the terms of it."""
+
+    layout: str
+    config: dict
+    fits: bool
+    step_ns: float
+    terms: tuple = ()  # (name, ns)
+    why: str = ""  # why it does not fit
+    resources: tuple = ()
+    plan: tuple = ()
+
+    @property
+    def step_us(self) -> float:
+        return self.step_ns / 1e3
+
+    def describe(self) -> str:
+        c = {k: v for k, v in self.config.items() if k != "num_stages"}
+        return f"{self.layout} " + " ".join(f"{k}={v}" for k, v in c.items())
+
+
+def _mma_ns(hw: Hardware, dtype: str, flops: float, kind: str) -> float:
+    efficiency = hw.wgmma_efficiency if kind == "wgmma" else hw.mma_sync_efficiency
+    return flops / (hw.peak_per_sm(dtype) * efficiency)
+
+
+def _chain_ns(hw: Hardware, hidden: int, kind: str) -> float:
+    """The dependent chain of one tile's dot: H / 16 accumulating mma.sync (wgmma pipelines its K
+    steps in the tensor core: one instruction's latency, ~4 mma.sync)."""
+    steps = configs.block_h(hidden) / 16 if kind != "wgmma" else 4
+    return hw.cycles(steps * hw.mma_latency_cycles)
+
+
+def _kind(res: dict) -> str:
+    mma = res["mma"]
+    if isinstance(mma, list):
+        mma = "wgmma" if any(m.startswith("wgmma") for m in mma) else "mma.sync" if mma else "fma"
+    return mma
+
+
+def _unfit(layout, config, why, res=None) -> Candidate:
+    return Candidate(layout, configs.config_to_dict(config), False, math.inf, why=why,
+                     resources=tuple(sorted((res or {}).items())))
+
+
+def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
+    e, width, bb = ELEMENT[shape.dtype], configs.block_h(shape.hidden), config.kwargs["BLOCK_B"]
+    per_sm = persistent.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
+    if per_sm < 1:
+        return _unfit("sequence", config, "does not load: one program needs more than an SM holds", res)
+    programs = triton.cdiv(shape.batch, bb)
+    capacity = per_sm * hw.limits.sms
+    waves = triton.cdiv(programs, capacity)  # programs that are not resident run after the others
+    sharing = min(per_sm, triton.cdiv(programs, hw.limits.sms))  # programs an SM runs at once
+    kind = _kind(res)
+    shared = sharing * e * width * (width + 2 * bb) / hw.shared_bytes_per_cycle
+    terms = {"input latency": hw.l2_latency_ns,  # the dot's accumulator is the step's input: loaded first
+             "shared": hw.cycles(shared),
+             "mma": max(sharing * _mma_ns(hw, shape.dtype, 2 * bb * width * width, kind),
+                        _chain_ns(hw, shape.hidden, kind)),
+             "epilogue": hw.epilogue_ns}
+    step = waves * sum(terms.values()) * hw.scale("sequence")
+    return Candidate("sequence", configs.config_to_dict(config), True, step, tuple(terms.items()),
+                     resources=tuple(sorted(res.items())), plan=(("programs", programs), ("waves", waves)))
+
+
+def _persistent(shape: Shape, hw: Hardware, config, res) -> Candidate:
+    e, width = ELEMENT[shape.dtype], configs.block_h(shape.hidden)
+    bb, bn = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"]
+    per_sm = persistent.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
+    try:
+        chosen = persistent.plan(shape.batch, shape.hidden, bb, bn, per_sm * hw.limits.sms, shape.directions)
+    except ValueError as exc:
+        return _unfit("persistent", config, str(exc), res)
+    if T_COUNTER_LIMIT <= shape.seq_len * chosen.programs_per_group:
+        return _unfit("persistent", config, "the arrival counters would overflow", res)
+    kind = _kind(res)
+    tiles, programs = chosen.batch_tiles, chosen.programs
+    sharing = min(per_sm, triton.cdiv(programs, hw.limits.sms))
+    rows = min(tiles * bb, triton.cdiv(shape.batch, chosen.groups))  # masked rows of a short tile are not read
+    state_bytes = sharing * rows * width * e  # every program reads its group's whole state
+    l2_rate = min(hw.l2_bytes_per_cycle_per_sm * hw.clock_ghz, hw.l2_total_bytes_per_ns * sharing / programs)
+    shared = sharing * tiles * e * width * (bn + 2 * bb) / hw.shared_bytes_per_cycle  # W slice; state staged
+    terms = {"barrier": hw.barrier_ns if chosen.waits else 0.0,
+             "latency": tiles * hw.l2_latency_ns,
+             "l2": state_bytes / l2_rate,
+             "shared": hw.cycles(shared),
+             "mma": max(sharing * tiles * _mma_ns(hw, shape.dtype, 2 * bb * width * bn, kind),
+                        tiles * _chain_ns(hw, shape.hidden, kind)),
+             "epilogue": tiles * hw.epilogue_ns}
+    step = sum(terms.values()) * hw.scale("persistent")
+    return Candidate("persistent", configs.config_to_dict(config), True, step, tuple(terms.items()),
+                     resources=tuple(sorted(res.items())), plan=tuple(sorted(dataclasses.asdict(chosen).items())))
+
+
+T_COUNTER_LIMIT = 2 ** 31
+
+
+def _stepwise(shape: Shape, hw: Hardware, config, res) -> Candidate:
+    e, width = ELEMENT[shape.dtype], configs.block_h(shape.hidden)
+    # The launcher's batch tile for this B (its default grows with the batch bucket up to 64).
+    launched = configs.default_config("stepwise", shape.batch, shape.hidden)
+    bb = launched.kwargs["BLOCK_B"]
+    tiles = triton.cdiv(shape.batch, bb)
+    # Every batch tile re-reads W_hh from L2; the GEMM runs over the whole chip.
+    device = (tiles * width * width * e / hw.l2_total_bytes_per_ns + hw.l2_latency_ns
+              + 2 * shape.batch * width * width / (hw.peak_per_sm(shape.dtype) * hw.mma_sync_efficiency
+                                                   * hw.limits.sms) + hw.epilogue_ns)
+    terms = {"launch": hw.launch_ns, "device": device}
+    step = max(hw.launch_ns, device) * hw.scale("stepwise")
+    return Candidate("stepwise", configs.config_to_dict(launched), True, step, tuple(terms.items()),
+                     resources=tuple(sorted(res.items())))
+
+
+_LAYOUT_COST = {"sequence": _sequence, "persistent": _persistent, "stepwise": _stepwise}
+
+
+def predict(shape: Shape, hw: Hardware, layout: str, config, res: dict = None) -> Candidate:
+    """The predicted step of `layout` with `config` for `shape` on `hw` (resources: looked up)."""
+    config = config if isinstance(config, triton.Config) else configs.config_from_dict(config)
+    res = res or resources(layout, shape.dtype, shape.hidden, shape.direction, config, hw.target, shape.allow_tf32)
+    if res["stack_bytes"] > SPILL_FREE:
+        return _unfit(layout, config, f"spills {res['stack_bytes']} B of registers", res)
+    if res["shared_bytes"] > configs.SHARED_MEMORY_BUDGET or res["shared_bytes"] > hw.limits.shared_bytes:
+        return _unfit(layout, config, f"needs {res['shared_bytes']} B of shared memory", res)
+    return _LAYOUT_COST[layout](shape, hw, config, res)
+
+
+def _layout_allowed(layout: str, shape: Shape) -> bool:
+    dtype = getattr(torch, shape.dtype)
+    if layout == "sequence":
+        limit = max(configs.SEQUENCE_MAX_H[dtype.itemsize], configs.SEQUENCE_CANDIDATE_MAX_H.get(dtype.itemsize, 0))
+        return shape.hidden <= limit and configs.path_fits("sequence", shape.hidden, dtype, shape.allow_tf32)
+    if layout == "persistent":
+        exact = (shape.dtype == "float32" and not shape.allow_tf32)
+        limit = configs.PERSISTENT_EXACT_FP32_MAX_H if exact else configs.PERSISTENT_MAX_H[dtype.itemsize]
+        return shape.hidden <= limit
+    return True
+
+
+def candidates(shape: Shape, hw: Hardware) -> list:
+    """Every layout and config the model weighs for `shape`, fitting or not, fastest first."""
+    out = []
+    for layout in LAYOUTS:
+        if not _layout_allowed(layout, shape):
+            continue
+        for config in candidate_configs(layout, shape.hidden, shape.dtype, shape.allow_tf32):
+            out.append(predict(shape, hw, layout, config))
+    return sorted(out, key=lambda c: (not c.fits, c.step_ns))
+
+
+def limits_key() -> tuple:
+    """The path limits of kernels/config.py the choice depends on (tests change them): part of the cache key."""
+    return tuple(tuple(sorted(table.items())) for table in (
+        configs.SEQUENCE_MAX_H, configs.SEQUENCE_CANDIDATE_MAX_H, configs.PERSISTENT_MAX_H)) + (
+        configs.PERSISTENT_EXACT_FP32_MAX_H,)
+
+
+def choose(shape: Shape, hw: Hardware, exclude: tuple = ()) -> Candidate:
+    """The fitting candidate predicted fastest (cached per shape, hardware and path limits); layouts
+    in `exclude` are skipped. A single step is always the step kernel."""
+    return _choose(shape, hw, tuple(exclude), limits_key())
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(shape: Shape, hw: Hardware, exclude: tuple, limits: tuple) -> Candidate:
+    fitting = [c for c in candidates(shape, hw) if c.fits and c.layout not in exclude]
+    if shape.seq_len == 1 or not fitting:  # the stepwise path runs any shape
+        return predict(shape, hw, "stepwise", candidate_configs("stepwise", shape.hidden, shape.dtype)[0])
+    return fitting[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# cuDNN
+
+
+def cudnn_algorithm(dtype: str, batch: int, hidden: int, direction: str = "forward") -> str:
+    """What torch.nn.RNN runs there (GUIDE section 2: PyTorch's aten/src/ATen/native/cudnn/RNN.cpp)."""
+    if dtype == "float64":
+        return "STANDARD"
+    if hidden <= (384 if direction == "forward" else 256):
+        return "PERSIST_STATIC_SMALL_H"
+    if dtype == "float16" and hidden <= 1024 and hidden % 128 == 0 and batch % 8 == 0 and batch <= 128:
+        return "PERSIST_STATIC"
+    return "STANDARD"
+
+
+def cudnn_step_ns(dtype: str, batch: int, hidden: int, hw: Hardware, direction: str = "forward") -> float:
+    """cuDNN's predicted step: the published figures, grown by the work they did not include."""
+    algorithm = cudnn_algorithm(dtype, batch, hidden, direction)
+    e = ELEMENT[dtype]
+    work = 2 * batch * hidden * hidden / (hw.peak_per_sm(dtype) * hw.wgmma_efficiency * hw.limits.sms)
+    small_h = dict(hw.cudnn_small_h_ns).get(dtype, max(dict(hw.cudnn_small_h_ns).values()))
+    if algorithm == "PERSIST_STATIC_SMALL_H":
+        return small_h + work
+    if algorithm == "PERSIST_STATIC":  # the LSTM's 4 gates of 768: one gate of H
+        return max(small_h, hw.cudnn_lstm768_ns * hidden * hidden / (4 * 768 * 768)) + work
+    floor = dict(hw.cudnn_standard_floor_ns).get(dtype, max(dict(hw.cudnn_standard_floor_ns).values()))
+    gemm = max(work, hidden * hidden * e / hw.l2_total_bytes_per_ns)  # W_hh read from L2 once a step
+    return max(floor, gemm + hw.cudnn_boundaries_ns)
+
+
+# DeepBench (cuDNN 7, V100), vanilla RNN forward H=2048 B=16: 85 us a step fp32, 60 fp16 (GUIDE
+# section 2). Scaled to an H100 by the ratio of HBM bandwidths (0.9 -> 3.35 TB/s), an upper bound
+# that cudnn_step_ns stays below (tests/test_costmodel.py): the model does not flatter us.
+DEEPBENCH_V100_NS = {"float32": 85_000.0, "float16": 60_000.0}
+V100_TO_H100 = 3.35 / 0.9
+
+
+def plan_cell(shape: Shape, hw: Hardware) -> dict:
+    """One row of the offline plan: the chosen layout, its predicted step, cuDNN's, every candidate."""
+    chosen = choose(shape, hw)
+    theirs = cudnn_step_ns(shape.dtype, shape.batch, shape.hidden, hw, shape.direction)
+    return {"dtype": shape.dtype, "batch": shape.batch, "hidden": shape.hidden, "seq_len": shape.seq_len,
+            "direction": shape.direction, "gpu": hw.name, "calibrated": hw.calibrated,
+            "path": chosen.layout, "config": chosen.config, "predicted_us": round(chosen.step_us, 3),
+            "cudnn_algorithm": cudnn_algorithm(shape.dtype, shape.batch, shape.hidden, shape.direction),
+            "cudnn_predicted_us": round(theirs / 1e3, 3), "predicted_speedup": round(theirs / chosen.step_ns, 3),
+            "candidates": [{"layout": c.layout, "config": c.config, "fits": c.fits,
+                            "predicted_us": round(c.step_us, 3) if c.fits else None, "why": c.why or None,
+                            "terms_us": {k: round(v / 1e3, 3) for k, v in c.terms}}
+                           for c in candidates(shape, hw)]}
