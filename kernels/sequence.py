@@ -60,15 +60,19 @@ def rnn_sequence_kernel(
         b_s = tl.load(p_h0 + o_bh, mask=m_bh, other=0.0).to(ACC_DTYPE)
     if HAS_LENGTHS:
         b_len = tl.load(p_len + o_b, mask=m_b, other=0)
+    # Step i's input is loaded during step i - 1: the dot that starts each step's dependent chain
+    # takes it as its accumulator, and would otherwise wait an L2/HBM round trip every step.
+    step: tl.constexpr = -1 if REVERSE else 1
+    if REVERSE:
+        t = T - 1
+    else:
+        t = T * 0
+    b_in = tl.load(p_in + t.to(tl.int64) * B * H + o_bh, mask=m_bh, other=0.0)
 
     for i in range(T):
-        if REVERSE:
-            t = T - 1 - i
-        else:
-            t = i
-        t64 = t.to(tl.int64)
-        o_t = t64 * B * H + o_bh
-        b_z = tl.load(p_in + o_t, mask=m_bh, other=0.0).to(ACC_DTYPE)
+        o_t = t.to(tl.int64) * B * H + o_bh
+        b_z = b_in.to(ACC_DTYPE)
+        b_in = tl.load(p_in + (t + step).to(tl.int64) * B * H + o_bh, mask=m_bh & (i + 1 < T), other=0.0)
         b_z = recurrent_dot(b_s, b_w, b_z, DOT_DTYPE, INPUT_PRECISION)
         b_new = cell_update(b_z, p_act, o_t, m_bh, BACKWARD, RELU)
         if HAS_LENGTHS:
@@ -81,6 +85,7 @@ def rnn_sequence_kernel(
         else:
             b_s = b_new
         tl.store(p_out + o_t, b_new.to(p_out.dtype.element_ty), mask=m_bh)
+        t += step
 
     if not BACKWARD:
         tl.store(p_hn + o_bh, b_s.to(p_hn.dtype.element_ty), mask=m_bh)

@@ -13,7 +13,8 @@ Per step, from the compiled kernel's resources (registers, warps, shared memory,
 instruction) and the constants of `Hardware` (each with its source; a calibration file measured on
 the GPU replaces them, kernels/calibration/<GPU>.json, `Calibration`):
 
-    sequence   = waves * (input latency + shared(W + state staging) + max(mma, chain) + epilogue)
+    sequence   = waves * (shared(W + state staging) + max(mma, chain) + epilogue
+                          + the input's latency beyond them: it is loaded one step ahead)
     persistent = barrier + tiles * (dependent L2 latency + chain) + state bytes over the SM's L2 share
                  + shared(W slice per tile + state staging) + mma + epilogue
     stepwise   = max(host launch, device step)
@@ -319,11 +320,12 @@ def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
     sharing = min(per_sm, triton.cdiv(programs, hw.limits.sms))  # programs an SM runs at once
     kind = _kind(res)
     shared = sharing * e * width * (width + 2 * bb) / hw.shared_bytes_per_cycle
-    terms = {"input latency": hw.l2_latency_ns,  # the dot's accumulator is the step's input: loaded first
-             "shared": hw.cycles(shared),
+    terms = {"shared": hw.cycles(shared),
              "mma": max(sharing * _mma_ns(hw, shape.dtype, 2 * bb * width * width, kind),
                         _chain_ns(hw, shape.hidden, kind)),
              "epilogue": hw.epilogue_ns}
+    # The kernel loads step t + 1's input during step t: its latency shows only where it is longer.
+    terms["input latency"] = max(0.0, hw.l2_latency_ns - sum(terms.values()))
     step = waves * sum(terms.values()) * hw.scale("sequence")
     return Candidate("sequence", configs.config_to_dict(config), True, step, tuple(terms.items()),
                      resources=tuple(sorted(res.items())), plan=(("programs", programs), ("waves", waves)))
