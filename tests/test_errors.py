@@ -3,6 +3,8 @@
 The oracle is torch.nn on the CPU (cuDNN words some of its errors differently); ours runs on the
 device under test.
 """
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -157,3 +159,34 @@ def test_expanded_weights_refused_naming_torch_func(module):
     x = torch.randn(4, 3, 5) if isinstance(module, nn.RNNBase) else torch.randn(3, 5)
     with pytest.raises(RuntimeError, match=r"does not support ExpandedWeights .* use torch\.func"):
         call_for_per_sample_grads(module.to(DEVICE), batch_size=3)(x.to(DEVICE))
+
+
+LATE_INTERPRETER = """
+import os, torch, tritonrnn
+from tritonrnn.functional import linear_cross_entropy
+os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels were defined for a GPU at import
+calls = (lambda: tritonrnn.RNN(3, 4)(torch.randn(2, 1, 3)), lambda: tritonrnn.RNNCell(3, 4)(torch.randn(2, 3)),
+         lambda: linear_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.zeros(2, dtype=torch.long)))
+for call in calls:
+    try:
+        call()
+        print("ran")
+    except RuntimeError as error:
+        print(error)
+"""
+
+
+def test_interpreter_switched_on_after_import_says_so_in_one_line():
+    """TRITON_INTERPRET=1 set after `import tritonrnn` (a notebook): one line saying to set it first, not
+    Triton's "0 active drivers"."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tritonrnn.functional import INTERPRET_TOO_LATE
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert result.stdout.splitlines() == [INTERPRET_TOO_LATE] * 3, result.stdout + result.stderr[-2000:]
+    assert "TRITON_INTERPRET=1 was set after tritonrnn was imported" in INTERPRET_TOO_LATE

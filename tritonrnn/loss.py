@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tritonrnn.dispatch import backend
-from tritonrnn.functional import _autocast, _dtype_name
+from tritonrnn.functional import _autocast, _dtype_name, backend
 from tritonrnn.kernels import output
 
 REDUCTIONS = ("mean", "sum", "none")
