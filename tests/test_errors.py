@@ -190,3 +190,34 @@ def test_interpreter_switched_on_after_import_says_so_in_one_line():
                             cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert result.stdout.splitlines() == [INTERPRET_TOO_LATE] * 3, result.stdout + result.stderr[-2000:]
     assert "TRITON_INTERPRET=1 was set after tritonrnn was imported" in INTERPRET_TOO_LATE
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_values_propagate_without_numpy_warnings(fill):
+    """A NaN or inf in the data flows through as in torch.nn, and the interpreter (which computes with numpy)
+    prints no RuntimeWarning about it."""
+    import warnings
+
+    from tritonrnn.functional import linear_cross_entropy
+
+    torch.manual_seed(0)
+    ours = tritonrnn.RNN(3, 4).to(DEVICE)
+    theirs = nn.RNN(3, 4).to(DEVICE)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, 3, device=DEVICE)
+    x[1, 0] = fill
+    x.requires_grad_()
+    h = torch.randn(4, 3, device=DEVICE)
+    h[2] = fill
+    h.requires_grad_()
+    weight, target = torch.randn(5, 3, device=DEVICE), torch.tensor([0, 1, 2, 3], device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, h_n = ours(x)
+        grad_x, = torch.autograd.grad(out.sum(), x)
+        loss = linear_cross_entropy(h, weight, None, target, label_smoothing=0.1)
+        grad_h, = torch.autograd.grad(loss, h)
+    expected = theirs(x)[0]
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    torch.testing.assert_close(grad_x, torch.autograd.grad(expected.sum(), x)[0], equal_nan=True)
+    assert loss.isnan() and grad_h.isnan().any()
