@@ -362,7 +362,7 @@ def test_benchmark_case_rows(tmp_path):
     """perf/output_layer.py's case, tiny: both providers ok, the same gradients, the fused peak lower."""
     rows, path = run_to_file(tmp_path, "test", rows=(300,), vocab=1000, hidden=8, dtypes=["float32"],
                              timer=lambda fn: {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0})
-    assert json.loads(path.read_text()) == {"command": "test", "rows": rows}
+    assert json.loads(path.read_text()) == {"kind": "output-layer", "command": "test", "rows": rows}
     unfused, fused_row = rows
     assert [r["provider"] for r in rows] == ["torch", "tritonrnn"] and all(r["status"] == "ok" for r in rows)
     assert fused_row["backend"] == ("triton" if ON_GPU else "triton-interpreter")

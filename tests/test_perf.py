@@ -3,6 +3,7 @@ schema, wrong outputs reported as failures, the report from a committed fixture,
 with a stubbed timer, and the tuned-config lookup."""
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -583,3 +584,42 @@ def test_tune_offers_only_configs_that_load_at_the_layers_precision():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for path, config in tune.candidates(200, 16, dtype):
             assert configs.shared_memory_bytes(path, config, 200, dtype, True) <= budget, (path, config)
+
+
+def test_report_renders_newest_grid_results_and_output_layer_results_in_their_own_section(tmp_path, capsys):
+    """After `bench --output-layer`, the newest file in the folder is the output layer's: report still takes
+    the newest grid results, and renders the output layer's beside them (time and peak memory against torch's,
+    a plot). Files written before output-layer files said their kind are recognised by their rows."""
+    from tritonrnn.perf import output_layer
+
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    shutil.copy(FIXTURE, results_dir / "20250101T000000-FIXTURE-quick.json")  # older grid results
+    shutil.copy(FIXTURE, results_dir / "20260101T000000-FIXTURE-quick.json")
+    assert cli.main(["bench", "--output-layer", "64", "--vocab", "300", "--hidden", "8", "--dtypes", "float32",
+                     "--out-dir", str(results_dir)]) == 0
+    (layer,) = results_dir.glob("output_layer-*.json")
+    legacy = json.loads(layer.read_text())
+    del legacy["kind"]
+    (results_dir / "output_layer-cpu-20200101-000000.json").write_text(json.dumps(legacy))  # older, no kind
+    assert output_layer.is_results_file(results_dir / "output_layer-cpu-20200101-000000.json")
+    capsys.readouterr()
+    out_dir = tmp_path / "report"
+    assert cli.main(["report", "--results-dir", str(results_dir), "--out-dir", str(out_dir), "--no-bench"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (f"rendered {out_dir / 'REPORT.md'} from "
+                                   f"{results_dir / '20260101T000000-FIXTURE-quick.json'}, {layer}")
+    assert "float32   training  3 compared" in out
+    assert "output layer output-N64-V300-H8: " in out and " ms vs torch " in out and " MiB vs " in out
+    text = (out_dir / "REPORT.md").read_text()
+    assert "## Summary (8 B x H grid cells" in text
+    section = text[text.index("## Output layer"):]
+    assert "**A CPU run (Triton's interpreter)" in section
+    assert re.search(r"\| output-N64-V300-H8 \| float32 \| 64 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|"
+                     r" [\d.]+ \|", section), section
+    assert "![Output layer](plots/output_layer.png)" in section
+    assert (out_dir / "plots" / "output_layer.png").stat().st_size > 5000
+    # Output-layer results alone, given as --results: their section, no grid report.
+    assert cli.main(["report", "--results", str(layer), "--out-dir", str(out_dir), "--no-bench"]) == 0
+    text = (out_dir / "REPORT.md").read_text()
+    assert "## Output layer" in text and "## Summary" not in text
