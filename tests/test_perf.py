@@ -466,6 +466,7 @@ def test_tuning_space_fits_the_shape():
 
 DEVICE_CHECK = Path(__file__).resolve().parents[1] / "perf" / "device_check.sh"
 STUB_PYTHON = """#!/bin/sh
+case "$2" in *"sys.exit(0 if torch.cuda.is_available()"*) [ -z "$STUB_NO_GPU" ]; exit;; esac  # the GPU check
 if [ "$1 $2" = "-m pytest" ] && [ "$STUB_HANG" = tests ]; then exec sleep 600; fi
 case "$1 $2" in "-m pip"|"-m pytest") echo "stub $*"; exit 0;; esac
 exec {python} "$@"
@@ -556,6 +557,24 @@ def test_device_check_cut_short_returns_the_finished_stages(tmp_path):
     assert "install: exit 0" in text and "info: exit 0" in text
     assert "tests: exit" not in text and "tests: TIMED" not in text
     assert "device_check/info.log" in names
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("stubs", [True, False], ids=["stub-no-gpu", "this-machine"])
+def test_device_check_without_a_gpu_stops_at_once(tmp_path, stubs):
+    """No GPU: one line saying so, exit 2, in seconds (it ran every stage for minutes, then failed at the bench)."""
+    if stubs:
+        process = _device_check(tmp_path, 300, STUB_NO_GPU="1")
+    else:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3 with torch
+        process = subprocess.Popen(["bash", str(DEVICE_CHECK), str(tmp_path / "out")], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2 and time.monotonic() - start < 60
+    assert stderr.splitlines() == [(tmp_path / "out" / "SUMMARY.txt").read_text().strip()]
+    assert stderr.startswith("device_check: needs a CUDA GPU") and "nothing ran" in stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["SUMMARY.txt"]
 
 
 def test_profiler_failure_keeps_the_time(monkeypatch):
