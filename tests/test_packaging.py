@@ -86,3 +86,12 @@ def test_numerics_sit_below_dispatch_and_functional():
     from tritonrnn import dispatch, functional, numerics
 
     assert functional.allow_tf32 is numerics.allow_tf32 and dispatch.numerics is numerics
+
+
+def test_what_runs_write_into_a_checkout_is_ignored_by_git():
+    """Example plots and the rendered report do not show up as untracked files after a run."""
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    paths = ["examples/results/char_rnn_loss.png", "perf/REPORT.md", "perf/plots/speedup_heatmap.png"]
+    result = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == paths
