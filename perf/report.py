@@ -3,7 +3,8 @@
 Plots: the speedup of tritonrnn over cuDNN as a heatmap of B by H for each dtype and mode; time
 against T; peak training memory; distance to the floor. Then the summary (geometric mean and
 minimum speedup per dtype and mode), every cell where tritonrnn is slower than cuDNN, and the case
-table with the kernels the baseline ran.
+table with the kernels the baseline ran. Output-layer results (`bench --output-layer`) get a section
+of their own: time and peak memory of the fused layer against F.cross_entropy(F.linear(...)), a plot.
 """
 import math
 from collections import defaultdict
@@ -369,7 +370,8 @@ def plot_output_layer(rows, path: Path, note=None):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rows N = T x B")
         ax.set_ylabel(label)
-        ax.set_title(f"output layer, V={rows[0]['vocab']}, H={rows[0]['hidden']}", fontsize=9)
+        ax.set_title("output layer, " + "; ".join(sorted({f"V={r['vocab']}, H={r['hidden']}" for r in rows})),
+                     fontsize=9)
     return _save(fig, path, note)
 
 

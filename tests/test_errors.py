@@ -201,16 +201,17 @@ def test_non_finite_values_propagate_without_numpy_warnings(fill):
     from tritonrnn.functional import linear_cross_entropy
 
     torch.manual_seed(0)
-    ours = tritonrnn.RNN(3, 4).to(DEVICE)
-    theirs = nn.RNN(3, 4).to(DEVICE)
+    options = {"device": DEVICE, "dtype": torch.float64}
+    ours = tritonrnn.RNN(3, 4, **options)
+    theirs = nn.RNN(3, 4, **options)
     theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(3, 2, 3, device=DEVICE)
+    x = torch.randn(3, 2, 3, **options)
     x[1, 0] = fill
     x.requires_grad_()
-    h = torch.randn(4, 3, device=DEVICE)
+    h = torch.randn(4, 3, **options)
     h[2] = fill
     h.requires_grad_()
-    weight, target = torch.randn(5, 3, device=DEVICE), torch.tensor([0, 1, 2, 3], device=DEVICE)
+    weight, target = torch.randn(5, 3, **options), torch.tensor([0, 1, 2, 3], device=DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         out, h_n = ours(x)

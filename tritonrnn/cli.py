@@ -186,7 +186,7 @@ def _check_results_paths(args) -> None:
 
 def _results_dirs(args) -> list:
     """Where report looks for results: --results-dir, else where bench writes (the checkout's
-    perf/results/, or the current directory for an installed copy), then the package's own results."""
+    perf/results/, or the current directory for an installed copy) and the package's own results."""
     from tritonrnn.perf import RESULTS_DIR, output_dir
 
     if args.results_dir is not None:
