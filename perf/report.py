@@ -385,7 +385,8 @@ def output_layer_lines(rows, sources, plots: Path) -> list:
     lines += ["Results used: " + ", ".join(f"`{Path(s).name}`" for s in sources) + ". Forward + backward of the "
               "mean loss; peak memory above what was allocated before the call. Speedup = torch's time / the fused "
               "layer's; memory ratio = torch's peak / the fused layer's.", "",
-              "| case | dtype | rows | fused ms | torch ms | speedup | fused peak MiB | torch peak MiB | memory ratio |",
+              "| case | dtype | rows | fused ms | torch ms | speedup | fused peak MiB | torch peak MiB "
+              "| memory ratio |",
               "|---|---|---|---|---|---|---|---|---|"]
     for case, dtype, n, ours, theirs in output_layer_pairs(rows):
         lines.append(f"| {case} | {dtype} | {n} | {_ms(ours)} | {_ms(theirs)} | "
