@@ -126,8 +126,8 @@ def cross_entropy_chunk(logits: torch.Tensor, target: torch.Tensor, *, ignore_in
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = _empty((C,), logits, acc)
     smoothing = torch.full((1,), label_smoothing, dtype=acc, device=logits.device) if label_smoothing else None
-    if C == 0:
-        return loss
+    if C == 0 or V == 0:  # no class: every row is ignored (targets were checked), loss 0, nothing to write
+        return loss.zero_()
     block_c, block_v, num_warps = _blocks(V, logits.device)
     with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
         cross_entropy_kernel[(triton.cdiv(C, block_c),)](

@@ -36,6 +36,34 @@ ROW_FIELDS = (
     "kernels", "rel_error", "floor_ms", "compute_ms", "memory_ms", "chain_ms", "flops",
 )
 
+_NUMBER, _INT, _TEXT, _FLAG = (int, float), (int,), (str,), (bool,)
+# Each field's JSON types; the first group never null (the report sorts, groups and compares them).
+REQUIRED_TYPES = {"case": _TEXT, "group": _TEXT, "dtype": _TEXT, "mode": _TEXT, "provider": _TEXT, "status": _TEXT,
+                  "seq_len": _INT, "batch": _INT, "input_size": _INT, "hidden": _INT, "layers": _INT,
+                  "bidirectional": _FLAG, "packed": _FLAG}
+OPTIONAL_TYPES = {"gpu": _TEXT, "sm_count": _INT, "driver": _TEXT, "torch": _TEXT, "triton": _TEXT, "cudnn": _INT,
+                  "python": _TEXT, "date": _TEXT, "command": _TEXT, "tf32": _FLAG, "matmul_tf32": _FLAG,
+                  "tuned_configs": _TEXT, "autotune": _FLAG, "backend": _TEXT, "error": _TEXT, "kernels": (list,),
+                  **{f: _NUMBER for f in ("median_ms", "p20_ms", "p80_ms", "peak_memory_bytes", "rel_error",
+                                          "floor_ms", "compute_ms", "memory_ms", "chain_ms", "flops")}}
+_TYPE_NAMES = {_NUMBER: "a number", _INT: "an integer", _TEXT: "a string", _FLAG: "true or false",
+               (list,): "a list of strings"}
+
+
+def check_types(path, rows: list, required: dict, optional: dict) -> None:
+    """ValueError naming the file, the row and the field whose value is not of its type."""
+    for index, row in enumerate(rows):
+        for field, types in (*required.items(), *optional.items()):
+            value = row.get(field)
+            if value is None and field in optional:
+                continue
+            # JSON has no separate bool: true is not a number here, nor 1 a flag
+            if not isinstance(value, types) or (isinstance(value, bool) and types is not _FLAG) or \
+                    (types == (list,) and not all(isinstance(item, str) for item in value)):
+                wanted = _TYPE_NAMES[types] + ("" if field in required else " or null")
+                raise ValueError(f"{path}: row {index} ({row.get('case', '?')}), field {field!r} is {value!r}, "
+                                 f"not {wanted}")
+
 
 def environment(device: torch.device, command: str) -> dict:
     """What every row records about where and how it was measured."""
@@ -261,5 +289,6 @@ def load(paths) -> list:
             raise ValueError(f"{path} is not a results file of schema {SCHEMA} (its schema: {schema})")
         if not data.get("rows") or not all(isinstance(r, dict) and set(ROW_FIELDS) <= r.keys() for r in data["rows"]):
             raise ValueError(f"{path} holds no rows, or rows without the fields of schema {SCHEMA}")
+        check_types(path, data["rows"], REQUIRED_TYPES, OPTIONAL_TYPES)
         rows += data["rows"]
     return rows

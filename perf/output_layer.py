@@ -26,6 +26,11 @@ from . import measure
 from .providers import DTYPES
 
 OUTPUT_PROVIDERS = ("torch", "tritonrnn")  # the first is the reference of max_rel_error
+KIND = "output-layer"  # results files say what they hold: `tritonrnn report` renders this kind in its own section
+REQUIRED_TYPES = {"case": (str,), "dtype": (str,), "provider": (str,), "status": (str,), "rows": (int,),
+                  "vocab": (int,), "hidden": (int,)}
+OPTIONAL_TYPES = {"device": (str,), "backend": (str,), "error": (str,), "median_ms": (int, float),
+                  "peak_memory_bytes": (int, float), "loss": (int, float), "max_rel_error": (int, float)}
 
 
 class TensorMemoryTracker(TorchDispatchMode):
@@ -142,15 +147,43 @@ def output_layer_rows(rows=(8192, 16384, 32768), vocab: int = 32768, hidden: int
 
 def run_to_file(directory: Path, command: str = "", dtypes=("bfloat16",), **kwargs) -> tuple[list, Path]:
     """output_layer_rows(dtype=d, **kwargs) for each of `dtypes`, written to
-    directory/output_layer-<device>-<time>.json (a file of its own kind: not an RNN results file
-    for `tritonrnn report`)."""
+    directory/output_layer-<device>-<time>.json (a file of its own kind: `tritonrnn report` renders it
+    in a section of its own)."""
     rows = [row for dtype in dtypes for row in output_layer_rows(dtype=dtype, **kwargs)]
     device = rows[0]["device"] if rows else "none"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(directory) / f"output_layer-{re.sub(r'[^A-Za-z0-9]+', '_', device)}-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    path.write_text(json.dumps({"kind": KIND, "command": command, "rows": rows}, indent=1))
     return rows, path
+
+
+def is_results_file(path) -> bool:
+    """Whether `path` holds output-layer results (by its kind; files from before the kind field: by
+    their rows' group), not grid results or anything else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    rows = data.get("rows")
+    return data.get("kind") == KIND or (isinstance(rows, list) and bool(rows) and
+                                        all(isinstance(r, dict) and r.get("group") == "output-layer" for r in rows))
+
+
+def load(paths) -> list:
+    """Rows of output-layer results files; ValueError naming the file (and field) that is wrong."""
+    from .bench import check_types
+
+    rows = []
+    for path in paths:
+        data = json.loads(Path(path).read_text()) if is_results_file(path) else None
+        if not data or not data.get("rows"):
+            raise ValueError(f"{path} is not an output-layer results file (`tritonrnn bench --output-layer`)")
+        check_types(path, data["rows"], REQUIRED_TYPES, OPTIONAL_TYPES)
+        rows += data["rows"]
+    return rows
 
 
 def format_rows(results: list) -> str:

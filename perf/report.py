@@ -3,7 +3,8 @@
 Plots: the speedup of tritonrnn over cuDNN as a heatmap of B by H for each dtype and mode; time
 against T; peak training memory; distance to the floor. Then the summary (geometric mean and
 minimum speedup per dtype and mode), every cell where tritonrnn is slower than cuDNN, and the case
-table with the kernels the baseline ran.
+table with the kernels the baseline ran. Output-layer results (`bench --output-layer`) get a section
+of their own: time and peak memory of the fused layer against F.cross_entropy(F.linear(...)), a plot.
 """
 import math
 from collections import defaultdict
@@ -225,13 +226,24 @@ def _measured_on(row) -> str:
     return f"**{row['gpu']}**" + (f" ({', '.join(known)})" if known else "")
 
 
-def render(rows, sources, out_dir: Path) -> Path:
-    """Write out_dir/REPORT.md and out_dir/plots/*.png; returns the report's path."""
+def render(rows, sources, out_dir: Path, output_layer=((), ())) -> Path:
+    """Write out_dir/REPORT.md and out_dir/plots/*.png from grid results (rows, sources) and
+    output-layer results (output_layer = (rows, sources), a section of its own); returns the report's path."""
     import matplotlib
 
     matplotlib.use("Agg")
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
+    lines = grid_lines(rows, sources, plots) if rows else ["# tritonrnn performance report"]
+    if output_layer[0]:
+        lines += output_layer_lines(*output_layer, plots)
+    report = out_dir / "REPORT.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def grid_lines(rows, sources, plots: Path) -> list:
+    """The report of grid results (RNN cases against cuDNN), its plots written into `plots`."""
     note = caveat(rows)
     figures = {
         "Speedup over cuDNN (B x H)": plot_speedup_heatmaps(rows, plots / "speedup_heatmap.png", note),
@@ -303,6 +315,81 @@ def render(rows, sources, out_dir: Path) -> Path:
         kernels = "<br>".join((cudnn or {}).get("kernels") or [])[:400] or "-"
         lines.append(f"| {case} | {mode} | {_ms(ours)} | {_ms(cudnn)} | {_ms(native)} | {speed} | {floor_text} | "
                      f"{distance} | {ran} | {kernels} |")
-    report = out_dir / "REPORT.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return lines
+
+
+# The output layer (`tritonrnn bench --output-layer`): the fused linear_cross_entropy ("tritonrnn")
+# against F.cross_entropy(F.linear(...)) ("torch"), forward + backward, per row count.
+
+def output_layer_pairs(rows) -> list:
+    """[(case, dtype, N, fused row, torch row)], ordered by dtype and rows."""
+    index = {(r["case"], r["dtype"], r["provider"]): r for r in rows}
+    cases = sorted({(r["dtype"], r["rows"], r["case"]) for r in rows})
+    return [(case, dtype, n, index.get((case, dtype, "tritonrnn")), index.get((case, dtype, "torch")))
+            for dtype, n, case in cases]
+
+
+def output_layer_caveat(rows):
+    """What output-layer rows are not, if they are not a GPU measurement."""
+    if any(r.get("backend") == "triton-interpreter" or r.get("device") == "cpu" for r in rows):
+        return "a CPU run (Triton's interpreter): checks the harness, not the kernel's speed"
+    return None
+
+
+def _mib(row) -> str:
+    value = (row or {}).get("peak_memory_bytes")
+    return f"{value / 2 ** 20:.1f}" if value is not None else "-"
+
+
+def _ratio(ours, theirs, field: str, form: str) -> str:
+    """torch's value / the fused layer's, where both ran."""
+    ok = ours is not None and theirs is not None and ours["status"] == theirs["status"] == "ok"
+    a, b = (ours.get(field), theirs.get(field)) if ok else (None, None)
+    return form.format(b / a) if a and b is not None else "-"
+
+
+def output_layer_summary(rows) -> list:
+    """One console line per case: time and peak memory of the fused layer against torch's."""
+    return [f"output layer {case}: {_ms(ours)} ms vs torch {_ms(theirs)} ms "
+            f"(speedup {_ratio(ours, theirs, 'median_ms', '{:.2f}')}), peak {_mib(ours)} MiB vs {_mib(theirs)} MiB"
+            for case, _, _, ours, theirs in output_layer_pairs(rows)]
+
+
+def plot_output_layer(rows, path: Path, note=None):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
+    for ax, field, scale, label in ((axes[0][0], "median_ms", 1, "median time, forward + backward (ms)"),
+                                    (axes[0][1], "peak_memory_bytes", 2 ** -20, "peak memory (MiB)")):
+        for dtype in sorted({r["dtype"] for r in rows}):
+            for provider, name in (("tritonrnn", "fused"), ("torch", "F.cross_entropy(F.linear)")):
+                points = sorted((r["rows"], r[field] * scale) for r in rows if r["dtype"] == dtype and
+                                r["provider"] == provider and r["status"] == "ok" and r.get(field) is not None)
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=f"{name} {dtype}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rows N = T x B")
+        ax.set_ylabel(label)
+        ax.set_title("output layer, " + "; ".join(sorted({f"V={r['vocab']}, H={r['hidden']}" for r in rows})),
+                     fontsize=9)
+    return _save(fig, path, note)
+
+
+def output_layer_lines(rows, sources, plots: Path) -> list:
+    """The output layer's section: a table of time and peak memory against torch's, and a plot."""
+    note = output_layer_caveat(rows)
+    png = plot_output_layer(rows, plots / "output_layer.png", note)
+    lines = ["", "## Output layer: fused linear_cross_entropy against F.cross_entropy(F.linear(...))", ""]
+    if note:
+        lines += [f"**{note[0].upper() + note[1:]}.**", ""]
+    lines += ["Results used: " + ", ".join(f"`{Path(s).name}`" for s in sources) + ". Forward + backward of the "
+              "mean loss; peak memory above what was allocated before the call. Speedup = torch's time / the fused "
+              "layer's; memory ratio = torch's peak / the fused layer's.", "",
+              "| case | dtype | rows | fused ms | torch ms | speedup | fused peak MiB | torch peak MiB "
+              "| memory ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for case, dtype, n, ours, theirs in output_layer_pairs(rows):
+        lines.append(f"| {case} | {dtype} | {n} | {_ms(ours)} | {_ms(theirs)} | "
+                     f"{_ratio(ours, theirs, 'median_ms', '{:.2f}')} | {_mib(ours)} | {_mib(theirs)} | "
+                     f"{_ratio(ours, theirs, 'peak_memory_bytes', '{:.1f}')} |")
+    return lines + ["", f"![Output layer](plots/{png.name})"]

@@ -1,6 +1,7 @@
 """The command line: `tritonrnn info` (versions, device, which path a shape takes), the conventions
 of every command (usage errors, help, --version) and where output goes."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,8 @@ def test_installed_copy_writes_to_the_current_directory_not_site_packages(tmp_pa
     out = cli_run("bench", "--grid", "smoke", "--providers", "torch-native", "--modes", "inference", "--no-profile")
     (results,) = work.glob("*-smoke.json")
     assert f"results: {results}" in out
+    out = cli_run("report", "--no-bench")  # where bench wrote, not the installed package's perf/results
+    assert out.startswith(f"rendered {work / 'REPORT.md'} from {results}")
     after = sorted(p.relative_to(target) for p in target.rglob("*") if "__pycache__" not in p.parts)
     assert after == before
 
@@ -207,3 +210,71 @@ def test_tune_writes_where_asked_and_into_the_checkout_by_default(monkeypatch, t
     assert cli.main(["tune", "--shapes", "T8-B2-H16"]) == 0
     assert asked == [tmp_path, configs.TUNED_DIR]  # a checkout: where the launchers read them
     assert capsys.readouterr().out.strip() == f"tuned configs: {configs.TUNED_DIR / 'H200.json'}"
+
+
+def _installed(monkeypatch, tmp_path):
+    """This package seen as an installed copy (site-packages, no results of its own), run from tmp_path/work."""
+    from tritonrnn import perf
+
+    installed = tmp_path / "site-packages" / "tritonrnn" / "perf"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(perf, "PERF_DIR", installed)
+    monkeypatch.setattr(perf, "RESULTS_DIR", installed / "results")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+def test_report_of_an_installed_copy_looks_where_bench_writes(monkeypatch, tmp_path, capsys):
+    """Installed (not editable), bench writes into the current directory: report renders from there, and
+    without results says where it looked, pointing at nothing the installed copy lacks."""
+    work = _installed(monkeypatch, tmp_path)
+    assert cli.main(["report", "--no-bench"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"No results to render in {work} or {tmp_path / 'site-packages/tritonrnn/perf/results'}.")
+    assert f"which writes to {work}" in out and "device_check" not in out
+    shutil.copy(FIXTURE, work / "20260101T000000-FIXTURE-quick.json")
+    assert cli.main(["report", "--no-bench"]) == 0
+    assert capsys.readouterr().out.startswith(f"rendered {work / 'REPORT.md'} from "
+                                              f"{work / '20260101T000000-FIXTURE-quick.json'}")
+
+
+@pytest.mark.parametrize("argv", [["bench", "--grid", "smoke"], ["bench", "--output-layer", "16", "--vocab", "8"],
+                                  ["tune", "--shapes", "T8-B2-H16"], ["report", "--results", str(FIXTURE)]],
+                         ids=["bench", "bench-output-layer", "tune", "report"])
+def test_out_dir_that_is_a_file_is_refused_before_any_work(argv, monkeypatch, tmp_path, capsys):
+    from tritonrnn.perf import bench, output_layer, report, tune
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    for module, name in ((bench, "run"), (output_layer, "output_layer_rows"), (tune, "tune"), (report, "render")):
+        monkeypatch.setattr(module, name, no_work)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # tune and bench would run
+    a_file = tmp_path / "results.json"
+    a_file.write_text("{}")
+    for out_dir in (a_file, a_file / "sub"):
+        _fails_with([*argv, "--out-dir", str(out_dir)], capsys,
+                    f"--out-dir {out_dir}: {a_file} is a file; --out-dir takes a folder")
+    assert a_file.read_text() == "{}"
+
+
+def test_report_names_the_kind_of_path_wanted(tmp_path, capsys):
+    _fails_with(["report", "--results", str(tmp_path)], capsys,
+                f"results file {tmp_path} is a folder: --results takes files (a folder goes to --results-dir)")
+    _fails_with(["report", "--results-dir", str(FIXTURE)], capsys,
+                f"results directory {FIXTURE} is a file: --results-dir takes a folder (a file goes to --results)")
+
+
+@pytest.mark.parametrize("field, value", [("median_ms", "1.5"), ("batch", None), ("tf32", 1), ("kernels", [3])])
+def test_results_field_of_the_wrong_type_names_the_file_and_field(field, value, tmp_path, capsys):
+    import json
+
+    data = json.loads(FIXTURE.read_text())
+    data["rows"][5][field] = value
+    path = tmp_path / "typed.json"
+    path.write_text(json.dumps(data))
+    _fails_with(["report", "--results", str(path), "--out-dir", str(tmp_path)], capsys,
+                f"{path}: row 5 ({data['rows'][5]['case']}), field {field!r} is {value!r}, not ")
+    assert not (tmp_path / "REPORT.md").exists()

@@ -3,6 +3,8 @@
 The oracle is torch.nn on the CPU (cuDNN words some of its errors differently); ours runs on the
 device under test.
 """
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -157,3 +159,66 @@ def test_expanded_weights_refused_naming_torch_func(module):
     x = torch.randn(4, 3, 5) if isinstance(module, nn.RNNBase) else torch.randn(3, 5)
     with pytest.raises(RuntimeError, match=r"does not support ExpandedWeights .* use torch\.func"):
         call_for_per_sample_grads(module.to(DEVICE), batch_size=3)(x.to(DEVICE))
+
+
+LATE_INTERPRETER = """
+import os, torch, tritonrnn
+from tritonrnn.functional import linear_cross_entropy
+os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels were defined for a GPU at import
+calls = (lambda: tritonrnn.RNN(3, 4)(torch.randn(2, 1, 3)), lambda: tritonrnn.RNNCell(3, 4)(torch.randn(2, 3)),
+         lambda: linear_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.zeros(2, dtype=torch.long)))
+for call in calls:
+    try:
+        call()
+        print("ran")
+    except RuntimeError as error:
+        print(error)
+"""
+
+
+def test_interpreter_switched_on_after_import_says_so_in_one_line():
+    """TRITON_INTERPRET=1 set after `import tritonrnn` (a notebook): one line saying to set it first, not
+    Triton's "0 active drivers"."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tritonrnn.functional import INTERPRET_TOO_LATE
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert result.stdout.splitlines() == [INTERPRET_TOO_LATE] * 3, result.stdout + result.stderr[-2000:]
+    assert "TRITON_INTERPRET=1 was set after tritonrnn was imported" in INTERPRET_TOO_LATE
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_values_propagate_without_numpy_warnings(fill):
+    """A NaN or inf in the data flows through as in torch.nn, and the interpreter (which computes with numpy)
+    prints no RuntimeWarning about it."""
+    import warnings
+
+    from tritonrnn.functional import linear_cross_entropy
+
+    torch.manual_seed(0)
+    options = {"device": DEVICE, "dtype": torch.float64}
+    ours = tritonrnn.RNN(3, 4, **options)
+    theirs = nn.RNN(3, 4, **options)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, 3, **options)
+    x[1, 0] = fill
+    x.requires_grad_()
+    h = torch.randn(4, 3, **options)
+    h[2] = fill
+    h.requires_grad_()
+    weight, target = torch.randn(5, 3, **options), torch.tensor([0, 1, 2, 3], device=DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, h_n = ours(x)
+        grad_x, = torch.autograd.grad(out.sum(), x)
+        loss = linear_cross_entropy(h, weight, None, target, label_smoothing=0.1)
+        grad_h, = torch.autograd.grad(loss, h)
+    expected = theirs(x)[0]
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    torch.testing.assert_close(grad_x, torch.autograd.grad(expected.sum(), x)[0], equal_nan=True)
+    assert loss.isnan() and grad_h.isnan().any()

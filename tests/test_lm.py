@@ -1,6 +1,8 @@
 """tritonrnn.ElmanLM against the same model built from torch.nn (TorchElmanLM: nn.Embedding +
 nn.RNN + nn.Linear and F.cross_entropy): state_dict both ways, the loss and gradients, the final state across calls,
 and the same training curve from the same seed."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,34 @@ def test_char_rnn_example_trains_elman_lm():
     assert type(ours) is tritonrnn.ElmanLM and type(oracle) is TorchElmanLM and type(oracle.rnn) is nn.RNN
     for key, value in oracle.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
+
+
+README = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+
+
+def test_logits_return_the_logits_and_the_state_as_the_readme_says():
+    ours, _ = _pair("embedding")
+    tokens = _tokens(5, 3, seed=7)[:-1]  # [T, B]
+    logits, h_n = ours.logits(tokens)
+    assert logits.shape == (5, 3, V) and h_n.shape == (1, 3, H)
+    assert "`logits(input, hx=None)` returns `(logits, h_n)`" in README
+
+
+def test_dropout_masks_are_torchs_on_padded_input_not_on_packed_and_the_readme_says_so():
+    """Same seed, same masks as torch.nn.RNN on padded input; on packed input tritonrnn drops on the padded
+    tensor, so the masks (and a loss curve with dropout) differ: the README must not claim otherwise."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    ours = tritonrnn.RNN(3, 4, num_layers=2, dropout=0.5, device=DEVICE, dtype=torch.float64)
+    theirs = nn.RNN(3, 4, num_layers=2, dropout=0.5, device=DEVICE, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3, device=DEVICE, dtype=torch.float64)
+    same = []
+    for inputs in (x, pack_padded_sequence(x, torch.tensor([5, 3]))):
+        torch.manual_seed(1)
+        a = ours(inputs)[1]
+        torch.manual_seed(1)
+        same.append(torch.allclose(a, theirs(inputs)[1]))
+    assert same == [True, False] or DEVICE.type == "cuda"  # cuDNN's masks are its own
+    assert "With dropout and `PackedSequence` input the dropout masks differ from torch.nn's" in README

@@ -171,6 +171,19 @@ BAD_ARGS = {  # name: (h, weight, bias, target) changes and keyword arguments
     "weight-dtype": ({"weight": lambda w: w.float()}, {}),
     "reduction": ({}, {"reduction": "avg"}),
     "smoothing": ({}, {"label_smoothing": 1.5}),
+    # issue 18: each of these raised another error than torch's
+    "vocabulary-empty": ({"weight": lambda w: w[:0], "bias": lambda b: b[:0]}, {}),  # was ZeroDivisionError
+    "target-2d-rows": ({"target": lambda t: t[None, :]}, {}),
+    "target-0d": ({"target": lambda t: t[0]}, {}),
+    "target-class-shaped-long": ({"target": lambda t: t[:, None].expand(8, 11).contiguous()}, {}),
+    "target-probabilities-ignore-index": ({"target": lambda t: torch.full((8, 11), 1 / 11, dtype=torch.float64,
+                                                                          device=t.device)}, {"ignore_index": 1}),
+    "smoothing-before-target": ({"target": lambda t: t[:, None]}, {"label_smoothing": 1.5}),
+    "bias-size": ({"bias": lambda b: b[:-1]}, {}),
+    "bias-rows": ({"bias": lambda b: b.expand(2, 11)}, {}),
+    "bias-dtype": ({"bias": lambda b: b.float()}, {}),
+    "weight-float64-input-float32": ({"h": lambda h: h.float()}, {}),
+    "weight-float64-input-float32-no-bias": ({"h": lambda h: h.float(), "bias": lambda b: None}, {}),
 }
 
 
@@ -180,9 +193,39 @@ def test_errors_match_torch(name):
     changes, kwargs = BAD_ARGS[name]
     args = {k: changes.get(k, lambda t: t)(p[k]) for k in ("h", "weight", "bias", "target")}
     expected = _raised(lambda: _torch_loss(*args.values(), **kwargs))
-    actual = _raised(lambda: linear_cross_entropy(*args.values(), **kwargs, chunk_size=3))
+    actual = _raised(lambda: linear_cross_entropy(*args.values(), **kwargs))  # default chunk size (V = 0 divided)
     assert type(actual) is type(expected)
-    assert str(actual) == str(expected) or name == "weight-dtype", (str(actual), str(expected))
+    assert str(actual) == str(expected), (str(actual), str(expected))
+
+
+TORCH_ACCEPTS = {  # name: (changes, keyword arguments, whether the fused path runs): issue 18's refusals
+    "smoothing-one": ({}, {"label_smoothing": 1.0}, True),
+    "smoothing-negative": ({}, {"label_smoothing": -0.1}, True),  # torch: not > 0 means none
+    "smoothing-nan": ({}, {"label_smoothing": float("nan")}, True),
+    "smoothing-bool": ({}, {"label_smoothing": True}, True),
+    "vocabulary-empty-every-row-ignored": ({"weight": lambda w: w[:0], "bias": lambda b: b[:0],
+                                            "target": lambda t: torch.full_like(t, -100)}, {"reduction": "sum"}, True),
+    "target-probabilities": ({"target": lambda t: torch.softmax(torch.randn(8, 11, dtype=torch.float64), 1).to(
+        t.device)}, {"label_smoothing": 0.2}, False),
+    "bias-per-row": ({"bias": lambda b: b.expand(8, 11).contiguous()}, {}, False),
+}
+
+
+@pytest.mark.parametrize("name", TORCH_ACCEPTS)
+def test_what_torch_accepts_gives_torch_results(name, kernel_calls):
+    """Same inputs, same outcome as F.cross_entropy(F.linear(...)): the loss and every gradient."""
+    p = _problem(8, 4, 11, seed=4, ignored=[1])
+    changes, kwargs, fused_path = TORCH_ACCEPTS[name]
+    args = {k: changes.get(k, lambda t: t)(p[k]) for k in ("h", "weight", "bias", "target")}
+    results = []
+    for fn in (_torch_loss, linear_cross_entropy):
+        leaves = [args[k].clone().requires_grad_() for k in ("h", "weight", "bias")]
+        loss = fn(*leaves, args["target"], **kwargs)
+        results.append([loss, *torch.autograd.grad(loss.sum(), leaves)])
+    for what, a, e in zip(("loss", "dh", "dweight", "dbias"), results[1], results[0], strict=True):
+        assert a.shape == e.shape, what
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, equal_nan=True, msg=what)
+    assert bool(kernel_calls) == fused_path
 
 
 def test_three_dimensional_h_is_refused():
@@ -319,7 +362,7 @@ def test_benchmark_case_rows(tmp_path):
     """perf/output_layer.py's case, tiny: both providers ok, the same gradients, the fused peak lower."""
     rows, path = run_to_file(tmp_path, "test", rows=(300,), vocab=1000, hidden=8, dtypes=["float32"],
                              timer=lambda fn: {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0})
-    assert json.loads(path.read_text()) == {"command": "test", "rows": rows}
+    assert json.loads(path.read_text()) == {"kind": "output-layer", "command": "test", "rows": rows}
     unfused, fused_row = rows
     assert [r["provider"] for r in rows] == ["torch", "tritonrnn"] and all(r["status"] == "ok" for r in rows)
     assert fused_row["backend"] == ("triton" if ON_GPU else "triton-interpreter")

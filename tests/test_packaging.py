@@ -1,5 +1,7 @@
 """The kernels install as tritonrnn.kernels, never as a top-level module named `kernels`."""
+import ast
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -42,3 +44,54 @@ def test_wheel_contains_kernels_under_tritonrnn(tmp_path):
     assert "tritonrnn/perf/bench.py" in names and "tritonrnn/perf/device_check.sh" not in names
     assert not any(name.startswith(("kernels/", "perf/")) for name in names)
     assert any(name.endswith("entry_points.txt") for name in names)
+
+
+def test_a_checkout_imports_as_it_stands(tmp_path):
+    """Python started in a checkout's root imports that checkout, kernels and perf included, whatever is
+    installed (a non-editable install's tritonrnn would otherwise be shadowed by a tritonrnn/ without kernels)."""
+    for name in ("pyproject.toml", "tritonrnn", "kernels", "perf"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, tmp_path / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                              if (ROOT / name).is_dir() else {}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import tritonrnn, tritonrnn.kernels.output, tritonrnn.perf.report\n"
+            "for m in (tritonrnn, tritonrnn.kernels, tritonrnn.perf): print(m.__file__)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [Path(p) for p in result.stdout.split()] == [tmp_path / "tritonrnn" / "__init__.py",
+                                                         tmp_path / "kernels" / "__init__.py",
+                                                         tmp_path / "perf" / "__init__.py"]
+
+
+def _imports(path: Path) -> set:
+    """Every module a file imports, at its top or inside functions (relative imports resolved in tritonrnn)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = "tritonrnn" + (f".{base}" if base else "")
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_numerics_sit_below_dispatch_and_functional():
+    """One direction of imports: numerics imports nothing of tritonrnn; dispatch only numerics and the kernels
+    (it used to import the TF32 setting from functional, which imports dispatch)."""
+    assert not {n for n in _imports(ROOT / "tritonrnn" / "numerics.py") if n.startswith("tritonrnn")}
+    above = {"tritonrnn.functional", "tritonrnn.ops", "tritonrnn.loss", "tritonrnn.modules", "tritonrnn.lm"}
+    assert not _imports(ROOT / "tritonrnn" / "dispatch.py") & above
+    from tritonrnn import dispatch, functional, numerics
+
+    assert functional.allow_tf32 is numerics.allow_tf32 and dispatch.numerics is numerics
+
+
+def test_what_runs_write_into_a_checkout_is_ignored_by_git():
+    """Example plots and the rendered report do not show up as untracked files after a run."""
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    paths = ["examples/results/char_rnn_loss.png", "perf/REPORT.md", "perf/plots/speedup_heatmap.png"]
+    result = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == paths

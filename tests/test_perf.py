@@ -3,6 +3,7 @@ schema, wrong outputs reported as failures, the report from a committed fixture,
 with a stubbed timer, and the tuned-config lookup."""
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -465,6 +466,7 @@ def test_tuning_space_fits_the_shape():
 
 DEVICE_CHECK = Path(__file__).resolve().parents[1] / "perf" / "device_check.sh"
 STUB_PYTHON = """#!/bin/sh
+case "$2" in *"sys.exit(0 if torch.cuda.is_available()"*) [ -z "$STUB_NO_GPU" ]; exit;; esac  # the GPU check
 if [ "$1 $2" = "-m pytest" ] && [ "$STUB_HANG" = tests ]; then exec sleep 600; fi
 case "$1 $2" in "-m pip"|"-m pytest") echo "stub $*"; exit 0;; esac
 exec {python} "$@"
@@ -557,6 +559,24 @@ def test_device_check_cut_short_returns_the_finished_stages(tmp_path):
     assert "device_check/info.log" in names
 
 
+@CPU_ONLY
+@pytest.mark.parametrize("stubs", [True, False], ids=["stub-no-gpu", "this-machine"])
+def test_device_check_without_a_gpu_stops_at_once(tmp_path, stubs):
+    """No GPU: one line saying so, exit 2, in seconds (it ran every stage for minutes, then failed at the bench)."""
+    if stubs:
+        process = _device_check(tmp_path, 300, STUB_NO_GPU="1")
+    else:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3 with torch
+        process = subprocess.Popen(["bash", str(DEVICE_CHECK), str(tmp_path / "out")], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start = time.monotonic()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2 and time.monotonic() - start < 60
+    assert stderr.splitlines() == [(tmp_path / "out" / "SUMMARY.txt").read_text().strip()]
+    assert stderr.startswith("device_check: needs a CUDA GPU") and "nothing ran" in stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["SUMMARY.txt"]
+
+
 def test_profiler_failure_keeps_the_time(monkeypatch):
     real_init = providers.Run.__init__
     built = []
@@ -583,3 +603,42 @@ def test_tune_offers_only_configs_that_load_at_the_layers_precision():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for path, config in tune.candidates(200, 16, dtype):
             assert configs.shared_memory_bytes(path, config, 200, dtype, True) <= budget, (path, config)
+
+
+def test_report_renders_newest_grid_results_and_output_layer_results_in_their_own_section(tmp_path, capsys):
+    """After `bench --output-layer`, the newest file in the folder is the output layer's: report still takes
+    the newest grid results, and renders the output layer's beside them (time and peak memory against torch's,
+    a plot). Files written before output-layer files said their kind are recognised by their rows."""
+    from tritonrnn.perf import output_layer
+
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    shutil.copy(FIXTURE, results_dir / "20250101T000000-FIXTURE-quick.json")  # older grid results
+    shutil.copy(FIXTURE, results_dir / "20260101T000000-FIXTURE-quick.json")
+    assert cli.main(["bench", "--output-layer", "64", "--vocab", "300", "--hidden", "8", "--dtypes", "float32",
+                     "--out-dir", str(results_dir)]) == 0
+    (layer,) = results_dir.glob("output_layer-*.json")
+    legacy = json.loads(layer.read_text())
+    del legacy["kind"]
+    (results_dir / "output_layer-cpu-20200101-000000.json").write_text(json.dumps(legacy))  # older, no kind
+    assert output_layer.is_results_file(results_dir / "output_layer-cpu-20200101-000000.json")
+    capsys.readouterr()
+    out_dir = tmp_path / "report"
+    assert cli.main(["report", "--results-dir", str(results_dir), "--out-dir", str(out_dir), "--no-bench"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == (f"rendered {out_dir / 'REPORT.md'} from "
+                                   f"{results_dir / '20260101T000000-FIXTURE-quick.json'}, {layer}")
+    assert "float32   training  3 compared" in out
+    assert "output layer output-N64-V300-H8: " in out and " ms vs torch " in out and " MiB vs " in out
+    text = (out_dir / "REPORT.md").read_text()
+    assert "## Summary (8 B x H grid cells" in text
+    section = text[text.index("## Output layer"):]
+    assert ("**A CPU run (Triton's interpreter)" in section) != ON_GPU
+    assert re.search(r"\| output-N64-V300-H8 \| float32 \| 64 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|"
+                     r" [\d.]+ \|", section), section
+    assert "![Output layer](plots/output_layer.png)" in section
+    assert (out_dir / "plots" / "output_layer.png").stat().st_size > 5000
+    # Output-layer results alone, given as --results: their section, no grid report.
+    assert cli.main(["report", "--results", str(layer), "--out-dir", str(out_dir), "--no-bench"]) == 0
+    text = (out_dir / "REPORT.md").read_text()
+    assert "## Output layer" in text and "## Summary" not in text

@@ -184,52 +184,129 @@ def _tune(args) -> int:
 def _load_results(sources) -> list:
     from tritonrnn.perf import bench
 
-    for source in sources:
-        if not Path(source).is_file():
-            raise UsageError(f"results file {source} does not exist")
     try:
         return bench.load(sources)
     except ValueError as exc:
         raise UsageError(f"{exc}; pass a file that `tritonrnn bench` wrote") from None
 
 
-def _report(args) -> int:
-    from tritonrnn.perf import RESULTS_DIR, bench, grid, output_dir, report
+def _load_output_layer(sources) -> list:
+    from tritonrnn.perf import output_layer
 
-    results_dir = args.results_dir or RESULTS_DIR
+    try:
+        return output_layer.load(sources)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; pass a file that `tritonrnn bench --output-layer` wrote") from None
+
+
+def _check_results_paths(args) -> None:
+    """--results takes files, --results-dir a folder: say which kind of path is wanted."""
+    for source in args.results:
+        if source.is_dir():
+            raise UsageError(f"results file {source} is a folder: --results takes files (a folder goes to "
+                             f"--results-dir)")
+        if not source.is_file():
+            raise UsageError(f"results file {source} does not exist")
+    folder = args.results_dir
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise UsageError(f"results directory {folder} is a file: --results-dir takes a folder (a file goes to "
+                         f"--results)")
+    if folder is not None and not args.results and not folder.is_dir():
+        raise UsageError(f"results directory {folder} does not exist")
+
+
+def _results_dirs(args) -> list:
+    """Where report looks for results: --results-dir, else where bench writes (the checkout's
+    perf/results/, or the current directory for an installed copy) and the package's own results."""
+    from tritonrnn.perf import RESULTS_DIR, output_dir
+
+    if args.results_dir is not None:
+        return [args.results_dir]
+    return list(dict.fromkeys([output_dir("results"), RESULTS_DIR]))
+
+
+def _stamp(path: Path) -> tuple:
+    """Sort key of a results file: the time stamp in its name (bench's and --output-layer's files
+    both carry one, at different places), then the name."""
+    import re
+
+    match = re.search(r"(\d{8})T?-?(\d{6})", path.name)
+    return ("".join(match.groups()) if match else "", path.name)
+
+
+def _newest_results(dirs) -> tuple[list, list]:
+    """([the newest grid results file], [the newest output-layer results file]) in these folders."""
+    from tritonrnn.perf import output_layer
+
+    files = [p for d in dirs if d.is_dir() for p in d.glob("*.json")]
+    layer = [p for p in files if output_layer.is_results_file(p)]
+    grid_files = [p for p in files if p not in layer]
+    return sorted(grid_files, key=_stamp)[-1:], sorted(layer, key=_stamp)[-1:]
+
+
+def _no_results(dirs) -> None:
+    from tritonrnn.perf import in_checkout, output_dir
+
+    device_check = " (or perf/device_check.sh)" if in_checkout() else ""
+    print(f"No results to render in {' or '.join(str(d) for d in dirs)}. Measure on a GPU with `tritonrnn bench`"
+          f"{device_check}, which writes to {output_dir('results')}, or pass --results FILE.")
+
+
+def _print_report_summary(rows: list, layer_rows: list) -> None:
+    from tritonrnn.perf import report
+
+    notes = [report.caveat(rows) if rows else None, report.output_layer_caveat(layer_rows)]
+    for note in dict.fromkeys(n for n in notes if n):
+        print(f"  {note.upper()}")
+    for line in report.summary(rows):
+        print(f"  {report.summary_text(line)}")
+    for line in report.output_layer_summary(layer_rows):
+        print(f"  {line}")
+
+
+def _report(args) -> int:
+    from tritonrnn.perf import bench, grid, output_dir, output_layer, report
+
+    _check_results_paths(args)
+    dirs = _results_dirs(args)
     sources = list(args.results)
-    if not sources and args.results_dir is not None and not results_dir.is_dir():
-        raise UsageError(f"results directory {results_dir} does not exist")
     if not sources and torch.cuda.is_available() and not args.no_bench:
         _no_autotuning()
         _, path = bench.run_to_file(grid.quick_grid(), "quick", output_dir("results"), command=args.command_line)
-        sources = [path] if path else []
+        sources = ([path] if path else []) + _newest_results(dirs)[1]
     if not sources:
-        sources = sorted(results_dir.glob("*.json"))[-1:]  # the newest run
+        sources = [path for newest in _newest_results(dirs) for path in newest]
     if not sources:
-        return _report_prediction(args, results_dir)
-    rows = _load_results(sources)
-    path = report.render(rows, sources, args.out_dir or output_dir())
+        _no_results(dirs)
+        return _report_prediction(args)
+    layer_files = [s for s in sources if output_layer.is_results_file(s)]
+    grid_files = [s for s in sources if s not in layer_files]
+    rows = _load_results(grid_files) if grid_files else []
+    layer_rows = _load_output_layer(layer_files) if layer_files else []
+    path = report.render(rows, grid_files, args.out_dir or output_dir(), (layer_rows, layer_files))
     print(f"rendered {path} from {', '.join(str(s) for s in sources)}")
-    if report.caveat(rows):
-        print(f"  {report.caveat(rows).upper()}")
-    for line in report.summary(rows):
-        print(f"  {report.summary_text(line)}")
+    _print_report_summary(rows, layer_rows)
     return 0
 
 
-def _report_prediction(args, results_dir) -> int:
+def _report_prediction(args) -> int:
     """No measured results: render the cost model's offline plan, titled as a prediction."""
     from tritonrnn.perf import output_dir, plan
 
-    print(f"No results to render: {results_dir} holds none yet. Measure on a GPU with "
-          f"`tritonrnn bench` (or perf/device_check.sh), or pass --results FILE.")
     rows = plan.grid_plan("h100")
     path = plan.render_prediction(rows, args.out_dir or output_dir())
     head = plan.headline(rows)
     print(f"rendered {path}: a PREDICTION (cost model, H100, no GPU measured it); predicted speedup >= 1.0 "
           f"in {head['winning']} of {head['cells']} standard-grid cells and directions")
     return 0
+
+
+def _check_out_dir(path) -> None:
+    """--out-dir must be a folder, or a path where one can be made: checked before any work."""
+    for existing in (p for p in (path, *path.parents) if p.exists()):
+        if not existing.is_dir():
+            raise UsageError(f"--out-dir {path}: {existing} is a file; --out-dir takes a folder (made if missing)")
+        return
 
 
 def _positive_int(text: str) -> int:
@@ -312,9 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", parents=[debug],
                                  help="render REPORT.md and plots (with a GPU and no --results: quick bench first)")
     report.add_argument("--results", nargs="+", type=Path, default=(), metavar="FILE",
-                        help="results files to render (default: the newest in --results-dir)")
+                        help="results files to render, grid and output-layer ones (default: the newest of each "
+                             "kind in --results-dir)")
     report.add_argument("--results-dir", type=Path, default=None,
-                        help="where to find results (default: the results shipped in the package, perf/results/)")
+                        help="where to find results (default: where bench writes, the checkout's perf/results/ "
+                             "or else the current directory, then the results shipped in the package)")
     report.add_argument("--out-dir", type=Path, default=None,
                         help="where REPORT.md and plots/ go (default: the checkout's perf/ when run from a "
                              "checkout, else the current directory)")
@@ -330,6 +409,8 @@ def main(argv=None) -> int:
     debug = getattr(args, "debug", False)
     prefix = f"tritonrnn {args.command}: error:"
     try:
+        if getattr(args, "out_dir", None) is not None:
+            _check_out_dir(args.out_dir)
         return args.run(args)
     except UsageError as exc:
         if debug:

@@ -11,9 +11,24 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, Packed
 
 from tritonrnn import ops
 from tritonrnn.numerics import allow_tf32
-from tritonrnn.dispatch import backend
+from tritonrnn import dispatch
 
 NONLINEARITIES = ("tanh", "relu")
+
+# Triton decides when a @triton.jit function is defined, i.e. when tritonrnn is imported, whether it
+# is interpreted: the kernels imported above follow TRITON_INTERPRET as it was then.
+_INTERPRETED_KERNELS = dispatch.interpreter_enabled()
+INTERPRET_TOO_LATE = ("TRITON_INTERPRET=1 was set after tritonrnn was imported: set it before importing tritonrnn "
+                      "and triton (in a notebook: restart the kernel, set it first)")
+
+
+def backend(device: torch.device) -> str:
+    """dispatch.backend, refusing TRITON_INTERPRET=1 set after import (the kernels were built for a GPU
+    then: Triton would fail with "0 active drivers")."""
+    which = dispatch.backend(device)
+    if which == "triton-interpreter" and not _INTERPRETED_KERNELS:
+        raise RuntimeError(INTERPRET_TOO_LATE)
+    return which
 
 
 def _check_nonlinearity(nonlinearity: str) -> bool:

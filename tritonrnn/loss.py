@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tritonrnn.dispatch import backend
-from tritonrnn.functional import _autocast, _dtype_name
+from tritonrnn.functional import _autocast, _dtype_name, backend
 from tritonrnn.kernels import output
+from tritonrnn.numerics import quiet_interpreter
 
 REDUCTIONS = ("mean", "sum", "none")
 MIN_CHUNK_ROWS = 256
@@ -34,7 +34,7 @@ MIN_CHUNK_ROWS = 256
 def default_chunk_size(N: int, V: int, H: int) -> int:
     """Rows per chunk: the chunk's logits about as large as h itself ([N, H]; Liger-Kernel's rule),
     and at least MIN_CHUNK_ROWS rows so the GEMMs stay large."""
-    return max(1, min(N, max(MIN_CHUNK_ROWS, math.ceil(N / math.ceil(V / max(H, 1))))))
+    return max(1, min(N, max(MIN_CHUNK_ROWS, math.ceil(N / max(1, math.ceil(V / max(H, 1)))))))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,6 +90,7 @@ def _n_valid(target: Tensor, ignore_index: int) -> Tensor:
 
 
 @torch.library.custom_op("tritonrnn::linear_cross_entropy", mutates_args=())
+@quiet_interpreter
 def linear_cross_entropy_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                             reduction: str, label_smoothing: float, compute_grad: bool,
                             chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -120,6 +121,7 @@ def _(h, weight, bias, target, ignore_index, reduction, label_smoothing, compute
 
 
 @torch.library.custom_op("tritonrnn::linear_cross_entropy_backward", mutates_args=())
+@quiet_interpreter
 def linear_cross_entropy_backward(grad_loss: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   target: Tensor, ignore_index: int, label_smoothing: float,
                                   chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,31 +169,31 @@ def _backward(ctx, grad_loss, *unused):
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_args(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, reduction: str,
-                label_smoothing: float) -> None:
-    # The errors torch raises on the CPU for F.cross_entropy(F.linear(h, weight, bias), target, ...).
+def _fused_takes(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor) -> bool:
+    """Whether the chunked path takes these arguments: h [N, H] (or one row [H] with a 0-d target) and
+    weight [V, H] of one dtype, a bias of V values (or one), class-index targets (not class probabilities,
+    a [N, V] target). Anything else is left to F.cross_entropy(F.linear(...)) itself: it raises torch's
+    errors (F.linear's fail before computing anything) or computes what torch computes (a per-row bias,
+    class probabilities: tensors as large as the logits anyway)."""
+    V = weight.shape[0] if weight.dim() == 2 else -1
+    return (h.dim() in (1, 2) and weight.dim() == 2 and h.shape[-1] == weight.shape[1] and h.dtype == weight.dtype
+            and (bias is None or (bias.dtype == weight.dtype and bias.dim() <= 1 and bias.numel() in (1, V)))
+            and (target.dim() == 0 if h.dim() == 1 else target.shape != (h.shape[0], V)))
+
+
+def _check_args(h: Tensor, target: Tensor, reduction: str, label_smoothing: float) -> None:
+    # The cross-entropy's errors on the CPU, in torch's order, for [N, V] logits and a class-index target.
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    if h.dim() != 2:
-        raise ValueError(f"linear_cross_entropy takes h of shape [N, H] (or [H]), got {tuple(h.shape)}: flatten "
-                         f"time and batch first (h.reshape(-1, H), target.reshape(-1))")
-    if weight.dim() != 2 or h.shape[1] != weight.shape[1]:
-        w = "x".join(map(str, weight.T.shape))
-        raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({h.shape[0]}x{h.shape[1]} and {w})")
-    if h.dtype != weight.dtype:
-        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(h.dtype)} and "
-                           f"{_dtype_name(weight.dtype)}")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise RuntimeError(f"self and mat2 must have the same dtype, but got {_dtype_name(bias.dtype)} and "
-                           f"{_dtype_name(weight.dtype)}")
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    batch = target.shape[0] if target.dim() else 0
+    if batch != h.shape[0]:
+        raise ValueError(f"Expected input batch_size ({h.shape[0]}) to match target batch_size ({batch}).")
     if target.dim() > 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-    if target.shape[0] != h.shape[0]:
-        raise ValueError(f"Expected input batch_size ({h.shape[0]}) to match target batch_size ({target.shape[0]}).")
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int = -100,
@@ -204,25 +206,36 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         weight: [V, H]. bias: [V] (or broadcastable to it), or None.
         target: [N] (or []) class indices in [0, V), int64 or uint8; rows equal to ignore_index
             contribute no loss and no gradient ("mean" divides by the rows not ignored: NaN if none).
-        reduction: "mean", "sum" or "none" ([N] per-row losses). label_smoothing: in [0, 1].
+        reduction: "mean", "sum" or "none" ([N] per-row losses). label_smoothing: at most 1 (as torch,
+            a value not above 0, NaN included, means none).
         chunk_size: rows per chunk (default: default_chunk_size(N, V, H)). Peak extra memory is
             chunk_size x V logits plus the gradients, independent of N x V.
     Returns:
         The loss, in h's dtype (float32 under autocast, as torch's cross_entropy).
 
     On CUDA (and on the CPU under TRITON_INTERPRET=1) it runs the chunked Triton path; elsewhere
-    F.cross_entropy(F.linear(...)) itself. Errors are torch's for the same arguments (an out-of-range
-    target raises IndexError on every device: checking costs one device sync).
+    F.cross_entropy(F.linear(...)) itself, and so for what torch accepts beyond the chunked path's
+    arguments: class probabilities as target ([N, V], floating), a per-row bias [N, V], one row h [H]
+    with a 1-D target. Errors are torch's for the same arguments (an out-of-range target raises
+    IndexError on every device: checking costs one device sync).
     """
     if backend(h.device) == "torch":
         return F.cross_entropy(F.linear(h, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)
+    if h.dim() > 2:
+        raise ValueError(f"linear_cross_entropy takes h of shape [N, H] (or [H]), got {tuple(h.shape)}: flatten "
+                         f"time and batch first (h.reshape(-1, H), target.reshape(-1))")
     autocast = torch.is_autocast_enabled(h.device.type)
     h, weight, bias = _autocast(h.device.type, h, weight, bias)
-    unbatched = h.dim() == 1 and target.dim() == 0
+    if not _fused_takes(h, weight, bias, target):
+        return F.cross_entropy(F.linear(h, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    unbatched = h.dim() == 1
     if unbatched:
         h, target = h.unsqueeze(0), target.unsqueeze(0)
-    _check_args(h, weight, bias, target, reduction, label_smoothing)
+    label_smoothing = float(label_smoothing)
+    _check_args(h, target, reduction, label_smoothing)
+    label_smoothing = label_smoothing if label_smoothing > 0.0 else 0.0  # as torch: not > 0 (NaN too) is none
     N, H = h.shape
     V = weight.shape[0]
     if bias is not None:
@@ -231,8 +244,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     chunk = default_chunk_size(N, V, H) if chunk_size is None else chunk_size
     if chunk < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk}")
-    loss, *_ = linear_cross_entropy_op(h, weight, bias, target.long(), ignore_index, reduction,
-                                       float(label_smoothing), compute_grad, chunk)
+    loss, *_ = linear_cross_entropy_op(h, weight, bias, target.long(), ignore_index, reduction, label_smoothing,
+                                       compute_grad, chunk)
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
     return loss.float() if autocast else loss

@@ -1,4 +1,7 @@
 """The layers' numerics settings, read at call time (below dispatch and functional: both import it)."""
+import functools
+
+import numpy
 import torch
 
 
@@ -12,3 +15,15 @@ def allow_tf32() -> bool:
     if rnn is None:
         return bool(torch.backends.cudnn.allow_tf32)
     return rnn.fp32_precision == "tf32"
+
+
+def quiet_interpreter(fn):
+    """Run `fn` (an op that launches kernels) with numpy's floating-point warnings off. Triton's CPU
+    interpreter computes with numpy, which warns ("invalid value encountered in matmul") where a NaN or
+    an inf in the data makes another; the outputs carry them, as on a GPU, which does not warn."""
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        with numpy.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return quiet

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tritonrnn import dispatch, kernels, reference
+from tritonrnn import dispatch, kernels, numerics, reference
 
 DOUBLE_BACKWARD_WARNING = (
     "tritonrnn: double backward (create_graph=True) runs a differentiable PyTorch BPTT "
@@ -48,6 +48,7 @@ def _contiguous_like(tensor: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("tritonrnn::recurrence", mutates_args=())
+@numerics.quiet_interpreter
 def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool,
                relu: bool, allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """h_t = act(xw_t + h_{t-1} W_hh^T) for all t; see tritonrnn.kernels.recurrence_forward."""
@@ -61,6 +62,7 @@ def _(xw, h0, w_hh, lengths, reverse, relu, allow_tf32):
 
 
 @torch.library.custom_op("tritonrnn::recurrence_backward", mutates_args=())
+@numerics.quiet_interpreter
 def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor,
                         lengths: Optional[Tensor], reverse: bool, relu: bool,
                         allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,6 +148,7 @@ REVERSE_OF = (False, True)
 
 
 @torch.library.custom_op("tritonrnn::bidirectional_recurrence", mutates_args=())
+@numerics.quiet_interpreter
 def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], relu: bool,
                              allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """`recurrence` of both directions at once: xw [2, T, B, H], h0 [2, B, H], w_hh [2, H, H]."""
@@ -163,6 +166,7 @@ def _(xw, h0, w_hh, lengths, relu, allow_tf32):
 
 
 @torch.library.custom_op("tritonrnn::bidirectional_recurrence_backward", mutates_args=())
+@numerics.quiet_interpreter
 def bidirectional_recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tensor, w_hh: Tensor,
                                       lengths: Optional[Tensor], relu: bool,
                                       allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
