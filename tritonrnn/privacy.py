@@ -1,0 +1,258 @@
+"""Differentially private training with Opacus: per-sample gradients and per-sample gradient norms of
+tritonrnn.RNN and tritonrnn.RNNCell from the Triton kernels.
+
+Dimensions: T steps, B batch (the samples), I input, H hidden, L layers, D directions.
+
+Importing this module registers, in Opacus's public registries, a grad sampler for both layers (Opacus's
+default "hooks" mode), a norm sampler for RNN (ghost clipping, grad_sample_mode="ghost") and a validator
+(dropout). tritonrnn imports it by itself when Opacus attaches its hooks to a layer (Opacus takes seconds
+to import, so tritonrnn does not import it up front); import it before PrivacyEngine.make_private for the
+validator to run there.
+
+How Opacus's hooks meet the layers. Opacus hands a grad sampler the module's forward inputs and the
+gradient of its first output only; tritonrnn.RNN returns (output, h_n), and the loss may use both. So the
+layers let this module adapt the full backward hook Opacus registers on them (modules.py's
+`full_backward_hook_adapters`): the adapted hook keeps every output gradient on the layer for the sampler,
+tells Opacus the batch size (its own guess reads hx's first dimension), and hands Opacus a one-element
+stand-in for the output gradient (Opacus only scales and reorders it; the sampler takes the real ones).
+
+What the samplers compute. Per layer and direction, with dz_t = dL/dz_t (the pre-activation gradients
+that the fused BPTT kernel produces), x_t the layer's input and h_(t-1) the state a step reads:
+
+    dW_ih[b] = sum_t dz_t[b]^T x_t[b]     dW_hh[b] = sum_t dz_t[b]^T h_(t-1)[b]     db[b] = sum_t dz_t[b]
+
+Opacus calls the sampler inside its backward hook, which runs before the layer's own backward when no
+input needs a gradient; so the sampler recomputes the layer's forward and BPTT once for the whole batch
+(the kernels, one launch each per layer and direction as in training) to get every x_t, h_(t-1) and dz_t:
+one extra forward and backward of the layer per batch. The norms for ghost clipping never form a
+per-sample [B, H, I] gradient: ||dW[b]||^2 = sum_(t,s) (dz_t . dz_s)(a_t . a_s), two [B, T, T] Gram
+matrices (Opacus's trick for sequences through nn.Linear), unless T * T exceeds the weight's size.
+
+Not supported: PackedSequence input (Opacus's forward hook calls .detach() on every argument, and
+PackedSequence has none), and dropout between layers in training (the recomputation would draw
+other masks): the validator and the samplers refuse it.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from opacus.grad_sample import GradSampleHooks
+from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
+from opacus.validators.errors import UnsupportedModuleError
+from opacus.validators.utils import register_module_validator
+from torch import Tensor
+
+from tritonrnn import functional, ops, reference
+from tritonrnn.modules import RNN, RNNCell, _Tritonrnn
+from tritonrnn.numerics import allow_tf32
+
+
+@dataclass
+class _OutputGrads:
+    """What the adapted hook keeps for the sampler: the layer's output gradients as autograd gave them,
+    and how Opacus was configured (its batch_first reorders the activations; "mean" scales by B)."""
+    grads: tuple
+    batch_first: bool
+    loss_reduction: str
+
+
+def adapt_backward_hook(layer, hook):
+    """modules.py's adapter: wrap a hook of Opacus's GradSampleHooks (others pass unchanged)."""
+    owner = getattr(getattr(hook, "func", None), "__self__", None)
+    if not isinstance(owner, GradSampleHooks):
+        return hook
+    batch_first, loss_reduction = hook.keywords["batch_first"], hook.keywords["loss_reduction"]
+
+    def opacus_hook(module, grad_input, grad_output):
+        if not hasattr(module, "max_batch_len") and getattr(module, "activations", None):
+            module.max_batch_len = max(_batch_size(module, args[0]) for args in module.activations)
+        module._output_grads = _OutputGrads(tuple(grad_output), batch_first, loss_reduction)
+        parameter = next(module.parameters())
+        stand_in = torch.zeros(1, 1, dtype=parameter.dtype, device=parameter.device)
+        try:
+            return hook(module, grad_input, (stand_in, *grad_output[1:]))
+        finally:
+            del module._output_grads
+
+    return opacus_hook
+
+
+def _batch_size(module, input: Tensor) -> int:
+    """B of a forward input as the layer received it (unbatched input: one sample)."""
+    if isinstance(module, RNN):
+        return input.size(0 if module.batch_first else 1) if input.dim() == 3 else 1
+    return input.size(0) if input.dim() == 2 else 1
+
+
+def _call(module, activations: list) -> tuple[list, tuple, float]:
+    """The layer's forward arguments in its own layout, its output gradients, and Opacus's loss scale."""
+    kept: Optional[_OutputGrads] = getattr(module, "_output_grads", None)
+    if kept is None:
+        raise RuntimeError(f"tritonrnn.privacy: the grad sampler of tritonrnn.{type(module).__name__} runs from "
+                           "the Opacus hook the layer adapted (register the hooks with opacus.GradSampleModule or "
+                           "PrivacyEngine after importing tritonrnn)")
+    if not kept.batch_first:  # Opacus moved dim 1 of every activation to the front: move it back
+        activations = [t.movedim(0, 1) for t in activations]
+    scale = module.max_batch_len if kept.loss_reduction == "mean" else 1
+    return activations, kept.grads, scale
+
+
+@dataclass
+class _Terms:
+    """One layer and direction of a recomputed batch: time-major x [T, B, I], h_prev [T, B, H] (the state
+    each step read) and dz [T, B, H], already multiplied by Opacus's loss scale."""
+    x: Tensor
+    h_prev: Tensor
+    dz: Tensor
+
+
+def _check_dropout(module) -> None:
+    if isinstance(module, RNN) and module.dropout > 0 and module.num_layers > 1 and module.training:
+        raise NotImplementedError(_DROPOUT_MESSAGE)
+
+
+_DROPOUT_MESSAGE = ("tritonrnn.privacy: dropout between layers is not supported under Opacus (the per-sample "
+                    "gradients recompute the forward, which would draw other dropout masks); set dropout=0")
+
+
+def _weights(module) -> list[list]:
+    """Per layer and direction: [(name, tensor)] of w_ih, w_hh, then b_ih, b_hh with bias."""
+    if isinstance(module, RNNCell):
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if module.bias else [])
+        return [[(name, getattr(module, name)) for name in names]]
+    per = 4 if module.bias else 2
+    names = module._flat_weights_names
+    return [[(name, getattr(module, name)) for name in names[i:i + per]] for i in range(0, len(names), per)]
+
+
+def _time_major(module, activations: list, grads: tuple) -> tuple:
+    """x [T, B, I], hx [L * D, B, H] or None, g_out [T, B, D * H] and g_hn [L * D, B, H] (each gradient
+    None where that output took no part in the loss); a cell is one step of a one-layer RNN, unbatched
+    input a batch of one."""
+    x, hx = activations[0], activations[1] if len(activations) > 1 else None
+    g_out, g_hn = grads if len(grads) == 2 else (grads[0], None)
+    if isinstance(module, RNNCell):
+        if x.dim() == 1:
+            x, hx, g_out = x[None], _unsqueeze(hx, 0), _unsqueeze(g_out, 0)
+        return x[None], _unsqueeze(hx, 0), _unsqueeze(g_out, 0), None
+    if x.dim() == 2:  # unbatched [T, I]: B = 1
+        return x[:, None], _unsqueeze(hx, 1), _unsqueeze(g_out, 1), _unsqueeze(g_hn, 1)
+    if module.batch_first:
+        x, g_out = x.transpose(0, 1), g_out.transpose(0, 1) if g_out is not None else None
+    return x, hx, g_out, g_hn
+
+
+def _unsqueeze(t: Optional[Tensor], dim: int) -> Optional[Tensor]:
+    return None if t is None else t.unsqueeze(dim)
+
+
+def _recompute(module, activations: list) -> list[_Terms]:
+    """Forward and BPTT of the layer on the Triton kernels for the batch Opacus recorded (see the module
+    docstring): per layer and direction, the inputs, previous states and pre-activation gradients."""
+    _check_dropout(module)
+    activations, grads, scale = _call(module, activations)
+    x, hx, g_out, g_hn = _time_major(module, activations, grads)
+    layers, directions = (1, 1) if isinstance(module, RNNCell) else (module.num_layers, 1 + module.bidirectional)
+    T, B, _ = x.shape
+    H = module.hidden_size
+    if hx is None:
+        hx = x.new_zeros(layers * directions, B, H)
+    relu = module.nonlinearity == "relu"
+    weights = [[w.detach() for _, w in named] for named in _weights(module)]
+
+    terms, xws, layer_input = [], [], x
+    with torch.enable_grad():
+        h_n = []
+        for layer in range(layers):
+            outputs = []
+            for direction in range(directions):
+                w = weights[layer * directions + direction] + [None, None]
+                xw = functional._project(layer_input, w[0], w[2], w[3])
+                if not xw.requires_grad:  # the first layer: no input needs a gradient
+                    xw.requires_grad_()
+                h0 = hx[layer * directions + direction]
+                out, h = _recurrence(xw, h0, w[1], direction == 1, relu)
+                h_prev = torch.cat([out[1:], h0[None]]) if direction == 1 else torch.cat([h0[None], out[:-1]])
+                terms.append(_Terms(layer_input.detach(), h_prev.detach(), None))
+                xws.append(xw)
+                outputs.append(out)
+                h_n.append(h)
+            layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
+        results, result_grads = [layer_input], [g_out]
+        if g_hn is not None:
+            results.append(torch.stack(h_n))
+            result_grads.append(g_hn)
+        kept = [(r, g) for r, g in zip(results, result_grads, strict=True) if g is not None]
+        dzs = torch.autograd.grad([r for r, _ in kept], xws, [g for _, g in kept], allow_unused=True,
+                                  materialize_grads=True)
+    for term, dz in zip(terms, dzs, strict=True):
+        term.dz = dz * scale
+    return terms
+
+
+def _recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, reverse: bool, relu: bool) -> tuple[Tensor, Tensor]:
+    """The recurrence op on the kernels; where the layers run torch's own RNN (a CPU without
+    TRITON_INTERPRET), the plain-PyTorch reference, given an identity input weight (xw is projected)."""
+    if functional.backend(xw.device) != "torch":
+        return ops.recurrence(xw, h0, w_hh, None, reverse, relu, allow_tf32())
+    identity = torch.eye(xw.shape[-1], dtype=xw.dtype, device=xw.device)
+    return reference.forward(xw, h0, identity, w_hh, nonlinearity="relu" if relu else "tanh", reverse=reverse)
+
+
+def _per_layer_params(module) -> list[list]:
+    """The parameters that want a gradient, per layer and direction, in _recompute's order."""
+    return [[(p, kind) for (name, p), kind in zip(named, ("ih", "hh", "b", "b"), strict=False)]
+            for named in _weights(module)]
+
+
+@register_grad_sampler([RNN, RNNCell])
+def compute_rnn_grad_sample(module, activations: list[Tensor], backprops: Tensor) -> dict:
+    """Opacus grad sampler: {parameter: per-sample gradient [B, *parameter.shape]}."""
+    samples = {}
+    for term, params in zip(_recompute(module, activations), _per_layer_params(module), strict=True):
+        for p, kind in params:
+            if not p.requires_grad:
+                continue
+            if kind == "b":
+                samples[p] = term.dz.sum(0)
+            else:
+                a = term.x if kind == "ih" else term.h_prev
+                samples[p] = torch.einsum("tbh,tbi->bhi", term.dz, a.to(term.dz.dtype))
+    return samples
+
+
+def _weight_norms(dz: Tensor, a: Tensor) -> Tensor:
+    """||sum_t dz_t[b]^T a_t[b]|| for every b, without the [B, H, A] gradients where T * T <= H * A."""
+    T, _, H = dz.shape
+    if T * T > H * a.shape[-1]:  # a short weight and a long sequence: the gradients are the smaller tensor
+        return torch.einsum("tbh,tbi->bhi", dz, a).flatten(1).norm(dim=1)
+    gram_dz = torch.einsum("tbh,sbh->bts", dz, dz)
+    gram_a = torch.einsum("tbi,sbi->bts", a, a)
+    return (gram_dz * gram_a).sum((1, 2)).clamp(min=0).sqrt()
+
+
+@register_norm_sampler(RNN)
+def compute_rnn_norm_sample(module, activations: list[Tensor], backprops: Tensor) -> dict:
+    """Opacus norm sampler (ghost clipping): {parameter: per-sample gradient norm [B]}."""
+    norms = {}
+    for term, params in zip(_recompute(module, activations), _per_layer_params(module), strict=True):
+        for p, kind in params:
+            if not p.requires_grad:
+                continue
+            if kind == "b":
+                norms[p] = term.dz.sum(0).norm(dim=1)
+            else:
+                norms[p] = _weight_norms(term.dz, (term.x if kind == "ih" else term.h_prev).to(term.dz.dtype))
+    return norms
+
+
+@register_module_validator(RNN)
+def validate_rnn(module: RNN) -> list:
+    """Opacus's ModuleValidator (PrivacyEngine runs it): accept the layer as it is, unless it uses dropout."""
+    if module.dropout > 0 and module.num_layers > 1:
+        return [UnsupportedModuleError(_DROPOUT_MESSAGE)]
+    return []
+
+
+if adapt_backward_hook not in _Tritonrnn.full_backward_hook_adapters:
+    _Tritonrnn.full_backward_hook_adapters.append(adapt_backward_hook)
