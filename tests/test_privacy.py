@@ -2,6 +2,7 @@
 Opacus's own DPRNN / DPRNNCell (the same weights, float64), per-sample gradient norms of ghost clipping
 against the norms of the materialised per-sample gradients, and PrivacyEngine training runs.
 """
+import json
 import warnings
 
 import pytest
@@ -212,3 +213,19 @@ def test_per_sample_grads_where_the_layers_run_torch(monkeypatch):
     actual, expected = _grad_samples(ours, case, x, h0), _grad_samples(dprnn, case, x, h0)
     for key in expected:
         assert_close(actual[key], expected[key], F64, key)
+
+
+def test_benchmark_case_rows(tmp_path):
+    """perf/privacy.py's case, tiny: the three modes run, ghost clipping's clipped gradient equals the
+    per-sample mode's, and its peak memory is lower (no [B, H, H] per-sample gradients)."""
+    from tritonrnn.perf import privacy
+
+    rows, path = privacy.run_to_file(tmp_path, "test", batch=4, hidden=32, seq_len=5, input_size=32,
+                                     timer=lambda fn: {"median_ms": 1.0})
+    assert json.loads(path.read_text())["rows"] == rows
+    assert [r["mode"] for r in rows] == list(privacy.MODES) and all(r["status"] == "ok" for r in rows), rows
+    plain, per_sample, ghost = rows
+    assert ghost["backend"] == tritonrnn.backend(DEVICE)
+    assert ghost["max_rel_error"] < 1e-5
+    assert plain["peak_memory_bytes"] < ghost["peak_memory_bytes"] < per_sample["peak_memory_bytes"]
+    assert "ghost" in privacy.format_rows(rows)
