@@ -229,3 +229,18 @@ def test_benchmark_case_rows(tmp_path):
     assert ghost["max_rel_error"] < 1e-5
     assert plain["peak_memory_bytes"] < ghost["peak_memory_bytes"] < per_sample["peak_memory_bytes"]
     assert "ghost" in privacy.format_rows(rows)
+
+
+@pytest.mark.parametrize("ghost", [False, True], ids=["hooks", "ghost"])
+def test_dp_char_rnn_example(tmp_path, ghost):
+    """examples/dp_char_rnn.py, a few steps: a private run with its epsilon and a non-private run, plotted."""
+    from conftest import load_example
+
+    argv = ["--steps", "2", "--seq-len", "4", "--batch", "4", "--windows", "64", "--hidden", "8",
+            "--out-dir", str(tmp_path)] + ["--ghost"] * ghost
+    summary = load_example("dp_char_rnn").main(argv)
+    private, plain = summary["results"]
+    assert private["run"].startswith("private") and plain["run"] == "non-private"
+    assert len(private["losses"]) == len(plain["losses"]) == 2
+    assert 0 < private["epsilon"] < float("inf") and "epsilon" not in plain
+    assert (tmp_path / summary["plot"]).stat().st_size > 1000
