@@ -197,7 +197,8 @@ def test_other_full_backward_hooks_are_left_alone():
         output, h_n = rnn(x)
         (output.sum() + 2 * h_n.sum()).backward()
     (grad_output,) = seen
-    assert torch.equal(grad_output[0], torch.ones_like(output)) and torch.equal(grad_output[1], 2 * torch.ones_like(h_n))
+    assert torch.equal(grad_output[0], torch.ones_like(output))
+    assert torch.equal(grad_output[1], 2 * torch.ones_like(h_n))
 
 
 def test_per_sample_grads_where_the_layers_run_torch(monkeypatch):
