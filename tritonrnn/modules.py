@@ -6,8 +6,6 @@ the CPU) and torch's own implementation elsewhere.
 
 RNN derives from nn.RNNBase, not nn.RNN: torch.compile's Dynamo refuses instances of nn.RNN.
 """
-import importlib.util
-
 import torch
 from torch import nn, Tensor
 from torch.nn.utils._expanded_weights import ExpandedWeight
@@ -20,18 +18,26 @@ class _Tritonrnn:
     """What the layers share beyond torch.nn: their printed name (print(model) shows what convert()
     replaced: tritonrnn.RNN(100, 20)) and the refusal of ExpandedWeights."""
 
-    # Functions (layer, hook) -> hook that may adapt a full backward hook being registered on a layer.
-    # tritonrnn.privacy adds one for Opacus, whose hooks pass on the gradient of the first output only.
-    full_backward_hook_adapters: list = []
+    # Functions (layer, hook, kind) -> hook, kind "forward" or "full_backward", that may adapt a hook being
+    # registered on a layer. tritonrnn.privacy adds one for Opacus's hooks, which pass on the gradient of the
+    # first output only and cannot hold a PackedSequence.
+    hook_adapters: list = []
+
+    def _adapted(self, hook, kind: str):
+        owner = getattr(hook, "__self__", None) or getattr(getattr(hook, "func", None), "__self__", None)
+        if type(owner).__module__.startswith("opacus."):
+            # Opacus's support lives in tritonrnn.privacy, imported here rather than with tritonrnn
+            # (importing Opacus takes seconds); it registers its adapter and Opacus's grad samplers.
+            import tritonrnn.privacy  # noqa: F401
+        for adapt in self.hook_adapters:
+            hook = adapt(self, hook, kind)
+        return hook
+
+    def register_forward_hook(self, hook, **kwargs):
+        return super().register_forward_hook(self._adapted(hook, "forward"), **kwargs)
 
     def register_full_backward_hook(self, hook, prepend: bool = False):
-        # Opacus attaches its per-sample-gradient hooks this way: its support lives in tritonrnn.privacy,
-        # imported here rather than with tritonrnn (importing Opacus takes seconds).
-        if importlib.util.find_spec("opacus") is not None:
-            import tritonrnn.privacy  # noqa: F401  (registers its adapter and Opacus's samplers)
-        for adapt in self.full_backward_hook_adapters:
-            hook = adapt(self, hook)
-        return super().register_full_backward_hook(hook, prepend=prepend)
+        return super().register_full_backward_hook(self._adapted(hook, "full_backward"), prepend=prepend)
 
     def _get_name(self) -> str:
         name = super()._get_name()

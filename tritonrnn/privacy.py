@@ -11,10 +11,14 @@ validator to run there.
 
 How Opacus's hooks meet the layers. Opacus hands a grad sampler the module's forward inputs and the
 gradient of its first output only; tritonrnn.RNN returns (output, h_n), and the loss may use both. So the
-layers let this module adapt the full backward hook Opacus registers on them (modules.py's
-`full_backward_hook_adapters`): the adapted hook keeps every output gradient on the layer for the sampler,
-tells Opacus the batch size (its own guess reads hx's first dimension), and hands Opacus a one-element
-stand-in for the output gradient (Opacus only scales and reorders it; the sampler takes the real ones).
+layers let this module adapt the hooks Opacus registers on them (modules.py's `hook_adapters`): the
+adapted backward hook keeps every output gradient on the layer for the sampler, tells Opacus the batch
+size (its own guess reads hx's first dimension), and hands Opacus a one-element stand-in for the output
+gradient (Opacus only scales and reorders it; the sampler takes the real ones). A PackedSequence is no
+tensor: Opacus's forward hook, which detaches every argument, gets its data instead; and torch's module
+hooks see only h_n's gradient, so the output's packed data goes through an identity autograd node whose
+backward runs Opacus's backward hook for that call (the adapted hook only keeps h_n's gradient then).
+Per-sample results are in the caller's sample order (Opacus's DPRNN gives a packed batch's sorted order).
 
 What the samplers compute. Per layer and direction, with dz_t = dL/dz_t (the pre-activation gradients
 that the fused BPTT kernel produces), x_t the layer's input and h_(t-1) the state a step reads:
@@ -28,9 +32,9 @@ one extra forward and backward of the layer per batch. The norms for ghost clipp
 per-sample [B, H, I] gradient: ||dW[b]||^2 = sum_(t,s) (dz_t . dz_s)(a_t . a_s), two [B, T, T] Gram
 matrices (Opacus's trick for sequences through nn.Linear), unless T * T exceeds the weight's size.
 
-Not supported: PackedSequence input (Opacus's forward hook calls .detach() on every argument, and
-PackedSequence has none), and dropout between layers in training (the recomputation would draw
-other masks): the validator and the samplers refuse it.
+Not supported: dropout between layers in training (the recomputation would draw other masks): the
+validator and the samplers refuse it. A layer called several times in one batch pairs its calls with
+their gradients in reverse call order, as Opacus pairs activations.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -41,6 +45,7 @@ from opacus.grad_sample.utils import register_grad_sampler, register_norm_sample
 from opacus.validators.errors import UnsupportedModuleError
 from opacus.validators.utils import register_module_validator
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from tritonrnn import functional, ops, reference
 from tritonrnn.modules import RNN, RNNCell, _Tritonrnn
@@ -48,33 +53,107 @@ from tritonrnn.numerics import allow_tf32
 
 
 @dataclass
+class _PackedCall:
+    """A forward call on a PackedSequence: its packing, and h_n's gradient once autograd gives it."""
+    batch_sizes: Tensor
+    sorted_indices: Optional[Tensor]
+    unsorted_indices: Optional[Tensor]
+    grad_hn: Optional[Tensor] = None
+
+
+@dataclass
 class _OutputGrads:
-    """What the adapted hook keeps for the sampler: the layer's output gradients as autograd gave them,
-    and how Opacus was configured (its batch_first reorders the activations; "mean" scales by B)."""
+    """What the adapted hooks keep on the layer while Opacus's backward hook (and so the sampler) runs: the
+    output gradients, how Opacus is configured (its batch_first reorders the activations; "mean" scales by
+    the batch size), and the packing of a PackedSequence call."""
     grads: tuple
     batch_first: bool
     loss_reduction: str
+    packed: Optional[_PackedCall]
 
 
-def adapt_backward_hook(layer, hook):
-    """modules.py's adapter: wrap a hook of Opacus's GradSampleHooks (others pass unchanged)."""
-    owner = getattr(getattr(hook, "func", None), "__self__", None)
-    if not isinstance(owner, GradSampleHooks):
+def _opacus_owner(hook):
+    """The Opacus GradSampleHooks a hook is a method of (a partial of one for the backward hook), or None."""
+    owner = getattr(hook, "__self__", None) or getattr(getattr(hook, "func", None), "__self__", None)
+    return owner if isinstance(owner, GradSampleHooks) else None
+
+
+def adapt_hook(layer, hook, kind: str):
+    """modules.py's hook adapter: wrap the forward and full backward hooks of Opacus's GradSampleHooks
+    (others pass unchanged)."""
+    owner = _opacus_owner(hook)
+    if owner is None:
         return hook
-    batch_first, loss_reduction = hook.keywords["batch_first"], hook.keywords["loss_reduction"]
+    return _forward_hook(owner, hook) if kind == "forward" else _backward_hook(owner)
 
-    def opacus_hook(module, grad_input, grad_output):
-        if not hasattr(module, "max_batch_len") and getattr(module, "activations", None):
-            module.max_batch_len = max(_batch_size(module, args[0]) for args in module.activations)
-        module._output_grads = _OutputGrads(tuple(grad_output), batch_first, loss_reduction)
-        parameter = next(module.parameters())
-        stand_in = torch.zeros(1, 1, dtype=parameter.dtype, device=parameter.device)
-        try:
-            return hook(module, grad_input, (stand_in, *grad_output[1:]))
-        finally:
-            del module._output_grads
 
-    return opacus_hook
+def _forward_hook(owner, hook):
+    """Opacus's forward hook, given the packed data for a PackedSequence argument (it detaches every
+    argument); the output's packed data then goes through _DataGradient, which runs Opacus's backward
+    hook once that gradient is known (torch's module hooks see only h_n, a PackedSequence is no tensor)."""
+
+    def opacus_forward_hook(module, args, output):
+        if not isinstance(args[0], PackedSequence):
+            return hook(module, args, output)
+        packed = args[0]
+        hook(module, (packed.data, *args[1:]), output)
+        if not (owner.hooks_enabled and module.training and torch.is_grad_enabled()
+                and any(p.requires_grad for p in module.parameters())):
+            return None
+        call = _PackedCall(packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        module.__dict__.setdefault("_packed_calls", []).append(call)
+        return output[0]._replace(data=_DataGradient.apply(output[0].data, module, owner, call)), output[1]
+
+    return opacus_forward_hook
+
+
+def _backward_hook(owner):
+    """Opacus's backward hook, adapted: see the module docstring. For a PackedSequence call it only keeps
+    h_n's gradient (torch runs it at h_n alone); _DataGradient calls Opacus afterwards."""
+
+    def opacus_backward_hook(module, grad_input, grad_output):
+        calls = getattr(module, "_packed_calls", None)
+        if not calls:
+            return _run_opacus(owner, module, tuple(grad_output), None)
+        if owner.hooks_enabled:
+            next(call for call in reversed(calls) if call.grad_hn is None).grad_hn = grad_output[1]
+        return None
+
+    return opacus_backward_hook
+
+
+class _DataGradient(torch.autograd.Function):
+    """Identity on a PackedSequence output's data; its backward runs Opacus's backward hook for that call."""
+
+    @staticmethod
+    def forward(ctx, data, module, owner, call):
+        ctx.module, ctx.owner, ctx.call = module, owner, call
+        return data.view_as(data)
+
+    @staticmethod
+    def backward(ctx, grad):
+        calls = getattr(ctx.module, "_packed_calls", [])
+        if ctx.owner.hooks_enabled and any(call is ctx.call for call in calls):
+            calls.remove(ctx.call)
+            _run_opacus(ctx.owner, ctx.module, (grad, ctx.call.grad_hn), ctx.call)
+        return grad, None, None, None
+
+
+def _run_opacus(owner, module, grads: tuple, packed: Optional[_PackedCall]):
+    """Opacus's backward hook for one call, with the layer's output gradients kept for the sampler, the
+    batch size set (Opacus would read it from hx's first dimension), and a one-element stand-in for the
+    output gradient (Opacus only scales and reorders it)."""
+    if not hasattr(module, "max_batch_len") and getattr(module, "activations", None):
+        module.max_batch_len = (int(packed.batch_sizes[0]) if packed is not None
+                                else max(_batch_size(module, args[0]) for args in module.activations))
+    module._output_grads = _OutputGrads(grads, owner.batch_first, owner.loss_reduction, packed)
+    parameter = next(module.parameters())
+    stand_in = torch.zeros(1, 1, dtype=parameter.dtype, device=parameter.device)
+    try:
+        return owner.capture_backprops_hook(module, None, (stand_in,), loss_reduction=owner.loss_reduction,
+                                            batch_first=owner.batch_first)
+    finally:
+        del module._output_grads
 
 
 def _batch_size(module, input: Tensor) -> int:
@@ -84,17 +163,16 @@ def _batch_size(module, input: Tensor) -> int:
     return input.size(0) if input.dim() == 2 else 1
 
 
-def _call(module, activations: list) -> tuple[list, tuple, float]:
-    """The layer's forward arguments in its own layout, its output gradients, and Opacus's loss scale."""
+def _call(module, activations: list) -> tuple[list, _OutputGrads, float]:
+    """The layer's forward arguments in its own layout, what the hooks kept, and Opacus's loss scale."""
     kept: Optional[_OutputGrads] = getattr(module, "_output_grads", None)
     if kept is None:
         raise RuntimeError(f"tritonrnn.privacy: the grad sampler of tritonrnn.{type(module).__name__} runs from "
-                           "the Opacus hook the layer adapted (register the hooks with opacus.GradSampleModule or "
-                           "PrivacyEngine after importing tritonrnn)")
+                           "the Opacus hooks the layer adapted (opacus.GradSampleModule or PrivacyEngine)")
     if not kept.batch_first:  # Opacus moved dim 1 of every activation to the front: move it back
         activations = [t.movedim(0, 1) for t in activations]
     scale = module.max_batch_len if kept.loss_reduction == "mean" else 1
-    return activations, kept.grads, scale
+    return activations, kept, scale
 
 
 @dataclass
@@ -125,33 +203,43 @@ def _weights(module) -> list[list]:
     return [[(name, getattr(module, name)) for name in names[i:i + per]] for i in range(0, len(names), per)]
 
 
-def _time_major(module, activations: list, grads: tuple) -> tuple:
+def _time_major(module, activations: list, kept: _OutputGrads) -> tuple:
     """x [T, B, I], hx [L * D, B, H] or None, g_out [T, B, D * H] and g_hn [L * D, B, H] (each gradient
-    None where that output took no part in the loss); a cell is one step of a one-layer RNN, unbatched
-    input a batch of one."""
+    None where that output took no part in the loss), and lengths [B] for packed input (then in the
+    packed batch's sorted order). A cell is one step of a one-layer RNN, unbatched input a batch of one."""
     x, hx = activations[0], activations[1] if len(activations) > 1 else None
-    g_out, g_hn = grads if len(grads) == 2 else (grads[0], None)
+    g_out, g_hn = kept.grads if len(kept.grads) == 2 else (kept.grads[0], None)
     if isinstance(module, RNNCell):
         if x.dim() == 1:
             x, hx, g_out = x[None], _unsqueeze(hx, 0), _unsqueeze(g_out, 0)
-        return x[None], _unsqueeze(hx, 0), _unsqueeze(g_out, 0), None
+        return x[None], _unsqueeze(hx, 0), _unsqueeze(g_out, 0), None, None
+    if kept.packed is not None:
+        call = kept.packed
+        x, lengths = pad_packed_sequence(PackedSequence(x, call.batch_sizes))
+        if g_out is not None:
+            g_out = pad_packed_sequence(PackedSequence(g_out, call.batch_sizes))[0]
+        if call.sorted_indices is not None:  # hx and h_n are in the caller's order: sort them as the batch
+            order = call.sorted_indices.to(x.device)
+            hx, g_hn = (None if t is None else t.index_select(1, order) for t in (hx, g_hn))
+        return x, hx, g_out, g_hn, lengths.to(device=x.device, dtype=torch.int32)
     if x.dim() == 2:  # unbatched [T, I]: B = 1
-        return x[:, None], _unsqueeze(hx, 1), _unsqueeze(g_out, 1), _unsqueeze(g_hn, 1)
+        return x[:, None], _unsqueeze(hx, 1), _unsqueeze(g_out, 1), _unsqueeze(g_hn, 1), None
     if module.batch_first:
         x, g_out = x.transpose(0, 1), g_out.transpose(0, 1) if g_out is not None else None
-    return x, hx, g_out, g_hn
+    return x, hx, g_out, g_hn, None
 
 
 def _unsqueeze(t: Optional[Tensor], dim: int) -> Optional[Tensor]:
     return None if t is None else t.unsqueeze(dim)
 
 
-def _recompute(module, activations: list) -> list[_Terms]:
+def _recompute(module, activations: list) -> tuple[list[_Terms], Optional[Tensor]]:
     """Forward and BPTT of the layer on the Triton kernels for the batch Opacus recorded (see the module
-    docstring): per layer and direction, the inputs, previous states and pre-activation gradients."""
+    docstring): per layer and direction, the inputs, previous states and pre-activation gradients; and,
+    for a packed batch, the order that puts its samples back in the caller's order (else None)."""
     _check_dropout(module)
-    activations, grads, scale = _call(module, activations)
-    x, hx, g_out, g_hn = _time_major(module, activations, grads)
+    activations, kept, scale = _call(module, activations)
+    x, hx, g_out, g_hn, lengths = _time_major(module, activations, kept)
     layers, directions = (1, 1) if isinstance(module, RNNCell) else (module.num_layers, 1 + module.bidirectional)
     T, B, _ = x.shape
     H = module.hidden_size
@@ -171,8 +259,12 @@ def _recompute(module, activations: list) -> list[_Terms]:
                 if not xw.requires_grad:  # the first layer: no input needs a gradient
                     xw.requires_grad_()
                 h0 = hx[layer * directions + direction]
-                out, h = _recurrence(xw, h0, w[1], direction == 1, relu)
-                h_prev = torch.cat([out[1:], h0[None]]) if direction == 1 else torch.cat([h0[None], out[:-1]])
+                reverse = direction == 1
+                out, h = _recurrence(xw, h0, w[1], lengths, reverse, relu)
+                # The state each step read: the neighbouring output in walk order, h0 at a row's first step.
+                h_prev = torch.cat([out[1:], torch.zeros_like(h0[None])] if reverse else [h0[None], out[:-1]])
+                first, _ = ops._walk_ends(lengths, T, B, reverse, x.device)
+                h_prev = h_prev.index_put((first, torch.arange(B, device=x.device)), h0)
                 terms.append(_Terms(layer_input.detach(), h_prev.detach(), None))
                 xws.append(xw)
                 outputs.append(out)
@@ -182,21 +274,24 @@ def _recompute(module, activations: list) -> list[_Terms]:
         if g_hn is not None:
             results.append(torch.stack(h_n))
             result_grads.append(g_hn)
-        kept = [(r, g) for r, g in zip(results, result_grads, strict=True) if g is not None]
-        dzs = torch.autograd.grad([r for r, _ in kept], xws, [g for _, g in kept], allow_unused=True,
+        pairs = [(r, g) for r, g in zip(results, result_grads, strict=True) if g is not None]
+        dzs = torch.autograd.grad([r for r, _ in pairs], xws, [g for _, g in pairs], allow_unused=True,
                                   materialize_grads=True)
     for term, dz in zip(terms, dzs, strict=True):
         term.dz = dz * scale
-    return terms
+    packed = kept.packed
+    return terms, None if packed is None or packed.unsorted_indices is None else packed.unsorted_indices.to(x.device)
 
 
-def _recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, reverse: bool, relu: bool) -> tuple[Tensor, Tensor]:
+def _recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool,
+                relu: bool) -> tuple[Tensor, Tensor]:
     """The recurrence op on the kernels; where the layers run torch's own RNN (a CPU without
     TRITON_INTERPRET), the plain-PyTorch reference, given an identity input weight (xw is projected)."""
     if functional.backend(xw.device) != "torch":
-        return ops.recurrence(xw, h0, w_hh, None, reverse, relu, allow_tf32())
+        return ops.recurrence(xw, h0, w_hh, lengths, reverse, relu, allow_tf32())
     identity = torch.eye(xw.shape[-1], dtype=xw.dtype, device=xw.device)
-    return reference.forward(xw, h0, identity, w_hh, nonlinearity="relu" if relu else "tanh", reverse=reverse)
+    return reference.forward(xw, h0, identity, w_hh, nonlinearity="relu" if relu else "tanh", lengths=lengths,
+                             reverse=reverse)
 
 
 def _per_layer_params(module) -> list[list]:
@@ -209,7 +304,8 @@ def _per_layer_params(module) -> list[list]:
 def compute_rnn_grad_sample(module, activations: list[Tensor], backprops: Tensor) -> dict:
     """Opacus grad sampler: {parameter: per-sample gradient [B, *parameter.shape]}."""
     samples = {}
-    for term, params in zip(_recompute(module, activations), _per_layer_params(module), strict=True):
+    terms, order = _recompute(module, activations)
+    for term, params in zip(terms, _per_layer_params(module), strict=True):
         for p, kind in params:
             if not p.requires_grad:
                 continue
@@ -218,7 +314,7 @@ def compute_rnn_grad_sample(module, activations: list[Tensor], backprops: Tensor
             else:
                 a = term.x if kind == "ih" else term.h_prev
                 samples[p] = torch.einsum("tbh,tbi->bhi", term.dz, a.to(term.dz.dtype))
-    return samples
+    return {p: sample if order is None else sample.index_select(0, order) for p, sample in samples.items()}
 
 
 def _weight_norms(dz: Tensor, a: Tensor) -> Tensor:
@@ -235,7 +331,8 @@ def _weight_norms(dz: Tensor, a: Tensor) -> Tensor:
 def compute_rnn_norm_sample(module, activations: list[Tensor], backprops: Tensor) -> dict:
     """Opacus norm sampler (ghost clipping): {parameter: per-sample gradient norm [B]}."""
     norms = {}
-    for term, params in zip(_recompute(module, activations), _per_layer_params(module), strict=True):
+    terms, order = _recompute(module, activations)
+    for term, params in zip(terms, _per_layer_params(module), strict=True):
         for p, kind in params:
             if not p.requires_grad:
                 continue
@@ -243,7 +340,7 @@ def compute_rnn_norm_sample(module, activations: list[Tensor], backprops: Tensor
                 norms[p] = term.dz.sum(0).norm(dim=1)
             else:
                 norms[p] = _weight_norms(term.dz, (term.x if kind == "ih" else term.h_prev).to(term.dz.dtype))
-    return norms
+    return {p: norm if order is None else norm.index_select(0, order) for p, norm in norms.items()}
 
 
 @register_module_validator(RNN)
@@ -254,5 +351,5 @@ def validate_rnn(module: RNN) -> list:
     return []
 
 
-if adapt_backward_hook not in _Tritonrnn.full_backward_hook_adapters:
-    _Tritonrnn.full_backward_hook_adapters.append(adapt_backward_hook)
+if adapt_hook not in _Tritonrnn.hook_adapters:
+    _Tritonrnn.hook_adapters.append(adapt_hook)
