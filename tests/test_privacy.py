@@ -54,6 +54,8 @@ CASES = {
     "L2-bidir-relu-batch_first-h0": dict(rnn=dict(num_layers=2, bidirectional=True, batch_first=True,
                                                   nonlinearity="relu"), h0=True),
     "L2-h_n-only-no_bias": dict(rnn=dict(num_layers=2, batch_first=True, bias=False), h0=True, uses=("h_n",)),
+    # An input that needs a gradient: torch runs Opacus's hook after the layer's backward, not before it
+    "L1-input-needs-grad": dict(rnn=dict(batch_first=True), h0=True, input_grad=True),
 }
 
 
@@ -86,7 +88,7 @@ def _inputs(ours, case):
     x = torch.randn(*((B, T) if ours.batch_first else (T, B)), I, dtype=F64, device=DEVICE)
     directions = 2 if ours.bidirectional else 1
     h0 = torch.randn(ours.num_layers * directions, B, H, dtype=F64, device=DEVICE) if case["h0"] else None
-    return x, h0
+    return x.requires_grad_(case.get("input_grad", False)), h0
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -194,13 +194,12 @@ _DROPOUT_MESSAGE = ("tritonrnn.privacy: dropout between layers is not supported 
 
 
 def _weights(module) -> list[list]:
-    """Per layer and direction: [(name, tensor)] of w_ih, w_hh, then b_ih, b_hh with bias."""
+    """Per layer and direction: the parameters w_ih, w_hh, then b_ih, b_hh with bias."""
     if isinstance(module, RNNCell):
-        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if module.bias else [])
-        return [[(name, getattr(module, name)) for name in names]]
+        return [[module.weight_ih, module.weight_hh] + ([module.bias_ih, module.bias_hh] if module.bias else [])]
     per = 4 if module.bias else 2
     names = module._flat_weights_names
-    return [[(name, getattr(module, name)) for name in names[i:i + per]] for i in range(0, len(names), per)]
+    return [[getattr(module, name) for name in names[i:i + per]] for i in range(0, len(names), per)]
 
 
 def _time_major(module, activations: list, kept: _OutputGrads) -> tuple:
@@ -246,7 +245,7 @@ def _recompute(module, activations: list) -> tuple[list[_Terms], Optional[Tensor
     if hx is None:
         hx = x.new_zeros(layers * directions, B, H)
     relu = module.nonlinearity == "relu"
-    weights = [[w.detach() for _, w in named] for named in _weights(module)]
+    weights = [[w.detach() for w in params] for params in _weights(module)]
 
     terms, xws, layer_input = [], [], x
     with torch.enable_grad():
@@ -294,27 +293,25 @@ def _recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor],
                              reverse=reverse)
 
 
-def _per_layer_params(module) -> list[list]:
-    """The parameters that want a gradient, per layer and direction, in _recompute's order."""
-    return [[(p, kind) for (name, p), kind in zip(named, ("ih", "hh", "b", "b"), strict=False)]
-            for named in _weights(module)]
+def _per_parameter(module, activations: list[Tensor], weight, bias) -> dict:
+    """{parameter that wants a gradient: weight(dz, a) for W_ih (a = x) and W_hh (a = h_prev), bias(dz) for
+    the biases}, each [B, ...] in the caller's sample order."""
+    terms, order = _recompute(module, activations)
+    results = {}
+    for term, params in zip(terms, _weights(module), strict=True):
+        for p, kind in zip(params, ("ih", "hh", "b", "b"), strict=False):
+            if p.requires_grad:
+                a = term.x if kind == "ih" else term.h_prev
+                results[p] = bias(term.dz) if kind == "b" else weight(term.dz, a.to(term.dz.dtype))
+    return {p: r if order is None else r.index_select(0, order) for p, r in results.items()}
 
 
 @register_grad_sampler([RNN, RNNCell])
 def compute_rnn_grad_sample(module, activations: list[Tensor], backprops: Tensor) -> dict:
-    """Opacus grad sampler: {parameter: per-sample gradient [B, *parameter.shape]}."""
-    samples = {}
-    terms, order = _recompute(module, activations)
-    for term, params in zip(terms, _per_layer_params(module), strict=True):
-        for p, kind in params:
-            if not p.requires_grad:
-                continue
-            if kind == "b":
-                samples[p] = term.dz.sum(0)
-            else:
-                a = term.x if kind == "ih" else term.h_prev
-                samples[p] = torch.einsum("tbh,tbi->bhi", term.dz, a.to(term.dz.dtype))
-    return {p: sample if order is None else sample.index_select(0, order) for p, sample in samples.items()}
+    """Opacus grad sampler: {parameter: per-sample gradient [B, *parameter.shape]} (backprops is the
+    adapted hook's stand-in: the gradients come from the recomputation)."""
+    return _per_parameter(module, activations, weight=lambda dz, a: torch.einsum("tbh,tbi->bhi", dz, a),
+                          bias=lambda dz: dz.sum(0))
 
 
 def _weight_norms(dz: Tensor, a: Tensor) -> Tensor:
@@ -330,17 +327,7 @@ def _weight_norms(dz: Tensor, a: Tensor) -> Tensor:
 @register_norm_sampler(RNN)
 def compute_rnn_norm_sample(module, activations: list[Tensor], backprops: Tensor) -> dict:
     """Opacus norm sampler (ghost clipping): {parameter: per-sample gradient norm [B]}."""
-    norms = {}
-    terms, order = _recompute(module, activations)
-    for term, params in zip(terms, _per_layer_params(module), strict=True):
-        for p, kind in params:
-            if not p.requires_grad:
-                continue
-            if kind == "b":
-                norms[p] = term.dz.sum(0).norm(dim=1)
-            else:
-                norms[p] = _weight_norms(term.dz, (term.x if kind == "ih" else term.h_prev).to(term.dz.dtype))
-    return {p: norm if order is None else norm.index_select(0, order) for p, norm in norms.items()}
+    return _per_parameter(module, activations, weight=_weight_norms, bias=lambda dz: dz.sum(0).norm(dim=1))
 
 
 @register_module_validator(RNN)
