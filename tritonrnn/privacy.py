@@ -32,6 +32,9 @@ one extra forward and backward of the layer per batch. The norms for ghost clipp
 per-sample [B, H, I] gradient: ||dW[b]||^2 = sum_(t,s) (dz_t . dz_s)(a_t . a_s), two [B, T, T] Gram
 matrices (Opacus's trick for sequences through nn.Linear), unless T * T exceeds the weight's size.
 
+RNNCell has no norm sampler: a cell runs once per step, and Opacus's ghost clipping refuses a layer
+called more than once a batch; in ghost mode Opacus clips the cell with its per-sample gradients.
+
 Not supported: dropout between layers in training (the recomputation would draw other masks): the
 validator and the samplers refuse it. A layer called several times in one batch pairs its calls with
 their gradients in reverse call order, as Opacus pairs activations.
