@@ -311,3 +311,8 @@ def test_packed_input_ghost_norms_match_materialised_grads():
     grads, norms = results
     for key, grad in grads.items():
         assert_close(norms[key], grad.flatten(1).norm(dim=1), F64, key)
+
+
+def test_functorch_mode_is_refused_with_a_message():
+    with pytest.raises(NotImplementedError, match="grad_sample_mode='hooks'"):
+        GradSampleModule(Model(tritonrnn.RNN(I, H, dtype=F64, device=DEVICE)), force_functorch=True)

@@ -87,6 +87,11 @@ def adapt_hook(layer, hook, kind: str):
     owner = _opacus_owner(hook)
     if owner is None:
         return hook
+    if getattr(owner, "force_functorch", False):
+        raise NotImplementedError(
+            f"tritonrnn.{type(layer).__name__} under Opacus's functorch mode: Opacus's functorch per-sample "
+            "gradients need a module with a single output; use grad_sample_mode='hooks' (the default) or 'ghost', "
+            "which take tritonrnn's grad and norm samplers")
     return _forward_hook(owner, hook) if kind == "forward" else _backward_hook(owner)
 
 
