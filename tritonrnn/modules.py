@@ -18,6 +18,27 @@ class _Tritonrnn:
     """What the layers share beyond torch.nn: their printed name (print(model) shows what convert()
     replaced: tritonrnn.RNN(100, 20)) and the refusal of ExpandedWeights."""
 
+    # Functions (layer, hook, kind) -> hook, kind "forward" or "full_backward", that may adapt a hook being
+    # registered on a layer. tritonrnn.privacy adds one for Opacus's hooks, which pass on the gradient of the
+    # first output only and cannot hold a PackedSequence.
+    hook_adapters: list = []
+
+    def _adapted(self, hook, kind: str):
+        owner = getattr(hook, "__self__", None) or getattr(getattr(hook, "func", None), "__self__", None)
+        if type(owner).__module__.startswith("opacus."):
+            # Opacus's support lives in tritonrnn.privacy, imported here rather than with tritonrnn
+            # (importing Opacus takes seconds); it registers its adapter and Opacus's grad samplers.
+            import tritonrnn.privacy  # noqa: F401
+        for adapt in self.hook_adapters:
+            hook = adapt(self, hook, kind)
+        return hook
+
+    def register_forward_hook(self, hook, **kwargs):
+        return super().register_forward_hook(self._adapted(hook, "forward"), **kwargs)
+
+    def register_full_backward_hook(self, hook, prepend: bool = False):
+        return super().register_full_backward_hook(self._adapted(hook, "full_backward"), prepend=prepend)
+
     def _get_name(self) -> str:
         name = super()._get_name()
         return f"tritonrnn.{name}" if type(self).__module__ == __name__ else name
