@@ -6,6 +6,8 @@ launch at once, one thread per program, with a random short sleep at each atomic
 programs, forward and backward, both directions, lengths, tanh and relu, float64 and float32.
 The same kernel with its wait broken (the target off by one, or no wait) must fail here.
 """
+import time
+
 import pytest
 import torch
 import triton
@@ -181,7 +183,7 @@ def test_info_says_how_the_persistent_path_tiles(capsys, monkeypatch):
     with concurrent_programs():
         cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
     text = capsys.readouterr().out
-    assert f"3 group(s) of 16 program(s), 1 batch tile(s) a group, 48 of a resident capacity of " \
+    assert f"3 group(s) of 8 program(s), 1 batch tile(s) a group, 24 of a resident capacity of " \
            f"{CONCURRENT_CAPACITY}" in text, text
 
 
@@ -193,7 +195,7 @@ def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
     from torch import nn
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
     monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
-    monkeypatch.setattr(kernels.config, "default_config", lambda path, batch, hidden: _config(2))
+    monkeypatch.setattr(kernels.config, "default_config", lambda path, batch, hidden, dtype=None: _config(2))
     assert tritonrnn.kernel_path(T, H, torch.float64) == "persistent"
     torch.manual_seed(0)
     oracle = nn.RNN(7, H, num_layers=2, bidirectional=True).double()
@@ -225,7 +227,8 @@ def test_module_falls_back_where_the_device_cannot_hold_every_program(monkeypatc
     monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
     default = kernels.config.default_config
     monkeypatch.setattr(kernels.config, "default_config",
-                        lambda path, batch, hidden: _config(2) if path == "persistent" else default(path, batch, hidden))
+                        lambda path, batch, hidden, dtype=None: _config(2) if path == "persistent"
+                        else default(path, batch, hidden, dtype))
     torch.manual_seed(0)
     oracle = nn.RNN(7, H, bidirectional=True).double()
     ours = tritonrnn.RNN(7, H, bidirectional=True, dtype=torch.float64)
@@ -324,3 +327,118 @@ def test_arrival_counters_never_overflow(monkeypatch):
     with concurrent_programs(), pytest.raises(ValueError, match="overflow the int32 arrival counters"):
         persistent.launch(xw, xw[0], torch.empty(40, 40, dtype=torch.float64), None, xw, xw[0], None, backward=False,
                           reverse=False, relu=False, numerics={}, meta=dict(BLOCK_B=16, BLOCK_N=16))
+
+
+def _bidirectional_problem(steps, batch, seed):
+    """Both directions' inputs, references (float64) and backward gradients, with lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    xw, h0, w = rand(2, steps, batch, H), rand(2, batch, H), rand(2, H, H, scale=1.5 / H ** 0.5)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+    active = (torch.arange(steps)[:, None] < lengths)[..., None]
+    grads = rand(2, steps, batch, H) * active
+    eye = torch.eye(H, dtype=torch.float64)
+    refs = [reference.forward(xw[d], h0[d], eye, w[d], None, None, "tanh", lengths, d == 1) for d in range(2)]
+    dz = [reference.backward(xw[d], h0[d], eye, w[d], refs[d][0], grads[d], torch.zeros(batch, H, dtype=torch.float64),
+                             "tanh", lengths, d == 1).dz for d in range(2)]
+    return dict(xw=xw, h0=h0, w=w, lengths=lengths.to(torch.int32), grads=grads, out=[r[0] for r in refs],
+                h_n=[r[1] for r in refs], dz=dz)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_several_groups_of_several_batch_tiles_both_directions(dtype, plans):
+    """Both directions in one launch, forward and backward, each direction 2 groups of 3 programs
+    and each group 2 batch tiles of 16 rows (B = 50: the last tile ragged), lengths: the capacity
+    (12 programs) allows 2 groups a direction, so the 4 batch tiles of a direction are served 2 a group."""
+    steps, batch = 4, 50
+    p = _bidirectional_problem(steps, batch, seed=21)
+    cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
+    numerics = kernels.recurrence._numerics(dtype, DEVICE, False)
+    meta = kernels.config.config_to_dict(_config(1))
+    out = torch.full((2, steps, batch, H), float("nan"), dtype=dtype)
+    h_n, dz = torch.full((2, batch, H), float("nan"), dtype=dtype), torch.full_like(out, float("nan"))
+    with concurrent_programs(seed=9, capacity=12):
+        persistent.launch(cast(p["xw"]), cast(p["h0"]), cast(p["w"]), None, out, h_n, p["lengths"], backward=False,
+                          reverse=False, relu=False, numerics=numerics, meta=meta)
+        persistent.launch(cast(p["grads"]), None, cast(p["w"]), cast(torch.stack(p["out"])), dz, None, p["lengths"],
+                          backward=True, reverse=True, relu=False, numerics=numerics, meta=meta)
+    assert plans == [persistent.Plan(3, 2, 2, 12, directions=2)] * 2
+    for d in range(2):
+        assert_close(out[d], p["out"][d], dtype, f"out[{d}]")
+        assert_close(h_n[d], p["h_n"][d], dtype, f"h_n[{d}]")
+        assert_close(dz[d], p["dz"][d], dtype, f"dz[{d}]")
+
+
+def test_single_program_groups_serve_column_blocks_in_turn(monkeypatch):
+    """Issue 18: the plain interpreter runs one program a group, which must serve all H columns; from
+    H = 1025 a [BLOCK_H, BLOCK_H] slice passes the interpreter's largest tensor, so the program takes
+    its columns in blocks, one after another each step. Here the largest tensor is made small (1024
+    elements: 4 blocks of 16 columns at BLOCK_H = 64), forward and backward, both directions."""
+    monkeypatch.setattr(persistent, "INTERPRETED_MAX_NUMEL", 1024)
+    scheduled, schedule = [], persistent.schedule
+    monkeypatch.setattr(persistent, "schedule", lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1])
+    steps, batch = 3, 5
+    p = _bidirectional_problem(steps, batch, seed=22)
+    out, h_n = kernels.bidirectional_forward(p["xw"], p["h0"], p["w"], lengths=p["lengths"])
+    dz = kernels.bidirectional_backward(p["grads"], torch.stack(p["out"]), p["w"], lengths=p["lengths"])
+    for d in range(2):
+        assert_close(out[d], p["out"][d], torch.float64, f"out[{d}]")
+        assert_close(h_n[d], p["h_n"][d], torch.float64, f"h_n[{d}]")
+        assert_close(dz[d], p["dz"][d], torch.float64, f"dz[{d}]")
+    assert [(plan.programs_per_group, kw["BLOCK_N"], kw["COLUMN_BLOCKS"]) for plan, kw in scheduled] == [(1, 16, 4)] * 2
+
+
+def test_interpreted_persistent_path_runs_h_1025():
+    """Issue 18's case: H = 1025 on the interpreted persistent path (BLOCK_H 2048) failed with
+    "numel (4194304) exceeds triton maximum tensor numel"; fp16 (its default path there), T = 2, B = 1."""
+    steps, batch, hidden = 2, 1, 1025
+    g = torch.Generator().manual_seed(23)
+    xw, h0 = torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64), torch.randn(batch, hidden, generator=g)
+    w = torch.randn(hidden, hidden, generator=g, dtype=torch.float64) / hidden ** 0.5
+    assert kernels.default_path(hidden, torch.float16) == "persistent"
+    half = torch.float16
+    out, h_n = kernels.recurrence_forward(xw.to(half), h0.to(half), w.to(half), path="persistent")
+    ref_out, ref_hn = reference.forward(xw, h0.double(), torch.eye(hidden, dtype=torch.float64), w)
+    assert_close(out, ref_out, half, "out")
+    assert_close(h_n, ref_hn, half, "h_n")
+
+
+def test_a_group_whose_program_never_arrives_raises_instead_of_hanging():
+    """Column block 1 of every group never arrives (DEBUG_ABSENT): its peers' waits end at the limit
+    (polls in the interpreter: %globaltimer cannot run here), every program of the group writes NaN
+    over its outputs, and the launcher raises naming the groups, within seconds, not a hang."""
+    p = _problem(False, seed=24)
+    out = torch.zeros(T, B, H, dtype=torch.float64)
+    h_n = torch.zeros(B, H, dtype=torch.float64)
+    meta = kernels.config.config_to_dict(_config(1, DEBUG_ABSENT=1))
+    numerics = kernels.recurrence._numerics(torch.float64, DEVICE, False)
+    start = time.monotonic()
+    with concurrent_programs(seed=10), pytest.raises(persistent.BarrierTimeout) as caught:
+        persistent.launch(p["xw"], p["h0"], p["w_hh"], None, out, h_n, None, timeout_s=0.05, backward=False,
+                          reverse=False, relu=False, numerics=numerics, meta=meta)
+    assert time.monotonic() - start < 20
+    message = str(caught.value)
+    assert "group 0 of direction 0, group 1 of direction 0" in message and "0.05 s" in message, message
+    assert out.isnan().all() and h_n.isnan().all()
+
+
+def test_a_refused_cooperative_launch_runs_the_stepwise_path_with_one_warning(monkeypatch):
+    """The driver refuses a cooperative launch that cannot be co-resident (Triton raises its CUDA error,
+    CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE): the launchers warn once and run the stepwise path."""
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, launch_cooperative_grid=False, **kwargs):
+                assert launch_cooperative_grid
+                raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+            return launch
+
+    monkeypatch.setattr(persistent, "rnn_persistent_kernel", Refusing())
+    monkeypatch.setattr(kernels.recurrence, "_refusal_warned", False)
+    p = _problem(True, seed=25)
+    ref_out, ref_hn = _reference_forward(p, "tanh", False)
+    with concurrent_programs(), pytest.warns(RuntimeWarning, match="refused a cooperative launch.*stepwise") as seen:
+        out, h_n = _forward(p, "tanh", False, torch.float64, _config(1))
+        _forward(p, "tanh", False, torch.float64, _config(1))
+    assert sum("refused a cooperative launch" in str(w.message) for w in seen) == 1
+    assert_close(out, ref_out, torch.float64, "out")
+    assert_close(h_n, ref_hn, torch.float64, "h_n")
