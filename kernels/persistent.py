@@ -44,11 +44,12 @@ from .common import activate, recurrent_dot
 
 
 @triton.jit
-def _slice_part(p_w, o_n, m_n, part, H, stride_wk, stride_wn, BLOCK_K: tl.constexpr):
-    """The transposed slice's part-th K chunk: [BLOCK_N, BLOCK_K], element [n, k] = M[k, n] (zero outside H)."""
+def _slice_part(p_w, o_n, m_n, part, HP, stride_wk, stride_wn, BLOCK_K: tl.constexpr):
+    """The transposed slice's part-th K chunk: [BLOCK_N, BLOCK_K], element [n, k] = M[k, n] (zero outside
+    H: M's rows H..HP-1 are zero where HP > H, padded_slices)."""
     o_k = part * BLOCK_K + tl.arange(0, BLOCK_K)
     return tl.load(p_w + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :] * stride_wk,
-                   mask=m_n[:, None] & (o_k < H)[None, :], other=0.0)
+                   mask=m_n[:, None] & (o_k < HP)[None, :], other=0.0)
 
 
 @triton.jit
@@ -62,11 +63,12 @@ def _state_part(p_s, o_srow, m_b, part, HP, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _slice(p_w, o_n, H, stride_wk, stride_wn, K_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _slice(p_w, o_n, H, HP, stride_wk, stride_wn, K_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
+           DOT_DTYPE: tl.constexpr):
     """The transposed slice of the columns o_n, in K_SPLIT parts (a tuple of [BLOCK_N, BLOCK_K])."""
     parts = ()
     for part in tl.static_range(K_SPLIT):
-        parts = parts + (_slice_part(p_w, o_n, o_n < H, part, H, stride_wk, stride_wn, BLOCK_K).to(DOT_DTYPE), )
+        parts = parts + (_slice_part(p_w, o_n, o_n < H, part, HP, stride_wk, stride_wn, BLOCK_K).to(DOT_DTYPE), )
     return parts
 
 
@@ -192,7 +194,7 @@ def rnn_persistent_kernel(
     n_bhp = B.to(tl.int64) * HP
     p_in += direction * T * n_bh
     p_out += direction * T * n_bh
-    p_w += direction * H * H
+    p_w += direction * H * HP  # [D, H, H], or [D, H, HP] (padded_slices; HP = H otherwise)
     p_ring += direction * 2 * n_bhp
     if BACKWARD:
         p_act += direction * T * n_bh
@@ -205,7 +207,7 @@ def rnn_persistent_kernel(
     first_row = group * BATCH_TILES * BLOCK_B
     if COLUMN_BLOCKS == 1:  # loaded once: the slice stays on chip (shared memory) for all steps
         o_n = first_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        b_wr = _slice(p_w, o_n, H, stride_wk, stride_wn, K_SPLIT, BLOCK_K, DOT_DTYPE)
+        b_wr = _slice(p_w, o_n, H, HP, stride_wk, stride_wn, K_SPLIT, BLOCK_K, DOT_DTYPE)
     b_in, b_act = _step_inputs(p_in, p_act, 0, T, first_row, first_block, B, H, n_bh, reverse, BLOCK_B, BLOCK_N,
                                BACKWARD, ACC_DTYPE)
     failed = 0
@@ -219,8 +221,8 @@ def rnn_persistent_kernel(
             for c in tl.static_range(COLUMN_BLOCKS):
                 o_n = (first_block + c) * BLOCK_N + tl.arange(0, BLOCK_N)
                 m_n = o_n < H
-                b_ws = b_wr if COLUMN_BLOCKS == 1 else _slice(p_w, o_n, H, stride_wk, stride_wn, K_SPLIT, BLOCK_K,
-                                                              DOT_DTYPE)
+                b_ws = b_wr if COLUMN_BLOCKS == 1 else _slice(p_w, o_n, H, HP, stride_wk, stride_wn, K_SPLIT,
+                                                              BLOCK_K, DOT_DTYPE)
                 # acc^T [BLOCK_N, BLOCK_B] = slice^T @ state^T + in^T: the slice is the MMA's M side.
                 b_z = _product(b_ws, p_prev, o_srow, m_b, b_in, HP, K_SPLIT, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
                 b_new = activate(b_z, b_act, BACKWARD, RELU)
@@ -344,6 +346,8 @@ class Plan:
     batch_tiles: int
     resident_capacity: int
     directions: int = 1
+    # On a GPU: the hand model's capacity (modelled_capacity) beside the driver's, for tests/test_gpu.py.
+    modelled_capacity: int = dataclasses.field(default=None, compare=False)
 
     @property
     def grid(self) -> tuple:
@@ -384,12 +388,30 @@ def launch_args(p_in, w_hh, p_act, out, ring, h_n, lengths, T, B, H, *, backward
                 numerics: dict, meta: dict, timer: bool):
     """The kernel's arguments but the sync words, BATCH_TILES and the wait limit: pointers, scalars,
     constexprs (tensors, or their dtypes where only the compiled kernel is needed)."""
-    # M = W_hh^T in the forward (W_hh read with its strides swapped), W_hh in the backward.
-    stride_wk, stride_wn = (H, 1) if backward else (1, H)
+    stride_wk, stride_wn = slice_strides(H, backward)
     args = (p_in, w_hh, p_act, out, ring, h_n, lengths)
     kwargs = dict(BLOCK_H=max(16, triton.next_power_of_2(H)), COLUMN_BLOCKS=1, BACKWARD=backward, REVERSE=reverse,
                   RELU=relu, TIMER=timer, **numerics, **meta)
     return args, (T, B, H, padded(H), stride_wk, stride_wn), kwargs
+
+
+def slice_strides(hidden: int, backward: bool) -> tuple:
+    """(stride_wk, stride_wn) of M: W_hh^T in the forward (W_hh read with its strides swapped), W_hh
+    in the backward; or M^T with padded rows (padded_slices) where H is not a multiple of 16."""
+    if hidden % 16:
+        return 1, padded(hidden)
+    return (hidden, 1) if backward else (1, hidden)
+
+
+def padded_slices(w_hh: torch.Tensor, backward: bool) -> torch.Tensor:
+    """M^T with rows padded to 16 elements ([..., H, HP], zero beyond H), for an H that is not a
+    multiple of 16: each program's slice (rows of M^T) then loads in aligned vectors, not element by
+    element. One copy of W_hh a launch (H * HP elements)."""
+    H = w_hh.shape[-1]
+    m_t = w_hh.transpose(-1, -2) if backward else w_hh  # forward M = W_hh^T: M^T = W_hh
+    out = w_hh.new_zeros(*w_hh.shape[:-1], padded(H))
+    out[..., :H] = m_t
+    return out
 
 
 # The interpreter's largest tensor (triton.language.TRITON_MAX_TENSOR_NUMEL): a single program's
@@ -406,15 +428,17 @@ def schedule(args, scalars, kwargs, device: torch.device, directions: int = 1) -
     if device.type == "cuda":
         compiled = rnn_persistent_kernel.warmup(*args, torch.int32, *scalars, 1, 1, grid=(1, 1, 1),
                                                 launch_cooperative_grid=True, **kwargs)
-        capacity = resident_capacity(compiled, device)
+        capacity, modelled = resident_capacity(compiled, device), modelled_capacity(compiled, device)
     else:
+        modelled = None
         capacity = INTERPRETED_RESIDENT_PROGRAMS
         if capacity == 1:
             width = kwargs["BLOCK_H"]
             block_n = min(width, max(16, INTERPRETED_MAX_NUMEL // width))
             kwargs = dict(kwargs, BLOCK_N=block_n, COLUMN_BLOCKS=triton.cdiv(width, block_n), K_SPLIT=1)
     width = kwargs["BLOCK_N"] * kwargs["COLUMN_BLOCKS"]
-    return plan(B, H, kwargs["BLOCK_B"], width, capacity, directions), kwargs
+    chosen = plan(B, H, kwargs["BLOCK_B"], width, capacity, directions)
+    return dataclasses.replace(chosen, modelled_capacity=modelled), kwargs
 
 
 def check_counters(T: int, chosen: Plan) -> None:
@@ -480,6 +504,8 @@ def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, timeout_s: float = None, 
     # The exchanged state: two slots, rows padded to 16 elements (zero beyond H); slot 1 is the
     # state before step 0.
     ring = torch.zeros(directions, 2, B, padded(H), dtype=out.dtype, device=out.device)
+    if H % 16:
+        w_hh = padded_slices(w_hh, backward=options["backward"])
     if p_h0 is not None:
         ring[:, 1, :, :H] = p_h0.view(directions, B, H)
     args, scalars, kwargs = launch_args(p_in, w_hh, p_act, out, ring, h_n, lengths, T, B, H,

@@ -46,6 +46,8 @@ def _signature(path: str, dtype, backward: bool, lengths: bool):
 def _int_arguments(path: str, batch: int, hidden: int, backward: bool) -> dict:
     """The integer arguments' values at a launch (None: not specialised, as the step index and T)."""
     stride_wk, stride_wn = (hidden, 1) if backward else (1, hidden)
+    if path == "persistent":
+        stride_wk, stride_wn = persistent.slice_strides(hidden, backward)
     ints = {"T" if path != "stepwise" else "t": None, "B": batch, "H": hidden, "stride_wk": stride_wk,
             "stride_wn": stride_wn}
     if path == "persistent":  # the kernel leaves B unspecialised (do_not_specialize); HP: the ring's stride

@@ -6,7 +6,14 @@ launch at once, one thread per program, with a random short sleep at each atomic
 programs, forward and backward, both directions, lengths, tanh and relu, float64 and float32.
 The same kernel with its wait broken (the target off by one, or no wait) must fail here.
 """
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -442,3 +449,63 @@ def test_a_refused_cooperative_launch_runs_the_stepwise_path_with_one_warning(mo
     assert sum("refused a cooperative launch" in str(w.message) for w in seen) == 1
     assert_close(out, ref_out, torch.float64, "out")
     assert_close(h_n, ref_hn, torch.float64, "h_n")
+
+
+@pytest.fixture(scope="module")
+def compiled_for_hopper():
+    """The persistent kernel compiled offline for sm_90 (bf16, H = 1001: not a multiple of 16; the
+    forward with lengths): its PTX and resources, from a subprocess without TRITON_INTERPRET (the
+    compiler needs the real @triton.jit objects)."""
+    from tritonrnn.perf import static
+    if not static.available():
+        pytest.skip("this triton has no bundled NVIDIA toolchain")
+    code = ("import json, torch; from tritonrnn.perf import static; "
+            "r = static.compile_kernel('persistent', torch.bfloat16, 256, 1001, lengths=True, asm=True); "
+            "print(json.dumps({k: r[k] for k in ('ptx', 'registers', 'stack_bytes', 'mma')}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def _without_group_barrier_syncs(ptx: str) -> str:
+    """The PTX with the CTA barriers around the wait removed: the bar.sync lines that the two
+    tl.debug_barrier() calls of _group_barrier became (found by their .loc source lines)."""
+    source, first = inspect.getsourcelines(persistent._group_barrier.fn)
+    lines = {first + i for i, line in enumerate(source) if "tl.debug_barrier()" in line}
+    kept, loc = [], None
+    for line in ptx.splitlines():
+        found = re.search(r"persistent\.py:(\d+):", line)
+        if line.lstrip().startswith(".loc") and found:
+            loc = int(found.group(1))
+        if not (re.match(r"\s*bar\.sync", line) and loc in lines):
+            kept.append(line)
+    assert len(kept) == len(ptx.splitlines()) - 2, "expected two bar.sync lines from the group barrier"
+    return "\n".join(kept)
+
+
+def test_barrier_order_in_the_compiled_ptx(compiled_for_hopper):
+    """What the concurrent harness cannot see (the interpreter has no memory model): the compiled
+    barrier's order. The real kernel passes; PTX with relaxed atomics, without the CTA barriers
+    around the wait, or with plain state loads is reported."""
+    from tritonrnn.perf import static
+    ptx = compiled_for_hopper["ptx"]
+    assert static.barrier_order_problems(ptx) == []
+    relaxed = static.barrier_order_problems(re.sub(r"\.(release|acquire)\b", ".relaxed", ptx))
+    assert any("release" in p for p in relaxed) and any("acquire" in p for p in relaxed), relaxed
+    unsynced = static.barrier_order_problems(_without_group_barrier_syncs(ptx))
+    assert unsynced == ["no CTA barrier before the arrival", "no CTA barrier after the acquire"], unsynced
+    plain = static.barrier_order_problems(ptx.replace("ld.global.cg", "ld.global"))
+    assert plain == ["no state load bypassing L1 (ld.global.cg)"], plain
+
+
+def test_hidden_sizes_off_16_load_in_vectors_without_spills(compiled_for_hopper):
+    """Issue 16 item 3d: at H = 1001 the state (HP-padded ring) and the W slice (padded_slices) load
+    in 16-byte vectors, on the tensor cores, without spills; only the small per-tile inputs
+    [BLOCK_N, BLOCK_B] (prefetched before the wait) are read element by element."""
+    ptx = compiled_for_hopper["ptx"]
+    assert compiled_for_hopper["stack_bytes"] == 0 and compiled_for_hopper["mma"]
+    assert re.findall(r"ld\.global\.cg\.(v\d)\.b32", ptx) and re.findall(r"ld\.global\.v4\.b32", ptx)
+    scalar = re.findall(r"ld\.global(?:\.cg)?\.b16", ptx)
+    assert len(scalar) <= 16, f"{len(scalar)} scalar 2-byte loads"
