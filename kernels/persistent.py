@@ -1,35 +1,62 @@
 """The persistent recurrence: one launch for all T steps, W_hh split by output columns over
 programs that stay resident and meet at a barrier after every step.
 
-Dimensions: T steps, B batch, H hidden. Program (n, g) owns the output columns
-n*BLOCK_N ... (n+1)*BLOCK_N - 1 for every step, and loads its slice of W_hh once, before the time
-loop, so the slice stays on chip (shared memory/registers) for the whole sequence. It serves the
-batch rows of group g: BATCH_TILES tiles of BLOCK_B rows, in direction d (a bidirectional layer
-runs both directions in one launch: grid axis 2, inputs stacked [2, ...], direction 1 walking
-the other way). Each step it reads the group's whole previous state (all H columns of its rows,
-which the other programs of the group have just written: one row of `p_out`, in L2), computes
-its columns of the new state and stores them. Then the programs of the group (same g and d,
-every n) wait for each other:
+Dimensions: T steps, B batch, H hidden, HP = H rounded up to 16. The MMA's shape (what the cost
+model uses):
 
-    debug_barrier; arrivals[g] += 1 (release); poll arrivals[g] (acquire) until it reaches
-    (steps done) * (programs per group); debug_barrier
+- Program (n, g, d) owns BLOCK_N output columns n*BLOCK_N ... for every step, in direction d (a
+  bidirectional layer runs both directions in one launch: grid axis 2, inputs stacked [2, ...],
+  direction 1 walking the other way), for the batch rows of group g: BATCH_TILES tiles of BLOCK_B
+  rows, one after another each step.
+- Before the time loop it loads its slice of M transposed, [BLOCK_N, BLOCK_H] (M^T rows: W_hh's
+  rows in the forward), once; Triton keeps it in shared memory for all steps (BLOCK_N x BLOCK_H x
+  element bytes: 64 x 1024 x 2 = 128 KB). The slice is the MMA's M side: 64 columns give wgmma
+  m64nN on sm_90 (N = BLOCK_B over the warpgroups: 8 warps = [4, 2], m64n8 each); 32 columns give
+  mma.sync m16n8 with warps [2, 2], one tile a warp, none repeated (perf/NOTES.md, v0.5).
+- Each step, per batch tile: it reads state^T [BLOCK_H, BLOCK_B] (all H columns of the tile's rows,
+  which every program of the group wrote) from L2 (.cg, 16-byte vectors: the ring's rows are
+  HP-padded), stages it through shared memory (BLOCK_H x BLOCK_B x element bytes), computes
+  acc^T [BLOCK_N, BLOCK_B] = slice^T @ state^T + in^T in one dot (K = BLOCK_H; K_SPLIT 2 reads and
+  stages the state in two halves, chained on one accumulator), applies the activation, and stores
+  its [BLOCK_B, BLOCK_N] block transposed back: into the output and into the ring slot of this
+  step (the state the group exchanges). The next tile's inputs (in^T, and h_t^T in the backward)
+  are loaded right after, so the last tile's load of step i + 1 is issued before the wait.
+- Then the programs of the group (same g and d, every n) wait for each other (_group_barrier, one
+  @triton.jit function):
 
-The counter only grows (zeroed once per launch, never between steps), so no reset can race with
-a late poll. The exchanged state is read with .cg (from L2, never a stale L1 line) after the
-acquire. Every program of the launch must be resident at once, or the waits never end:
-`resident_capacity` computes from the compiled kernel how many fit, `plan` never exceeds it and
-the launch is cooperative (the driver refuses a grid that cannot be co-resident). Groups of one
-program wait for no one (the plain interpreter runs programs one at a time, so its groups are
-single programs).
+      debug_barrier; counter[g] += 1 (release, gpu scope, one thread); poll counter[g] relaxed
+      until it reaches (steps done) * (programs per group); one acquire read; debug_barrier
+
+  Each group's counter and status word have their own 128-byte line (SYNC_LINE int32). The counter
+  only grows (zeroed once per launch), so no reset races a late poll. No barrier after the last
+  step. Per step and program: the state read (BLOCK_H x BATCH_TILES*BLOCK_B elements from L2),
+  BATCH_TILES dots, one arrival, polls, one acquire read.
+- The ring [D, 2, B, HP] holds the state: slot i % 2 written at step i, slot 1 the initial state
+  (h0 forward, 0 backward), columns H..HP-1 zero. Two slots suffice: slot i % 2, read at step
+  i + 1, is written again at step i + 2, which a program starts only after the barrier of step
+  i + 1, i.e. after every program of its group has finished reading it.
+- Where H is not a multiple of 16 the launcher passes M^T with padded rows (padded_slices: one copy
+  of W_hh a launch), so the slice loads in vectors too.
+
+Every program of the launch must be resident at once, or the waits never end: `resident_capacity`
+asks the driver (cuOccupancyMaxActiveBlocksPerMultiprocessor on the loaded kernel), `plan` never
+exceeds it and the launch is cooperative (the driver refuses a grid that cannot be co-resident:
+LaunchRefused, and the launchers in recurrence.py run the stepwise path with one warning). The
+hand model (programs_per_sm, SMLimits) serves offline plans. A wait is bounded: past
+WAIT_TIMEOUT_S (%globaltimer; in the interpreter, which cannot run PTX, a poll count) a program
+stops waiting, and at the end writes NaN over all its outputs and flags its group; the launcher
+raises BarrierTimeout. Groups of one program wait for no one: the plain interpreter runs programs
+one at a time, so there a group is one program serving all H columns in COLUMN_BLOCKS blocks of
+BLOCK_N in turn (its slice reloaded each step: the interpreter's tensors stop at 2^20 elements).
 
 The same kernel runs the forward (state h) and the backward (state dz):
 
     forward:   h_t  = act(xw_t + h_{t-1} @ W_hh^T)               M = W_hh^T
     backward:  dz_t = (g_t + dz_{t+1} @ W_hh) * act'(h_t)          M = W_hh
 
-With lengths, steps t >= lengths[b] of row b write 0. The forward's carried state is then not
-the output: a row's previous state is out[t_prev] where t_prev was active, else h0 (the reverse
-direction starts each row at its own last step); h_n is out at each row's last step.
+With lengths, steps t >= lengths[b] of row b output 0; in the forward the row keeps its state
+(h0 until a reverse row starts), in the backward its state is that 0; h_n is each row's state
+after the last step.
 """
 import ctypes
 import dataclasses
@@ -240,9 +267,10 @@ def rnn_persistent_kernel(
                         b_state = tl.where(active, b_new,
                                            tl.load(p_prev + o_ring, mask=m_nb, other=0.0, cache_modifier=".cg"))
                 tl.store(p_out + t * n_bh + o_own, b_new.to(p_out.dtype.element_ty), mask=m_nb)
-                tl.store(p_ring + (i % 2) * n_bhp + o_ring, b_state.to(p_ring.dtype.element_ty), mask=m_nb & (i < T - 1))
-                if not BACKWARD:  # h_n: each row's state after the last step
-                    tl.store(p_hn + o_own, b_state.to(p_hn.dtype.element_ty), mask=m_nb & (i == T - 1))
+                if i < T - 1:
+                    tl.store(p_ring + (i % 2) * n_bhp + o_ring, b_state.to(p_ring.dtype.element_ty), mask=m_nb)
+                elif not BACKWARD:  # h_n: each row's state after the last step
+                    tl.store(p_hn + o_own, b_state.to(p_hn.dtype.element_ty), mask=m_nb)
                 # The next tile's inputs: loaded before the wait where this tile is the step's last.
                 if c + 1 < COLUMN_BLOCKS:
                     b_in, b_act = _step_inputs(p_in, p_act, i, T, first_row + j * BLOCK_B, first_block + c + 1, B, H,

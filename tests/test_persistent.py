@@ -3,8 +3,11 @@
 Triton's interpreter runs programs one after another, so these tests run every program of a
 launch at once, one thread per program, with a random short sleep at each atomic
 (tests/concurrent_interpreter.py), against the float64 reference: several groups of several
-programs, forward and backward, both directions, lengths, tanh and relu, float64 and float32.
-The same kernel with its wait broken (the target off by one, or no wait) must fail here.
+programs and several batch tiles, forward and backward, both directions, lengths, tanh and relu,
+float64 and float32, NaN-poisoned outputs. The same kernel with its wait broken (the target off
+by one, or no wait) must fail here; a program that never arrives must end in an error, not a
+hang. What the harness cannot see (the memory order of the compiled barrier) is checked in the
+offline sm_90 PTX at the end.
 """
 import inspect
 import json
@@ -74,7 +77,7 @@ def test_forward_with_concurrent_programs_matches_reference(variant, dtype):
     assert_close(h_n, ref_hn, dtype, "h_n")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float64], ids=dtype_id)  # float32: test_both_directions_in_one_launch
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 def test_backward_with_concurrent_programs_matches_reference(variant, dtype, monkeypatch):
     act, reverse, packed, k_split = variant
@@ -272,7 +275,7 @@ def test_rows_of_length_zero_end_in_h0(reverse):
     assert torch.equal(h_n[:3], p["h0"][:3])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32], ids=dtype_id)  # float64: the test below
 def test_both_directions_in_one_launch(dtype):
     """A bidirectional layer's two directions in one launch (grid axis 2, inputs stacked [2, ...],
     each its own W_hh and h0; direction 1 walks the other way), forward and backward, lengths."""
@@ -352,7 +355,7 @@ def _bidirectional_problem(steps, batch, seed):
                 h_n=[r[1] for r in refs], dz=dz)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float64], ids=dtype_id)  # float32: the test above
 def test_several_groups_of_several_batch_tiles_both_directions(dtype, plans):
     """Both directions in one launch, forward and backward, each direction 2 groups of 3 programs
     and each group 2 batch tiles of 16 rows (B = 50: the last tile ragged), lengths: the capacity
