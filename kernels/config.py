@@ -92,11 +92,12 @@ def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: to
       (BLOCK_H 256), BLOCK_B 16: fp32 TF32 278,528 B, 3xTF32 and fp64 557,056 B, bf16 139,264 B;
       H = 128: TF32 73,728 B (BLOCK_B 16), 131,072 B (64, wgmma), 3xTF32 147,456 B (16).
     - persistent: the transposed W_hh slice [BLOCK_N, BLOCK_H], hoisted (twice in 3xTF32), the
-      state tile [BLOCK_H / K_SPLIT, BLOCK_B] and the accumulator's layout change [BLOCK_N, BLOCK_B]:
-      e * BLOCK_H * w * (BLOCK_N + BLOCK_B / K_SPLIT) + a * BLOCK_B * BLOCK_N. Measured (v0.5 kernel,
-      lengths, forward, BLOCK_B 16): bf16 H = 256 (BLOCK_N 64) 45,056 B, 512 (64) 86,016 B, 1024 (64)
-      167,936 B, 2048 (32) 198,656 B, fp32 TF32 1024 (32) 198,656 B, fp64 512 (32) 200,704 B (all
-      exact); 3xTF32 H = 256 (64) 163,840 B (the model: 167,936 B).
+      state tile [BLOCK_H, BLOCK_B] (whole, in K_SPLIT parts too) and the accumulator's layout
+      change [BLOCK_N, BLOCK_B]: e * BLOCK_H * w * (BLOCK_N + BLOCK_B) + a * BLOCK_B * BLOCK_N.
+      Measured (v0.5 kernel, lengths, forward, BLOCK_B 16): bf16 H = 256 (BLOCK_N 64) 45,056 B, 512
+      (64) 86,016 B, 1024 (64) 167,936 B, fp64 512 (32) 200,704 B (exact); K_SPLIT 4: bf16 2048 (32)
+      and fp32 TF32 1024 (32) 196,608 B (the model: 198,656 B); 3xTF32 H = 256 (64) 163,840 B
+      (167,936 B).
     - stepwise: num_stages pipelined copies of both operand tiles, in 3xTF32 one more of the
       batch tile: e * BLOCK_K * (num_stages * (BLOCK_B + BLOCK_N) + BLOCK_B if 3xTF32).
     """
@@ -108,8 +109,7 @@ def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: to
     if path == "persistent":
         acc_bytes = 8 if dtype == torch.float64 else 4
         width, block_n, block_b = block_h(hidden), kwargs["BLOCK_N"], kwargs["BLOCK_B"]
-        return (dtype.itemsize * width * (2 if tf32x3 else 1) * (block_n + block_b // kwargs["K_SPLIT"])
-                + acc_bytes * block_b * block_n)
+        return dtype.itemsize * width * (2 if tf32x3 else 1) * (block_n + block_b) + acc_bytes * block_b * block_n
     stages = max(config.num_stages, 1)
     tiles = stages * (kwargs["BLOCK_B"] + kwargs["BLOCK_N"]) + (kwargs["BLOCK_B"] if tf32x3 else 0)
     return dtype.itemsize * kwargs["BLOCK_K"] * tiles
@@ -142,14 +142,15 @@ def path_fits(path: str, hidden: int, dtype: torch.dtype = None, allow_tf32: boo
 def _persistent_default(hidden: int, dtype: torch.dtype = None) -> triton.Config:
     """64 columns a program (the MMA's M side: wgmma m64nN on sm_90, one warpgroup per 64 rows) where
     the transposed slice [64, BLOCK_H] takes at most 128 KB (8 warps from BLOCK_H = 512: [4, 2]
-    warpgroups over the 16-row batch tile, no spills); else 32 columns, 4 warps (mma.sync m16n8,
-    warps [2, 2]: one tile a warp, none repeated). `dtype` None: a config every dtype can load (fp64's
-    8-byte elements, 3xTF32's two copies)."""
+    warpgroups over the 16-row batch tile, no spills); else 32 columns, K in 4 parts over 4 warps
+    (mma.sync m16n8, warps [4, 1, 1]: each warp its own part, 4 independent accumulator chains of
+    BLOCK_H / 4). `dtype` None: a config every dtype can load (fp64's 8-byte elements, 3xTF32's two
+    copies)."""
     width = block_h(hidden)
     element = 8 if dtype is None else dtype.itemsize
-    block_n = 64 if 64 * width * element <= 128 * 1024 else 32
-    warps = 8 if block_n == 64 and width >= 512 else 4
-    return triton.Config({"BLOCK_B": MIN_DOT, "BLOCK_N": block_n, "K_SPLIT": 1}, num_warps=warps, num_stages=1)
+    wide = 64 * width * element <= 128 * 1024
+    return triton.Config({"BLOCK_B": MIN_DOT, "BLOCK_N": 64 if wide else 32, "K_SPLIT": 1 if wide else 4},
+                         num_warps=8 if wide and width >= 512 else 4, num_stages=1)
 
 
 def default_config(path: str, batch: int, hidden: int, dtype: torch.dtype = None) -> triton.Config:
@@ -186,8 +187,9 @@ def tuning_space(path: str, batch: int, hidden: int, dtype: torch.dtype = None, 
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": ks}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb
                  for bn in (32, 64, 128) if bn <= max_n
-                 for ks in ((1, 2) if block_h(hidden) >= 1024 else (1,))  # halves of >= 512 columns
-                 for w in (4, 8)]
+                 for w in (4, 8)
+                 # K parts: one warp each (more warps than parts repeat work), parts of >= 64 rows
+                 for ks in (1, w) if block_h(hidden) >= 64 * ks]
     else:
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
                  for bb in (16, 64, 128) if bb <= max_bb

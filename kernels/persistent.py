@@ -12,12 +12,14 @@ model uses):
   rows in the forward), once; Triton keeps it in shared memory for all steps (BLOCK_N x BLOCK_H x
   element bytes: 64 x 1024 x 2 = 128 KB). The slice is the MMA's M side: 64 columns give wgmma
   m64nN on sm_90 (N = BLOCK_B over the warpgroups: 8 warps = [4, 2], m64n8 each); 32 columns give
-  mma.sync m16n8 with warps [2, 2], one tile a warp, none repeated (perf/NOTES.md, v0.5).
+  mma.sync m16n8 with K in 4 parts, one a warp ([4, 1, 1]), none repeated (perf/NOTES.md, v0.5).
 - Each step, per batch tile: it reads state^T [BLOCK_H, BLOCK_B] (all H columns of the tile's rows,
   which every program of the group wrote) from L2 (.cg, 16-byte vectors: the ring's rows are
   HP-padded), stages it through shared memory (BLOCK_H x BLOCK_B x element bytes), computes
-  acc^T [BLOCK_N, BLOCK_B] = slice^T @ state^T + in^T in one dot (K = BLOCK_H; K_SPLIT 2 reads and
-  stages the state in two halves, chained on one accumulator), applies the activation, and stores
+  acc^T [BLOCK_N, BLOCK_B] = slice^T @ state^T + in^T in one dot (K = BLOCK_H; with K_SPLIT > 1 a
+  batched dot over K_SPLIT parts of K, [K_SPLIT, BLOCK_N, BLOCK_B], Triton giving each warp one part:
+  K_SPLIT independent chains of BLOCK_H / K_SPLIT, summed across warps through shared memory; the
+  slice is then held as [K_SPLIT, BLOCK_N, BLOCK_K]), applies the activation, and stores
   its [BLOCK_B, BLOCK_N] block transposed back: into the output and into the ring slot of this
   step (the state the group exchanges). The next tile's inputs (in^T, and h_t^T in the backward)
   are loaded right after, so the last tile's load of step i + 1 is issued before the wait.
@@ -71,42 +73,41 @@ from .common import activate, recurrent_dot
 
 
 @triton.jit
-def _slice_part(p_w, o_n, m_n, part, HP, stride_wk, stride_wn, BLOCK_K: tl.constexpr):
-    """The transposed slice's part-th K chunk: [BLOCK_N, BLOCK_K], element [n, k] = M[k, n] (zero outside
-    H: M's rows H..HP-1 are zero where HP > H, padded_slices)."""
-    o_k = part * BLOCK_K + tl.arange(0, BLOCK_K)
-    return tl.load(p_w + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :] * stride_wk,
-                   mask=m_n[:, None] & (o_k < HP)[None, :], other=0.0)
-
-
-@triton.jit
-def _state_part(p_s, o_srow, m_b, part, HP, BLOCK_K: tl.constexpr):
-    """state^T's part-th K chunk [BLOCK_K, BLOCK_B] from a ring slot (rows o_srow, HP-padded: the
-    columns are 16-element aligned and the mask constant over 16, so the loads vectorise at any H),
-    from L2 (.cg): other programs wrote it."""
-    o_k = part * BLOCK_K + tl.arange(0, BLOCK_K)
-    return tl.load(p_s + o_srow[None, :] + o_k[:, None], mask=(o_k < HP)[:, None] & m_b[None, :], other=0.0,
-                   cache_modifier=".cg")
-
-
-@triton.jit
 def _slice(p_w, o_n, H, HP, stride_wk, stride_wn, K_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
            DOT_DTYPE: tl.constexpr):
-    """The transposed slice of the columns o_n, in K_SPLIT parts (a tuple of [BLOCK_N, BLOCK_K])."""
-    parts = ()
-    for part in tl.static_range(K_SPLIT):
-        parts = parts + (_slice_part(p_w, o_n, o_n < H, part, HP, stride_wk, stride_wn, BLOCK_K).to(DOT_DTYPE), )
-    return parts
+    """The transposed slice of the columns o_n: [BLOCK_N, BLOCK_H], element [n, k] = M[k, n] (zero
+    outside H: M's rows H..HP-1 are zero where HP > H, padded_slices); with K_SPLIT > 1 its K in
+    K_SPLIT parts, [K_SPLIT, BLOCK_N, BLOCK_K]."""
+    if K_SPLIT == 1:
+        o_k = tl.arange(0, BLOCK_K)
+        b_w = tl.load(p_w + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :] * stride_wk,
+                      mask=(o_n < H)[:, None] & (o_k < HP)[None, :], other=0.0)
+    else:
+        o_k = tl.arange(0, K_SPLIT)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+        o_n3 = o_n[None, :, None]
+        b_w = tl.load(p_w + o_n3.to(tl.int64) * stride_wn + o_k * stride_wk, mask=(o_n3 < H) & (o_k < HP), other=0.0)
+    return b_w.to(DOT_DTYPE)
 
 
 @triton.jit
-def _product(b_ws, p_s, o_srow, m_b, acc, HP, K_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def _product(b_w, p_s, o_srow, m_b, acc, HP, K_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
              INPUT_PRECISION: tl.constexpr):
-    """acc + slice^T @ state^T, part by part: each state part is read and staged on its own (a part's
-    shared memory and registers, not the whole state's)."""
-    for part in tl.static_range(K_SPLIT):
-        acc = recurrent_dot(b_ws[part], _state_part(p_s, o_srow, m_b, part, HP, BLOCK_K), acc, DOT_DTYPE,
-                            INPUT_PRECISION)
+    """acc + slice^T @ state^T, state^T [BLOCK_H, BLOCK_B] read from a ring slot (rows o_srow, HP-padded:
+    16-element aligned, the mask constant over 16, so the loads vectorise at any H) from L2 (.cg):
+    other programs wrote it. K_SPLIT > 1: one batched dot over the K parts, [K_SPLIT, BLOCK_N, BLOCK_B]
+    (Triton puts the warps on the parts: each warp one part, K_SPLIT independent accumulator chains of
+    BLOCK_K), summed across warps."""
+    if K_SPLIT == 1:
+        o_k = tl.arange(0, BLOCK_K)
+        b_s = tl.load(p_s + o_srow[None, :] + o_k[:, None], mask=(o_k < HP)[:, None] & m_b[None, :], other=0.0,
+                      cache_modifier=".cg")
+        acc = recurrent_dot(b_w, b_s, acc, DOT_DTYPE, INPUT_PRECISION)
+    else:
+        o_k = tl.arange(0, K_SPLIT)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :, None]
+        b_s = tl.load(p_s + o_srow[None, None, :] + o_k, mask=(o_k < HP) & m_b[None, None, :], other=0.0,
+                      cache_modifier=".cg")
+        b_parts = tl.dot(b_w, b_s.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        acc += tl.sum(b_parts, axis=0)
     return acc
 
 
@@ -199,7 +200,7 @@ def rnn_persistent_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    K_SPLIT: tl.constexpr,  # 1 or 2: the product's K in as many independent chains (accumulators)
+    K_SPLIT: tl.constexpr,  # 1, or the product's K in as many parts: a batched dot, independent chains
     COLUMN_BLOCKS: tl.constexpr,  # BLOCK_N-column blocks a program serves in turn (1: its slice stays on chip)
     BACKWARD: tl.constexpr,
     REVERSE: tl.constexpr,  # of direction 0; direction 1 walks the other way

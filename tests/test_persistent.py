@@ -30,7 +30,7 @@ from tritonrnn.kernels import persistent
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's concurrent harness")
 
 # T = 5, B = 20 (2 groups of 16 rows, the second ragged), H = 40: 3 programs of 16 columns per
-# group, the last ragged; K_SPLIT = 2 reads the state in two halves of 32 columns.
+# group, the last ragged; K_SPLIT = 2 multiplies in two K parts of 32 (a batched dot, summed).
 T, B, H = 5, 20, 40
 VARIANTS = [  # (nonlinearity, reverse, with lengths, K_SPLIT)
     ("tanh", False, False, 1), ("relu", False, True, 2), ("tanh", True, True, 1), ("relu", True, False, 2),
