@@ -297,7 +297,8 @@ def test_both_directions_in_one_launch(dtype):
     dz = torch.full_like(out, float("nan"))
     with concurrent_programs(seed=8):
         forward_plan = persistent.launch(stack([q["xw"] for q in p]), stack([q["h0"] for q in p]), w, None, out, h_n,
-                                         lengths, backward=False, reverse=False, relu=True, numerics=numerics, meta=meta)
+                                         lengths, backward=False, reverse=False, relu=True, numerics=numerics,
+                                         meta=meta)
         persistent.launch(stack(grads), None, w, stack([r[0] for r in refs]), dz, None, lengths, backward=True,
                           reverse=True, relu=True, numerics=numerics, meta=meta)
     assert forward_plan.grid == (3, 2, 2)
@@ -403,7 +404,8 @@ def test_interpreted_persistent_path_runs_h_1025():
     "numel (4194304) exceeds triton maximum tensor numel"; fp16 (its default path there), T = 2, B = 1."""
     steps, batch, hidden = 2, 1, 1025
     g = torch.Generator().manual_seed(23)
-    xw, h0 = torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64), torch.randn(batch, hidden, generator=g)
+    xw = torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64)
+    h0 = torch.randn(batch, hidden, generator=g)
     w = torch.randn(hidden, hidden, generator=g, dtype=torch.float64) / hidden ** 0.5
     assert kernels.default_path(hidden, torch.float16) == "persistent"
     half = torch.float16
