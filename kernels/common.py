@@ -27,8 +27,14 @@ def tanh(z):
 def cell_update(z, p_h, offsets, mask, BACKWARD: tl.constexpr, RELU: tl.constexpr):
     """Forward: h_t = act(z_t). Backward: z is dh_t; loads h_t from p_h + offsets (p_h is None in
     the forward) and returns dz_t = dh_t * act'(z_t)."""
+    b_h = tl.load(p_h + offsets, mask=mask, other=0.0).to(z.dtype) if BACKWARD else z
+    return activate(z, b_h, BACKWARD, RELU)
+
+
+@triton.jit
+def activate(z, b_h, BACKWARD: tl.constexpr, RELU: tl.constexpr):
+    """Forward: h_t = act(z_t). Backward: z is dh_t, b_h is h_t; returns dz_t = dh_t * act'(z_t)."""
     if BACKWARD:
-        b_h = tl.load(p_h + offsets, mask=mask, other=0.0).to(z.dtype)
         if RELU:  # as torch's relu backward: the gradient passes where h_t is not <= 0 (NaN included)
             out = tl.where(b_h <= 0, 0.0, z)
         else:

@@ -30,12 +30,15 @@ SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
 # compiles spill-free forward and backward on sm_90 (kernels/offline/sm_90.json).
 SEQUENCE_CANDIDATE_MAX_H = {2: 256}
 
-# Largest H of the persistent path, by element size: a 2048-wide W_hh split over 128 programs of
-# 16 columns (32 KB to 128 KB each), every one resident on its own SM of an H100/H200. fp64 runs
-# only in tests (gradcheck), where its slices must stay small. Exact fp32 (TF32 off) multiplies in
-# 3xTF32, whose operand copies spill from H = 512 and pass 227 KB of shared memory at 2048.
-PERSISTENT_MAX_H = {8: 512, 4: 2048, 2: 2048}
-PERSISTENT_EXACT_FP32_MAX_H = 256
+# Largest H of the persistent path, by element size: W_hh split over programs of 32 to 64 columns
+# (a slice of up to 128 KB each, on chip), every one resident on an SM of an H100/H200. fp32 stops at
+# 1024: at 2048 a 32-column slice is 256 KB (over 227 KB) and 16 columns leave a 16-row MMA tile
+# whose staged operands spill kilobytes (perf/NOTES.md, v0.5). fp64 runs only in tests (gradcheck),
+# where its slices must stay small. Exact fp32 (TF32 off) multiplies in 3xTF32: its three chained
+# dots make Triton lay every warp along M and spill hundreds of bytes at every slice width (v0.5), so
+# it takes the stepwise path by default (an explicit path="persistent" still runs it).
+PERSISTENT_MAX_H = {8: 512, 4: 1024, 2: 2048}
+PERSISTENT_EXACT_FP32_MAX_H = 0
 
 # Dynamic shared memory one program may use on sm_90 (H100, H200): the opt-in maximum
 # (CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, 227 KB). Above it a kernel compiles but
@@ -93,11 +96,13 @@ def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: to
       e * BLOCK_H * (w * BLOCK_H + 2 * BLOCK_B), w = 2 in 3xTF32 else 1. Measured: H = 200
       (BLOCK_H 256), BLOCK_B 16: fp32 TF32 278,528 B, 3xTF32 and fp64 557,056 B, bf16 139,264 B;
       H = 128: TF32 73,728 B (BLOCK_B 16), 131,072 B (64, wgmma), 3xTF32 147,456 B (16).
-    - persistent: the W_hh slice [BLOCK_H, BLOCK_N], hoisted (twice in 3xTF32), the state tile
-      [BLOCK_B, BLOCK_H / K_SPLIT] and the accumulator's layout change [BLOCK_B, BLOCK_N]:
-      e * BLOCK_H * (w * BLOCK_N + BLOCK_B / K_SPLIT) + a * BLOCK_B * BLOCK_N. Measured (lengths,
-      forward): fp32 TF32 H = 2048 (16 x 16, K_SPLIT 2) 197,632 B, H = 1024 (16 x 32) 198,656 B,
-      fp64 H = 512 200,704 B (all exact); bf16 H = 1024 98,304 B, 3xTF32 H = 256 81,920 B (below).
+    - persistent: the transposed W_hh slice [BLOCK_N, BLOCK_H], hoisted (twice in 3xTF32), the
+      state tile [BLOCK_H, BLOCK_B] (whole, in K_SPLIT parts too) and the accumulator's layout
+      change [BLOCK_N, BLOCK_B]: e * BLOCK_H * w * (BLOCK_N + BLOCK_B) + a * BLOCK_B * BLOCK_N.
+      Measured (v0.5 kernel, lengths, forward, BLOCK_B 16): bf16 H = 256 (BLOCK_N 64) 45,056 B, 512
+      (64) 86,016 B, 1024 (64) 167,936 B, fp64 512 (32) 200,704 B (exact); K_SPLIT 4: bf16 2048 (32)
+      and fp32 TF32 1024 (32) 196,608 B (the model: 198,656 B); 3xTF32 H = 256 (64) 163,840 B
+      (167,936 B).
     - stepwise: num_stages pipelined copies of both operand tiles, in 3xTF32 one more of the
       batch tile: e * BLOCK_K * (num_stages * (BLOCK_B + BLOCK_N) + BLOCK_B if 3xTF32).
     """
@@ -109,8 +114,7 @@ def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: to
     if path == "persistent":
         acc_bytes = 8 if dtype == torch.float64 else 4
         width, block_n, block_b = block_h(hidden), kwargs["BLOCK_N"], kwargs["BLOCK_B"]
-        return (dtype.itemsize * width * ((2 if tf32x3 else 1) * block_n + block_b // kwargs["K_SPLIT"])
-                + acc_bytes * block_b * block_n)
+        return dtype.itemsize * width * (2 if tf32x3 else 1) * (block_n + block_b) + acc_bytes * block_b * block_n
     stages = max(config.num_stages, 1)
     tiles = stages * (kwargs["BLOCK_B"] + kwargs["BLOCK_N"]) + (kwargs["BLOCK_B"] if tf32x3 else 0)
     return dtype.itemsize * kwargs["BLOCK_K"] * tiles
@@ -137,11 +141,26 @@ def path_fits(path: str, hidden: int, dtype: torch.dtype = None, allow_tf32: boo
         return True
     if path == "persistent" and hidden > max(PERSISTENT_MAX_H.values()):
         return False
-    return config_fits(path, default_config(path, 1, hidden), hidden, dtype, allow_tf32, budget)
+    return config_fits(path, default_config(path, 1, hidden, dtype), hidden, dtype, allow_tf32, budget)
 
 
-def default_config(path: str, batch: int, hidden: int) -> triton.Config:
-    """The untuned launch config of `path`.
+def _persistent_default(hidden: int, dtype: torch.dtype = None) -> triton.Config:
+    """64 columns a program (the MMA's M side: wgmma m64nN on sm_90, one warpgroup per 64 rows) where
+    the transposed slice [64, BLOCK_H] takes at most 128 KB (8 warps from BLOCK_H = 512: [4, 2]
+    warpgroups over the 16-row batch tile, no spills); else 32 columns, K in 4 parts over 4 warps
+    (mma.sync m16n8, warps [4, 1, 1]: each warp its own part, 4 independent accumulator chains of
+    BLOCK_H / 4). `dtype` None: a config every dtype can load (fp64's 8-byte elements, 3xTF32's two
+    copies)."""
+    width = block_h(hidden)
+    element = 8 if dtype is None else dtype.itemsize
+    wide = 64 * width * element <= 128 * 1024
+    return triton.Config({"BLOCK_B": MIN_DOT, "BLOCK_N": 64 if wide else 32, "K_SPLIT": 1 if wide else 4},
+                         num_warps=8 if wide and width >= 512 else 4, num_stages=1)
+
+
+def default_config(path: str, batch: int, hidden: int, dtype: torch.dtype = None) -> triton.Config:
+    """The untuned launch config of `path` (`dtype`: the persistent path's slice width depends on it;
+    None gives one that loads for every dtype).
 
     Chosen so that no variant spills registers on sm_90 (checked offline by tests/test_static.py):
     the sequence path holds W_hh on chip, so its batch tile shrinks as H grows.
@@ -152,13 +171,7 @@ def default_config(path: str, batch: int, hidden: int) -> triton.Config:
         return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32)},
                              num_warps=8 if 64 <= block_h(hidden) <= 128 else 4, num_stages=1)
     if path == "persistent":
-        # 32 columns a program up to H = 1024; at 2048, 16 columns with the state read in two
-        # halves (fp32: a whole [16, 2048] state copy beside the 128 KB slice would pass 227 KB).
-        # Warps: ptxas spills a few bytes with 4 at H = 512-1024 (16-bit, lengths) and with 8 at
-        # 2048 (fp16 backward), none the other way round (checked by tests/test_static.py).
-        wide = block_h(hidden) > 1024
-        return triton.Config({"BLOCK_B": MIN_DOT, "BLOCK_N": 16 if wide else 32, "K_SPLIT": 2 if wide else 1},
-                             num_warps=8 if 512 <= block_h(hidden) <= 1024 else 4, num_stages=1)
+        return _persistent_default(hidden, dtype)
     block_n = min(64, block_h(hidden))
     return triton.Config({"BLOCK_B": min(bb, 64), "BLOCK_N": block_n, "BLOCK_K": min(block_n, 32)}, num_warps=8,
                          num_stages=3)
@@ -179,9 +192,10 @@ def tuning_space(path: str, batch: int, hidden: int, dtype: torch.dtype = None, 
     elif path == "persistent":
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": ks}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb
-                 for bn in (16, 32, 64) if bn <= max_n
-                 for ks in ((1, 2) if block_h(hidden) >= 1024 else (1,))  # halves of >= 512 columns
-                 for w in (4, 8)]
+                 for bn in (32, 64, 128) if bn <= max_n
+                 for w in (4, 8)
+                 # K parts: one warp each (more warps than parts repeat work), parts of >= 64 rows
+                 for ks in (1, w) if block_h(hidden) >= 64 * ks]
     else:
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
                  for bb in (16, 64, 128) if bb <= max_bb

@@ -12,6 +12,7 @@ kernel per timestep; any H).
 """
 import contextlib
 import functools
+import warnings
 
 import torch
 import triton
@@ -78,13 +79,27 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config, 
             config = choice["config"]
     if config is None and configs.autotunes(path, device):
         return _autotuned(path), {}
-    config = config or configs.default_config(path, B, H)
+    config = config or configs.default_config(path, B, H, dtype)
     budget = configs.shared_memory_budget(device)
     if not configs.config_fits(path, config, H, dtype, allow_tf32, budget):
         raise ValueError(f"{path} config {configs.config_to_dict(config)} needs "
                          f"{configs.shared_memory_bytes(path, config, H, dtype, allow_tf32)} B of shared memory "
                          f"at H = {H} in {dtype}; a program may use {budget} B")
     return _jitted(path), configs.config_to_dict(config)
+
+
+_refusal_warned = False
+
+
+def _warn_stepwise(refusal: Exception) -> None:
+    """Once per process: the persistent path's cooperative launch was refused (this GPU cannot hold
+    every program at once: fewer SMs, another process's work, MPS limits), so the stepwise path runs
+    instead (one launch per step: slower, same results)."""
+    global _refusal_warned
+    if not _refusal_warned:
+        _refusal_warned = True
+        warnings.warn(f"tritonrnn: {refusal}. Running the stepwise path instead (one launch per step); this "
+                      f"warning is shown once.", RuntimeWarning, stacklevel=3)
 
 
 def _on(device: torch.device):
@@ -150,9 +165,14 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
     if path == "persistent":
         h_n = _empty_like(h0)
-        with _on(xw.device):
-            persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=reverse, relu=relu,
-                              numerics=numerics, meta=meta)
+        try:
+            with _on(xw.device):
+                persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=reverse, relu=relu,
+                                  numerics=numerics, meta=meta)
+        except persistent.LaunchRefused as refusal:
+            _warn_stepwise(refusal)
+            return recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu, path="stepwise",
+                                      allow_tf32=allow_tf32)
         return out, h_n
     grid = _grid(path, B, H)
     # M = W_hh^T: read W_hh with its strides swapped.
@@ -201,9 +221,15 @@ def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=
     if B == 0:
         return out, h0.clone()
     _, meta = _launcher("persistent", B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
-    with _on(xw.device):
-        persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False, relu=relu,
-                          numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
+    try:
+        with _on(xw.device):
+            persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False, relu=relu,
+                              numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
+    except persistent.LaunchRefused as refusal:
+        _warn_stepwise(refusal)
+        results = [recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=d == 1, relu=relu,
+                                      path="stepwise", allow_tf32=allow_tf32) for d in range(2)]
+        return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
     return out, h_n
 
 
@@ -217,9 +243,14 @@ def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_t
     if B == 0:
         return dz
     _, meta = _launcher("persistent", B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
-    with _on(grad.device):
-        persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True, relu=relu,
-                          numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
+    try:
+        with _on(grad.device):
+            persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True, relu=relu,
+                              numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
+    except persistent.LaunchRefused as refusal:
+        _warn_stepwise(refusal)
+        return torch.stack([recurrence_backward(grad[d], out[d], w_hh[d], lengths=lengths, reverse=d == 1, relu=relu,
+                                                path="stepwise", allow_tf32=allow_tf32) for d in range(2)])
     return dz
 
 
@@ -230,10 +261,11 @@ def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.de
     path cannot run it on this device (shared memory, resident programs, arrival counters)."""
     _, meta = _launcher("persistent", B, H, dtype, device, direction, config, allow_tf32)
     backward = direction == "backward"
-    tensors = [dtype, None if backward else dtype, dtype, dtype if backward else None, dtype,
-               None if backward else dtype, None]
+    # p_in, w_hh, p_act, out, ring, h_n, lengths
+    tensors = [dtype, dtype, dtype if backward else None, dtype, dtype, None if backward else dtype, None]
     args, scalars, kwargs = persistent.launch_args(*tensors, T, B, H, backward=backward, reverse=backward, relu=False,
-                                                   numerics=_numerics(dtype, device, allow_tf32), meta=meta)
+                                                   numerics=_numerics(dtype, device, allow_tf32), meta=meta,
+                                                   timer=device.type == "cuda")
     with _on(device):
         chosen = persistent.schedule(args, scalars, kwargs, device, directions)[0]
     persistent.check_counters(T, chosen)
@@ -271,9 +303,14 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
         return dz
     kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
     if path == "persistent":
-        with _on(grad.device):
-            persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=not reverse, relu=relu,
-                              numerics=numerics, meta=meta)
+        try:
+            with _on(grad.device):
+                persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=not reverse,
+                                  relu=relu, numerics=numerics, meta=meta)
+        except persistent.LaunchRefused as refusal:
+            _warn_stepwise(refusal)
+            return recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu, path="stepwise",
+                                       allow_tf32=allow_tf32)
         return dz
     grid = _grid(path, B, H)
     if path != "stepwise":

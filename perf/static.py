@@ -30,11 +30,12 @@ HOPPER = (90, 32)  # compute capability 9.0 (H100, H200), warp size 32
 def _signature(path: str, dtype, backward: bool, lengths: bool):
     """Argument types of a launch as the launchers make it (None pointers become constexpr None)."""
     p = _POINTER[dtype]
-    if path != "stepwise":
+    if path == "persistent":
+        pointers = {"p_in": p, "p_w": p, "p_act": p if backward else None, "p_out": p, "p_ring": p,
+                    "p_hn": None if backward else p, "p_sync": "*i32"}
+    elif path != "stepwise":
         pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
                     "p_out": p, "p_hn": None if backward else p}
-        if path == "persistent":
-            pointers["p_arrivals"] = "*i32"
     else:
         pointers = {"p_in": p, "p_prev": p, "p_w": p, "p_act": p if backward else None, "p_out": p,
                     "p_state": p if lengths and not backward else None}
@@ -45,24 +46,27 @@ def _signature(path: str, dtype, backward: bool, lengths: bool):
 def _int_arguments(path: str, batch: int, hidden: int, backward: bool) -> dict:
     """The integer arguments' values at a launch (None: not specialised, as the step index and T)."""
     stride_wk, stride_wn = (hidden, 1) if backward else (1, hidden)
+    if path == "persistent":
+        stride_wk, stride_wn = persistent.slice_strides(hidden, backward)
     ints = {"T" if path != "stepwise" else "t": None, "B": batch, "H": hidden, "stride_wk": stride_wk,
             "stride_wn": stride_wn}
-    if path == "persistent":  # the kernel leaves B unspecialised (do_not_specialize)
-        return {**ints, "B": None, "BATCH_TILES": None}
+    if path == "persistent":  # the kernel leaves B unspecialised (do_not_specialize); HP: the ring's stride
+        return {**ints, "B": None, "HP": persistent.padded(hidden), "BATCH_TILES": None, "wait_limit": None}
     return {**ints, "B_BUCKET": configs.batch_bucket(batch)}
 
 
 def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backward: bool = False,
                    lengths: bool = False, relu: bool = False, allow_tf32: bool = True, config=None,
-                   aligned: bool = True, target=HOPPER) -> dict:
+                   aligned: bool = True, target=HOPPER, asm: bool = False) -> dict:
     """Compile the kernel of `path` for `target`; its resource usage and matmul instructions.
 
     `aligned`: the variant a launch gets (pointers 16-byte aligned, integers divisible by 16 where
-    they are); False compiles the unspecialised one."""
+    they are); False compiles the unspecialised one. `asm`: also return the PTX and TTGIR texts
+    ("ptx", "ttgir") and the warp layout of the dot ("warps_per_cta")."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    config = config or configs.default_config(path, batch, hidden)
+    config = config or configs.default_config(path, batch, hidden, dtype)
     jitted = persistent.rnn_persistent_kernel if path == "persistent" else recurrence._jitted(path)
     fn = getattr(jitted, "fn", jitted)  # below @triton.heuristics
     pointers = _signature(path, dtype, backward, lengths)
@@ -72,7 +76,7 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     if path != "stepwise":
         constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths)
         if path == "persistent":
-            constants.update(DEBUG_WAIT_SLACK=0)
+            constants.update(COLUMN_BLOCKS=1, TIMER=True, DEBUG_WAIT_SLACK=0, DEBUG_ABSENT=-1)
     else:
         constants.update(HAS_PREV=True, HAS_LENGTHS=lengths, STORE_STATE=pointers["p_state"] is not None)
     # Specialise as a launch does (triton's JIT, BaseBackend.get_*_specialization): an integer equal
@@ -100,8 +104,63 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     mma = sorted(set(re.findall(r"(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx)))
     # Triton's shared memory is dynamic (requested at launch, checked against the device's opt-in
     # maximum at load time): cuobjdump shows only the static 1 KB.
-    return {**usage, "shared_bytes": compiled.metadata.shared, "mma": mma, "fma_only": not mma,
-            "num_warps": config.num_warps, "config": configs.config_to_dict(config)}
+    result = {**usage, "shared_bytes": compiled.metadata.shared, "mma": mma, "fma_only": not mma,
+              "num_warps": config.num_warps, "config": configs.config_to_dict(config)}
+    if asm:
+        ttgir = compiled.asm["ttgir"]
+        layouts = re.findall(r"#ttg\.nvidia_mma<\{[^}]*warpsPerCTA = \[([\d, ]+)\]", ttgir)
+        result.update(ptx=ptx, ttgir=ttgir, cubin=compiled.asm["cubin"], warps_per_cta=sorted(set(layouts)))
+    return result
+
+
+# The persistent kernel's group barrier in PTX (triton 3.6, sm_90): the CTA barrier, the arrival
+# (one thread: release add at gpu scope), the relaxed polls, the acquire read (one thread, its value
+# broadcast through shared memory: st.shared, bar.sync, ld.shared), the CTA barrier; the next step's
+# state loads from L2 (.cg). LLVM places the blocks in any order, so each check stays in one block.
+_BAR = re.compile(r"^\s*(bar\.sync|barrier\.sync)\b")
+_ARRIVAL = re.compile(r"\b(atom|red)\.global\.gpu\.release\.add\b")
+_ACQUIRE = re.compile(r"\b(ld\.global\.gpu\.acquire|atom\.global\.gpu\.acquire)\b")
+_GLOBAL_ACCESS = re.compile(r"\b(st|ld)\.global\b")
+_BLOCK_END = re.compile(r"^\s*((@%p\d+\s+)?bra(\.uni)?\b|\$L__BB\w*:|// %bb\.)")
+_STATE_LOAD = re.compile(r"\bld\.global\.cg\b")
+
+
+def barrier_order_problems(ptx: str) -> list:
+    """What is wrong with the order of the persistent kernel's group barrier in `ptx` (empty: nothing):
+    one arrival, a release add at gpu scope, with a CTA barrier before it in its block (after every
+    global store of the step); one acquire read on the wait, its broadcast value followed by a CTA
+    barrier in its block before any global access; state loads that bypass L1 (ld.global.cg). A text
+    check of the kernel's one barrier, written against Triton 3.6's lowering (perf/NOTES.md, v0.5)."""
+    lines = ptx.splitlines()
+    problems = []
+    arrivals = [i for i, line in enumerate(lines) if _ARRIVAL.search(line)]
+    if len(arrivals) != 1:
+        problems.append(f"expected one release add at gpu scope (the arrival), found {len(arrivals)}")
+    else:
+        for line in reversed(lines[:arrivals[0]]):
+            if _BAR.search(line):
+                break
+            if _GLOBAL_ACCESS.search(line) or _BLOCK_END.search(line):
+                problems.append("no CTA barrier before the arrival")
+                break
+    acquires = [i for i, line in enumerate(lines) if _ACQUIRE.search(line)]
+    if len(acquires) != 1:
+        problems.append(f"expected one acquire read on the wait, found {len(acquires)}")
+    else:
+        after = lines[acquires[0] + 1:]
+        read = next((i for i, line in enumerate(after) if "ld.shared" in line or _BLOCK_END.search(line)), None)
+        ordered = False
+        if read is not None and "ld.shared" in after[read]:
+            for line in after[read + 1:]:
+                if _BAR.search(line):
+                    ordered = True
+                if ordered or _GLOBAL_ACCESS.search(line) or _BLOCK_END.search(line):
+                    break
+        if not ordered:
+            problems.append("no CTA barrier after the acquire")
+    if not any(_STATE_LOAD.search(line) for line in lines):
+        problems.append("no state load bypassing L1 (ld.global.cg)")
+    return problems
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -165,7 +224,7 @@ def persistent_fit(variants: list, limits: persistent.SMLimits = persistent.SMLi
             per_sm = min(persistent.programs_per_sm(v["registers"], v["num_warps"], v["shared_bytes"], limits)
                          for v in compiled)
             for batch in grid.BATCHES:
-                config = configs.default_config("persistent", batch, hidden)
+                config = configs.default_config("persistent", batch, hidden, dtype)
                 chosen = persistent.plan(batch, hidden, config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"],
                                          per_sm * limits.sms)
                 rows.append({"dtype": dtype_name, "batch": batch, "hidden": hidden, "variants": len(compiled),
@@ -224,7 +283,7 @@ def main() -> None:
         for variant in variants:
             result = compile_kernel(**variant)
             config = variant.get("config") or configs.default_config(variant["path"], variant["batch"],
-                                                                     variant["hidden"])
+                                                                     variant["hidden"], variant["dtype"])
             modelled = configs.shared_memory_bytes(variant["path"], config, variant["hidden"], variant["dtype"],
                                                    variant["allow_tf32"])
             described = {k: str(v).removeprefix("torch.") for k, v in variant.items() if k != "config"}

@@ -126,12 +126,59 @@ def test_persistent_path_with_lengths_matches_reference(H, B, dtype):
 
 
 def test_persistent_plan_fits_this_gpu():
-    """The launcher's plan never exceeds what this GPU holds of the compiled kernel."""
+    """The launcher's plan never exceeds what this GPU holds of the compiled kernel (the driver's
+    occupancy answer), and the hand model (SMLimits, programs_per_sm: what offline plans use) agrees
+    with the driver on every default variant."""
+    disagreements = []
     for dtype in DTYPES:
         for H in (256, 512, 1024, 2048):
-            for B in (1, 16, 64, 256):
-                plan = kernels.recurrence.persistent_plan(512, B, H, dtype, torch.device("cuda"), "forward")
-                assert plan.waits and plan.programs <= plan.resident_capacity, (dtype, H, B, plan)
+            if kernels.default_path(H, dtype) != "persistent":
+                continue
+            for direction in ("forward", "backward"):
+                for B in (1, 16, 64, 256):
+                    plan = kernels.recurrence.persistent_plan(512, B, H, dtype, torch.device("cuda"), direction)
+                    assert plan.waits and plan.programs <= plan.resident_capacity, (dtype, H, B, plan)
+                    if plan.modelled_capacity != plan.resident_capacity:
+                        disagreements.append((dtype, H, direction, plan.modelled_capacity, plan.resident_capacity))
+    assert not disagreements, f"hand model != driver (dtype, H, direction, model, driver): {disagreements}"
+
+
+def test_persistent_wait_times_out_instead_of_hanging():
+    """A program that never arrives (DEBUG_ABSENT): the group's waits end after the limit
+    (%globaltimer), its outputs are NaN and the launcher raises, in about the limit, not a hang."""
+    import time
+    from tritonrnn.kernels import persistent, recurrence
+    T, B, H = 8, 16, 256
+    xw = torch.randn(T, B, H, device="cuda", dtype=torch.bfloat16)
+    h0 = torch.randn(B, H, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(H, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
+    out, h_n = torch.zeros_like(xw), torch.zeros_like(h0)
+    meta = kernels.config.config_to_dict(kernels.config.default_config("persistent", B, H, torch.bfloat16))
+    start = time.monotonic()
+    with pytest.raises(persistent.BarrierTimeout, match="group 0 of direction 0"):
+        persistent.launch(xw, h0, w, None, out, h_n, None, timeout_s=0.5, backward=False, reverse=False,
+                          relu=False, numerics=recurrence._numerics(xw.dtype, xw.device, False),
+                          meta={**meta, "DEBUG_ABSENT": 1})
+    assert time.monotonic() - start < 30
+    assert out.isnan().all() and h_n.isnan().all()
+
+
+def test_refused_cooperative_launch_runs_stepwise(monkeypatch):
+    """A plan the GPU cannot hold (the capacity faked large: far more groups than fit) is refused by
+    the driver at the cooperative launch; the launcher warns once and runs the stepwise path."""
+    from tritonrnn.kernels import persistent, recurrence
+    monkeypatch.setattr(persistent, "resident_capacity", lambda compiled, device: 1 << 20)
+    monkeypatch.setattr(recurrence, "_refusal_warned", False)
+    T, B, H = 4, 4096, 1024
+    xw = torch.randn(T, B, H, device="cuda", dtype=torch.float64)
+    h0 = torch.randn(B, H, device="cuda", dtype=torch.float64)
+    w = torch.randn(H, H, device="cuda", dtype=torch.float64) / H ** 0.5
+    ref_out, ref_hn = reference.forward(xw, h0, torch.eye(H, device="cuda", dtype=torch.float64), w)
+    with pytest.warns(RuntimeWarning, match="refused a cooperative launch"):
+        out, h_n = kernels.recurrence_forward(xw.to(torch.bfloat16), h0.to(torch.bfloat16), w.to(torch.bfloat16),
+                                              path="persistent")
+    assert_close(out, ref_out, torch.bfloat16, "out")
+    assert_close(h_n, ref_hn, torch.bfloat16, "h_n")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)

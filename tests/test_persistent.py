@@ -3,9 +3,21 @@
 Triton's interpreter runs programs one after another, so these tests run every program of a
 launch at once, one thread per program, with a random short sleep at each atomic
 (tests/concurrent_interpreter.py), against the float64 reference: several groups of several
-programs, forward and backward, both directions, lengths, tanh and relu, float64 and float32.
-The same kernel with its wait broken (the target off by one, or no wait) must fail here.
+programs and several batch tiles, forward and backward, both directions, lengths, tanh and relu,
+float64 and float32, NaN-poisoned outputs. The same kernel with its wait broken (the target off
+by one, or no wait) must fail here; a program that never arrives must end in an error, not a
+hang. What the harness cannot see (the memory order of the compiled barrier) is checked in the
+offline sm_90 PTX at the end.
 """
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import triton
@@ -18,7 +30,7 @@ from tritonrnn.kernels import persistent
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's concurrent harness")
 
 # T = 5, B = 20 (2 groups of 16 rows, the second ragged), H = 40: 3 programs of 16 columns per
-# group, the last ragged; K_SPLIT = 2 reads the state in two halves of 32 columns.
+# group, the last ragged; K_SPLIT = 2 multiplies in two K parts of 32 (a batched dot, summed).
 T, B, H = 5, 20, 40
 VARIANTS = [  # (nonlinearity, reverse, with lengths, K_SPLIT)
     ("tanh", False, False, 1), ("relu", False, True, 2), ("tanh", True, True, 1), ("relu", True, False, 2),
@@ -65,7 +77,7 @@ def test_forward_with_concurrent_programs_matches_reference(variant, dtype):
     assert_close(h_n, ref_hn, dtype, "h_n")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float64], ids=dtype_id)  # float32: test_both_directions_in_one_launch
 @pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 def test_backward_with_concurrent_programs_matches_reference(variant, dtype, monkeypatch):
     act, reverse, packed, k_split = variant
@@ -181,7 +193,7 @@ def test_info_says_how_the_persistent_path_tiles(capsys, monkeypatch):
     with concurrent_programs():
         cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
     text = capsys.readouterr().out
-    assert f"3 group(s) of 16 program(s), 1 batch tile(s) a group, 48 of a resident capacity of " \
+    assert f"3 group(s) of 8 program(s), 1 batch tile(s) a group, 24 of a resident capacity of " \
            f"{CONCURRENT_CAPACITY}" in text, text
 
 
@@ -195,7 +207,8 @@ def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
     monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
     default = kernels.config.default_config  # the cost model reads the other paths' defaults too
     monkeypatch.setattr(kernels.config, "default_config",
-                        lambda path, batch, hidden: _config(2) if path == "persistent" else default(path, batch, hidden))
+                        lambda path, batch, hidden, dtype=None: _config(2) if path == "persistent"
+                        else default(path, batch, hidden, dtype))
     assert tritonrnn.kernel_path(T, H, torch.float64) == "persistent"
     torch.manual_seed(0)
     oracle = nn.RNN(7, H, num_layers=2, bidirectional=True).double()
@@ -227,7 +240,8 @@ def test_module_falls_back_where_the_device_cannot_hold_every_program(monkeypatc
     monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
     default = kernels.config.default_config
     monkeypatch.setattr(kernels.config, "default_config",
-                        lambda path, batch, hidden: _config(2) if path == "persistent" else default(path, batch, hidden))
+                        lambda path, batch, hidden, dtype=None: _config(2) if path == "persistent"
+                        else default(path, batch, hidden, dtype))
     torch.manual_seed(0)
     oracle = nn.RNN(7, H, bidirectional=True).double()
     ours = tritonrnn.RNN(7, H, bidirectional=True, dtype=torch.float64)
@@ -264,7 +278,7 @@ def test_rows_of_length_zero_end_in_h0(reverse):
     assert torch.equal(h_n[:3], p["h0"][:3])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32], ids=dtype_id)  # float64: the test below
 def test_both_directions_in_one_launch(dtype):
     """A bidirectional layer's two directions in one launch (grid axis 2, inputs stacked [2, ...],
     each its own W_hh and h0; direction 1 walks the other way), forward and backward, lengths."""
@@ -286,7 +300,8 @@ def test_both_directions_in_one_launch(dtype):
     dz = torch.full_like(out, float("nan"))
     with concurrent_programs(seed=8):
         forward_plan = persistent.launch(stack([q["xw"] for q in p]), stack([q["h0"] for q in p]), w, None, out, h_n,
-                                         lengths, backward=False, reverse=False, relu=True, numerics=numerics, meta=meta)
+                                         lengths, backward=False, reverse=False, relu=True, numerics=numerics,
+                                         meta=meta)
         persistent.launch(stack(grads), None, w, stack([r[0] for r in refs]), dz, None, lengths, backward=True,
                           reverse=True, relu=True, numerics=numerics, meta=meta)
     assert forward_plan.grid == (3, 2, 2)
@@ -326,3 +341,179 @@ def test_arrival_counters_never_overflow(monkeypatch):
     with concurrent_programs(), pytest.raises(ValueError, match="overflow the int32 arrival counters"):
         persistent.launch(xw, xw[0], torch.empty(40, 40, dtype=torch.float64), None, xw, xw[0], None, backward=False,
                           reverse=False, relu=False, numerics={}, meta=dict(BLOCK_B=16, BLOCK_N=16))
+
+
+def _bidirectional_problem(steps, batch, seed):
+    """Both directions' inputs, references (float64) and backward gradients, with lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    xw, h0, w = rand(2, steps, batch, H), rand(2, batch, H), rand(2, H, H, scale=1.5 / H ** 0.5)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+    active = (torch.arange(steps)[:, None] < lengths)[..., None]
+    grads = rand(2, steps, batch, H) * active
+    eye = torch.eye(H, dtype=torch.float64)
+    refs = [reference.forward(xw[d], h0[d], eye, w[d], None, None, "tanh", lengths, d == 1) for d in range(2)]
+    dz = [reference.backward(xw[d], h0[d], eye, w[d], refs[d][0], grads[d], torch.zeros(batch, H, dtype=torch.float64),
+                             "tanh", lengths, d == 1).dz for d in range(2)]
+    return dict(xw=xw, h0=h0, w=w, lengths=lengths.to(torch.int32), grads=grads, out=[r[0] for r in refs],
+                h_n=[r[1] for r in refs], dz=dz)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64], ids=dtype_id)  # float32: the test above
+def test_several_groups_of_several_batch_tiles_both_directions(dtype, plans):
+    """Both directions in one launch, forward and backward, each direction 2 groups of 3 programs
+    and each group 2 batch tiles of 16 rows (B = 50: the last tile ragged), lengths: the capacity
+    (12 programs) allows 2 groups a direction, so the 4 batch tiles of a direction are served 2 a group."""
+    steps, batch = 4, 50
+    p = _bidirectional_problem(steps, batch, seed=21)
+    cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
+    numerics = kernels.recurrence._numerics(dtype, DEVICE, False)
+    meta = kernels.config.config_to_dict(_config(1))
+    out = torch.full((2, steps, batch, H), float("nan"), dtype=dtype)
+    h_n, dz = torch.full((2, batch, H), float("nan"), dtype=dtype), torch.full_like(out, float("nan"))
+    with concurrent_programs(seed=9, capacity=12):
+        persistent.launch(cast(p["xw"]), cast(p["h0"]), cast(p["w"]), None, out, h_n, p["lengths"], backward=False,
+                          reverse=False, relu=False, numerics=numerics, meta=meta)
+        persistent.launch(cast(p["grads"]), None, cast(p["w"]), cast(torch.stack(p["out"])), dz, None, p["lengths"],
+                          backward=True, reverse=True, relu=False, numerics=numerics, meta=meta)
+    assert plans == [persistent.Plan(3, 2, 2, 12, directions=2)] * 2
+    for d in range(2):
+        assert_close(out[d], p["out"][d], dtype, f"out[{d}]")
+        assert_close(h_n[d], p["h_n"][d], dtype, f"h_n[{d}]")
+        assert_close(dz[d], p["dz"][d], dtype, f"dz[{d}]")
+
+
+def test_single_program_groups_serve_column_blocks_in_turn(monkeypatch):
+    """Issue 18: the plain interpreter runs one program a group, which must serve all H columns; from
+    H = 1025 a [BLOCK_H, BLOCK_H] slice passes the interpreter's largest tensor, so the program takes
+    its columns in blocks, one after another each step. Here the largest tensor is made small (1024
+    elements: 4 blocks of 16 columns at BLOCK_H = 64), forward and backward, both directions."""
+    monkeypatch.setattr(persistent, "INTERPRETED_MAX_NUMEL", 1024)
+    scheduled, schedule = [], persistent.schedule
+    monkeypatch.setattr(persistent, "schedule", lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1])
+    steps, batch = 3, 5
+    p = _bidirectional_problem(steps, batch, seed=22)
+    out, h_n = kernels.bidirectional_forward(p["xw"], p["h0"], p["w"], lengths=p["lengths"])
+    dz = kernels.bidirectional_backward(p["grads"], torch.stack(p["out"]), p["w"], lengths=p["lengths"])
+    for d in range(2):
+        assert_close(out[d], p["out"][d], torch.float64, f"out[{d}]")
+        assert_close(h_n[d], p["h_n"][d], torch.float64, f"h_n[{d}]")
+        assert_close(dz[d], p["dz"][d], torch.float64, f"dz[{d}]")
+    assert [(plan.programs_per_group, kw["BLOCK_N"], kw["COLUMN_BLOCKS"]) for plan, kw in scheduled] == [(1, 16, 4)] * 2
+
+
+def test_interpreted_persistent_path_runs_h_1025():
+    """Issue 18's case: H = 1025 on the interpreted persistent path (BLOCK_H 2048) failed with
+    "numel (4194304) exceeds triton maximum tensor numel"; fp16 (its default path there), T = 2, B = 1."""
+    steps, batch, hidden = 2, 1, 1025
+    g = torch.Generator().manual_seed(23)
+    xw = torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64)
+    h0 = torch.randn(batch, hidden, generator=g)
+    w = torch.randn(hidden, hidden, generator=g, dtype=torch.float64) / hidden ** 0.5
+    assert kernels.default_path(hidden, torch.float16) == "persistent"
+    half = torch.float16
+    out, h_n = kernels.recurrence_forward(xw.to(half), h0.to(half), w.to(half), path="persistent")
+    ref_out, ref_hn = reference.forward(xw, h0.double(), torch.eye(hidden, dtype=torch.float64), w)
+    assert_close(out, ref_out, half, "out")
+    assert_close(h_n, ref_hn, half, "h_n")
+
+
+def test_a_group_whose_program_never_arrives_raises_instead_of_hanging():
+    """Column block 1 of every group never arrives (DEBUG_ABSENT): its peers' waits end at the limit
+    (polls in the interpreter: %globaltimer cannot run here), every program of the group writes NaN
+    over its outputs, and the launcher raises naming the groups, within seconds, not a hang."""
+    p = _problem(False, seed=24)
+    out = torch.zeros(T, B, H, dtype=torch.float64)
+    h_n = torch.zeros(B, H, dtype=torch.float64)
+    meta = kernels.config.config_to_dict(_config(1, DEBUG_ABSENT=1))
+    numerics = kernels.recurrence._numerics(torch.float64, DEVICE, False)
+    start = time.monotonic()
+    with concurrent_programs(seed=10), pytest.raises(persistent.BarrierTimeout) as caught:
+        persistent.launch(p["xw"], p["h0"], p["w_hh"], None, out, h_n, None, timeout_s=0.05, backward=False,
+                          reverse=False, relu=False, numerics=numerics, meta=meta)
+    assert time.monotonic() - start < 20
+    message = str(caught.value)
+    assert "group 0 of direction 0, group 1 of direction 0" in message and "0.05 s" in message, message
+    assert out.isnan().all() and h_n.isnan().all()
+
+
+def test_a_refused_cooperative_launch_runs_the_stepwise_path_with_one_warning(monkeypatch):
+    """The driver refuses a cooperative launch that cannot be co-resident (Triton raises its CUDA error,
+    CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE): the launchers warn once and run the stepwise path."""
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, launch_cooperative_grid=False, **kwargs):
+                assert launch_cooperative_grid
+                raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+            return launch
+
+    monkeypatch.setattr(persistent, "rnn_persistent_kernel", Refusing())
+    monkeypatch.setattr(kernels.recurrence, "_refusal_warned", False)
+    p = _problem(True, seed=25)
+    ref_out, ref_hn = _reference_forward(p, "tanh", False)
+    with concurrent_programs(), pytest.warns(RuntimeWarning, match="refused a cooperative launch.*stepwise") as seen:
+        out, h_n = _forward(p, "tanh", False, torch.float64, _config(1))
+        _forward(p, "tanh", False, torch.float64, _config(1))
+    assert sum("refused a cooperative launch" in str(w.message) for w in seen) == 1
+    assert_close(out, ref_out, torch.float64, "out")
+    assert_close(h_n, ref_hn, torch.float64, "h_n")
+
+
+@pytest.fixture(scope="module")
+def compiled_for_hopper():
+    """The persistent kernel compiled offline for sm_90 (bf16, H = 1001: not a multiple of 16; the
+    forward with lengths): its PTX and resources, from a subprocess without TRITON_INTERPRET (the
+    compiler needs the real @triton.jit objects)."""
+    from tritonrnn.perf import static
+    if not static.available():
+        pytest.skip("this triton has no bundled NVIDIA toolchain")
+    code = ("import json, torch; from tritonrnn.perf import static; "
+            "r = static.compile_kernel('persistent', torch.bfloat16, 256, 1001, lengths=True, asm=True); "
+            "print(json.dumps({k: r[k] for k in ('ptx', 'registers', 'stack_bytes', 'mma')}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def _without_group_barrier_syncs(ptx: str) -> str:
+    """The PTX with the CTA barriers around the wait removed: the bar.sync lines that the two
+    tl.debug_barrier() calls of _group_barrier became (found by their .loc source lines)."""
+    source, first = inspect.getsourcelines(persistent._group_barrier.fn)
+    lines = {first + i for i, line in enumerate(source) if "tl.debug_barrier()" in line}
+    kept, loc = [], None
+    for line in ptx.splitlines():
+        found = re.search(r"persistent\.py:(\d+):", line)
+        if line.lstrip().startswith(".loc") and found:
+            loc = int(found.group(1))
+        if not (re.match(r"\s*bar\.sync", line) and loc in lines):
+            kept.append(line)
+    assert len(kept) == len(ptx.splitlines()) - 2, "expected two bar.sync lines from the group barrier"
+    return "\n".join(kept)
+
+
+def test_barrier_order_in_the_compiled_ptx(compiled_for_hopper):
+    """What the concurrent harness cannot see (the interpreter has no memory model): the compiled
+    barrier's order. The real kernel passes; PTX with relaxed atomics, without the CTA barriers
+    around the wait, or with plain state loads is reported."""
+    from tritonrnn.perf import static
+    ptx = compiled_for_hopper["ptx"]
+    assert static.barrier_order_problems(ptx) == []
+    relaxed = static.barrier_order_problems(re.sub(r"\.(release|acquire)\b", ".relaxed", ptx))
+    assert any("release" in p for p in relaxed) and any("acquire" in p for p in relaxed), relaxed
+    unsynced = static.barrier_order_problems(_without_group_barrier_syncs(ptx))
+    assert unsynced == ["no CTA barrier before the arrival", "no CTA barrier after the acquire"], unsynced
+    plain = static.barrier_order_problems(ptx.replace("ld.global.cg", "ld.global"))
+    assert plain == ["no state load bypassing L1 (ld.global.cg)"], plain
+
+
+def test_hidden_sizes_off_16_load_in_vectors_without_spills(compiled_for_hopper):
+    """Issue 16 item 3d: at H = 1001 the state (HP-padded ring) and the W slice (padded_slices) load
+    in 16-byte vectors, on the tensor cores, without spills; only the small per-tile inputs
+    [BLOCK_N, BLOCK_B] (prefetched before the wait) are read element by element."""
+    ptx = compiled_for_hopper["ptx"]
+    assert compiled_for_hopper["stack_bytes"] == 0 and compiled_for_hopper["mma"]
+    assert re.findall(r"ld\.global\.cg\.(v\d)\.b32", ptx) and re.findall(r"ld\.global\.v4\.b32", ptx)
+    scalar = re.findall(r"ld\.global(?:\.cg)?\.b16", ptx)
+    assert len(scalar) <= 16, f"{len(scalar)} scalar 2-byte loads"
