@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cluster
 from .common import cell_update, recurrent_dot
 
 
@@ -73,7 +74,7 @@ def rnn_persistent_kernel(
     p_out,  # [D, T, B, H] forward: h_t; backward: dz_t. Also the state the programs exchange
     p_hn,  # [D, B, H] final state (forward only)
     p_len,  # [B] int32 sequence lengths, or None
-    p_arrivals,  # [D, groups] int32, zero at launch: arrivals of each group's programs so far
+    p_arrivals,  # [D, groups] int32, zero at launch: arrivals of each group's programs so far (counter form)
     T,
     B,
     H,
@@ -94,6 +95,9 @@ def rnn_persistent_kernel(
     # Arrivals the wait does not wait for: 0 in every real launch. The tests set 1 (the target off
     # by one) or more than T * programs (no wait) to show that a broken barrier fails them.
     DEBUG_WAIT_SLACK: tl.constexpr = 0,
+    # "counter": the group barrier through global atomics; "cluster": a group is one thread-block
+    # cluster and waits at its hardware barrier (GPU only; kernels/cluster.py launches it).
+    BARRIER: tl.constexpr = "counter",
 ):
     direction = tl.program_id(2)
     reverse = (direction == 1) != REVERSE
@@ -114,7 +118,8 @@ def rnn_persistent_kernel(
     b_w = _load_slice(p_w, o_k, o_n, m_n, H, stride_wk, stride_wn).to(DOT_DTYPE)
     if K_SPLIT == 2:
         b_w2 = _load_slice(p_w, BLOCK_K + o_k, o_n, m_n, H, stride_wk, stride_wn).to(DOT_DTYPE)
-    p_group_arrivals = p_arrivals + direction * tl.num_programs(1) + tl.program_id(1)
+    if BARRIER == "counter":  # the cluster form has no counters (p_arrivals is None)
+        p_group_arrivals = p_arrivals + direction * tl.num_programs(1) + tl.program_id(1)
     group_size = tl.num_programs(0)
     first_row = tl.program_id(1) * BATCH_TILES * BLOCK_B
 
@@ -148,13 +153,16 @@ def rnn_persistent_kernel(
 
         # The group barrier: this step's columns are stored by every thread before the arrival,
         # and no thread reads the next state before the acquire has seen every arrival.
-        tl.debug_barrier()
-        tl.atomic_add(p_group_arrivals, 1, sem="release")
-        target = (i + 1) * group_size - DEBUG_WAIT_SLACK
-        waiting = True
-        while waiting:
-            waiting = tl.atomic_add(p_group_arrivals, 0, sem="acquire") < target
-        tl.debug_barrier()
+        if BARRIER == "cluster":
+            cluster.barrier()
+        else:
+            tl.debug_barrier()
+            tl.atomic_add(p_group_arrivals, 1, sem="release")
+            target = (i + 1) * group_size - DEBUG_WAIT_SLACK
+            waiting = True
+            while waiting:
+                waiting = tl.atomic_add(p_group_arrivals, 0, sem="acquire") < target
+            tl.debug_barrier()
 
     if not BACKWARD:
         for j in range(BATCH_TILES):  # h_n: each row's state after its own last step (own columns)

@@ -1,0 +1,220 @@
+"""The cluster form of the persistent recurrence: a group of programs is one Hopper thread-block
+cluster, and the group barrier is the cluster's hardware barrier instead of counters in global memory.
+
+Dimensions: B batch, H hidden. rnn_persistent_kernel with BARRIER="cluster" is the kernel of
+kernels/persistent.py unchanged but for the barrier: each program (one CTA) owns BLOCK_N columns,
+a group is `cdiv(H, BLOCK_N)` programs, and the launch makes each group one cluster of that many
+CTAs (cluster dims (programs per group, 1, 1), grid (groups x directions) clusters), so
+
+    program_id(0) = the CTA's rank in its cluster   (CUDA numbers a (N, 1, 1) cluster's CTAs by x)
+    group barrier = barrier.cluster.arrive.release.aligned; barrier.cluster.wait.acquire.aligned
+
+executed once by every thread of every CTA (`.aligned`: never under a branch). The release orders
+each thread's stores of its columns before its arrival; the acquire orders its loads of the next
+state after the wait; the state still travels through L2 (.cg loads), as in the counter form.
+Clusters are gang-scheduled, so no cooperative launch is needed and nothing counts arrivals;
+clusters of a launch never wait for each other.
+
+Why each CTA is its own Triton program, compiled with num_ctas = 1: with num_ctas = N, Triton 3.6
+makes one program span the cluster and splits every tensor over the CTAs by its own layout choice
+(CGALayout), so a program cannot pick its W_hh slice by rank (perf/NOTES.md, v0.5). The launch here
+instead tells Triton's launcher num_ctas = N for a kernel compiled with num_ctas = 1 (the launcher
+multiplies grid x by it and sets the cluster dimension; at 16 it allows the non-portable size).
+
+The interpreter cannot run PTX: BARRIER="counter" (the default) is the form the CPU tests run, and
+it is the persistent path's barrier; nothing the CPU runs exercises the cluster barrier itself.
+"""
+import dataclasses
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+# persistent.py's kernel calls barrier() below: each module imports the other (neither uses the
+# other at import time).
+from . import config as configs
+from . import persistent
+
+# Cluster sizes a launch may ask for: up to 8 CTAs is portable; 16 is Hopper's non-portable
+# maximum, which Triton 3.6's launcher allows only at exactly 16 (CU_FUNC_ATTRIBUTE_NON_PORTABLE_...).
+SIZES = (2, 3, 4, 5, 6, 7, 8, 16)
+MAX_SIZE = 16
+PORTABLE_SIZE = 8
+
+
+@triton.jit
+def barrier():
+    """Every thread of every CTA of the cluster: arrive (release), then wait (acquire).
+
+    A scalar inline asm with no operands runs once per thread, unpredicated; is_pure=False keeps it
+    in place (it has effects the compiler cannot see)."""
+    tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
+                              "\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+class ClusterUnavailable(ValueError):
+    """This cluster launch cannot run here: a cluster size Hopper or Triton's launcher does not
+    allow, a device that holds no cluster of this kernel (its CTAs do not fit in one GPC), a device
+    before sm_90, a launch the driver refused, or the plain interpreter (one program at a time).
+    A ValueError, as the persistent path's refusals are: the caller takes the next layout."""
+
+
+def size_of(hidden: int, block_n: int) -> int:
+    """CTAs a cluster: programs of BLOCK_N columns that cover H."""
+    return triton.cdiv(hidden, block_n)
+
+
+def default_config(batch: int, hidden: int) -> triton.Config:
+    """The cluster form's config: 16-row batch tiles, 32 columns a CTA up to H = 512 (8 CTAs at 256,
+    16 at 512), 64 at 1024 (16 CTAs). Every such variant compiles spill-free on sm_90 with these
+    warps (tests/test_static.py); 4 warps at 1024 would need 126-128 registers a thread."""
+    width = max(16, triton.next_power_of_2(hidden))
+    return triton.Config({"BLOCK_B": 16, "BLOCK_N": max(32, width // MAX_SIZE), "K_SPLIT": 1},
+                         num_warps=4 if width <= 256 else 8, num_stages=1)
+
+
+def fits(hidden: int, dtype: torch.dtype, allow_tf32: bool = True, config: triton.Config = None,
+         budget: int = None) -> bool:
+    """Whether the cluster form runs this H and dtype at all: its cluster size is one a launch may
+    ask for, and each CTA's slice and state fit in shared memory (the persistent path's budget
+    model); exact fp32 (3xTF32) only where the persistent path takes it (it spills from 512)."""
+    config = config or default_config(1, hidden)
+    if size_of(hidden, config.kwargs["BLOCK_N"]) not in SIZES:
+        return False
+    if dtype == torch.float32 and not allow_tf32 and hidden > configs.PERSISTENT_EXACT_FP32_MAX_H:
+        return False
+    budget = configs.SHARED_MEMORY_BUDGET if budget is None else budget
+    return configs.config_fits("persistent", config, hidden, dtype, allow_tf32, budget)
+
+
+def cluster_fits(hidden: int, dtype: torch.dtype, allow_tf32: bool = True, device: torch.device = None) -> bool:
+    """Whether a cluster launch may be tried for this H and dtype on `device` (None: an sm_90 GPU):
+    `fits`, on a CUDA device of compute capability 9.0 or later. Whether the device then holds a
+    cluster of this kernel is known only from the compiled kernel: `launch` raises
+    ClusterUnavailable where it does not."""
+    if device is not None and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+        return False
+    return fits(hidden, dtype, allow_tf32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A cluster launch, per direction: `clusters` clusters of `size` CTAs (one program of BLOCK_N
+    columns each), each serving `batch_tiles` tiles of BLOCK_B rows; `resident_clusters` of them
+    fit on the device at once."""
+
+    size: int
+    clusters: int
+    batch_tiles: int
+    resident_clusters: int
+    directions: int = 1
+
+    @property
+    def cluster_dims(self) -> tuple:
+        return (self.size, 1, 1)
+
+    @property
+    def grid(self) -> tuple:
+        """Programs (CTAs) along x, y, z: x is the rank in the cluster, y the cluster, z the direction."""
+        return (self.size, self.clusters, self.directions)
+
+    @property
+    def programs(self) -> int:
+        return self.size * self.clusters * self.directions
+
+
+def plan(batch: int, hidden: int, block_b: int, block_n: int, resident_clusters: int, directions: int = 1) -> Plan:
+    """The most clusters (batch parallelism) that the device holds at once, more batch tiles per
+    cluster where it holds fewer than the batch tiles. Clusters never wait for each other, so a
+    launch of more clusters than fit would still finish (in waves); the plan does not ask for it."""
+    size = size_of(hidden, block_n)
+    if size not in SIZES:
+        raise ClusterUnavailable(f"a cluster of {size} CTAs (H = {hidden}, BLOCK_N = {block_n}): Triton 3.6 "
+                                 f"launches clusters of 2-{PORTABLE_SIZE} or {MAX_SIZE} CTAs")
+    if resident_clusters < 1:
+        raise ClusterUnavailable(f"the device holds no cluster of {size} CTAs of this kernel at once")
+    tiles = triton.cdiv(batch, block_b)
+    batch_tiles = triton.cdiv(tiles, min(tiles, max(1, resident_clusters // directions)))
+    return Plan(size, triton.cdiv(tiles, batch_tiles), batch_tiles, resident_clusters, directions)
+
+
+def resident_clusters(compiled, size: int, device: torch.device) -> int:
+    """Clusters of `size` CTAs of this compiled kernel that the device runs at once: the driver's
+    cuOccupancyMaxActiveClusters (which knows the GPCs a cluster must fit in, but assumes 128 threads
+    a CTA), held to what the SMs' registers, threads and shared memory allow (persistent.programs_per_sm)."""
+    limits = persistent.SMLimits.of(device)
+    compiled._init_handles()
+    per_sm = persistent.programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared, limits)
+    try:
+        by_driver = triton.runtime.driver.active.utils.cuOccupancyMaxActiveClusters(
+            compiled.function, compiled.metadata.shared, size)
+    except RuntimeError as error:  # e.g. CUDA_ERROR_INVALID_CLUSTER_SIZE
+        raise ClusterUnavailable(f"the driver refuses clusters of {size} CTAs of this kernel: {error}") from error
+    return min(by_driver, limits.sms * per_sm // size)
+
+
+def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> Plan:
+    """Run the whole recurrence in one launch of clusters, as persistent.launch does with groups
+    (same tensors and options; meta's BLOCK_N sets the cluster size, cdiv(H, BLOCK_N)). On a GPU:
+    the kernel with BARRIER="cluster", launched with cluster dims (size, 1, 1). Under the
+    interpreter: the same programs with the counter barrier (BARRIER="counter"), which needs every
+    program of a cluster at once (tests/concurrent_interpreter.py). Raises ClusterUnavailable
+    where the device (or the interpreter) cannot run it; returns the plan it ran."""
+    directions = out.shape[0] if out.dim() == 4 else 1
+    args, scalars, kwargs = persistent.launch_args(p_in, p_h0, w_hh, p_act, out, h_n, lengths, *out.shape[-3:],
+                                                   **options)
+    B, H = scalars[1:3]
+    size = size_of(H, kwargs["BLOCK_N"])
+    if out.device.type != "cuda":
+        # Programs of a cluster wait for each other at the counter barrier: all must run at once.
+        chosen = plan(B, H, kwargs["BLOCK_B"], kwargs["BLOCK_N"], persistent.INTERPRETED_RESIDENT_PROGRAMS // size,
+                      directions)
+        arrivals = torch.zeros(directions, chosen.clusters, dtype=torch.int32, device=out.device)
+        persistent.rnn_persistent_kernel[chosen.grid](*args, arrivals, *scalars, chosen.batch_tiles, BARRIER="counter",
+                                                      **kwargs)
+        return chosen
+    if torch.cuda.get_device_capability(out.device)[0] < 9:
+        raise ClusterUnavailable(f"thread-block clusters need sm_90 or later; {out.device} is "
+                                 f"sm_{''.join(map(str, torch.cuda.get_device_capability(out.device)))}")
+    kwargs = dict(kwargs, BARRIER="cluster")
+    compiled = persistent.rnn_persistent_kernel.warmup(*args, None, *scalars, 1, grid=(1, 1, 1), **kwargs)
+    chosen = plan(B, H, kwargs["BLOCK_B"], kwargs["BLOCK_N"], resident_clusters(compiled, size, out.device), directions)
+    values = bound_arguments(persistent.rnn_persistent_kernel, (*args, None, *scalars, chosen.batch_tiles),
+                             dict(kwargs, HAS_LENGTHS=lengths is not None))
+    _launch_clusters(compiled, chosen, values)
+    return chosen
+
+
+def bound_arguments(kernel, args: tuple, kwargs: dict) -> list:
+    """Every argument of the @triton.jit function below `kernel` (heuristics included in kwargs),
+    in its parameter order, defaults filled in: what Triton's launcher takes after the metadata."""
+    jitted = getattr(kernel, "fn", kernel)
+    bound = inspect.signature(jitted.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+def packed_metadata(compiled, size: int) -> tuple:
+    """Triton 3.6's launcher metadata (num_warps, num_ctas, shared memory), num_ctas set to the
+    cluster size: the launcher then launches grid x times `size` CTAs in clusters (size, 1, 1) and,
+    at 16, allows the non-portable size. The kernel itself is compiled with num_ctas = 1."""
+    meta = compiled.metadata
+    if meta.num_ctas != 1:
+        raise ValueError(f"a cluster launch takes a kernel compiled with num_ctas = 1, got {meta.num_ctas}")
+    return (meta.num_warps, size, meta.shared)
+
+
+def _launch_clusters(compiled, chosen: Plan, values: list) -> None:
+    from triton import knobs
+    from triton.runtime import driver
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    grid = (1, chosen.clusters, chosen.directions)  # in clusters: the launcher multiplies x by the size
+    try:
+        compiled.run(*grid, stream, compiled.function, packed_metadata(compiled, chosen.size),
+                     compiled.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
+                     knobs.runtime.launch_exit_hook, *values)
+    except RuntimeError as error:  # cuLaunchKernelEx's refusal, e.g. CUDA_ERROR_CLUSTER_OUT_OF_RESOURCES
+        raise ClusterUnavailable(f"the driver refused {chosen.clusters} x {chosen.directions} clusters of "
+                                 f"{chosen.size} CTAs: {error}") from error
