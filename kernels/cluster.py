@@ -53,6 +53,19 @@ def barrier():
                               "\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
+
+@triton.jit(do_not_specialize=["STEPS"])
+def barrier_probe_kernel(p_arrivals, STEPS, BARRIER: tl.constexpr):
+    """STEPS empty steps, each ending at the group barrier of the persistent kernel's BARRIER form:
+    program_id(0) is the rank in the group (the cluster), program_id(1) the group. p_arrivals:
+    [groups] int32, zero at launch (the counter form's)."""
+    for i in range(STEPS):
+        if BARRIER == "cluster":
+            barrier()
+        else:
+            persistent.counter_barrier(p_arrivals + tl.program_id(1), (i + 1) * tl.num_programs(0))
+
+
 class ClusterUnavailable(ValueError):
     """This cluster launch cannot run here: a cluster size Hopper or Triton's launcher does not
     allow, a device that holds no cluster of this kernel (its CTAs do not fit in one GPC), a device
@@ -182,15 +195,17 @@ def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> Plan:
     chosen = plan(B, H, kwargs["BLOCK_B"], kwargs["BLOCK_N"], resident_clusters(compiled, size, out.device), directions)
     values = bound_arguments(persistent.rnn_persistent_kernel, (*args, None, *scalars, chosen.batch_tiles),
                              dict(kwargs, HAS_LENGTHS=lengths is not None))
-    _launch_clusters(compiled, chosen, values)
+    _launch_clusters(compiled, chosen.size, (chosen.clusters, chosen.directions), values)
     return chosen
 
 
 def bound_arguments(kernel, args: tuple, kwargs: dict) -> list:
     """Every argument of the @triton.jit function below `kernel` (heuristics included in kwargs),
     in its parameter order, defaults filled in: what Triton's launcher takes after the metadata."""
-    jitted = getattr(kernel, "fn", kernel)
-    bound = inspect.signature(jitted.fn).bind(*args, **kwargs)
+    fn = kernel
+    while not inspect.isfunction(fn):  # below @triton.heuristics and @triton.jit
+        fn = fn.fn
+    bound = inspect.signature(fn).bind(*args, **kwargs)
     bound.apply_defaults()
     return list(bound.arguments.values())
 
@@ -205,16 +220,38 @@ def packed_metadata(compiled, size: int) -> tuple:
     return (meta.num_warps, size, meta.shared)
 
 
-def _launch_clusters(compiled, chosen: Plan, values: list) -> None:
+def _launch_clusters(compiled, size: int, clusters: tuple, values: list) -> None:
+    """Launch `compiled` (num_ctas = 1) as clusters[0] x clusters[1] clusters of `size` CTAs along
+    x (grid y and z); values: every kernel argument (bound_arguments)."""
     from triton import knobs
     from triton.runtime import driver
     device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)
-    grid = (1, chosen.clusters, chosen.directions)  # in clusters: the launcher multiplies x by the size
+    grid = (1, *clusters)  # in clusters: the launcher multiplies x by the size
     try:
-        compiled.run(*grid, stream, compiled.function, packed_metadata(compiled, chosen.size),
+        compiled.run(*grid, stream, compiled.function, packed_metadata(compiled, size),
                      compiled.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
                      knobs.runtime.launch_exit_hook, *values)
     except RuntimeError as error:  # cuLaunchKernelEx's refusal, e.g. CUDA_ERROR_CLUSTER_OUT_OF_RESOURCES
-        raise ClusterUnavailable(f"the driver refused {chosen.clusters} x {chosen.directions} clusters of "
-                                 f"{chosen.size} CTAs: {error}") from error
+        raise ClusterUnavailable(f"the driver refused {clusters[0]} x {clusters[1]} clusters of {size} CTAs: "
+                                 f"{error}") from error
+
+
+def probe_barrier(barrier_kind: str, steps: int, size: int = MAX_SIZE, groups: int = 1,
+                  device: torch.device = None) -> torch.Tensor:
+    """Launch barrier_probe_kernel: `groups` groups of `size` programs (one CTA each, 4 warps) taking
+    `steps` empty steps at the barrier `barrier_kind` ("cluster": each group one cluster, GPU only;
+    "counter": a cooperative launch). Returns the arrivals tensor (the counter form's count: steps x
+    size per group). Time it with CUDA events, at two step counts to cancel the launch: calibration."""
+    device = device or torch.device("cuda")
+    arrivals = torch.zeros(groups, dtype=torch.int32, device=device)
+    if barrier_kind == "counter":
+        cooperative = {"launch_cooperative_grid": True} if device.type == "cuda" else {}
+        barrier_probe_kernel[(size, groups)](arrivals, steps, BARRIER="counter", num_warps=4, **cooperative)
+        return arrivals
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        raise ClusterUnavailable(f"the cluster barrier runs on sm_90 or later GPUs only, not on {device}")
+    compiled = barrier_probe_kernel.warmup(arrivals, steps, BARRIER="cluster", num_warps=4, grid=(1,))
+    _launch_clusters(compiled, size, (groups, 1), bound_arguments(barrier_probe_kernel, (arrivals, steps),
+                                                                  {"BARRIER": "cluster"}))
+    return arrivals

@@ -63,6 +63,18 @@ def _batch_tile(first, B, H, m_n, BLOCK_B: tl.constexpr):
     return o_b, m_b, o_b[:, None].to(tl.int64) * H, m_b[:, None] & m_n[None, :]
 
 
+@triton.jit
+def counter_barrier(p_count, target):
+    """Arrive at the int32 counter p_count (release) and wait until it reaches `target` (acquire):
+    every thread's stores before, every thread's loads after."""
+    tl.debug_barrier()
+    tl.atomic_add(p_count, 1, sem="release")
+    waiting = True
+    while waiting:
+        waiting = tl.atomic_add(p_count, 0, sem="acquire") < target
+    tl.debug_barrier()
+
+
 @triton.heuristics({"HAS_LENGTHS": lambda args: args["p_len"] is not None})
 # B unspecialised: B = 1 would become a constant (no .to) and a variant of its own to compile.
 @triton.jit(do_not_specialize=["T", "B", "BATCH_TILES"])
@@ -118,7 +130,7 @@ def rnn_persistent_kernel(
     b_w = _load_slice(p_w, o_k, o_n, m_n, H, stride_wk, stride_wn).to(DOT_DTYPE)
     if K_SPLIT == 2:
         b_w2 = _load_slice(p_w, BLOCK_K + o_k, o_n, m_n, H, stride_wk, stride_wn).to(DOT_DTYPE)
-    if BARRIER == "counter":  # the cluster form has no counters (p_arrivals is None)
+    if BARRIER != "cluster":  # the cluster form has no counters (p_arrivals is None)
         p_group_arrivals = p_arrivals + direction * tl.num_programs(1) + tl.program_id(1)
     group_size = tl.num_programs(0)
     first_row = tl.program_id(1) * BATCH_TILES * BLOCK_B
@@ -156,13 +168,7 @@ def rnn_persistent_kernel(
         if BARRIER == "cluster":
             cluster.barrier()
         else:
-            tl.debug_barrier()
-            tl.atomic_add(p_group_arrivals, 1, sem="release")
-            target = (i + 1) * group_size - DEBUG_WAIT_SLACK
-            waiting = True
-            while waiting:
-                waiting = tl.atomic_add(p_group_arrivals, 0, sem="acquire") < target
-            tl.debug_barrier()
+            counter_barrier(p_group_arrivals, (i + 1) * group_size - DEBUG_WAIT_SLACK)
 
     if not BACKWARD:
         for j in range(BATCH_TILES):  # h_n: each row's state after its own last step (own columns)

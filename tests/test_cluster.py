@@ -181,3 +181,13 @@ def test_launcher_metadata_is_what_triton_packs():
                                      {name: f"kw-{name}" for name in names[len(positional):] if name != "DEBUG_WAIT_SLACK"})
     assert len(values) == len(names) and values[names.index("DEBUG_WAIT_SLACK")] == 0  # its default
     assert all(str(v).endswith(n) for v, n in zip(values, names) if n != "DEBUG_WAIT_SLACK")
+
+
+def test_barrier_probe_counts_every_arrival():
+    """The calibration's probe (empty steps at the group barrier): the counter form, 2 groups of 4
+    programs at once, ends with steps x programs arrivals a group; the cluster form needs a GPU."""
+    with concurrent_programs(seed=5):
+        arrivals = cluster.probe_barrier("counter", steps=6, size=4, groups=2, device=DEVICE)
+    assert arrivals.tolist() == [24, 24]
+    with pytest.raises(cluster.ClusterUnavailable, match="sm_90 or later"):
+        cluster.probe_barrier("cluster", steps=6, device=DEVICE)
