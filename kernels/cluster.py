@@ -255,3 +255,32 @@ def probe_barrier(barrier_kind: str, steps: int, size: int = MAX_SIZE, groups: i
     _launch_clusters(compiled, size, (groups, 1), bound_arguments(barrier_probe_kernel, (arrivals, steps),
                                                                   {"BARRIER": "cluster"}))
     return arrivals
+
+
+# Offline sm_90 figures for cluster_plan (a model without a GPU; on a GPU, resident_clusters asks
+# the driver). H100 SXM and H200: 132 SMs in 8 GPCs; a cluster runs inside one GPC.
+SM90_GPCS = 8
+SM90_SMS_PER_GPC = 16  # assumed: the fewest SMs an enabled GPC keeps (132 = 8 x 16.5 on average)
+# The most registers a thread of a default cluster variant needs (offline sm_90 compile, perf/NOTES.md v0.5).
+ASSUMED_REGISTERS = 128
+
+
+def cluster_plan(batch: int, hidden: int, dtype: torch.dtype, allow_tf32: bool = True, directions: int = 1):
+    """The cluster launch of this shape on an H100/H200, without a GPU (for the cost model): None
+    where the cluster form does not run it, else a dict shaped like static.persistent_fit's rows
+    ("config"; "plan" with programs_per_group = the cluster size, groups = clusters, batch_tiles)
+    plus cluster_dims, portable (size <= 8), resident_clusters (assumed GPCs, see above) and the
+    modelled shared memory of a CTA."""
+    config = default_config(batch, hidden)
+    if not fits(hidden, dtype, allow_tf32, config):
+        return None
+    size = size_of(hidden, config.kwargs["BLOCK_N"])
+    shared = configs.shared_memory_bytes("persistent", config, hidden, dtype, allow_tf32)
+    per_sm = persistent.programs_per_sm(ASSUMED_REGISTERS, config.num_warps, shared)
+    resident = SM90_GPCS * (SM90_SMS_PER_GPC * per_sm // size)
+    chosen = plan(batch, hidden, config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"], resident, directions)
+    return {"path": "cluster", "dtype": str(dtype).removeprefix("torch."), "batch": batch, "hidden": hidden,
+            "config": configs.config_to_dict(config), "cluster_dims": list(chosen.cluster_dims),
+            "portable": size <= PORTABLE_SIZE, "resident_clusters": resident, "shared_bytes": shared,
+            "plan": {"programs_per_group": size, "groups": chosen.clusters, "batch_tiles": chosen.batch_tiles,
+                     "resident_capacity": resident * size, "directions": directions}}

@@ -177,8 +177,8 @@ def test_launcher_metadata_is_what_triton_packs():
         cluster.packed_metadata(namedtuple("Compiled", "metadata")(meta._replace(num_ctas=2)), 16)
     names = persistent.rnn_persistent_kernel.fn.arg_names
     positional = tuple(f"arg-{name}" for name in names[:names.index("BATCH_TILES") + 1])
-    values = cluster.bound_arguments(persistent.rnn_persistent_kernel, positional,
-                                     {name: f"kw-{name}" for name in names[len(positional):] if name != "DEBUG_WAIT_SLACK"})
+    keywords = {name: f"kw-{name}" for name in names[len(positional):] if name != "DEBUG_WAIT_SLACK"}
+    values = cluster.bound_arguments(persistent.rnn_persistent_kernel, positional, keywords)
     assert len(values) == len(names) and values[names.index("DEBUG_WAIT_SLACK")] == 0  # its default
     assert all(str(v).endswith(n) for v, n in zip(values, names) if n != "DEBUG_WAIT_SLACK")
 
@@ -191,3 +191,18 @@ def test_barrier_probe_counts_every_arrival():
     assert arrivals.tolist() == [24, 24]
     with pytest.raises(cluster.ClusterUnavailable, match="sm_90 or later"):
         cluster.probe_barrier("cluster", steps=6, device=DEVICE)
+
+
+def test_cluster_plan_for_the_model():
+    """Offline plans on an H100/H200 (8 GPCs of at least 16 SMs assumed): the shapes of the
+    standard grid the cluster form runs, and None where it does not."""
+    bf16 = cluster.cluster_plan(256, 1024, torch.bfloat16)
+    assert bf16["cluster_dims"] == [16, 1, 1] and not bf16["portable"]
+    # One 16-CTA cluster a GPC (164 KB a CTA: one a SM): 8 clusters, 2 of the 16 batch tiles each.
+    assert bf16["plan"] == {"programs_per_group": 16, "groups": 8, "batch_tiles": 2, "resident_capacity": 128,
+                            "directions": 1}
+    small = cluster.cluster_plan(64, 256, torch.float32)
+    assert small["cluster_dims"] == [8, 1, 1] and small["portable"] and small["plan"]["groups"] == 4
+    assert cluster.cluster_plan(16, 1024, torch.float32) is None  # 32 CTAs, or 320 KB a CTA
+    assert cluster.cluster_plan(16, 2048, torch.float16) is None
+    assert cluster.cluster_plan(16, 512, torch.float32, allow_tf32=False) is None  # 3xTF32 spills there
