@@ -261,8 +261,10 @@ def probe_barrier(barrier_kind: str, steps: int, size: int = MAX_SIZE, groups: i
 # the driver). H100 SXM and H200: 132 SMs in 8 GPCs; a cluster runs inside one GPC.
 SM90_GPCS = 8
 SM90_SMS_PER_GPC = 16  # assumed: the fewest SMs an enabled GPC keeps (132 = 8 x 16.5 on average)
-# The most registers a thread of a default cluster variant needs (offline sm_90 compile, perf/NOTES.md v0.5).
+# The most registers a thread of a default cluster variant needs (offline sm_90 compile, perf/NOTES.md
+# v0.5): 128 (fp64; 16-bit and TF32 48-92), 237 in exact fp32 (3xTF32).
 ASSUMED_REGISTERS = 128
+ASSUMED_REGISTERS_3XTF32 = 240
 
 
 def cluster_plan(batch: int, hidden: int, dtype: torch.dtype, allow_tf32: bool = True, directions: int = 1):
@@ -276,7 +278,9 @@ def cluster_plan(batch: int, hidden: int, dtype: torch.dtype, allow_tf32: bool =
         return None
     size = size_of(hidden, config.kwargs["BLOCK_N"])
     shared = configs.shared_memory_bytes("persistent", config, hidden, dtype, allow_tf32)
-    per_sm = persistent.programs_per_sm(ASSUMED_REGISTERS, config.num_warps, shared)
+    tf32x3 = dtype == torch.float32 and not allow_tf32
+    per_sm = persistent.programs_per_sm(ASSUMED_REGISTERS_3XTF32 if tf32x3 else ASSUMED_REGISTERS, config.num_warps,
+                                        shared)
     resident = SM90_GPCS * (SM90_SMS_PER_GPC * per_sm // size)
     chosen = plan(batch, hidden, config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"], resident, directions)
     return {"path": "cluster", "dtype": str(dtype).removeprefix("torch."), "batch": batch, "hidden": hidden,
