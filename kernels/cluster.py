@@ -53,7 +53,6 @@ def barrier():
                               "\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
-
 @triton.jit(do_not_specialize=["STEPS"])
 def barrier_probe_kernel(p_arrivals, STEPS, BARRIER: tl.constexpr):
     """STEPS empty steps, each ending at the group barrier of the persistent kernel's BARRIER form:

@@ -15,7 +15,8 @@ every n) wait for each other:
     (steps done) * (programs per group); debug_barrier
 
 The counter only grows (zeroed once per launch, never between steps), so no reset can race with
-a late poll. The exchanged state is read with .cg (from L2, never a stale L1 line) after the
+a late poll. With BARRIER="cluster" a group is one thread-block cluster instead and waits at the
+hardware cluster barrier (kernels/cluster.py launches that form). The exchanged state is read with .cg (from L2, never a stale L1 line) after the
 acquire. Every program of the launch must be resident at once, or the waits never end:
 `resident_capacity` computes from the compiled kernel how many fit, `plan` never exceeds it and
 the launch is cooperative (the driver refuses a grid that cannot be co-resident). Groups of one

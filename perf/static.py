@@ -7,6 +7,10 @@ GPU is ever lent. Used by the tests to guard the default configs.
 
     compile_kernel("sequence", torch.float32, batch=64, hidden=128, backward=False)   # a path
     -> {"registers": 168, "stack_bytes": 0, "shared_bytes": 33280, "mma": ["wgmma..."], ...}
+
+Each result also names the launch's cluster dims and the group barrier's PTX instructions
+("barrier"), and says whether the cluster barrier's arrive/wait pair sits in the step loop. The path
+"cluster" is the persistent kernel's cluster form (kernels/cluster.py).
 """
 import dataclasses
 import os
