@@ -9,6 +9,8 @@ not the cluster barrier: tests/test_static.py checks the barrier's compiled PTX.
 """
 from collections import namedtuple
 
+import warnings
+
 import pytest
 import torch
 import triton
@@ -215,3 +217,62 @@ def test_cluster_plan_for_the_model():
     assert cluster.cluster_plan(16, 2048, torch.float16) is None  # 64 CTAs
     assert cluster.cluster_plan(16, 256, torch.float32, allow_tf32=False) is None  # 3xTF32 spills
 
+
+def _layer(seed, packed, steps=T):
+    p = _problem(packed, seed, steps)
+    return p, _reference(p, "tanh", False)
+
+
+def test_cluster_path_falls_back_to_the_persistent_path_with_one_warning(monkeypatch):
+    """recurrence_forward/backward with path="cluster": where no cluster launch runs (the plain
+    interpreter runs one program at a time: ClusterUnavailable), the launchers warn once and run
+    the persistent path, with the same results (float64 reference, NaN-poisoned outputs)."""
+    monkeypatch.setattr(kernels.recurrence, "_cluster_refusal_warned", False)
+    monkeypatch.setattr(kernels.recurrence, "_empty_like", lambda t: torch.full_like(t, float("nan")))
+    p, (ref_out, ref_hn) = _layer(38, True)
+    config = triton.Config({"BLOCK_B": 16, "BLOCK_N": 16, "K_SPLIT": 1}, num_warps=4, num_stages=1)
+    with pytest.warns(RuntimeWarning, match="no cluster of 3 CTAs.*persistent path instead") as seen:
+        out, h_n = kernels.recurrence_forward(p["xw"], p["h0"], p["w_hh"], lengths=p["lengths"], path="cluster",
+                                              config=config)
+        grad = torch.randn(T, B, H, dtype=torch.float64) * (torch.arange(T)[:, None] < p["lengths"])[..., None]
+        dz = kernels.recurrence_backward(grad, ref_out, p["w_hh"], lengths=p["lengths"], path="cluster",
+                                         config=config)
+    assert sum("persistent path instead" in str(w.message) for w in seen) == 1
+    assert_close(out, ref_out, torch.float64, "out")
+    assert_close(h_n, ref_hn, torch.float64, "h_n")
+    eye = torch.eye(H, dtype=torch.float64)
+    ref = reference.backward(p["xw"], p["h0"], eye, p["w_hh"], ref_out, grad, torch.zeros(B, H, dtype=torch.float64),
+                             "tanh", p["lengths"], False)
+    assert_close(dz, ref.dz, torch.float64, "dz")
+
+
+def test_cluster_path_runs_clusters_where_they_run(monkeypatch):
+    """In the concurrent harness the cluster launch runs: the launchers take it without a fallback
+    warning, for one direction and for both (bidirectional_forward/backward with path="cluster"),
+    against float64 with NaN-poisoned outputs."""
+    launched = []
+    real = cluster.launch
+    monkeypatch.setattr(cluster, "launch", lambda *a, **k: launched.append(real(*a, **k)) or launched[-1])
+    monkeypatch.setattr(kernels.recurrence, "_empty_like", lambda t: torch.full_like(t, float("nan")))
+    p, (ref_out, ref_hn) = _layer(39, False)
+    q = _problem(False, seed=40)
+    ref_out_r, ref_hn_r = _reference(q, "tanh", True)  # direction 1 walks the other way
+    config = triton.Config({"BLOCK_B": 16, "BLOCK_N": 16, "K_SPLIT": 1}, num_warps=4, num_stages=1)
+    with concurrent_programs(seed=6), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback warns
+        out, h_n = kernels.recurrence_forward(p["xw"], p["h0"], p["w_hh"], path="cluster", config=config)
+        stack = lambda key: torch.stack([p[key], q[key]])  # noqa: E731
+        out2, h_n2 = kernels.bidirectional_forward(stack("xw"), stack("h0"), stack("w_hh"), path="cluster",
+                                                   config=config)
+        dz2 = kernels.bidirectional_backward(torch.ones_like(out2), out2, stack("w_hh"), path="cluster", config=config)
+    assert [c.directions for c in launched] == [1, 2, 2] and all(c.size == 3 for c in launched)
+    assert_close(out, ref_out, torch.float64, "out")
+    assert_close(h_n, ref_hn, torch.float64, "h_n")
+    for d, (r_out, r_hn) in enumerate(((ref_out, ref_hn), (ref_out_r, ref_hn_r))):
+        assert_close(out2[d], r_out, torch.float64, f"out[{d}]")
+        assert_close(h_n2[d], r_hn, torch.float64, f"h_n[{d}]")
+    eye = torch.eye(H, dtype=torch.float64)
+    for d, (r, r_out) in enumerate(((p, ref_out), (q, ref_out_r))):
+        ref = reference.backward(r["xw"], r["h0"], eye, r["w_hh"], r_out, torch.ones(T, B, H, dtype=torch.float64),
+                                 torch.zeros(B, H, dtype=torch.float64), "tanh", None, d == 1)
+        assert_close(dz2[d], ref.dz, torch.float64, f"dz[{d}]")

@@ -294,3 +294,29 @@ def test_cluster_barrier_probe_runs_16_ctas():
     assert cluster.probe_barrier("counter", steps=1000, size=16, groups=4).tolist() == [16000] * 4
     torch.cuda.synchronize()
 
+
+def test_cluster_path_runs_without_falling_back():
+    """recurrence_forward/backward and the bidirectional launchers with path="cluster" launch clusters
+    on an sm_90 GPU (no fallback warning) and match the persistent path's results."""
+    import warnings
+
+    from tritonrnn.kernels import cluster
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    torch.manual_seed(1)
+    T, B, H = 32, 40, 512
+    xw = torch.randn(2, T, B, H, device="cuda", dtype=torch.bfloat16)
+    h0 = torch.randn(2, B, H, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(2, H, H, device="cuda") / H ** 0.5).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, h_n = kernels.recurrence_forward(xw[0], h0[0], w[0], path="cluster")
+        dz = kernels.recurrence_backward(torch.ones_like(out), out, w[0], path="cluster")
+        out2, h_n2 = kernels.bidirectional_forward(xw, h0, w, path="cluster")
+    ref_out, ref_hn = kernels.recurrence_forward(xw[0], h0[0], w[0], path="persistent")
+    ref_dz = kernels.recurrence_backward(torch.ones_like(out), out, w[0], path="persistent")
+    ref_out2, _ = kernels.bidirectional_forward(xw, h0, w, path="persistent")
+    for name, actual, expected in (("out", out, ref_out), ("h_n", h_n, ref_hn), ("dz", dz, ref_dz),
+                                   ("out2", out2, ref_out2)):
+        assert_close(actual.double(), expected.double(), torch.bfloat16, name)
+    assert cluster.cluster_fits(H, torch.bfloat16, device=xw.device)
