@@ -284,9 +284,13 @@ def probe_barrier(barrier_kind: str, steps: int, size: int = MAX_SIZE, groups: i
 # the driver). H100 SXM and H200: 132 SMs in 8 GPCs; a cluster runs inside one GPC.
 SM90_GPCS = 8
 SM90_SMS_PER_GPC = 16  # assumed: the fewest SMs an enabled GPC keeps (132 = 8 x 16.5 on average)
-# The most registers a thread of a default cluster variant needs (offline sm_90 compile of the
-# rebuilt kernel, perf/NOTES.md v0.5 cluster path): see REGISTERS_MEASURED there.
-ASSUMED_REGISTERS = 128
+# Registers a thread of the default cluster variant (the most of forward and backward, lengths) by
+# (dtype, H): offline sm_90 compiles of the rebuilt kernel (perf/NOTES.md v0.5 cluster path; held to
+# the compiler by tests/test_static.py). With warps and shared memory they set the CTAs an SM holds.
+REGISTERS = {("float32", 256): 192, ("float32", 512): 209, ("bfloat16", 256): 113, ("bfloat16", 512): 140,
+             ("bfloat16", 1024): 225, ("float16", 256): 111, ("float16", 512): 140, ("float16", 1024): 225,
+             ("float64", 256): 167, ("float64", 512): 254}
+ASSUMED_REGISTERS = 255  # a shape not compiled offline: the most a thread may have
 # The cluster barrier's cost a step, assumed until the calibration's probe (probe_barrier) measures
 # it: no published barrier.cluster latency; the release waits for the CTA's stores to reach L2, then
 # one arrive/wait round trip over the SM-to-SM network (perf/NOTES.md). The counter barrier: 1,000 ns.
@@ -298,18 +302,20 @@ def cluster_plan(batch: int, hidden: int, dtype: torch.dtype, allow_tf32: bool =
     where the cluster form does not run it (fits), else a dict shaped like static.persistent_fit's
     rows ("config"; "plan" with programs_per_group = the cluster size, groups = clusters,
     batch_tiles) plus cluster_dims, portable (size <= 8), resident_clusters (assumed GPCs, see
-    above), the modelled shared memory of a CTA and the assumed barrier cost (barrier_ns)."""
+    above; CTAs an SM holds from REGISTERS, warps and shared memory), the modelled shared memory of a
+    CTA and the assumed barrier cost (barrier_ns)."""
     config = default_config(batch, hidden, dtype)
     if not fits(hidden, dtype, allow_tf32, config):
         return None
     size = size_of(hidden, config.kwargs["BLOCK_N"])
     shared = configs.shared_memory_bytes("persistent", config, hidden, dtype, allow_tf32)
-    per_sm = persistent.programs_per_sm(ASSUMED_REGISTERS, config.num_warps, shared)
+    registers = REGISTERS.get((str(dtype).removeprefix("torch."), hidden), ASSUMED_REGISTERS)
+    per_sm = persistent.programs_per_sm(registers, config.num_warps, shared)
     resident = SM90_GPCS * (SM90_SMS_PER_GPC * per_sm // size)
     chosen = plan(batch, hidden, config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"], resident, directions)
     return {"path": "cluster", "dtype": str(dtype).removeprefix("torch."), "batch": batch, "hidden": hidden,
             "config": configs.config_to_dict(config), "cluster_dims": list(chosen.cluster_dims),
             "portable": size <= PORTABLE_SIZE, "resident_clusters": resident, "shared_bytes": shared,
-            "barrier_ns": ASSUMED_BARRIER_NS,
+            "registers": registers, "barrier_ns": ASSUMED_BARRIER_NS,
             "plan": {"programs_per_group": size, "groups": chosen.clusters, "batch_tiles": chosen.batch_tiles,
                      "resident_capacity": resident * size, "directions": directions}}

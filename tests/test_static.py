@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from tritonrnn.kernels import cluster
 from tritonrnn.kernels import config as configs
 from tritonrnn.perf import static
 
@@ -96,6 +97,7 @@ def test_cluster_variants_wait_at_the_cluster_barrier_in_the_step_loop(compiled)
     assert {v["dtype"] for v in clusters} == {"float16", "bfloat16", "float32", "float64"}
     assert all(v["stack_bytes"] == 0 and v["mma"] for v in clusters), "spills or FMA-only:\n" + _table(clusters)
     for v in clusters:
+        assert v["registers"] <= cluster.REGISTERS[(v["dtype"], int(v["hidden"]))], v  # cluster_plan's figures
         assert v["cluster_dims"] in ([4, 1, 1], [8, 1, 1], [16, 1, 1]), v
         assert v["barrier"] == CLUSTER_BARRIER and v["cluster_barrier_in_loop"], v
     persistent = [v for v in compiled if v["path"] == "persistent"]
