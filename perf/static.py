@@ -378,23 +378,34 @@ def edge_variants() -> list:
             for dtype, tf32 in NUMERICS]
 
 
+def _variant_line(role: str, variant: dict) -> str:
+    """One JSON line of `main`: a variant's compile, with the shared memory the budget model predicts."""
+    import json
+
+    result = compile_kernel(**variant)
+    config = variant.get("config") or default_config(variant["path"], variant["batch"], variant["hidden"],
+                                                     variant["dtype"])
+    modelled = modelled_shared_bytes(variant["path"], config, variant["hidden"], variant["dtype"],
+                                     variant["allow_tf32"])
+    described = {k: str(v).removeprefix("torch.") for k, v in variant.items() if k != "config"}
+    return json.dumps({"role": role, **described, **result, "modelled_shared_bytes": modelled})
+
+
 def main() -> None:
     """Compile the default, limit and edge variants (and the barrier probe) for sm_90 and print one
     JSON line each (run without TRITON_INTERPRET: the compiler needs the real @triton.jit objects). Each line carries
-    the shared memory the budget model predicts ("modelled_shared_bytes") next to the compiler's."""
+    the shared memory the budget model predicts ("modelled_shared_bytes") next to the compiler's. Variants
+    compile in one process per core (each compile is single-threaded; lines keep their order)."""
     import json
+    from concurrent.futures import ProcessPoolExecutor
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels the compiler needs")
-    for role, variants in (("default", default_variants()), ("limit", limit_variants()), ("edge", edge_variants())):
-        for variant in variants:
-            result = compile_kernel(**variant)
-            config = variant.get("config") or default_config(variant["path"], variant["batch"], variant["hidden"],
-                                                             variant["dtype"])
-            modelled = modelled_shared_bytes(variant["path"], config, variant["hidden"], variant["dtype"],
-                                             variant["allow_tf32"])
-            described = {k: str(v).removeprefix("torch.") for k, v in variant.items() if k != "config"}
-            print(json.dumps({"role": role, **described, **result, "modelled_shared_bytes": modelled}), flush=True)
+    work = [(role, variant) for role, variants in (("default", default_variants()), ("limit", limit_variants()),
+                                                   ("edge", edge_variants())) for variant in variants]
+    with ProcessPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        for line in pool.map(_variant_line, *zip(*work)):
+            print(line, flush=True)
     for kind in ("cluster", "counter"):  # the calibration's barrier probe
         print(json.dumps({"role": "probe", "path": "barrier_probe", "barrier_kind": kind, **compile_probe(kind)}),
               flush=True)
