@@ -176,7 +176,7 @@ def test_resource_table_matches_a_recompile():
     if not static.available():
         pytest.skip("this triton has no bundled NVIDIA toolchain")
     picks = [("sequence", "bfloat16", 256, "backward", configs.default_config("sequence", 16, 256)),
-             ("persistent", "float32", 2048, "forward", configs.default_config("persistent", 16, 2048)),
+             ("persistent", "float32", 1024, "forward", configs.default_config("persistent", 16, 1024, torch.float32)),
              ("persistent", "bfloat16", 1024, "backward", costmodel.candidate_configs("persistent", 1024, "bfloat16")[-1])]
     script = ("import json, sys; from tritonrnn.perf import resources; from tritonrnn.kernels import config as c; "
               "picks = json.loads(sys.argv[1]); "
@@ -287,3 +287,26 @@ def test_calibrate_refuses_without_a_gpu(tmp_path, capsys):
 def test_calibration_barrier_measures_on_a_gpu():
     ns = calibrate.measure_barrier(DEVICE, round_trip=False)
     assert 0 < ns < 50_000
+
+
+# The chosen config reaches the launcher (CUDA); the interpreter keeps the launchers' defaults.
+
+def test_the_models_config_reaches_the_launcher_on_cuda(monkeypatch):
+    """On a (faked) CUDA device the op's launch arguments carry the cost model's config, and the
+    persistent choice was checked with that config; under the interpreter the launcher's default."""
+    import types
+
+    from tritonrnn import ops
+
+    checked = []
+    monkeypatch.setattr(configs, "tuned", lambda *args: None)  # no shipped table for a fake GPU
+    monkeypatch.setattr(kernels.recurrence, "persistent_plan",
+                        lambda *args, config=None, **kwargs: checked.append(configs.config_to_dict(config)))
+    cuda = types.SimpleNamespace(shape=(512, 64, 1024), dtype=torch.bfloat16, device=torch.device("cuda"))
+    choice = dispatch.kernel_choice(512, 1024, torch.bfloat16, 64, torch.device("cuda"))
+    assert choice["path"] == "persistent" and choice["source"].startswith("cost model")
+    launch = ops._launch(cuda, "forward", True)
+    assert launch["path"] == "persistent" and configs.config_to_dict(launch["config"]) == choice["config"]
+    assert checked and checked[-1] == choice["config"]
+    cpu = types.SimpleNamespace(shape=(512, 64, 1024), dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert ops._launch(cpu, "forward", True) == {"path": "persistent", "config": None}
