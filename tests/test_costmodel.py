@@ -309,4 +309,4 @@ def test_the_models_config_reaches_the_launcher_on_cuda(monkeypatch):
     assert launch["path"] == "persistent" and configs.config_to_dict(launch["config"]) == choice["config"]
     assert checked and checked[-1] == choice["config"]
     cpu = types.SimpleNamespace(shape=(512, 64, 1024), dtype=torch.bfloat16, device=torch.device("cpu"))
-    assert ops._launch(cpu, "forward", True) == {"path": "persistent", "config": None}
+    assert ops._launch(cpu, "forward", True) == {"path": "persistent"}  # the launcher's default config

@@ -37,10 +37,12 @@ def _walk_ends(lengths: Optional[Tensor], T: int, B: int, reverse: bool, device)
 
 
 def _launch(sequence: Tensor, direction: str, allow_tf32: bool, directions: int = 1) -> dict:
-    """The launcher's path and config for this [T, B, H] recurrence on this device, chosen at run time
-    (`directions` = 2: both directions of a layer in one launch): dispatch.launch_choice."""
+    """The launcher's keyword arguments for this [T, B, H] recurrence on this device, chosen at run
+    time (`directions` = 2: both directions of a layer in one launch; dispatch.launch_choice): its
+    path, and its config where one was chosen (else the launcher's own)."""
     T, B, H = sequence.shape[-3:]
-    return dispatch.launch_choice(T, H, sequence.dtype, B, sequence.device, direction, allow_tf32, directions)
+    choice = dispatch.launch_choice(T, H, sequence.dtype, B, sequence.device, direction, allow_tf32, directions)
+    return {k: v for k, v in choice.items() if v is not None}
 
 
 def _contiguous_like(tensor: Tensor) -> Tensor:
@@ -156,7 +158,7 @@ def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Opti
     both = _launch(xw, "forward", allow_tf32, directions=2)
     if both["path"] == "persistent":
         return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32,
-                                             config=both["config"])
+                                             config=both.get("config"))
     one = _launch(xw, "forward", allow_tf32)  # where both directions' programs are not resident at once: one each
     outputs = [kernels.recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d], relu=relu,
                                           allow_tf32=allow_tf32, **one) for d in range(2)]
@@ -179,7 +181,7 @@ def bidirectional_recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Te
     both = _launch(out, "backward", allow_tf32, directions=2)
     if both["path"] == "persistent":
         dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32,
-                                            config=both["config"])
+                                            config=both.get("config"))
     else:
         one = _launch(out, "backward", allow_tf32)
         dz = torch.stack([kernels.recurrence_backward(grad[d], out[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d],
