@@ -32,7 +32,9 @@ model uses):
   Each group's counter and status word have their own 128-byte line (SYNC_LINE int32). The counter
   only grows (zeroed once per launch), so no reset races a late poll. No barrier after the last
   step. Per step and program: the state read (BLOCK_H x BATCH_TILES*BLOCK_B elements from L2),
-  BATCH_TILES dots, one arrival, polls, one acquire read.
+  BATCH_TILES dots, one arrival, polls, one acquire read. With BARRIER="cluster" a group is one
+  Hopper thread-block cluster and _group_barrier is the cluster's hardware barrier instead (no
+  counters, no timeout: a cluster's CTAs are gang-scheduled; kernels/cluster.py launches that form).
 - The ring [D, 2, B, HP] holds the state: slot i % 2 written at step i, slot 1 the initial state
   (h0 forward, 0 backward), columns H..HP-1 zero. Two slots suffice: slot i % 2, read at step
   i + 1, is written again at step i + 2, which a program starts only after the barrier of step
@@ -69,6 +71,9 @@ import torch
 import triton
 import triton.language as tl
 
+# cluster.py's barrier() is called by the kernel below and cluster.py calls this module's launch
+# helpers: each imports the other (neither uses the other at import time).
+from . import cluster
 from .common import activate, recurrent_dot
 
 
@@ -142,31 +147,39 @@ def _clock(polls, TIMER: tl.constexpr):
 
 
 @triton.jit
-def _group_barrier(p_counter, target, failed, wait_limit, TIMER: tl.constexpr, ABSENT: tl.constexpr):
-    """Wait until the group's counter reaches `target`: every thread's stores of this step come
-    before the arrival (CTA barrier, then one release add at gpu scope); the poll is relaxed (no L1
-    invalidation per poll) and one acquire read follows once the target is seen, then a CTA barrier,
-    so no thread reads the next state before every arrival is visible. Gives up after `wait_limit`
-    (microseconds on a GPU, polls in the interpreter): returns 1 then (0 while all is well; a
-    program that already failed no longer waits)."""
-    tl.debug_barrier()
-    if ABSENT < 0:
-        tl.atomic_add(p_counter, 1, sem="release")
-    elif tl.program_id(0) != ABSENT:  # tests: this column block never arrives
-        tl.atomic_add(p_counter, 1, sem="release")
-    seen = tl.atomic_add(p_counter, 0, sem="relaxed")
-    limit = wait_limit.to(tl.int64) * (1000 if TIMER else 1)
-    polls = 0
-    start = _clock(polls, TIMER)
-    timed_out = failed
-    while (timed_out == 0) & (seen < target):
+def _group_barrier(p_group, target, failed, wait_limit, TIMER: tl.constexpr, ABSENT: tl.constexpr,
+                   BARRIER: tl.constexpr):
+    """BARRIER "counter": wait until the group's counter (p_group: its sync words) reaches `target`:
+    every thread's stores of this step come before the arrival (CTA barrier, then one release add at
+    gpu scope); the poll is relaxed (no L1 invalidation per poll) and one acquire read follows once
+    the target is seen, then a CTA barrier, so no thread reads the next state before every arrival is
+    visible. Gives up after `wait_limit` (microseconds on a GPU, polls in the interpreter): returns 1
+    then (0 while all is well; a program that already failed no longer waits).
+    BARRIER "cluster": the cluster's hardware barrier (cluster.barrier: every thread arrives with
+    release semantics and waits with acquire); no counter, no timeout (gang-scheduled CTAs all run)."""
+    if BARRIER == "cluster":
+        cluster.barrier()
+    else:
+        p_counter = p_group + COUNTER
+        tl.debug_barrier()
+        if ABSENT < 0:
+            tl.atomic_add(p_counter, 1, sem="release")
+        elif tl.program_id(0) != ABSENT:  # tests: this column block never arrives
+            tl.atomic_add(p_counter, 1, sem="release")
         seen = tl.atomic_add(p_counter, 0, sem="relaxed")
-        polls += 1
-        timed_out = (_clock(polls, TIMER) - start > limit).to(tl.int32)
-    # Its value is used, or the read is removed (an add of 0 lowers to a load): >= target unless timed out.
-    seen = tl.atomic_add(p_counter, 0, sem="acquire")
-    tl.debug_barrier()
-    return failed | (seen < target).to(tl.int32)
+        limit = wait_limit.to(tl.int64) * (1000 if TIMER else 1)
+        polls = 0
+        start = _clock(polls, TIMER)
+        timed_out = failed
+        while (timed_out == 0) & (seen < target):
+            seen = tl.atomic_add(p_counter, 0, sem="relaxed")
+            polls += 1
+            timed_out = (_clock(polls, TIMER) - start > limit).to(tl.int32)
+        # Its value is used, or the read is removed (an add of 0 lowers to a load): >= target unless timed out.
+        seen = tl.atomic_add(p_counter, 0, sem="acquire")
+        tl.debug_barrier()
+        failed |= (seen < target).to(tl.int32)
+    return failed
 
 
 # One group's synchronisation words, an int32 each: its own 128-byte line, so the polls of
@@ -214,6 +227,9 @@ def rnn_persistent_kernel(
     # off by one; more than T * programs: no wait), and a column block that never arrives.
     DEBUG_WAIT_SLACK: tl.constexpr = 0,
     DEBUG_ABSENT: tl.constexpr = -1,
+    # "counter": the group barrier through global atomics (p_sync); "cluster": a group is one
+    # thread-block cluster waiting at its hardware barrier (GPU only, p_sync None; kernels/cluster.py).
+    BARRIER: tl.constexpr = "counter",
 ):
     direction = tl.program_id(2)
     group = tl.program_id(1)
@@ -228,7 +244,10 @@ def rnn_persistent_kernel(
         p_act += direction * T * n_bh
     else:
         p_hn += direction * n_bh
-    p_counter = p_sync + (direction * tl.num_programs(1) + group) * SYNC_LINE
+    if BARRIER == "counter":
+        p_counter = p_sync + (direction * tl.num_programs(1) + group) * SYNC_LINE
+    else:  # no sync words: the hardware barrier counts, and never times out
+        p_counter = p_sync
     group_size = tl.num_programs(0)
     BLOCK_K: tl.constexpr = BLOCK_H // K_SPLIT
     first_block = tl.program_id(0) * COLUMN_BLOCKS
@@ -282,22 +301,23 @@ def rnn_persistent_kernel(
                                                T, first_row + tl.where(last, 0, j + 1) * BLOCK_B, first_block, B, H,
                                                n_bh, reverse, BLOCK_B, BLOCK_N, BACKWARD, ACC_DTYPE)
         if i < T - 1:  # no barrier after the last step: nothing reads its state
-            failed = _group_barrier(p_counter + COUNTER, (i + 1) * group_size - DEBUG_WAIT_SLACK, failed, wait_limit,
-                                    TIMER, DEBUG_ABSENT)
+            failed = _group_barrier(p_counter, (i + 1) * group_size - DEBUG_WAIT_SLACK, failed, wait_limit,
+                                    TIMER, DEBUG_ABSENT, BARRIER)
 
-    if failed != 0:  # a wait timed out: this program's outputs are not the recurrence's
-        tl.store(p_counter + STATUS, 1)
-        b_nan = tl.full([BLOCK_N, BLOCK_B], float("nan"), ACC_DTYPE)
-        for i in range(T):
-            for j in range(BATCH_TILES):
-                o_b = first_row + j * BLOCK_B + tl.arange(0, BLOCK_B)
-                for c in tl.static_range(COLUMN_BLOCKS):
-                    o_n = (first_block + c) * BLOCK_N + tl.arange(0, BLOCK_N)
-                    m_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
-                    o_own = o_b[None, :].to(tl.int64) * H + o_n[:, None]
-                    tl.store(p_out + i * n_bh + o_own, b_nan.to(p_out.dtype.element_ty), mask=m_nb)
-                    if not BACKWARD:
-                        tl.store(p_hn + o_own, b_nan.to(p_hn.dtype.element_ty), mask=m_nb)
+    if BARRIER == "counter":  # the cluster form never gives up waiting
+        if failed != 0:  # a wait timed out: this program's outputs are not the recurrence's
+            tl.store(p_counter + STATUS, 1)
+            b_nan = tl.full([BLOCK_N, BLOCK_B], float("nan"), ACC_DTYPE)
+            for i in range(T):
+                for j in range(BATCH_TILES):
+                    o_b = first_row + j * BLOCK_B + tl.arange(0, BLOCK_B)
+                    for c in tl.static_range(COLUMN_BLOCKS):
+                        o_n = (first_block + c) * BLOCK_N + tl.arange(0, BLOCK_N)
+                        m_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
+                        o_own = o_b[None, :].to(tl.int64) * H + o_n[:, None]
+                        tl.store(p_out + i * n_bh + o_own, b_nan.to(p_out.dtype.element_ty), mask=m_nb)
+                        if not BACKWARD:
+                            tl.store(p_hn + o_own, b_nan.to(p_hn.dtype.element_ty), mask=m_nb)
 
 
 # Without a GPU, Triton's interpreter runs the programs of a launch one after another: only one is
@@ -519,6 +539,21 @@ def _check_sync_status(sync: torch.Tensor, chosen: Plan, timeout_s: float) -> No
             f"stepwise path (path='stepwise' in tritonrnn.kernels.recurrence_forward/backward).")
 
 
+def launch_inputs(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> tuple:
+    """(directions, launch_args(...)) of a launch (persistent or cluster): the ring holding the
+    exchanged state (two slots, rows padded to 16 elements, zero beyond H; slot 1 the state before
+    step 0) and, where H is not a multiple of 16, the padded slices."""
+    directions = out.shape[0] if out.dim() == 4 else 1
+    T, B, H = out.shape[-3:]
+    ring = torch.zeros(directions, 2, B, padded(H), dtype=out.dtype, device=out.device)
+    if H % 16:
+        w_hh = padded_slices(w_hh, backward=options["backward"])
+    if p_h0 is not None:
+        ring[:, 1, :, :H] = p_h0.view(directions, B, H)
+    return directions, launch_args(p_in, w_hh, p_act, out, ring, h_n, lengths, T, B, H,
+                                   timer=out.device.type == "cuda", **options)
+
+
 def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, timeout_s: float = None, **options) -> Plan:
     """Run the whole recurrence in one launch into `out` (and `h_n` in the forward); see the module
     docstring. Tensors are [T, B, H], [B, H] and [H, H], or both directions stacked on a leading
@@ -528,17 +563,8 @@ def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, timeout_s: float = None, 
     Returns the plan it ran. Raises LaunchRefused where the driver refuses the cooperative launch,
     BarrierTimeout where a group waited past the limit (its outputs NaN)."""
     timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
-    directions = out.shape[0] if out.dim() == 4 else 1
-    T, B, H = out.shape[-3:]
-    # The exchanged state: two slots, rows padded to 16 elements (zero beyond H); slot 1 is the
-    # state before step 0.
-    ring = torch.zeros(directions, 2, B, padded(H), dtype=out.dtype, device=out.device)
-    if H % 16:
-        w_hh = padded_slices(w_hh, backward=options["backward"])
-    if p_h0 is not None:
-        ring[:, 1, :, :H] = p_h0.view(directions, B, H)
-    args, scalars, kwargs = launch_args(p_in, w_hh, p_act, out, ring, h_n, lengths, T, B, H,
-                                        timer=out.device.type == "cuda", **options)
+    directions, (args, scalars, kwargs) = launch_inputs(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options)
+    T = scalars[0]
     chosen, kwargs = schedule(args, scalars, kwargs, out.device, directions)
     check_counters(T, chosen)
     sync = torch.zeros(directions, chosen.groups, SYNC_LINE.value, dtype=torch.int32, device=out.device)

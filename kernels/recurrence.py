@@ -7,8 +7,10 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
 
 `path` is "sequence" (one launch for all T steps, W_hh held on chip by each program),
 "persistent" (one launch for all T steps, W_hh split by columns over programs that stay resident
-and meet at a barrier each step; kernels/persistent.py) or "stepwise" (one launch of the step
-kernel per timestep; any H).
+and meet at a barrier each step; kernels/persistent.py), "cluster" (the persistent kernel with each
+group one Hopper thread-block cluster meeting at the hardware cluster barrier; kernels/cluster.py)
+or "stepwise" (one launch of the step kernel per timestep; any H). A refused cluster launch runs
+the persistent path, a refused persistent launch the stepwise path (one warning each).
 """
 import contextlib
 import functools
@@ -18,12 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cluster, persistent
 from . import config as configs
-from . import persistent
 from .sequence import rnn_sequence_kernel
 from .step import rnn_step_kernel
 
 PATHS = configs.PATHS
+# What a launcher's `path` may name: the kernels' paths and the persistent kernel's cluster form
+# (a launch of the persistent kernel, not a kernel with a config space of its own).
+LAUNCH_PATHS = PATHS + ("cluster",)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 
@@ -77,18 +82,21 @@ def _launcher(path: str, B: int, H: int, dtype, device, direction: str, config, 
         choice = configs.tuned(dtype, H, B, direction, device)
         if choice is not None and choice["path"] == path:
             config = choice["config"]
-    if config is None and configs.autotunes(path, device):
+    if config is None and path != "cluster" and configs.autotunes(path, device):
         return _autotuned(path), {}
-    config = config or configs.default_config(path, B, H, dtype)
+    kernel_path = "persistent" if path == "cluster" else path  # a cluster's CTA is a persistent program
+    config = config or (cluster.default_config(B, H, dtype) if path == "cluster"
+                        else configs.default_config(path, B, H, dtype))
     budget = configs.shared_memory_budget(device)
-    if not configs.config_fits(path, config, H, dtype, allow_tf32, budget):
+    if not configs.config_fits(kernel_path, config, H, dtype, allow_tf32, budget):
         raise ValueError(f"{path} config {configs.config_to_dict(config)} needs "
-                         f"{configs.shared_memory_bytes(path, config, H, dtype, allow_tf32)} B of shared memory "
+                         f"{configs.shared_memory_bytes(kernel_path, config, H, dtype, allow_tf32)} B of shared memory "
                          f"at H = {H} in {dtype}; a program may use {budget} B")
     return _jitted(path), configs.config_to_dict(config)
 
 
 _refusal_warned = False
+_cluster_refusal_warned = False
 
 
 def _warn_stepwise(refusal: Exception) -> None:
@@ -100,6 +108,23 @@ def _warn_stepwise(refusal: Exception) -> None:
         _refusal_warned = True
         warnings.warn(f"tritonrnn: {refusal}. Running the stepwise path instead (one launch per step); this "
                       f"warning is shown once.", RuntimeWarning, stacklevel=3)
+
+
+def _warn_persistent(refusal: Exception) -> None:
+    """Once per process: the cluster launch cannot run here (a cluster size Triton does not launch, a
+    GPU before sm_90, the driver's refusal, the plain interpreter), so the persistent path runs
+    instead (the same kernel with the counter barrier: same results)."""
+    global _cluster_refusal_warned
+    if not _cluster_refusal_warned:
+        _cluster_refusal_warned = True
+        warnings.warn(f"tritonrnn: {refusal}. Running the persistent path instead (counter barrier); this "
+                      f"warning is shown once.", RuntimeWarning, stacklevel=3)
+
+
+def _run_in_groups(path: str, *tensors, **options) -> None:
+    """One launch of the persistent kernel: persistent.launch, or cluster.launch on the cluster path.
+    Raises ClusterUnavailable, LaunchRefused as they do (the callers fall back)."""
+    (cluster.launch if path == "cluster" else persistent.launch)(*tensors, **options)
 
 
 def _on(device: torch.device):
@@ -127,10 +152,11 @@ def _prepare(first: torch.Tensor, w_hh: torch.Tensor, lengths, path: str, allow_
     T, B, H = first.shape
     if T == 0:
         raise ValueError("expected at least one timestep, got T = 0")
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path not in LAUNCH_PATHS:
+        raise ValueError(f"path must be one of {LAUNCH_PATHS}, got {path!r}")
     budget = configs.shared_memory_budget(first.device)
-    if not configs.path_fits(path, H, first.dtype, allow_tf32, budget):
+    # The cluster path's shapes are the persistent path's (it falls back there where no cluster runs).
+    if not configs.path_fits("persistent" if path == "cluster" else path, H, first.dtype, allow_tf32, budget):
         raise ValueError(f"the {path} path does not run H = {H} in {first.dtype}: its smallest tile needs more than "
                          f"the {budget} B of shared memory a program may use")
     _check("w_hh", w_hh, (H, H), first)
@@ -163,12 +189,16 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     if B == 0:
         return out, h0.clone()
     kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
-    if path == "persistent":
+    if path in ("persistent", "cluster"):
         h_n = _empty_like(h0)
         try:
             with _on(xw.device):
-                persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=reverse, relu=relu,
-                                  numerics=numerics, meta=meta)
+                _run_in_groups(path, xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=reverse,
+                               relu=relu, numerics=numerics, meta=meta)
+        except cluster.ClusterUnavailable as refusal:
+            _warn_persistent(refusal)
+            return recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu, path="persistent",
+                                      allow_tf32=allow_tf32, config=config)
         except persistent.LaunchRefused as refusal:
             _warn_stepwise(refusal)
             return recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu, path="stepwise",
@@ -197,34 +227,41 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     return out, prev.clone()
 
 
-def _prepare_pair(first: torch.Tensor, w_hh: torch.Tensor, lengths, allow_tf32: bool):
+def _prepare_pair(first: torch.Tensor, w_hh: torch.Tensor, lengths, allow_tf32: bool, path: str):
     if first.dim() != 4 or first.shape[0] != 2:
         raise ValueError(f"expected a [2, T, B, H] tensor (both directions), got shape {tuple(first.shape)}")
+    if path not in ("persistent", "cluster"):
+        raise ValueError(f"both directions run in one launch on the persistent or cluster path, got {path!r}")
     H = first.shape[-1]
     _check("w_hh", w_hh, (2, H, H), first)
-    return _prepare(first[0], w_hh[0], lengths, "persistent", allow_tf32)
+    return _prepare(first[0], w_hh[0], lengths, path, allow_tf32)
 
 
-def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None):
+def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None,
+                          path="persistent"):
     """Both directions of a bidirectional layer in one launch of the persistent kernel.
 
     Args:
         xw: [2, T, B, H] projected inputs of the forward (0) and reverse (1) direction.
         h0: [2, B, H]. w_hh: [2, H, H]. lengths, relu, allow_tf32, config: as for recurrence_forward.
+        path: "persistent" or "cluster" (its cluster form; where refused, the persistent path runs).
     Returns:
         out [2, T, B, H] and h_n [2, B, H], each direction as recurrence_forward gives it.
     """
-    T, B, H, lengths = _prepare_pair(xw, w_hh, lengths, allow_tf32)
+    T, B, H, lengths = _prepare_pair(xw, w_hh, lengths, allow_tf32, path)
     xw, w_hh = xw.contiguous(), w_hh.contiguous()
     h0 = _check("h0", h0, (2, B, H), xw)
     out, h_n = _empty_like(xw), _empty_like(h0)
     if B == 0:
         return out, h0.clone()
-    _, meta = _launcher("persistent", B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
+    _, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
     try:
         with _on(xw.device):
-            persistent.launch(xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False, relu=relu,
-                              numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
+            _run_in_groups(path, xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False, relu=relu,
+                           numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
+    except cluster.ClusterUnavailable as refusal:
+        _warn_persistent(refusal)
+        return bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32, config=config)
     except persistent.LaunchRefused as refusal:
         _warn_stepwise(refusal)
         results = [recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=d == 1, relu=relu,
@@ -233,20 +270,25 @@ def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=
     return out, h_n
 
 
-def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None):
+def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None,
+                           path="persistent"):
     """recurrence_backward of both directions of a bidirectional layer in one launch: grad and out
-    are [2, T, B, H], w_hh [2, H, H]; returns dz [2, T, B, H]."""
-    T, B, H, lengths = _prepare_pair(grad, w_hh, lengths, allow_tf32)
+    are [2, T, B, H], w_hh [2, H, H]; returns dz [2, T, B, H]. path: as for bidirectional_forward."""
+    T, B, H, lengths = _prepare_pair(grad, w_hh, lengths, allow_tf32, path)
     grad, w_hh = grad.contiguous(), w_hh.contiguous()
     out = _check("out", out, (2, T, B, H), grad)
     dz = _empty_like(grad)
     if B == 0:
         return dz
-    _, meta = _launcher("persistent", B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
+    _, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
     try:
         with _on(grad.device):
-            persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True, relu=relu,
-                              numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
+            _run_in_groups(path, grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True, relu=relu,
+                           numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
+    except cluster.ClusterUnavailable as refusal:
+        _warn_persistent(refusal)
+        return bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32,
+                                      config=config)
     except persistent.LaunchRefused as refusal:
         _warn_stepwise(refusal)
         return torch.stack([recurrence_backward(grad[d], out[d], w_hh[d], lengths=lengths, reverse=d == 1, relu=relu,
@@ -302,11 +344,15 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
     if B == 0:
         return dz
     kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
-    if path == "persistent":
+    if path in ("persistent", "cluster"):
         try:
             with _on(grad.device):
-                persistent.launch(grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=not reverse,
-                                  relu=relu, numerics=numerics, meta=meta)
+                _run_in_groups(path, grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=not reverse,
+                               relu=relu, numerics=numerics, meta=meta)
+        except cluster.ClusterUnavailable as refusal:
+            _warn_persistent(refusal)
+            return recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu,
+                                       path="persistent", allow_tf32=allow_tf32, config=config)
         except persistent.LaunchRefused as refusal:
             _warn_stepwise(refusal)
             return recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu, path="stepwise",

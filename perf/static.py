@@ -7,6 +7,10 @@ GPU is ever lent. Used by the tests to guard the default configs.
 
     compile_kernel("sequence", torch.float32, batch=64, hidden=128, backward=False)   # a path
     -> {"registers": 168, "stack_bytes": 0, "shared_bytes": 33280, "mma": ["wgmma..."], ...}
+
+Each result also names the launch's cluster dims and the group barrier's PTX instructions
+("barrier"), and says whether the cluster barrier's arrive/wait pair sits in the step loop. The path
+"cluster" is the persistent kernel's cluster form (kernels/cluster.py).
 """
 import dataclasses
 import os
@@ -18,8 +22,8 @@ from pathlib import Path
 import torch
 import triton
 
+from tritonrnn.kernels import cluster, persistent, recurrence
 from tritonrnn.kernels import config as configs
-from tritonrnn.kernels import persistent, recurrence
 
 from . import grid
 
@@ -30,9 +34,9 @@ HOPPER = (90, 32)  # compute capability 9.0 (H100, H200), warp size 32
 def _signature(path: str, dtype, backward: bool, lengths: bool):
     """Argument types of a launch as the launchers make it (None pointers become constexpr None)."""
     p = _POINTER[dtype]
-    if path == "persistent":
+    if path in ("persistent", "cluster"):  # the cluster form has no sync words
         pointers = {"p_in": p, "p_w": p, "p_act": p if backward else None, "p_out": p, "p_ring": p,
-                    "p_hn": None if backward else p, "p_sync": "*i32"}
+                    "p_hn": None if backward else p, "p_sync": "*i32" if path == "persistent" else None}
     elif path != "stepwise":
         pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
                     "p_out": p, "p_hn": None if backward else p}
@@ -46,11 +50,12 @@ def _signature(path: str, dtype, backward: bool, lengths: bool):
 def _int_arguments(path: str, batch: int, hidden: int, backward: bool) -> dict:
     """The integer arguments' values at a launch (None: not specialised, as the step index and T)."""
     stride_wk, stride_wn = (hidden, 1) if backward else (1, hidden)
-    if path == "persistent":
+    persistent_kernel = path in ("persistent", "cluster")
+    if persistent_kernel:
         stride_wk, stride_wn = persistent.slice_strides(hidden, backward)
     ints = {"T" if path != "stepwise" else "t": None, "B": batch, "H": hidden, "stride_wk": stride_wk,
             "stride_wn": stride_wn}
-    if path == "persistent":  # the kernel leaves B unspecialised (do_not_specialize); HP: the ring's stride
+    if persistent_kernel:  # the kernel leaves B unspecialised (do_not_specialize); HP: the ring's stride
         return {**ints, "B": None, "HP": persistent.padded(hidden), "BATCH_TILES": None, "wait_limit": None}
     return {**ints, "B_BUCKET": configs.batch_bucket(batch)}
 
@@ -66,8 +71,9 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    config = config or configs.default_config(path, batch, hidden, dtype)
-    jitted = persistent.rnn_persistent_kernel if path == "persistent" else recurrence._jitted(path)
+    config = config or default_config(path, batch, hidden, dtype)
+    persistent_kernel = path in ("persistent", "cluster")  # "cluster": its cluster form (kernels/cluster.py)
+    jitted = persistent.rnn_persistent_kernel if persistent_kernel else recurrence._jitted(path)
     fn = getattr(jitted, "fn", jitted)  # below @triton.heuristics
     pointers = _signature(path, dtype, backward, lengths)
     ints = _int_arguments(path, batch, hidden, backward)
@@ -75,8 +81,9 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     constants = {**numerics, **config.kwargs, "BACKWARD": backward, "RELU": relu}
     if path != "stepwise":
         constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths)
-        if path == "persistent":
-            constants.update(COLUMN_BLOCKS=1, TIMER=True, DEBUG_WAIT_SLACK=0, DEBUG_ABSENT=-1)
+        if persistent_kernel:
+            constants.update(COLUMN_BLOCKS=1, TIMER=True, DEBUG_WAIT_SLACK=0, DEBUG_ABSENT=-1,
+                             BARRIER="cluster" if path == "cluster" else "counter")
     else:
         constants.update(HAS_PREV=True, HAS_LENGTHS=lengths, STORE_STATE=pointers["p_state"] is not None)
     # Specialise as a launch does (triton's JIT, BaseBackend.get_*_specialization): an integer equal
@@ -102,10 +109,14 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     mma = sorted(set(re.findall(r"(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx)))
+    # Cluster dims are the launch's (the cluster form compiles with num_ctas = 1 and is launched in
+    # clusters of cdiv(H, BLOCK_N) CTAs); every other launch is one CTA a cluster.
+    size = cluster.size_of(hidden, config.kwargs["BLOCK_N"]) if path == "cluster" else compiled.metadata.num_ctas
     # Triton's shared memory is dynamic (requested at launch, checked against the device's opt-in
     # maximum at load time): cuobjdump shows only the static 1 KB.
     result = {**usage, "shared_bytes": compiled.metadata.shared, "mma": mma, "fma_only": not mma,
-              "num_warps": config.num_warps, "config": configs.config_to_dict(config)}
+              "num_warps": config.num_warps, "config": configs.config_to_dict(config), "cluster_dims": [size, 1, 1],
+              "barrier": barrier_instructions(ptx), "cluster_barrier_in_loop": cluster_barrier_in_loop(ptx)}
     if asm:
         ttgir = compiled.asm["ttgir"]
         layouts = re.findall(r"#ttg\.nvidia_mma<\{[^}]*warpsPerCTA = \[([\d, ]+)\]", ttgir)
@@ -163,6 +174,98 @@ def barrier_order_problems(ptx: str) -> list:
     return problems
 
 
+def compile_probe(barrier_kind: str, target=HOPPER) -> dict:
+    """Compile the calibration's barrier probe (kernels/cluster.py, empty steps at the group
+    barrier) for `target`: its barrier instructions and whether the cluster pair sits in the loop."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = cluster.barrier_probe_kernel
+    counter = barrier_kind == "counter"  # the cluster form has no sync words
+    signature = {"p_sync": "*i32" if counter else "constexpr", "STEPS": "i32", "wait_limit": "i32",
+                 "BARRIER": "constexpr", "TIMER": "constexpr"}
+    constants = {"BARRIER": barrier_kind, "TIMER": True, **({} if counter else {"p_sync": None})}
+    source = ASTSource(fn, signature, constants, {(0,): [["tt.divisibility", 16]]} if counter else {})
+    ptx = triton.compile(source, target=GPUTarget("cuda", *target), options={"num_warps": 4}).asm["ptx"]
+    return {"barrier": barrier_instructions(ptx), "cluster_barrier_in_loop": cluster_barrier_in_loop(ptx)}
+
+
+def default_config(path: str, batch: int, hidden: int, dtype=None) -> triton.Config:
+    if path == "cluster":
+        return cluster.default_config(batch, hidden, dtype)
+    return configs.default_config(path, batch, hidden, dtype)
+
+
+def modelled_shared_bytes(path: str, config, hidden: int, dtype, allow_tf32: bool) -> int:
+    """configs.shared_memory_bytes; the cluster form's CTA is a persistent program."""
+    return configs.shared_memory_bytes("persistent" if path == "cluster" else path, config, hidden, dtype, allow_tf32)
+
+
+# The group barriers' instructions: the cluster barrier, and the counter barrier's release arrival
+# and acquire poll (with their predicates: the counter barrier's are one thread's).
+_BARRIER = re.compile(r"^\s*(@!?%p\d+\s+)?((?:barrier\.cluster|atom\.global\.gpu\.release|ld\.global\.gpu\.acquire)"
+                      r"[\w.]*)")
+_LABEL = re.compile(r"^(\$L\w+):")
+_BRANCH = re.compile(r"^\s*(@!?%p\d+\s+)?bra(?:\.uni)?\s+(\$L\w+);")
+
+
+def _mnemonic(instruction: str) -> str:
+    """barrier.cluster.arrive.release.aligned -> barrier.cluster.arrive.release; atom...add.u32 -> ...add."""
+    return re.sub(r"\.[usbf]\d+$", "", instruction.removesuffix(".aligned"))
+
+
+def barrier_instructions(ptx: str) -> list:
+    """The group barrier's instructions in the PTX, in order of first appearance."""
+    found = [_mnemonic(m.group(2)) for line in ptx.splitlines() if (m := _BARRIER.match(line))]
+    return list(dict.fromkeys(found))
+
+
+def _blocks(ptx: str) -> tuple:
+    """The PTX's basic blocks (lists of lines, split at every label and after every branch) and each
+    block's successors (a branch's target; the next block unless the branch is unconditional or ret)."""
+    blocks, labels, current = [], {}, []
+    for line in ptx.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            blocks.append(current)
+            current = []
+            labels[label.group(1)] = len(blocks)
+        current.append(line)
+        if _BRANCH.match(line) or line.strip() in ("ret;", "exit;"):
+            blocks.append(current)
+            current = []
+    blocks.append(current)
+    successors = []
+    for index, block in enumerate(blocks):
+        last = block[-1] if block else ""
+        branch = _BRANCH.match(last)
+        after = [] if (branch and not branch.group(1)) or last.strip() in ("ret;", "exit;") else [index + 1]
+        successors.append(([labels[branch.group(2)]] if branch else []) + [i for i in after if i < len(blocks)])
+    return blocks, successors
+
+
+def cluster_barrier_in_loop(ptx: str) -> bool:
+    """Whether the PTX holds barrier.cluster.arrive.release then barrier.cluster.wait.acquire, neither
+    predicated (`.aligned`: every thread executes them), in one basic block that lies on a cycle of
+    the control-flow graph (the step loop): the block is reachable from its own successors."""
+    blocks, successors = _blocks(ptx)
+    for index, block in enumerate(blocks):
+        arrivals = [n for n, line in enumerate(block) if (m := _BARRIER.match(line)) and not m.group(1)
+                    and _mnemonic(m.group(2)) == "barrier.cluster.arrive.release"]
+        waits = [n for n, line in enumerate(block) if (m := _BARRIER.match(line)) and not m.group(1)
+                 and _mnemonic(m.group(2)) == "barrier.cluster.wait.acquire"]
+        if not (arrivals and waits and arrivals[0] < waits[-1]):
+            continue
+        seen, todo = set(), list(successors[index])
+        while todo:
+            block_index = todo.pop()
+            if block_index == index:
+                return True
+            if block_index not in seen:
+                seen.add(block_index)
+                todo.extend(successors[block_index])
+    return False
+
+
 def _resource_usage(cubin: bytes) -> dict:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -197,12 +300,16 @@ def default_variants() -> list:
         shapes += [("stepwise", 1024)]
         shapes += [("persistent", h) for h in PERSISTENT_HIDDENS
                    if configs.default_path(h, dtype, tf32) == "persistent"]
+        shapes += [("cluster", h) for h in CLUSTER_HIDDENS if cluster.fits(h, dtype, tf32)]
         for path, hidden in shapes:
             common = dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32)
             variants += [dict(common, lengths=True), dict(common, backward=True, lengths=path != "stepwise")]
             if path == "persistent":  # unpacked input, the common launch: its own compiled variant
                 variants += [dict(common, lengths=False)]
     return variants
+
+
+CLUSTER_HIDDENS = (256, 512, 1024)  # where the cluster form fits: 4 to 16 CTAs a cluster
 
 
 PERSISTENT_HIDDENS = tuple(h for h in grid.HIDDENS if h > 128)  # H = 128 takes the sequence path
@@ -272,8 +379,8 @@ def edge_variants() -> list:
 
 
 def main() -> None:
-    """Compile the default, limit and edge variants for sm_90 and print one JSON line each
-    (run without TRITON_INTERPRET: the compiler needs the real @triton.jit objects). Each line carries
+    """Compile the default, limit and edge variants (and the barrier probe) for sm_90 and print one
+    JSON line each (run without TRITON_INTERPRET: the compiler needs the real @triton.jit objects). Each line carries
     the shared memory the budget model predicts ("modelled_shared_bytes") next to the compiler's."""
     import json
 
@@ -282,12 +389,15 @@ def main() -> None:
     for role, variants in (("default", default_variants()), ("limit", limit_variants()), ("edge", edge_variants())):
         for variant in variants:
             result = compile_kernel(**variant)
-            config = variant.get("config") or configs.default_config(variant["path"], variant["batch"],
-                                                                     variant["hidden"], variant["dtype"])
-            modelled = configs.shared_memory_bytes(variant["path"], config, variant["hidden"], variant["dtype"],
-                                                   variant["allow_tf32"])
+            config = variant.get("config") or default_config(variant["path"], variant["batch"], variant["hidden"],
+                                                             variant["dtype"])
+            modelled = modelled_shared_bytes(variant["path"], config, variant["hidden"], variant["dtype"],
+                                             variant["allow_tf32"])
             described = {k: str(v).removeprefix("torch.") for k, v in variant.items() if k != "config"}
             print(json.dumps({"role": role, **described, **result, "modelled_shared_bytes": modelled}), flush=True)
+    for kind in ("cluster", "counter"):  # the calibration's barrier probe
+        print(json.dumps({"role": "probe", "path": "barrier_probe", "barrier_kind": kind, **compile_probe(kind)}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -244,3 +244,79 @@ def test_w_hh_offsets_past_2_31_elements():
     h = out.float()
     expected = (grad[0].float() + (dz[1] @ w).float()) * (1 - h[0] ** 2)
     assert_close(dz[0], expected, torch.float16, "dz_0")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("B", [1, 40, 300])
+@pytest.mark.parametrize("H", [256, 512, 1024])
+def test_cluster_path_with_lengths_matches_reference(H, B, dtype):
+    """The cluster form (kernels/cluster.py): each batch group one thread-block cluster of 4 to 16
+    CTAs waiting at the hardware cluster barrier, several clusters a launch; forward and fused
+    backward, both directions, against float64 (NaN-poisoned outputs). Where this GPU holds no such
+    cluster the launch must say so (ClusterUnavailable), not hang."""
+    from tritonrnn.kernels import cluster
+    if not cluster.fits(H, dtype):
+        pytest.skip(f"the cluster form does not run H = {H} in {dtype}")
+    torch.manual_seed(H + B)
+    T = 48
+    eye = torch.eye(H, device="cuda", dtype=torch.float64)
+    xw = torch.randn(T, B, H, device="cuda", dtype=torch.float64)
+    h0 = torch.randn(B, H, device="cuda", dtype=torch.float64)
+    w = torch.randn(H, H, device="cuda", dtype=torch.float64) / H ** 0.5
+    lengths = torch.randint(1, T + 1, (B,), device="cuda", dtype=torch.int32)
+    options = dict(relu=False, numerics=kernels.recurrence._numerics(dtype, torch.device("cuda"), True),
+                   meta=kernels.config.config_to_dict(cluster.default_config(B, H, dtype)))
+    for reverse in (False, True):
+        ref_out, ref_hn = reference.forward(xw, h0, eye, w, lengths=lengths, reverse=reverse)
+        grad = torch.randn_like(ref_out) * (torch.arange(T, device="cuda")[:, None] < lengths)[..., None]
+        ref = reference.backward(xw, h0, eye, w, ref_out, grad, torch.zeros_like(h0), lengths=lengths,
+                                 reverse=reverse)
+        out = torch.full((T, B, H), float("nan"), device="cuda", dtype=dtype)
+        h_n, dz = torch.full_like(out[0], float("nan")), torch.full_like(out, float("nan"))
+        chosen = cluster.launch(xw.to(dtype), h0.to(dtype), w.to(dtype), None, out, h_n, lengths, backward=False,
+                                reverse=reverse, **options)
+        cluster.launch(grad.to(dtype), None, w.to(dtype), ref_out.to(dtype), dz, None, lengths, backward=True,
+                       reverse=not reverse, **options)
+        assert chosen.size in (4, 8, 16) and chosen.clusters <= chosen.resident_clusters, chosen
+        for name, actual, expected in (("out", out, ref_out), ("h_n", h_n, ref_hn), ("dz", dz, ref.dz)):
+            if dtype == torch.float32:  # TF32: the bound of test_tf32_recurrence_within_tf32_tolerance
+                error = (actual.double() - expected).abs().max().item() / expected.abs().max().item()
+                assert error < 1e-2, (name, error)
+            else:
+                assert_close(actual, expected, dtype, name)
+
+
+def test_cluster_barrier_probe_runs_16_ctas():
+    """The calibration's probe: 16-CTA clusters (non-portable) at the hardware barrier, and the
+    counter barrier's 16 programs counting every arrival."""
+    from tritonrnn.kernels import cluster
+    assert cluster.probe_barrier("cluster", steps=1000, size=16, groups=4).tolist() == [0] * 4
+    assert cluster.probe_barrier("counter", steps=1000, size=16, groups=4).tolist() == [16000] * 4
+    torch.cuda.synchronize()
+
+
+def test_cluster_path_runs_without_falling_back():
+    """recurrence_forward/backward and the bidirectional launchers with path="cluster" launch clusters
+    on an sm_90 GPU (no fallback warning) and match the persistent path's results."""
+    import warnings
+
+    from tritonrnn.kernels import cluster
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    torch.manual_seed(1)
+    T, B, H = 32, 40, 512
+    xw = torch.randn(2, T, B, H, device="cuda", dtype=torch.bfloat16)
+    h0 = torch.randn(2, B, H, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(2, H, H, device="cuda") / H ** 0.5).to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out, h_n = kernels.recurrence_forward(xw[0], h0[0], w[0], path="cluster")
+        dz = kernels.recurrence_backward(torch.ones_like(out), out, w[0], path="cluster")
+        out2, h_n2 = kernels.bidirectional_forward(xw, h0, w, path="cluster")
+    ref_out, ref_hn = kernels.recurrence_forward(xw[0], h0[0], w[0], path="persistent")
+    ref_dz = kernels.recurrence_backward(torch.ones_like(out), out, w[0], path="persistent")
+    ref_out2, _ = kernels.bidirectional_forward(xw, h0, w, path="persistent")
+    for name, actual, expected in (("out", out, ref_out), ("h_n", h_n, ref_hn), ("dz", dz, ref_dz),
+                                   ("out2", out2, ref_out2)):
+        assert_close(actual.double(), expected.double(), torch.bfloat16, name)
+    assert cluster.cluster_fits(H, torch.bfloat16, device=xw.device)

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from tritonrnn.kernels import cluster
 from tritonrnn.kernels import config as configs
 from tritonrnn.perf import static
 
@@ -79,3 +80,64 @@ def test_persistent_grids_fit_on_132_sms(compiled):
     for row in rows:
         programs = row["plan"]["programs_per_group"] * row["plan"]["groups"]
         assert 1 <= row["programs_per_sm"] and programs <= row["capacity"], static.fit_table(rows)
+
+
+CLUSTER_BARRIER = ["barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"]
+# The counter barrier's release arrival and acquire read (LLVM may place either block first).
+COUNTER_BARRIER = sorted(["atom.global.gpu.release.add", "ld.global.gpu.acquire"])
+
+
+def test_cluster_variants_wait_at_the_cluster_barrier_in_the_step_loop(compiled):
+    """The cluster form's defaults (kernels/cluster.py): spill-free, on the tensor cores, launched in
+    clusters of 4 to 16 CTAs, and their PTX holds the release arrival then the acquire wait,
+    unpredicated (every thread: `.aligned`), in a block on the step loop's cycle, and no counter.
+    The persistent path's variants keep the counter barrier, one CTA a cluster."""
+    clusters = [v for v in compiled if v["role"] == "default" and v["path"] == "cluster"]
+    assert len(clusters) == len([v for v in static.default_variants() if v["path"] == "cluster"]) > 0
+    assert {v["dtype"] for v in clusters} == {"float16", "bfloat16", "float32", "float64"}
+    assert all(v["stack_bytes"] == 0 and v["mma"] for v in clusters), "spills or FMA-only:\n" + _table(clusters)
+    for v in clusters:
+        assert v["registers"] <= cluster.REGISTERS[(v["dtype"], int(v["hidden"]))], v  # cluster_plan's figures
+        assert v["cluster_dims"] in ([4, 1, 1], [8, 1, 1], [16, 1, 1]), v
+        assert v["barrier"] == CLUSTER_BARRIER and v["cluster_barrier_in_loop"], v
+    persistent = [v for v in compiled if v["path"] == "persistent"]
+    assert persistent and all(sorted(v["barrier"]) == COUNTER_BARRIER and v["cluster_dims"] == [1, 1, 1]
+                              and not v["cluster_barrier_in_loop"] for v in persistent)
+
+
+_LOOP = """
+$L__BB0_1:
+\tld.global.cg.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];
+{barrier}
+\tadd.s32 %r5, %r5, 1;
+\tsetp.lt.s32 %p1, %r5, %r6;
+\t@%p1 bra $L__BB0_1;
+{after}
+\tret;
+"""
+_PAIR = "\tbarrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
+
+
+@pytest.mark.parametrize("barrier, after, in_loop", [
+    (_PAIR, "", True),
+    ("", _PAIR, False),  # after the loop: one barrier for all steps
+    (_PAIR.replace("\tbarrier", "\t@%p2 barrier"), "", False),  # predicated: not every thread arrives
+    ("\tbarrier.cluster.wait.acquire.aligned;\n\tbarrier.cluster.arrive.release.aligned;", "", False),  # wait first
+    (_PAIR.replace(".release", "").replace(".acquire", ""), "", False),  # no release/acquire semantics
+], ids=["in-loop", "after-loop", "predicated", "wait-first", "relaxed"])
+def test_the_loop_check_reads_the_control_flow(barrier, after, in_loop):
+    """cluster_barrier_in_loop follows the PTX's branches, so a barrier that left the loop (or lost
+    its ordering semantics, or is predicated) fails test_cluster_variants_... above."""
+    ptx = _LOOP.replace("{barrier}", barrier).replace("{after}", after)
+    assert static.cluster_barrier_in_loop(ptx) is in_loop
+    # A rotated loop (the latch placed before the header, as LLVM lays out the step loop) still counts.
+    rotated = "\tbra.uni $L__BB0_2;\n$L__BB0_1:\n" + barrier + "\n\t@%p1 bra $L__BB0_3;\n$L__BB0_2:\n" \
+              "\tadd.s32 %r5, %r5, 1;\n\tbra.uni $L__BB0_1;\n$L__BB0_3:\n" + after + "\n\tret;\n"
+    assert static.cluster_barrier_in_loop(rotated) is in_loop
+
+
+def test_the_calibration_probe_compiles_both_barriers(compiled):
+    """The calibration's probe (empty steps at the group barrier) holds what the kernel holds."""
+    probes = {v["barrier_kind"]: v for v in compiled if v["role"] == "probe"}
+    assert probes["cluster"]["barrier"] == CLUSTER_BARRIER and probes["cluster"]["cluster_barrier_in_loop"]
+    assert sorted(probes["counter"]["barrier"]) == COUNTER_BARRIER and not probes["counter"]["cluster_barrier_in_loop"]
