@@ -144,7 +144,9 @@ def _predicted(cell: dict, hw: costmodel.Hardware) -> float:
     if cell["layout"] == "cudnn":
         return costmodel.cudnn_step_ns(cell["dtype"], cell["batch"], cell["hidden"], hw)
     shape = costmodel.Shape(STEPS[1], cell["batch"], cell["hidden"], cell["dtype"])
-    config = configs.default_config(cell["layout"], cell["batch"], cell["hidden"])  # what the launcher ran
+    # What the launcher ran without a config: its default for the dtype (a cluster's CTA: the persistent one's).
+    layout = "persistent" if cell["layout"] == "cluster" else cell["layout"]
+    config = configs.default_config(layout, cell["batch"], cell["hidden"], getattr(torch, cell["dtype"]))
     return costmodel.predict(shape, hw, cell["layout"], config).step_ns
 
 

@@ -34,6 +34,8 @@ def variants(dtypes=grid.DTYPES, hiddens=grid.HIDDENS) -> list:
     for dtype in dtypes:
         for hidden in hiddens:
             for layout in costmodel.LAYOUTS:
+                if layout == "cluster":  # its CTA is the persistent program: costmodel.resources reads that entry
+                    continue
                 for config in costmodel.candidate_configs(layout, hidden, dtype):
                     for direction in DIRECTIONS:
                         out.append((layout, dtype, hidden, direction, config))

@@ -52,9 +52,9 @@ def test_a_layout_that_does_not_fit_is_never_chosen():
     """A GPU whose SMs hold 64 KB of shared memory: the sequence layout (147 KB at bf16 H=256) and the
     persistent configs beyond it lose their place; a spilling variant is never taken either."""
     shape = _shape(64, 256)
-    assert costmodel.choose(shape, H100).layout == "sequence"
+    assert costmodel.choose(shape, H100, exclude=("cluster",)).layout == "sequence"
     small = dataclasses.replace(H100, limits=dataclasses.replace(H100.limits, shared_bytes=64 * 1024))
-    chosen = costmodel.choose(shape, small)
+    chosen = costmodel.choose(shape, small, exclude=("cluster",))
     assert chosen.layout == "persistent"
     assert dict(chosen.resources)["shared_bytes"] + 1024 <= 64 * 1024
     config = configs.default_config("sequence", 16, 256)
@@ -212,7 +212,7 @@ def test_info_offline_shape_lists_every_candidate(capsys):
     out = _run(["info", "--offline", "H200", "--hidden-size", "1024", "--batch", "64", "--dtype", "bfloat16"], capsys)
     assert out.startswith("offline plan for H200")
     assert "bfloat16 T=512 B=64 H=1024 forward:" in out and "bfloat16 T=512 B=64 H=1024 backward:" in out
-    assert "cuDNN STANDARD" in out and "stepwise" in out and "persistent" in out
+    assert "cuDNN STANDARD" in out and "stepwise" in out and "persistent" in out and "cluster" in out
     rows = [json.loads(line) for line in _run(["info", "--offline", "h200", "--hidden-size", "1024", "--batch", "64",
                                                "--dtype", "bfloat16", "--json"], capsys).splitlines()]
     assert [r["direction"] for r in rows] == ["forward", "backward"] and rows[0]["hidden"] == 1024
@@ -292,21 +292,65 @@ def test_calibration_barrier_measures_on_a_gpu():
 # The chosen config reaches the launcher (CUDA); the interpreter keeps the launchers' defaults.
 
 def test_the_models_config_reaches_the_launcher_on_cuda(monkeypatch):
-    """On a (faked) CUDA device the op's launch arguments carry the cost model's config, and the
-    persistent choice was checked with that config; under the interpreter the launcher's default."""
+    """On a (faked) CUDA device without clusters the op's launch arguments carry the cost model's
+    persistent config (bf16 H = 512: 32 columns, K in 4 chains, not the launcher's default 64), and
+    the persistent choice was checked with that config; under the interpreter the launcher's default."""
     import types
 
     from tritonrnn import ops
+    from tritonrnn.kernels import cluster
 
     checked = []
     monkeypatch.setattr(configs, "tuned", lambda *args: None)  # no shipped table for a fake GPU
+    monkeypatch.setattr(cluster, "cluster_fits", lambda *args, **kwargs: False)
     monkeypatch.setattr(kernels.recurrence, "persistent_plan",
                         lambda *args, config=None, **kwargs: checked.append(configs.config_to_dict(config)))
-    cuda = types.SimpleNamespace(shape=(512, 64, 1024), dtype=torch.bfloat16, device=torch.device("cuda"))
-    choice = dispatch.kernel_choice(512, 1024, torch.bfloat16, 64, torch.device("cuda"))
+    cuda = types.SimpleNamespace(shape=(512, 16, 512), dtype=torch.bfloat16, device=torch.device("cuda"))
+    choice = dispatch.kernel_choice(512, 512, torch.bfloat16, 16, torch.device("cuda"))
     assert choice["path"] == "persistent" and choice["source"].startswith("cost model")
+    assert choice["config"] != configs.config_to_dict(configs.default_config("persistent", 16, 512, torch.bfloat16))
     launch = ops._launch(cuda, "forward", True)
     assert launch["path"] == "persistent" and configs.config_to_dict(launch["config"]) == choice["config"]
     assert checked and checked[-1] == choice["config"]
-    cpu = types.SimpleNamespace(shape=(512, 64, 1024), dtype=torch.bfloat16, device=torch.device("cpu"))
+    cpu = types.SimpleNamespace(shape=(512, 16, 512), dtype=torch.bfloat16, device=torch.device("cpu"))
     assert ops._launch(cpu, "forward", True) == {"path": "persistent"}  # the launcher's default config
+
+
+# The cluster layout (issue 17): the persistent kernel's groups as thread-block clusters.
+
+def test_cluster_layout_is_taken_where_predicted_fastest_and_it_fits(calibration_dir):
+    """bf16 H = 512, B = 16: clusters of 16 CTAs (32 columns each) predicted fastest, the same step as
+    the persistent layout's but for the barrier (300 ns assumed against 1 us); no cluster where it
+    would need more than 16 CTAs (H = 2048) or in exact fp32; a calibrated slow cluster barrier
+    gives the choice back to the persistent layout."""
+    shape = _shape(16, 512)
+    chosen = costmodel.choose(shape, H100)
+    assert chosen.layout == "cluster" and dict(chosen.terms)["barrier"] == H100.cluster_barrier_ns == 300
+    assert dict(chosen.plan)["size"] in (2, 3, 4, 5, 6, 7, 8, 16)
+    same = costmodel.predict(shape, H100, "persistent", chosen.config)
+    assert same.step_ns - chosen.step_ns == pytest.approx(H100.barrier_ns - H100.cluster_barrier_ns)
+    assert not [c for c in costmodel.candidates(_shape(16, 2048), H100) if c.layout == "cluster"]
+    exact = costmodel.Shape(512, 16, 256, "float32", allow_tf32=False)
+    assert not [c for c in costmodel.candidates(exact, H100) if c.layout == "cluster"]
+    (calibration_dir / "H100.json").write_text(json.dumps(_calibration({"cluster_barrier_ns": 2000})))
+    costmodel._calibration_for.cache_clear()
+    assert costmodel.choose(shape, costmodel.offline_hardware("h100")).layout == "persistent"
+
+
+def test_dispatch_takes_the_cluster_only_where_kernels_cluster_fits(monkeypatch):
+    """The interpreter never gets the cluster layout (one program at a time); a (faked) CUDA device
+    where kernels.cluster says it fits does, with the model's config passed to the launcher; where it
+    does not fit (before sm_90) the next layout, persistent."""
+    from tritonrnn.kernels import cluster
+
+    args = (512, 512, torch.bfloat16, 16)
+    assert dispatch.kernel_path(*args) == "persistent"
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(configs, "tuned", lambda *a: None)  # no shipped table for a fake GPU
+    monkeypatch.setattr(kernels.recurrence, "persistent_plan", lambda *a, **k: None)  # resident everywhere
+    monkeypatch.setattr(cluster, "cluster_fits", lambda *a, **k: True)
+    choice = dispatch.kernel_choice(*args, cuda)
+    assert choice["path"] == "cluster" and choice["predicted_us"] < 1.5
+    assert configs.config_to_dict(dispatch.launch_config("cluster", *args, cuda)) == choice["config"]
+    monkeypatch.setattr(cluster, "cluster_fits", lambda *a, **k: False)
+    assert dispatch.kernel_choice(*args, cuda)["path"] == "persistent"

@@ -49,10 +49,10 @@ from pathlib import Path
 import torch
 import triton
 
+from tritonrnn.kernels import cluster, persistent
 from tritonrnn.kernels import config as configs
-from tritonrnn.kernels import persistent
 
-LAYOUTS = ("sequence", "persistent", "stepwise")
+LAYOUTS = ("sequence", "persistent", "cluster", "stepwise")
 KERNELS_DIR = Path(configs.__file__).resolve().parent
 OFFLINE_DIR = KERNELS_DIR / "offline"  # resource tables of offline compiles, one per target
 CALIBRATION_DIR = KERNELS_DIR / "calibration"  # measured constants, one file per GPU (slug)
@@ -89,9 +89,9 @@ class Hardware:
     # Assumed 1 us (perf/NOTES.md v0.4); the calibration's empty-step kernel measures it.
     barrier_ns: float = 1000.0
     # The cluster layout's barrier: barrier.cluster.arrive.release + wait.acquire among the CTAs of one
-    # thread-block cluster (hardware, inside a GPC; no L2 round trip). Assumed 300 ns: no published
-    # figure; the calibration's cluster probe (kernels.cluster.probe_barrier) measures it.
-    cluster_barrier_ns: float = 300.0
+    # thread-block cluster (hardware, inside a GPC). Assumed 300 ns (kernels.cluster.ASSUMED_BARRIER_NS):
+    # no published figure; the calibration's cluster probe (kernels.cluster.probe_barrier) measures it.
+    cluster_barrier_ns: float = float(cluster.ASSUMED_BARRIER_NS)
     # Host cost of one Triton launch from Python: 4.5-18 us a call (GUIDE section 6; a bare CUDA
     # launch ~3 us); the calibration's stepwise steps measure it.
     launch_ns: float = 8000.0
@@ -123,8 +123,8 @@ class Hardware:
 OFFLINE_GPUS = {"h100": Hardware(name="H100"), "h200": Hardware(name="H200")}
 
 # Constants a calibration file may replace (their names in Hardware).
-CALIBRATED_CONSTANTS = ("barrier_ns", "cluster_barrier_ns", "l2_latency_ns", "launch_ns", "cudnn_small_h_ns", "cudnn_standard_floor_ns",
-                        "cudnn_lstm768_ns")
+CALIBRATED_CONSTANTS = ("barrier_ns", "cluster_barrier_ns", "l2_latency_ns", "launch_ns", "cudnn_small_h_ns",
+                        "cudnn_standard_floor_ns", "cudnn_lstm768_ns")
 
 
 def calibration_path(slug: str, directory: Path = None) -> Path:
@@ -229,10 +229,9 @@ def candidate_configs(layout: str, hidden: int, dtype: str, allow_tf32: bool = T
 def _cluster_configs(hidden: int, dtype: str, allow_tf32: bool) -> list:
     """The cluster form's configs: kernels.cluster's default first, then the persistent candidates
     (the same kernel) whose cluster size (H / BLOCK_N CTAs) a launch may ask for, where the form fits."""
-    from tritonrnn.kernels import cluster
-
     torch_dtype = getattr(torch, dtype)
-    space = [cluster.default_config(16, hidden)] + candidate_configs("persistent", hidden, dtype, allow_tf32)
+    space = [cluster.default_config(16, hidden, torch_dtype), *candidate_configs("persistent", hidden, dtype,
+                                                                                allow_tf32)]
     seen, out = set(), []
     for c in space:
         if config_key(c) not in seen and cluster.fits(hidden, torch_dtype, allow_tf32, c):
@@ -270,11 +269,14 @@ def resources(layout: str, dtype: str, hidden: int, direction: str, config, targ
     registers, mma.sync below 64-wide tiles)."""
     config = config if isinstance(config, triton.Config) else configs.config_from_dict(config)
     exact = dtype == "float32" and not allow_tf32
-    entry = None if exact else resource_table(target).get(resource_key(layout, dtype, hidden, direction, config))
+    # A cluster's CTA is the persistent program with the cluster barrier in place of the counter one (a
+    # few instructions, no tile): the table holds it once, as the persistent entry.
+    compiled = "persistent" if layout == "cluster" else layout
+    entry = None if exact else resource_table(target).get(resource_key(compiled, dtype, hidden, direction, config))
     if entry is not None:
         return {**entry, "source": f"offline {target} compile"}
-    shared = configs.shared_memory_bytes(layout, config, hidden, getattr(torch, dtype), allow_tf32)
-    m_side = config.kwargs.get("BLOCK_N", 0) if layout == "persistent" else config.kwargs.get("BLOCK_B", 0)
+    shared = configs.shared_memory_bytes(compiled, config, hidden, getattr(torch, dtype), allow_tf32)
+    m_side = config.kwargs.get("BLOCK_N", 0) if compiled == "persistent" else config.kwargs.get("BLOCK_B", 0)
     wgmma = m_side >= 64 and config.kwargs.get("K_SPLIT", 1) == 1 and target == "sm_90"  # no 3D wgmma
     return {"registers": 255, "stack_bytes": 0, "shared_bytes": shared, "num_warps": config.num_warps,
             "mma": "wgmma" if wgmma else "mma.sync", "source": "estimate"}
@@ -420,8 +422,6 @@ T_COUNTER_LIMIT = 2 ** 31
 
 
 def _cluster(shape: Shape, hw: Hardware, config, res) -> Candidate:
-    from tritonrnn.kernels import cluster
-
     bb, bn = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"]
     per_sm = persistent.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
     size = cluster.size_of(shape.hidden, bn)
@@ -474,7 +474,7 @@ def _layout_allowed(layout: str, shape: Shape) -> bool:
     if layout == "sequence":
         limit = max(configs.SEQUENCE_MAX_H[dtype.itemsize], configs.SEQUENCE_CANDIDATE_MAX_H.get(dtype.itemsize, 0))
         return shape.hidden <= limit and configs.path_fits("sequence", shape.hidden, dtype, shape.allow_tf32)
-    if layout == "persistent":
+    if layout in ("persistent", "cluster"):  # the cluster form runs the persistent kernel's shapes
         exact = (shape.dtype == "float32" and not shape.allow_tf32)
         limit = configs.PERSISTENT_EXACT_FP32_MAX_H if exact else configs.PERSISTENT_MAX_H[dtype.itemsize]
         return shape.hidden <= limit

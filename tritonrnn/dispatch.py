@@ -4,6 +4,7 @@ import os
 import torch
 
 from tritonrnn import costmodel, kernels, numerics
+from tritonrnn.kernels import cluster
 
 
 def interpreter_enabled() -> bool:
@@ -71,7 +72,6 @@ def _runs(best, seq_len, batch, hidden_size, dtype, device, direction, allow_tf3
     interpreter, which runs one program at a time)."""
     config = kernels.config.config_from_dict(best.config)
     if best.layout == "cluster":
-        from tritonrnn.kernels import cluster
         return cluster.cluster_fits(hidden_size, dtype, allow_tf32, device) and cluster.fits(
             hidden_size, dtype, allow_tf32, config)
     try:
