@@ -253,7 +253,8 @@ def _measured():
                 for layout in calibrate._layouts(dtype, hidden) + ["cudnn"]:
                     cells.append({"layout": layout, "dtype": dtype, "hidden": hidden, "batch": batch,
                                   "measured_ns": 3000.0 if layout != "stepwise" else 6000.0 + hidden})
-    return {"gpu": "NVIDIA H100 80GB HBM3", "barrier_ns": 700.0, "round_trip_ns": 1100.0, "cells": cells}
+    return {"gpu": "NVIDIA H100 80GB HBM3", "barrier_ns": 700.0, "round_trip_ns": 1100.0, "cluster_barrier_ns": 250.0,
+            "cells": cells}
 
 
 def test_calibration_document_from_measured_numbers(calibration_dir):
@@ -261,15 +262,17 @@ def test_calibration_document_from_measured_numbers(calibration_dir):
     assert document["slug"] == "H100" and document["constants"]["barrier_ns"] == 700.0
     assert document["constants"]["l2_latency_ns"] == 400.0 and document["constants"]["launch_ns"] == 6256.0
     assert document["constants"]["cudnn_standard_floor_ns"]["bfloat16"] == 3000.0
-    assert set(document["layout_scale"]) == {"sequence", "persistent"}
+    assert document["constants"]["cluster_barrier_ns"] == 250.0
+    assert set(document["layout_scale"]) == {"sequence", "persistent", "cluster"}
     # Calibrated predictions of the measured cells: the scale makes their median ratio 1.
-    for layout in ("sequence", "persistent"):
+    for layout in ("sequence", "persistent", "cluster"):
         ratios = [c["measured_ns"] / c["predicted_calibrated_ns"] for c in document["cells"] if c["layout"] == layout]
         assert statistics.median(ratios) == pytest.approx(1.0, rel=1e-6)
     path = calibration_dir / "H100.json"
     path.write_text(json.dumps(document))
     hw = costmodel.offline_hardware("h100")
-    assert hw.calibrated and hw.barrier_ns == 700.0 and hw.scale("persistent") == document["layout_scale"]["persistent"]
+    assert hw.calibrated and hw.barrier_ns == 700.0 and hw.cluster_barrier_ns == 250.0
+    assert hw.scale("persistent") == document["layout_scale"]["persistent"]
     assert "barrier 700 ns" in calibrate.table(document) and len(calibrate.table(document).splitlines()) == 2 + len(
         document["cells"])
     path.write_text(json.dumps({"schema": 1, "constants": {"warp_speed": 1}}))
