@@ -357,3 +357,18 @@ def test_dispatch_takes_the_cluster_only_where_kernels_cluster_fits(monkeypatch)
     assert configs.config_to_dict(dispatch.launch_config("cluster", *args, cuda)) == choice["config"]
     monkeypatch.setattr(cluster, "cluster_fits", lambda *a, **k: False)
     assert dispatch.kernel_choice(*args, cuda)["path"] == "persistent"
+
+
+def test_a_cluster_choice_runs_both_directions_in_one_cluster_launch(monkeypatch):
+    """The bidirectional op hands the cluster path and its config to the one-launch launcher."""
+    from tritonrnn import ops
+
+    config = configs.default_config("persistent", 16, 32, torch.float64)
+    seen = []
+    monkeypatch.setattr(dispatch, "launch_choice", lambda *args: {"path": "cluster", "config": config})
+    monkeypatch.setattr(kernels, "bidirectional_forward",
+                        lambda xw, h0, w_hh, **kwargs: seen.append(kwargs) or (xw.clone(), h0.clone()))
+    xw, h0, w = torch.zeros(2, 3, 2, 32, dtype=torch.float64), torch.zeros(2, 2, 32, dtype=torch.float64), \
+        torch.zeros(2, 32, 32, dtype=torch.float64)
+    ops.bidirectional_recurrence(xw, h0, w, None, False, True)
+    assert seen and seen[0]["path"] == "cluster" and seen[0]["config"] is config

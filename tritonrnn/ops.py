@@ -145,9 +145,10 @@ recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
 # Both directions of a bidirectional layer: tensors stacked [2, ...], direction 0 forward in time,
-# direction 1 reverse. The kernel path is chosen here, at run time: on the persistent path both
-# directions run in one launch, on the others one launch (or T) per direction.
+# direction 1 reverse. The kernel path is chosen here, at run time: on the persistent and cluster
+# paths both directions run in one launch, on the others one launch (or T) per direction.
 REVERSE_OF = (False, True)
+GROUPED = ("persistent", "cluster")  # the persistent kernel's layouts: both directions in one launch
 
 
 @torch.library.custom_op("tritonrnn::bidirectional_recurrence", mutates_args=())
@@ -156,9 +157,8 @@ def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Opti
                              allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """`recurrence` of both directions at once: xw [2, T, B, H], h0 [2, B, H], w_hh [2, H, H]."""
     both = _launch(xw, "forward", allow_tf32, directions=2)
-    if both["path"] == "persistent":
-        return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32,
-                                             config=both.get("config"))
+    if both["path"] in GROUPED:
+        return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32, **both)
     one = _launch(xw, "forward", allow_tf32)  # where both directions' programs are not resident at once: one each
     outputs = [kernels.recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d], relu=relu,
                                           allow_tf32=allow_tf32, **one) for d in range(2)]
@@ -179,9 +179,8 @@ def bidirectional_recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Te
     launch on the persistent path), then dh0 and dW_hh of each as GEMMs."""
     grad = torch.stack([_fold_final_grad(grad_out[d], grad_hn[d], lengths, REVERSE_OF[d]) for d in range(2)])
     both = _launch(out, "backward", allow_tf32, directions=2)
-    if both["path"] == "persistent":
-        dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32,
-                                            config=both.get("config"))
+    if both["path"] in GROUPED:
+        dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32, **both)
     else:
         one = _launch(out, "backward", allow_tf32)
         dz = torch.stack([kernels.recurrence_backward(grad[d], out[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d],
