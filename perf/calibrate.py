@@ -8,11 +8,12 @@ launch and setup cancel):
   counter barrier the persistent path uses (release add, acquire poll);
 - the state round trip: the same, each step also reading the whole state the others wrote (.cg,
   from L2) and writing its slice: minus the barrier, the dependent L2 latency;
+- the cluster barrier (sm_90+): empty steps of one 16-CTA cluster (kernels.cluster.probe_barrier);
 - one step of each layout the model weighs (the launchers' configs) at H = 256/1024/2048 x
   B = 16/64/256 in float32 (TF32) and bfloat16, and cuDNN's (torch.nn.RNN) at the same cells.
 
 From them (`calibration_document`, which takes the measured numbers and runs on the CPU too): the
-barrier, the L2 latency, the host launch cost (the fastest stepwise step) and cuDNN's persistent and
+barriers, the L2 latency, the host launch cost (the fastest stepwise step) and cuDNN's persistent and
 STANDARD figures replace the constants of tritonrnn.costmodel.Hardware; each layout's median of
 measured / predicted becomes its scale. Schema: kernels/calibration/README.md. Copy the file into
 kernels/calibration/ to ship it (the model reads it at run time, by the GPU's slug).
@@ -86,6 +87,14 @@ def measure_barrier(device, round_trip: bool, hidden: int = 1024) -> float:
     return _slope(lambda t: _bench(run(t)))
 
 
+def measure_cluster_barrier(device) -> float:
+    """ns a step of empty steps at the hardware cluster barrier (kernels.cluster.probe_barrier: one
+    cluster of 16 CTAs, the cluster layout's largest). Raises ClusterUnavailable before sm_90."""
+    from tritonrnn.kernels import cluster
+
+    return _slope(lambda t: _bench(lambda: cluster.probe_barrier("cluster", t, device=device)))
+
+
 def measure_layout(device, layout: str, dtype: str, batch: int, hidden: int) -> float:
     from tritonrnn import kernels
 
@@ -123,6 +132,11 @@ def measure(device, log=sys.stderr, out=None) -> dict:
     out["barrier_ns"] = measure_barrier(device, False)
     out["round_trip_ns"] = measure_barrier(device, True)
     print(f"barrier {out['barrier_ns']:.0f} ns, round trip {out['round_trip_ns']:.0f} ns", file=log, flush=True)
+    try:
+        out["cluster_barrier_ns"] = measure_cluster_barrier(device)
+        print(f"cluster barrier {out['cluster_barrier_ns']:.0f} ns", file=log, flush=True)
+    except ValueError as exc:  # ClusterUnavailable: no clusters on this GPU; the assumed figure stays
+        print(f"cluster barrier: not measured: {exc}", file=log, flush=True)
     torch.backends.cudnn.allow_tf32 = True  # cuDNN's default for RNNs: both sides in TF32
     for dtype in DTYPES:
         for hidden in HIDDENS:
@@ -144,7 +158,9 @@ def _predicted(cell: dict, hw: costmodel.Hardware) -> float:
     if cell["layout"] == "cudnn":
         return costmodel.cudnn_step_ns(cell["dtype"], cell["batch"], cell["hidden"], hw)
     shape = costmodel.Shape(STEPS[1], cell["batch"], cell["hidden"], cell["dtype"])
-    config = configs.default_config(cell["layout"], cell["batch"], cell["hidden"])  # what the launcher ran
+    # What the launcher ran without a config: its default for the dtype (a cluster's CTA: the persistent one's).
+    layout = "persistent" if cell["layout"] == "cluster" else cell["layout"]
+    config = configs.default_config(layout, cell["batch"], cell["hidden"], getattr(torch, cell["dtype"]))
     return costmodel.predict(shape, hw, cell["layout"], config).step_ns
 
 
@@ -158,6 +174,8 @@ def calibration_document(measured: dict, base: costmodel.Hardware = costmodel.Ha
 
     constants = {"barrier_ns": measured["barrier_ns"],
                  "l2_latency_ns": max(measured["round_trip_ns"] - measured["barrier_ns"], 0.0)}
+    if "cluster_barrier_ns" in measured:
+        constants["cluster_barrier_ns"] = measured["cluster_barrier_ns"]
     stepwise = [c["measured_ns"] for c in of("stepwise")]
     if stepwise:
         constants["launch_ns"] = min(stepwise)  # the host launch is the floor of every stepwise step
@@ -171,7 +189,7 @@ def calibration_document(measured: dict, base: costmodel.Hardware = costmodel.Ha
     data = {"schema": costmodel.CALIBRATION_SCHEMA, "constants": constants}
     hw = costmodel.calibrated(base, data)
     scale = {}
-    for layout in ("sequence", "persistent"):
+    for layout in ("sequence", "persistent", "cluster"):
         ratios = [c["measured_ns"] / _predicted(c, hw) for c in of(layout)]
         if ratios:
             scale[layout] = statistics.median(ratios)

@@ -10,6 +10,8 @@ tests/test_costmodel.py recompiles a few entries and checks that they match. Run
 TRITON_INTERPRET (the compiler needs the real @triton.jit objects), again whenever a kernel changes.
 """
 import argparse
+import concurrent.futures
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +34,8 @@ def variants(dtypes=grid.DTYPES, hiddens=grid.HIDDENS) -> list:
     for dtype in dtypes:
         for hidden in hiddens:
             for layout in costmodel.LAYOUTS:
+                if layout == "cluster":  # its CTA is the persistent program: costmodel.resources reads that entry
+                    continue
                 for config in costmodel.candidate_configs(layout, hidden, dtype):
                     for direction in DIRECTIONS:
                         out.append((layout, dtype, hidden, direction, config))
@@ -48,16 +52,24 @@ def compile_entry(layout: str, dtype: str, hidden: int, direction: str, config) 
             "shared_bytes": result["shared_bytes"], "num_warps": result["num_warps"], "mma": kind}
 
 
-def build(selection=None, log=None, known=None) -> dict:
+def _compile(variant) -> dict:
+    return compile_entry(*variant)
+
+
+def build(selection=None, log=None, known=None, jobs: int = 1) -> dict:
     """The table of `selection` (default: every variant); entries in `known` (a previous table's, of the
-    same triton) are kept instead of recompiled."""
+    same triton) are kept instead of recompiled; `jobs` processes compile the rest."""
     entries = {}
     selection = selection if selection is not None else variants()
-    for i, (layout, dtype, hidden, direction, config) in enumerate(selection):
-        key = costmodel.resource_key(layout, dtype, hidden, direction, config)
-        entries[key] = (known or {}).get(key) or compile_entry(layout, dtype, hidden, direction, config)
-        if log:
-            print(f"[{i + 1}/{len(selection)}] {key} {entries[key]}", file=log, flush=True)
+    keys = [costmodel.resource_key(*variant) for variant in selection]
+    todo = [(key, variant) for key, variant in zip(keys, selection) if key not in (known or {})]
+    entries.update({key: known[key] for key in keys if key in (known or {})})
+    with concurrent.futures.ProcessPoolExecutor(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        compiled = (pool.map if pool else map)(_compile, [variant for _, variant in todo])
+        for i, ((key, _), entry) in enumerate(zip(todo, compiled)):
+            entries[key] = entry
+            if log:
+                print(f"[{i + 1}/{len(todo)}] {key} {entry}", file=log, flush=True)
     return {"target": TARGET, "triton": triton.__version__,
             "generator": "python -m tritonrnn.perf.resources --write",
             "note": "offline compiles (perf/static.compile_kernel: aligned pointers, B unspecialised where the "
@@ -71,6 +83,7 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", action="store_true",
                         help="keep the entries the current table already has (same triton): compile only new "
                              "variants; after a kernel changes, run without it")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels the compiler needs")
@@ -79,7 +92,7 @@ def main(argv=None) -> None:
     if args.keep and path.exists():
         old = json.loads(path.read_text())
         known = old["entries"] if old.get("triton") == triton.__version__ else None
-    table = build(log=sys.stderr, known=known)
+    table = build(log=sys.stderr, known=known, jobs=args.jobs)
     if args.write:
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(table, indent=1, sort_keys=False) + "\n")

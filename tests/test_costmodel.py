@@ -52,9 +52,9 @@ def test_a_layout_that_does_not_fit_is_never_chosen():
     """A GPU whose SMs hold 64 KB of shared memory: the sequence layout (147 KB at bf16 H=256) and the
     persistent configs beyond it lose their place; a spilling variant is never taken either."""
     shape = _shape(64, 256)
-    assert costmodel.choose(shape, H100).layout == "sequence"
+    assert costmodel.choose(shape, H100, exclude=("cluster",)).layout == "sequence"
     small = dataclasses.replace(H100, limits=dataclasses.replace(H100.limits, shared_bytes=64 * 1024))
-    chosen = costmodel.choose(shape, small)
+    chosen = costmodel.choose(shape, small, exclude=("cluster",))
     assert chosen.layout == "persistent"
     assert dict(chosen.resources)["shared_bytes"] + 1024 <= 64 * 1024
     config = configs.default_config("sequence", 16, 256)
@@ -176,7 +176,7 @@ def test_resource_table_matches_a_recompile():
     if not static.available():
         pytest.skip("this triton has no bundled NVIDIA toolchain")
     picks = [("sequence", "bfloat16", 256, "backward", configs.default_config("sequence", 16, 256)),
-             ("persistent", "float32", 2048, "forward", configs.default_config("persistent", 16, 2048)),
+             ("persistent", "float32", 1024, "forward", configs.default_config("persistent", 16, 1024, torch.float32)),
              ("persistent", "bfloat16", 1024, "backward", costmodel.candidate_configs("persistent", 1024, "bfloat16")[-1])]
     script = ("import json, sys; from tritonrnn.perf import resources; from tritonrnn.kernels import config as c; "
               "picks = json.loads(sys.argv[1]); "
@@ -212,7 +212,7 @@ def test_info_offline_shape_lists_every_candidate(capsys):
     out = _run(["info", "--offline", "H200", "--hidden-size", "1024", "--batch", "64", "--dtype", "bfloat16"], capsys)
     assert out.startswith("offline plan for H200")
     assert "bfloat16 T=512 B=64 H=1024 forward:" in out and "bfloat16 T=512 B=64 H=1024 backward:" in out
-    assert "cuDNN STANDARD" in out and "stepwise" in out and "persistent" in out
+    assert "cuDNN STANDARD" in out and "stepwise" in out and "persistent" in out and "cluster" in out
     rows = [json.loads(line) for line in _run(["info", "--offline", "h200", "--hidden-size", "1024", "--batch", "64",
                                                "--dtype", "bfloat16", "--json"], capsys).splitlines()]
     assert [r["direction"] for r in rows] == ["forward", "backward"] and rows[0]["hidden"] == 1024
@@ -253,7 +253,8 @@ def _measured():
                 for layout in calibrate._layouts(dtype, hidden) + ["cudnn"]:
                     cells.append({"layout": layout, "dtype": dtype, "hidden": hidden, "batch": batch,
                                   "measured_ns": 3000.0 if layout != "stepwise" else 6000.0 + hidden})
-    return {"gpu": "NVIDIA H100 80GB HBM3", "barrier_ns": 700.0, "round_trip_ns": 1100.0, "cells": cells}
+    return {"gpu": "NVIDIA H100 80GB HBM3", "barrier_ns": 700.0, "round_trip_ns": 1100.0, "cluster_barrier_ns": 250.0,
+            "cells": cells}
 
 
 def test_calibration_document_from_measured_numbers(calibration_dir):
@@ -261,15 +262,17 @@ def test_calibration_document_from_measured_numbers(calibration_dir):
     assert document["slug"] == "H100" and document["constants"]["barrier_ns"] == 700.0
     assert document["constants"]["l2_latency_ns"] == 400.0 and document["constants"]["launch_ns"] == 6256.0
     assert document["constants"]["cudnn_standard_floor_ns"]["bfloat16"] == 3000.0
-    assert set(document["layout_scale"]) == {"sequence", "persistent"}
+    assert document["constants"]["cluster_barrier_ns"] == 250.0
+    assert set(document["layout_scale"]) == {"sequence", "persistent", "cluster"}
     # Calibrated predictions of the measured cells: the scale makes their median ratio 1.
-    for layout in ("sequence", "persistent"):
+    for layout in ("sequence", "persistent", "cluster"):
         ratios = [c["measured_ns"] / c["predicted_calibrated_ns"] for c in document["cells"] if c["layout"] == layout]
         assert statistics.median(ratios) == pytest.approx(1.0, rel=1e-6)
     path = calibration_dir / "H100.json"
     path.write_text(json.dumps(document))
     hw = costmodel.offline_hardware("h100")
-    assert hw.calibrated and hw.barrier_ns == 700.0 and hw.scale("persistent") == document["layout_scale"]["persistent"]
+    assert hw.calibrated and hw.barrier_ns == 700.0 and hw.cluster_barrier_ns == 250.0
+    assert hw.scale("persistent") == document["layout_scale"]["persistent"]
     assert "barrier 700 ns" in calibrate.table(document) and len(calibrate.table(document).splitlines()) == 2 + len(
         document["cells"])
     path.write_text(json.dumps({"schema": 1, "constants": {"warp_speed": 1}}))
@@ -287,3 +290,85 @@ def test_calibrate_refuses_without_a_gpu(tmp_path, capsys):
 def test_calibration_barrier_measures_on_a_gpu():
     ns = calibrate.measure_barrier(DEVICE, round_trip=False)
     assert 0 < ns < 50_000
+
+
+# The chosen config reaches the launcher (CUDA); the interpreter keeps the launchers' defaults.
+
+def test_the_models_config_reaches_the_launcher_on_cuda(monkeypatch):
+    """On a (faked) CUDA device without clusters the op's launch arguments carry the cost model's
+    persistent config (bf16 H = 512: 32 columns, K in 4 chains, not the launcher's default 64), and
+    the persistent choice was checked with that config; under the interpreter the launcher's default."""
+    import types
+
+    from tritonrnn import ops
+    from tritonrnn.kernels import cluster
+
+    checked = []
+    monkeypatch.setattr(configs, "tuned", lambda *args: None)  # no shipped table for a fake GPU
+    monkeypatch.setattr(cluster, "cluster_fits", lambda *args, **kwargs: False)
+    monkeypatch.setattr(kernels.recurrence, "persistent_plan",
+                        lambda *args, config=None, **kwargs: checked.append(configs.config_to_dict(config)))
+    cuda = types.SimpleNamespace(shape=(512, 16, 512), dtype=torch.bfloat16, device=torch.device("cuda"))
+    choice = dispatch.kernel_choice(512, 512, torch.bfloat16, 16, torch.device("cuda"))
+    assert choice["path"] == "persistent" and choice["source"].startswith("cost model")
+    assert choice["config"] != configs.config_to_dict(configs.default_config("persistent", 16, 512, torch.bfloat16))
+    launch = ops._launch(cuda, "forward", True)
+    assert launch["path"] == "persistent" and configs.config_to_dict(launch["config"]) == choice["config"]
+    assert checked and checked[-1] == choice["config"]
+    cpu = types.SimpleNamespace(shape=(512, 16, 512), dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert ops._launch(cpu, "forward", True) == {"path": "persistent"}  # the launcher's default config
+
+
+# The cluster layout (issue 17): the persistent kernel's groups as thread-block clusters.
+
+def test_cluster_layout_is_taken_where_predicted_fastest_and_it_fits(calibration_dir):
+    """bf16 H = 512, B = 16: clusters of 16 CTAs (32 columns each) predicted fastest, the same step as
+    the persistent layout's but for the barrier (300 ns assumed against 1 us); no cluster where it
+    would need more than 16 CTAs (H = 2048) or in exact fp32; a calibrated slow cluster barrier
+    gives the choice back to the persistent layout."""
+    shape = _shape(16, 512)
+    chosen = costmodel.choose(shape, H100)
+    assert chosen.layout == "cluster" and dict(chosen.terms)["barrier"] == H100.cluster_barrier_ns == 300
+    assert dict(chosen.plan)["size"] in (2, 3, 4, 5, 6, 7, 8, 16)
+    same = costmodel.predict(shape, H100, "persistent", chosen.config)
+    assert same.step_ns - chosen.step_ns == pytest.approx(H100.barrier_ns - H100.cluster_barrier_ns)
+    assert not [c for c in costmodel.candidates(_shape(16, 2048), H100) if c.layout == "cluster"]
+    exact = costmodel.Shape(512, 16, 256, "float32", allow_tf32=False)
+    assert not [c for c in costmodel.candidates(exact, H100) if c.layout == "cluster"]
+    (calibration_dir / "H100.json").write_text(json.dumps(_calibration({"cluster_barrier_ns": 2000})))
+    costmodel._calibration_for.cache_clear()
+    assert costmodel.choose(shape, costmodel.offline_hardware("h100")).layout == "persistent"
+
+
+def test_dispatch_takes_the_cluster_only_where_kernels_cluster_fits(monkeypatch):
+    """The interpreter never gets the cluster layout (one program at a time); a (faked) CUDA device
+    where kernels.cluster says it fits does, with the model's config passed to the launcher; where it
+    does not fit (before sm_90) the next layout, persistent."""
+    from tritonrnn.kernels import cluster
+
+    args = (512, 512, torch.bfloat16, 16)
+    assert dispatch.kernel_path(*args) == "persistent"
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(configs, "tuned", lambda *a: None)  # no shipped table for a fake GPU
+    monkeypatch.setattr(kernels.recurrence, "persistent_plan", lambda *a, **k: None)  # resident everywhere
+    monkeypatch.setattr(cluster, "cluster_fits", lambda *a, **k: True)
+    choice = dispatch.kernel_choice(*args, cuda)
+    assert choice["path"] == "cluster" and choice["predicted_us"] < 1.5
+    assert configs.config_to_dict(dispatch.launch_config("cluster", *args, cuda)) == choice["config"]
+    monkeypatch.setattr(cluster, "cluster_fits", lambda *a, **k: False)
+    assert dispatch.kernel_choice(*args, cuda)["path"] == "persistent"
+
+
+def test_a_cluster_choice_runs_both_directions_in_one_cluster_launch(monkeypatch):
+    """The bidirectional op hands the cluster path and its config to the one-launch launcher."""
+    from tritonrnn import ops
+
+    config = configs.default_config("persistent", 16, 32, torch.float64)
+    seen = []
+    monkeypatch.setattr(dispatch, "launch_choice", lambda *args: {"path": "cluster", "config": config})
+    monkeypatch.setattr(kernels, "bidirectional_forward",
+                        lambda xw, h0, w_hh, **kwargs: seen.append(kwargs) or (xw.clone(), h0.clone()))
+    xw, h0, w = torch.zeros(2, 3, 2, 32, dtype=torch.float64), torch.zeros(2, 2, 32, dtype=torch.float64), \
+        torch.zeros(2, 32, 32, dtype=torch.float64)
+    ops.bidirectional_recurrence(xw, h0, w, None, False, True)
+    assert seen and seen[0]["path"] == "cluster" and seen[0]["config"] is config

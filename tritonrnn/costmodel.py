@@ -4,9 +4,16 @@ Dimensions: T steps, B batch, H hidden; e the element size. A layout is one way 
 recurrence of one layer and direction:
 
 - "sequence": one program per batch tile of BLOCK_B rows holds all of W_hh on chip; no barrier.
-- "persistent": program (n, g) holds the W_hh columns n*BLOCK_N ... as the MMA's M side, the batch
-  tile (BLOCK_B rows) is its N side; after every step the programs of a group meet at a counter
-  barrier. Groups = batch tiles until the resident capacity (kernels.persistent.plan) runs out.
+- "persistent": program (n, g) holds the W_hh columns n*BLOCK_N ... (a slice [BLOCK_N, BLOCK_H] in
+  shared memory) as the MMA's M side, the batch tile (BLOCK_B rows) is its N side: wgmma from 64
+  columns, else mma.sync with K in K_SPLIT (= warps) independent chains; a group is H / BLOCK_N
+  programs, each reading the group's whole state^T [BLOCK_H, BLOCK_B] from L2 every step; after
+  every step they meet at a counter barrier. Groups = batch tiles until the resident capacity
+  (kernels.persistent.plan) runs out.
+- "cluster": the persistent kernel's cluster form (kernels/cluster.py): a group is one Hopper
+  thread-block cluster of H / BLOCK_N CTAs (2-8, or 16), meeting at the hardware cluster barrier
+  instead of the counter barrier; the state still goes through L2; no cooperative launch (clusters
+  are gang-scheduled and never wait for each other).
 - "stepwise": one launch of rnn_step_kernel per step.
 
 Per step, from the compiled kernel's resources (registers, warps, shared memory, the matmul
@@ -15,8 +22,12 @@ the GPU replaces them, kernels/calibration/<GPU>.json, `Calibration`):
 
     sequence   = waves * (shared(W + state staging) + max(mma, chain) + epilogue
                           + the input's latency beyond them: it is loaded one step ahead)
-    persistent = barrier + tiles * (dependent L2 latency + chain) + state bytes over the SM's L2 share
-                 + shared(W slice per tile + state staging) + mma + epilogue
+    persistent = barrier + tiles * (dependent L2 latency of the state + epilogue)
+                 + state bytes (re-read by every program of the group) over the SM's L2 share
+                 + shared(W slice per tile + state staging) + max(mma, chain / K_SPLIT) + K parts' sum
+                 (the next tile's input is loaded before the wait: off the chain)
+    cluster    = persistent with the cluster barrier (Hardware.cluster_barrier_ns) and clusters
+                 resident per GPC (kernels.cluster's assumed sm_90 GPCs)
     stepwise   = max(host launch, device step)
 
 Resources come from a table of offline sm_90 compiles shipped in the package
@@ -38,10 +49,10 @@ from pathlib import Path
 import torch
 import triton
 
+from tritonrnn.kernels import cluster, persistent
 from tritonrnn.kernels import config as configs
-from tritonrnn.kernels import persistent
 
-LAYOUTS = ("sequence", "persistent", "stepwise")
+LAYOUTS = ("sequence", "persistent", "cluster", "stepwise")
 KERNELS_DIR = Path(configs.__file__).resolve().parent
 OFFLINE_DIR = KERNELS_DIR / "offline"  # resource tables of offline compiles, one per target
 CALIBRATION_DIR = KERNELS_DIR / "calibration"  # measured constants, one file per GPU (slug)
@@ -77,6 +88,10 @@ class Hardware:
     # The group barrier: release add + acquire polls through L2 + the skew of the last arrival.
     # Assumed 1 us (perf/NOTES.md v0.4); the calibration's empty-step kernel measures it.
     barrier_ns: float = 1000.0
+    # The cluster layout's barrier: barrier.cluster.arrive.release + wait.acquire among the CTAs of one
+    # thread-block cluster (hardware, inside a GPC). Assumed 300 ns (kernels.cluster.ASSUMED_BARRIER_NS):
+    # no published figure; the calibration's cluster probe (kernels.cluster.probe_barrier) measures it.
+    cluster_barrier_ns: float = float(cluster.ASSUMED_BARRIER_NS)
     # Host cost of one Triton launch from Python: 4.5-18 us a call (GUIDE section 6; a bare CUDA
     # launch ~3 us); the calibration's stepwise steps measure it.
     launch_ns: float = 8000.0
@@ -108,8 +123,8 @@ class Hardware:
 OFFLINE_GPUS = {"h100": Hardware(name="H100"), "h200": Hardware(name="H200")}
 
 # Constants a calibration file may replace (their names in Hardware).
-CALIBRATED_CONSTANTS = ("barrier_ns", "l2_latency_ns", "launch_ns", "cudnn_small_h_ns", "cudnn_standard_floor_ns",
-                        "cudnn_lstm768_ns")
+CALIBRATED_CONSTANTS = ("barrier_ns", "cluster_barrier_ns", "l2_latency_ns", "launch_ns", "cudnn_small_h_ns",
+                        "cudnn_standard_floor_ns", "cudnn_lstm768_ns")
 
 
 def calibration_path(slug: str, directory: Path = None) -> Path:
@@ -176,41 +191,56 @@ def _config(kwargs: dict, warps: int) -> triton.Config:
 
 def candidate_configs(layout: str, hidden: int, dtype: str, allow_tf32: bool = True) -> list:
     """The configs the model weighs for `layout` at this H (padded to a power of two) and dtype: those
-    whose shared memory (configs.shared_memory_bytes, an upper bound) fits the sm_90 budget. The
-    resource table compiles exactly these (one source)."""
+    whose shared memory (configs.shared_memory_bytes) fits the sm_90 budget. The resource table
+    compiles exactly these (one source).
+
+    Persistent: the kernel's own rules, kernels.config's default for this dtype first (what the
+    launcher runs without a choice), then its tuning space (K_SPLIT 1 or equal to the warps, parts of
+    >= 64 rows), trimmed to what can win: K_SPLIT 1 from 64 columns (wgmma takes no 3D operand and
+    pipelines its K steps itself); at 32 columns the split where one exists (one chain of BLOCK_H / 16
+    dependent mma.sync against 4 or 8 independent ones); accumulator tiles [BLOCK_N, BLOCK_B] of at most
+    64 x 64; at BLOCK_H <= 128 the default alone (the sequence layout holds all of W_hh there with no
+    barrier: a persistent step, barrier included, never beats it)."""
     torch_dtype = getattr(torch, dtype)
     width = configs.block_h(hidden)
     if layout == "stepwise":
         return [configs.default_config("stepwise", 16, hidden)]
-    # The launcher's default config first (what runs until the model's config is passed to it).
-    space = [configs.default_config(layout, 16, hidden)]
+    if layout == "cluster":
+        return _cluster_configs(hidden, dtype, allow_tf32)
+    space = [configs.default_config(layout, 16, hidden, torch_dtype)]
     if layout == "sequence":
         if width > 256:  # all of W_hh on chip: beyond 256 not even 16-bit fits
             return []
         space += [_config({"BLOCK_B": bb}, w) for bb in (16, 32, 64) for w in (4, 8)]
-    else:
-        # The default's keys, with the tile sizes varied: a kernel whose config grows or loses a key
-        # (K_SPLIT is optional) keeps its candidates.
-        base = dict(space[0].kwargs)
-        splits = (1, 2) if "K_SPLIT" in base and width >= 1024 else (base.get("K_SPLIT"),)
-        for bb in (16, 32, 64, 128):
-            for bn in (16, 32, 64, 128):
-                if bn > width // 2 or (bn == 16 and width < 2048):  # at least two programs; 16 only at 2048
-                    continue
-                for ks in splits:
-                    tiles = dict(base, BLOCK_B=bb, BLOCK_N=bn, **({} if ks is None else {"K_SPLIT": ks}))
-                    config = _config(tiles, 4 if bb * bn <= 16 * 64 else 8)
-                    if ks == 2 and configs.config_fits("persistent", _config(dict(tiles, K_SPLIT=1), 4), hidden,
-                                                       torch_dtype, allow_tf32):
-                        continue  # halves only where the whole state tile does not fit
-                    if configs.config_fits("persistent", config, hidden, torch_dtype, allow_tf32):
-                        space.append(config)
+    elif width > 128:
+        for config in configs.tuning_space("persistent", PERSISTENT_MAX_BATCH, hidden, torch_dtype, allow_tf32):
+            bb, bn, ks = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"], config.kwargs.get("K_SPLIT", 1)
+            if (bn >= 64 and ks > 1) or (bn < 64 and ks == 1 and width >= 256) or bb * bn > 64 * 64:
+                continue
+            space.append(config)
     seen, out = set(), []
     for c in space:  # the default once, and only where it loads
         if config_key(c) not in seen and configs.config_fits(layout, c, hidden, torch_dtype, allow_tf32):
             seen.add(config_key(c))
             out.append(c)
     return out
+
+
+def _cluster_configs(hidden: int, dtype: str, allow_tf32: bool) -> list:
+    """The cluster form's configs: kernels.cluster's default first, then the persistent candidates
+    (the same kernel) whose cluster size (H / BLOCK_N CTAs) a launch may ask for, where the form fits."""
+    torch_dtype = getattr(torch, dtype)
+    space = [cluster.default_config(16, hidden, torch_dtype), *candidate_configs("persistent", hidden, dtype,
+                                                                                allow_tf32)]
+    seen, out = set(), []
+    for c in space:
+        if config_key(c) not in seen and cluster.fits(hidden, torch_dtype, allow_tf32, c):
+            seen.add(config_key(c))
+            out.append(c)
+    return out
+
+
+PERSISTENT_MAX_BATCH = 256  # the tuning space's batch bucket the candidates come from (BLOCK_B up to 64)
 
 
 def config_key(config) -> str:
@@ -239,13 +269,17 @@ def resources(layout: str, dtype: str, hidden: int, direction: str, config, targ
     registers, mma.sync below 64-wide tiles)."""
     config = config if isinstance(config, triton.Config) else configs.config_from_dict(config)
     exact = dtype == "float32" and not allow_tf32
-    entry = None if exact else resource_table(target).get(resource_key(layout, dtype, hidden, direction, config))
+    # A cluster's CTA is the persistent program with the cluster barrier in place of the counter one (a
+    # few instructions, no tile): the table holds it once, as the persistent entry.
+    compiled = "persistent" if layout == "cluster" else layout
+    entry = None if exact else resource_table(target).get(resource_key(compiled, dtype, hidden, direction, config))
     if entry is not None:
         return {**entry, "source": f"offline {target} compile"}
-    shared = configs.shared_memory_bytes(layout, config, hidden, getattr(torch, dtype), allow_tf32)
-    m_side = config.kwargs.get("BLOCK_N", 0) if layout == "persistent" else config.kwargs.get("BLOCK_B", 0)
+    shared = configs.shared_memory_bytes(compiled, config, hidden, getattr(torch, dtype), allow_tf32)
+    m_side = config.kwargs.get("BLOCK_N", 0) if compiled == "persistent" else config.kwargs.get("BLOCK_B", 0)
+    wgmma = m_side >= 64 and config.kwargs.get("K_SPLIT", 1) == 1 and target == "sm_90"  # no 3D wgmma
     return {"registers": 255, "stack_bytes": 0, "shared_bytes": shared, "num_warps": config.num_warps,
-            "mma": "wgmma" if m_side >= 64 and target == "sm_90" else "mma.sync", "source": "estimate"}
+            "mma": "wgmma" if wgmma else "mma.sync", "source": "estimate"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,10 +324,17 @@ def _mma_ns(hw: Hardware, dtype: str, flops: float, kind: str) -> float:
     return flops / (hw.peak_per_sm(dtype) * efficiency)
 
 
-def _chain_ns(hw: Hardware, hidden: int, kind: str) -> float:
-    """The dependent chain of one tile's dot: H / 16 accumulating mma.sync (wgmma pipelines its K
-    steps in the tensor core: one instruction's latency, ~4 mma.sync)."""
-    steps = configs.block_h(hidden) / 16 if kind != "wgmma" else 4
+def _k_step(dtype: str) -> int:
+    """K of one mma.sync: m16n8k16 in 16-bit, m16n8k8 in TF32 (fp32), m8n8k4 in fp64."""
+    return {"float32": 8, "float64": 4}.get(dtype, 16)
+
+
+def _chain_ns(hw: Hardware, hidden: int, kind: str, dtype: str = "bfloat16", k_split: int = 1) -> float:
+    """The dependent chain of one tile's dot. mma.sync: BLOCK_H / k accumulating instructions, in
+    K_SPLIT independent chains (the persistent kernel's batched dot gives each warp one part of K):
+    BLOCK_H / (k * K_SPLIT) deep. wgmma pipelines its K steps in the tensor core: about one
+    instruction's latency, ~4 mma.sync, beyond its throughput."""
+    steps = configs.block_h(hidden) / (_k_step(dtype) * k_split) if kind != "wgmma" else 4
     return hw.cycles(steps * hw.mma_latency_cycles)
 
 
@@ -322,7 +363,7 @@ def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
     shared = sharing * e * width * (width + 2 * bb) / hw.shared_bytes_per_cycle
     terms = {"shared": hw.cycles(shared),
              "mma": max(sharing * _mma_ns(hw, shape.dtype, 2 * bb * width * width, kind),
-                        _chain_ns(hw, shape.hidden, kind)),
+                        _chain_ns(hw, shape.hidden, kind, shape.dtype)),
              "epilogue": hw.epilogue_ns}
     # The kernel loads step t + 1's input during step t: its latency shows only where it is longer.
     terms["input latency"] = max(0.0, hw.l2_latency_ns - sum(terms.values()))
@@ -332,7 +373,6 @@ def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
 
 
 def _persistent(shape: Shape, hw: Hardware, config, res) -> Candidate:
-    e, width = ELEMENT[shape.dtype], configs.block_h(shape.hidden)
     bb, bn = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"]
     per_sm = persistent.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
     try:
@@ -341,26 +381,62 @@ def _persistent(shape: Shape, hw: Hardware, config, res) -> Candidate:
         return _unfit("persistent", config, str(exc), res)
     if T_COUNTER_LIMIT <= shape.seq_len * chosen.programs_per_group:
         return _unfit("persistent", config, "the arrival counters would overflow", res)
-    kind = _kind(res)
-    tiles, programs = chosen.batch_tiles, chosen.programs
-    sharing = min(per_sm, triton.cdiv(programs, hw.limits.sms))
-    rows = min(tiles * bb, triton.cdiv(shape.batch, chosen.groups))  # masked rows of a short tile are not read
-    state_bytes = sharing * rows * width * e  # every program reads its group's whole state
-    l2_rate = min(hw.l2_bytes_per_cycle_per_sm * hw.clock_ghz, hw.l2_total_bytes_per_ns * sharing / programs)
-    shared = sharing * tiles * e * width * (bn + 2 * bb) / hw.shared_bytes_per_cycle  # W slice; state staged
-    terms = {"barrier": hw.barrier_ns if chosen.waits else 0.0,
-             "latency": tiles * hw.l2_latency_ns,
-             "l2": state_bytes / l2_rate,
-             "shared": hw.cycles(shared),
-             "mma": max(sharing * tiles * _mma_ns(hw, shape.dtype, 2 * bb * width * bn, kind),
-                        tiles * _chain_ns(hw, shape.hidden, kind)),
-             "epilogue": tiles * hw.epilogue_ns}
+    terms = _group_step(shape, hw, config, res, per_sm, chosen.programs, chosen.batch_tiles, chosen.groups,
+                        hw.barrier_ns if chosen.waits else 0.0)
     step = sum(terms.values()) * hw.scale("persistent")
     return Candidate("persistent", configs.config_to_dict(config), True, step, tuple(terms.items()),
                      resources=tuple(sorted(res.items())), plan=tuple(sorted(dataclasses.asdict(chosen).items())))
 
 
+def _group_step(shape: Shape, hw: Hardware, config, res, per_sm: int, programs: int, tiles: int, groups: int,
+                barrier_ns: float) -> dict:
+    """One step of a layout whose groups of H / BLOCK_N programs (kernels/persistent.py) meet at a
+    barrier, each group serving `tiles` batch tiles one after another. Per tile and program: the
+    group's state^T [BLOCK_H, BLOCK_B] read from L2 (a dependent load after the barrier; every program
+    of the group reads all of it, so the group re-reads it H / BLOCK_N times) and staged through
+    shared memory; the W slice [BLOCK_N, BLOCK_H] read by the MMA from shared memory (wgmma or
+    mma.sync, from the compile); the dot's chain, K_SPLIT independent chains in parallel, then their
+    sum across warps through shared memory; the epilogue. The next tile's input is loaded before the
+    wait: its latency is off the chain (no term). Then the barrier."""
+    e, width = ELEMENT[shape.dtype], configs.block_h(shape.hidden)
+    bb, bn, ks = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"], config.kwargs.get("K_SPLIT", 1)
+    kind = _kind(res)
+    sharing = min(per_sm, triton.cdiv(programs, hw.limits.sms))  # programs an SM runs at once
+    rows = min(tiles * bb, triton.cdiv(shape.batch, groups))  # masked rows of a short tile are not read
+    state_bytes = sharing * rows * width * e  # every program reads its group's whole state
+    l2_rate = min(hw.l2_bytes_per_cycle_per_sm * hw.clock_ghz, hw.l2_total_bytes_per_ns * sharing / programs)
+    shared = sharing * tiles * e * width * (bn + 2 * bb) / hw.shared_bytes_per_cycle  # W slice; state staged
+    terms = {"barrier": barrier_ns,
+             "latency": tiles * hw.l2_latency_ns,
+             "l2": state_bytes / l2_rate,
+             "shared": hw.cycles(shared),
+             "mma": max(sharing * tiles * _mma_ns(hw, shape.dtype, 2 * bb * width * bn, kind),
+                        tiles * _chain_ns(hw, shape.hidden, kind, shape.dtype, ks)),
+             "epilogue": tiles * hw.epilogue_ns}
+    if ks > 1:  # the K parts' fp32 sums written and read back through shared memory, then a bar.sync
+        terms["k sum"] = tiles * hw.cycles(2 * ks * bn * bb * 4 / hw.shared_bytes_per_cycle + hw.mma_latency_cycles)
+    return terms
+
+
 T_COUNTER_LIMIT = 2 ** 31
+
+
+def _cluster(shape: Shape, hw: Hardware, config, res) -> Candidate:
+    bb, bn = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"]
+    per_sm = persistent.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
+    size = cluster.size_of(shape.hidden, bn)
+    # A cluster runs inside one GPC: the clusters resident at once are counted per GPC (sm_90's, assumed).
+    resident = cluster.SM90_GPCS * (cluster.SM90_SMS_PER_GPC * per_sm // size)
+    try:
+        chosen = cluster.plan(shape.batch, shape.hidden, bb, bn, resident, shape.directions)
+    except ValueError as exc:  # ClusterUnavailable: a size Triton's launcher refuses, no resident cluster
+        return _unfit("cluster", config, str(exc), res)
+    # Clusters never wait for each other: more than are resident would run in waves (plan asks for none).
+    terms = _group_step(shape, hw, config, res, per_sm, chosen.programs, chosen.batch_tiles, chosen.clusters,
+                        hw.cluster_barrier_ns)
+    step = sum(terms.values()) * hw.scale("cluster")
+    return Candidate("cluster", configs.config_to_dict(config), True, step, tuple(terms.items()),
+                     resources=tuple(sorted(res.items())), plan=tuple(sorted(dataclasses.asdict(chosen).items())))
 
 
 def _stepwise(shape: Shape, hw: Hardware, config, res) -> Candidate:
@@ -379,7 +455,7 @@ def _stepwise(shape: Shape, hw: Hardware, config, res) -> Candidate:
                      resources=tuple(sorted(res.items())))
 
 
-_LAYOUT_COST = {"sequence": _sequence, "persistent": _persistent, "stepwise": _stepwise}
+_LAYOUT_COST = {"sequence": _sequence, "persistent": _persistent, "cluster": _cluster, "stepwise": _stepwise}
 
 
 def predict(shape: Shape, hw: Hardware, layout: str, config, res: dict = None) -> Candidate:
@@ -398,7 +474,7 @@ def _layout_allowed(layout: str, shape: Shape) -> bool:
     if layout == "sequence":
         limit = max(configs.SEQUENCE_MAX_H[dtype.itemsize], configs.SEQUENCE_CANDIDATE_MAX_H.get(dtype.itemsize, 0))
         return shape.hidden <= limit and configs.path_fits("sequence", shape.hidden, dtype, shape.allow_tf32)
-    if layout == "persistent":
+    if layout in ("persistent", "cluster"):  # the cluster form runs the persistent kernel's shapes
         exact = (shape.dtype == "float32" and not shape.allow_tf32)
         limit = configs.PERSISTENT_EXACT_FP32_MAX_H if exact else configs.PERSISTENT_MAX_H[dtype.itemsize]
         return shape.hidden <= limit

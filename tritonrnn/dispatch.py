@@ -4,6 +4,7 @@ import os
 import torch
 
 from tritonrnn import costmodel, kernels, numerics
+from tritonrnn.kernels import cluster
 
 
 def interpreter_enabled() -> bool:
@@ -55,17 +56,64 @@ def kernel_choice(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int
                 "source": "shipped tuned config", "predicted_us": None}
     hw = hardware(device)
     shape = costmodel.Shape(seq_len, batch, hidden_size, _dtype_name(dtype), direction, allow_tf32, directions)
-    best = costmodel.choose(shape, hw)
-    if best.layout == "persistent" and not kernels.recurrence.persistent_fits(
-            seq_len, batch, hidden_size, dtype, device, direction, allow_tf32, directions):
-        best = costmodel.choose(shape, hw, exclude=("persistent",))  # e.g. fewer SMs than an H100's
+    best, excluded = costmodel.choose(shape, hw), ()
+    while best.layout in ("persistent", "cluster") and not _runs(best, seq_len, batch, hidden_size, dtype, device,
+                                                                direction, allow_tf32, directions):
+        excluded += (best.layout,)  # e.g. fewer SMs than an H100's, no clusters here: the next layout
+        best = costmodel.choose(shape, hw, exclude=excluded)
     source = "cost model" + (f", calibrated on {hw.name}" if hw.calibrated else f", {hw.name} constants")
     return {"path": best.layout, "config": best.config, "source": source, "predicted_us": best.step_us}
 
 
+def _runs(best, seq_len, batch, hidden_size, dtype, device, direction, allow_tf32, directions) -> bool:
+    """Whether the model's persistent or cluster choice runs here with its config: the persistent path
+    where the compiled kernel's resident capacity holds it (kernels.recurrence.persistent_plan); the
+    cluster form where kernels.cluster says it fits (a CUDA device of sm_90 or later; never the
+    interpreter, which runs one program at a time)."""
+    config = kernels.config.config_from_dict(best.config)
+    if best.layout == "cluster":
+        return cluster.cluster_fits(hidden_size, dtype, allow_tf32, device) and cluster.fits(
+            hidden_size, dtype, allow_tf32, config)
+    try:
+        kernels.recurrence.persistent_plan(seq_len, batch, hidden_size, dtype, device, direction, allow_tf32,
+                                           config=config, directions=directions)
+    except ValueError:
+        return False
+    return True
+
+
+def launch_config(path: str, seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1,
+                  device: torch.device = CPU, direction: str = "forward", allow_tf32: bool = True,
+                  directions: int = 1):
+    """The triton.Config the launcher of `path` runs for this shape, or None (the launcher's own:
+    shipped tuned, Triton's autotuner, or its default).
+
+    On CUDA: kernel_choice's config where it chose `path` (a tuned config, or the cost model's
+    config of the sequence or persistent layout, checked there against the device). The model's
+    stepwise config is the launcher's default, weighed as such: None leaves that path to the autotuner.
+    Elsewhere (the interpreter) None: interpreted programs run one at a time, so a tile size changes
+    no result and only the CPU tests' time, and those tests pin the launchers' default tiles."""
+    if device.type != "cuda":
+        return None
+    choice = kernel_choice(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32, directions)
+    if choice["path"] != path or choice["config"] is None:
+        return None
+    if path == "stepwise" and choice["source"] != "shipped tuned config":
+        return None
+    return kernels.config.config_from_dict(choice["config"])
+
+
+def launch_choice(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
+                  direction: str = "forward", allow_tf32: bool = True, directions: int = 1) -> dict:
+    """What the ops pass the launchers: {"path": kernel_path's, "config": launch_config's for it}."""
+    args = (seq_len, hidden_size, dtype, batch, device, direction, allow_tf32, directions)
+    path = kernel_path(*args)
+    return {"path": path, "config": launch_config(path, *args)}
+
+
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
                 direction: str = "forward", allow_tf32: bool = True, directions: int = 1) -> str:
-    """'sequence', 'persistent' or 'stepwise' for the forward or backward recurrence of this shape
+    """'sequence', 'persistent', 'cluster' or 'stepwise' for the forward or backward recurrence of this shape
     (`directions` = 2: both directions of a layer in one launch): kernel_choice's layout. A single
     step takes the step kernel; a shipped tuned config wins; else the layout the cost model
     predicts fastest among those this device can run (`tritonrnn info` says which and why).
@@ -86,16 +134,20 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
         path = choice["path"]
         kernel = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh held on chip",
                   "persistent": "rnn_persistent_kernel, one launch for all steps, W_hh in column slices on chip",
+                  "cluster": "rnn_persistent_kernel in thread-block clusters, one launch for all steps, W_hh in "
+                             "column slices over a cluster's CTAs, the hardware cluster barrier",
                   "stepwise": f"rnn_step_kernel, one launch per step ({seq_len} per layer and direction)"}[path]
+        config = launch_config(path, seq_len, hidden_size, dtype, batch, device, direction, allow_tf32)
         if path == "persistent":
             plan = kernels.recurrence.persistent_plan(seq_len, batch, hidden_size, dtype, device, direction,
-                                                      allow_tf32)
+                                                      allow_tf32, config=config)
             kernel += (f": {plan.groups} group(s) of {plan.programs_per_group} program(s), {plan.batch_tiles} "
                        f"batch tile(s) a group, " + (f"{plan.programs} of a resident capacity of "
                                                      f"{plan.resident_capacity}" if plan.waits else
                                                      "no program waits for another"))
         tuned = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
         source = ("shipped tuned config" if tuned is not None and tuned["path"] == path
+                  else "the cost model's config" if config is not None
                   else "Triton autotuner" if kernels.config.autotunes(path, device)
                   else "default config")
         why = "" if choice["predicted_us"] is None else \

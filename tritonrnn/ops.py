@@ -9,8 +9,9 @@ projection before it and the parameter-gradient GEMMs after it are large matmuls
         [2, ...] (one launch for both on the persistent path)
 
 Opaque custom ops keep torch.compile(fullgraph=True) tracing through the layers without a break.
-The kernel path (tuned configs per GPU, dispatch.kernel_path) is chosen inside the ops when they
-run, never in traced code: tracing queries no device and reads no file, on a GPU as on the CPU.
+The kernel path and its config (dispatch.launch_choice: tuned configs per GPU, else the cost model)
+are chosen inside the ops when they run, never in traced code: tracing queries no device and reads
+no file, on a GPU as on the CPU.
 """
 import warnings
 from typing import Optional
@@ -35,11 +36,13 @@ def _walk_ends(lengths: Optional[Tensor], T: int, B: int, reverse: bool, device)
     return (lengths - 1, zeros) if reverse else (zeros, lengths - 1)
 
 
-def _path(sequence: Tensor, direction: str, allow_tf32: bool, directions: int = 1) -> str:
-    """The kernel path of this [T, B, H] recurrence on this device, chosen at run time
-    (`directions` = 2: both directions of a layer in one launch)."""
+def _launch(sequence: Tensor, direction: str, allow_tf32: bool, directions: int = 1) -> dict:
+    """The launcher's keyword arguments for this [T, B, H] recurrence on this device, chosen at run
+    time (`directions` = 2: both directions of a layer in one launch; dispatch.launch_choice): its
+    path, and its config where one was chosen (else the launcher's own)."""
     T, B, H = sequence.shape[-3:]
-    return dispatch.kernel_path(T, H, sequence.dtype, B, sequence.device, direction, allow_tf32, directions)
+    choice = dispatch.launch_choice(T, H, sequence.dtype, B, sequence.device, direction, allow_tf32, directions)
+    return {k: v for k, v in choice.items() if v is not None}
 
 
 def _contiguous_like(tensor: Tensor) -> Tensor:
@@ -53,7 +56,7 @@ def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], 
                relu: bool, allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """h_t = act(xw_t + h_{t-1} W_hh^T) for all t; see tritonrnn.kernels.recurrence_forward."""
     return kernels.recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu,
-                                      path=_path(xw, "forward", allow_tf32), allow_tf32=allow_tf32)
+                                      allow_tf32=allow_tf32, **_launch(xw, "forward", allow_tf32))
 
 
 @recurrence.register_fake
@@ -68,8 +71,8 @@ def recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Tensor, h0: Tens
                         allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
     """BPTT of `recurrence`: the fused backward kernel, then dh0 and dW_hh as GEMMs."""
     dz = kernels.recurrence_backward(_fold_final_grad(grad_out, grad_hn, lengths, reverse), out, w_hh,
-                                     lengths=lengths, reverse=reverse, relu=relu,
-                                     path=_path(out, "backward", allow_tf32), allow_tf32=allow_tf32)
+                                     lengths=lengths, reverse=reverse, relu=relu, allow_tf32=allow_tf32,
+                                     **_launch(out, "backward", allow_tf32))
     return dz, *_state_grads(dz, out, h0, w_hh, lengths, reverse)
 
 
@@ -142,9 +145,10 @@ recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
 # Both directions of a bidirectional layer: tensors stacked [2, ...], direction 0 forward in time,
-# direction 1 reverse. The kernel path is chosen here, at run time: on the persistent path both
-# directions run in one launch, on the others one launch (or T) per direction.
+# direction 1 reverse. The kernel path is chosen here, at run time: on the persistent and cluster
+# paths both directions run in one launch, on the others one launch (or T) per direction.
 REVERSE_OF = (False, True)
+GROUPED = ("persistent", "cluster")  # the persistent kernel's layouts: both directions in one launch
 
 
 @torch.library.custom_op("tritonrnn::bidirectional_recurrence", mutates_args=())
@@ -152,11 +156,12 @@ REVERSE_OF = (False, True)
 def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], relu: bool,
                              allow_tf32: bool) -> tuple[Tensor, Tensor]:
     """`recurrence` of both directions at once: xw [2, T, B, H], h0 [2, B, H], w_hh [2, H, H]."""
-    if _path(xw, "forward", allow_tf32, directions=2) == "persistent":
-        return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
-    path = _path(xw, "forward", allow_tf32)  # where both directions' programs are not resident at once: one each
+    both = _launch(xw, "forward", allow_tf32, directions=2)
+    if both["path"] in GROUPED:
+        return kernels.bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32, **both)
+    one = _launch(xw, "forward", allow_tf32)  # where both directions' programs are not resident at once: one each
     outputs = [kernels.recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d], relu=relu,
-                                          path=path, allow_tf32=allow_tf32) for d in range(2)]
+                                          allow_tf32=allow_tf32, **one) for d in range(2)]
     return tuple(torch.stack(o) for o in zip(*outputs, strict=True))
 
 
@@ -173,12 +178,13 @@ def bidirectional_recurrence_backward(grad_out: Tensor, grad_hn: Tensor, out: Te
     """BPTT of `bidirectional_recurrence`: the fused backward kernel for both directions (one
     launch on the persistent path), then dh0 and dW_hh of each as GEMMs."""
     grad = torch.stack([_fold_final_grad(grad_out[d], grad_hn[d], lengths, REVERSE_OF[d]) for d in range(2)])
-    if _path(out, "backward", allow_tf32, directions=2) == "persistent":
-        dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32)
+    both = _launch(out, "backward", allow_tf32, directions=2)
+    if both["path"] in GROUPED:
+        dz = kernels.bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32, **both)
     else:
-        path = _path(out, "backward", allow_tf32)
+        one = _launch(out, "backward", allow_tf32)
         dz = torch.stack([kernels.recurrence_backward(grad[d], out[d], w_hh[d], lengths=lengths, reverse=REVERSE_OF[d],
-                                                      relu=relu, path=path, allow_tf32=allow_tf32) for d in range(2)])
+                                                      relu=relu, allow_tf32=allow_tf32, **one) for d in range(2)])
     dh0, dw_hh = zip(*(_state_grads(dz[d], out[d], h0[d], w_hh[d], lengths, REVERSE_OF[d]) for d in range(2)),
                      strict=True)
     return dz, torch.stack(dh0), torch.stack(dw_hh)
