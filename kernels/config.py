@@ -167,7 +167,9 @@ def default_config(path: str, batch: int, hidden: int, dtype: torch.dtype = None
     """
     bb = max(MIN_DOT, batch_bucket(batch))
     if path == "sequence":
-        # At H = 256 (16-bit) 8 warps spill 8 B; 4 hold the 16-row tile in 168 registers.
+        # At H = 256 (16-bit) 8 warps spill 8 B; 4 hold the 16-row tile in 168 registers. At H = 128, 8:
+        # with 4, exact fp32 (3xTF32) spills 24-48 B; with 8, only the TF32 forward without lengths spills
+        # 8 B (since the next step's input is prefetched; the cost model takes 4 warps there on a GPU).
         return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32)},
                              num_warps=8 if 64 <= block_h(hidden) <= 128 else 4, num_stages=1)
     if path == "persistent":
