@@ -170,15 +170,19 @@ def _group_barrier(p_group, target, failed, wait_limit, TIMER: tl.constexpr, ABS
         limit = wait_limit.to(tl.int64) * (1000 if TIMER else 1)
         polls = 0
         start = _clock(polls, TIMER)
-        timed_out = failed
-        while (timed_out == 0) & (seen < target):
-            seen = tl.atomic_add(p_counter, 0, sem="relaxed")
+        while (failed == 0) & (seen < target):
+            late = (_clock(polls, TIMER) - start > limit).to(tl.int32)
+            # Each thread reads its own clock; the poll is a scalar atomic (one thread runs it, its result is
+            # broadcast), so that thread's verdict, written into the counter as GAVE_UP, is what every warp
+            # sees: all leave at the same poll, and the group's other programs see it in their own polls.
+            seen = tl.atomic_or(p_counter, late * GAVE_UP, sem="relaxed")
             polls += 1
-            timed_out = (_clock(polls, TIMER) - start > limit).to(tl.int32)
         # Its value is used, or the read is removed (an add of 0 lowers to a load): >= target unless timed out.
         seen = tl.atomic_add(p_counter, 0, sem="acquire")
         tl.debug_barrier()
-        failed |= (seen < target).to(tl.int32)
+        # A program that gave up keeps arriving, so its arrivals can complete a count a stalled program of
+        # its group never reached: GAVE_UP, set before those arrivals (released with them), fails the step.
+        failed |= ((seen < target) | (seen >= GAVE_UP)).to(tl.int32)
     return failed
 
 
@@ -186,7 +190,10 @@ def _group_barrier(p_group, target, failed, wait_limit, TIMER: tl.constexpr, ABS
 # different groups never share a line with another group's arrivals.
 SYNC_LINE = tl.constexpr(32)
 COUNTER = tl.constexpr(0)  # the arrivals so far
-STATUS = tl.constexpr(1)  # nonzero once a program of the group timed out
+STATUS = tl.constexpr(1)  # nonzero once a program of the group timed out (read by the host)
+# Or-ed into the counter by a program that gives up waiting: every later poll of its group sees it. Arrivals
+# stay below it (check_counters).
+GAVE_UP = tl.constexpr(1 << 30)
 
 
 @triton.heuristics({"HAS_LENGTHS": lambda args: args["p_len"] is not None})
@@ -491,8 +498,8 @@ def schedule(args, scalars, kwargs, device: torch.device, directions: int = 1) -
 
 
 def check_counters(T: int, chosen: Plan) -> None:
-    """The int32 arrival counters reach T times the programs of a group."""
-    if T * chosen.programs_per_group >= 2 ** 31:
+    """The int32 arrival counters reach T times the programs of a group, below the GAVE_UP bit."""
+    if T * chosen.programs_per_group >= GAVE_UP.value:
         raise ValueError(f"T = {T} steps overflow the int32 arrival counters of {chosen.programs_per_group} "
                          f"programs per group")
 
@@ -507,7 +514,8 @@ INTERPRETED_POLL_S = 1e-3
 
 
 class LaunchRefused(RuntimeError):
-    """The driver refused the cooperative launch: not every program can be resident at once."""
+    """The persistent launch cannot run here: the device cannot hold every program of a group, or the
+    driver refused the cooperative launch."""
 
 
 class BarrierTimeout(RuntimeError):
@@ -560,12 +568,16 @@ def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, timeout_s: float = None, 
     dimension of 2 (contiguous), direction 1 walking the other way. options: backward, reverse
     (of direction 0), relu, numerics and meta (BLOCK_B, BLOCK_N, K_SPLIT, num_warps, num_stages;
     DEBUG_WAIT_SLACK, DEBUG_ABSENT in tests only). timeout_s: the wait limit (WAIT_TIMEOUT_S).
-    Returns the plan it ran. Raises LaunchRefused where the driver refuses the cooperative launch,
+    Returns the plan it ran. Raises LaunchRefused where the device cannot hold a group's programs or the
+    driver refuses the cooperative launch,
     BarrierTimeout where a group waited past the limit (its outputs NaN)."""
     timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
     directions, (args, scalars, kwargs) = launch_inputs(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options)
     T = scalars[0]
-    chosen, kwargs = schedule(args, scalars, kwargs, out.device, directions)
+    try:
+        chosen, kwargs = schedule(args, scalars, kwargs, out.device, directions)
+    except ValueError as exc:  # e.g. a cluster path's fallback: this device cannot hold a group's programs
+        raise LaunchRefused(f"the persistent path cannot run here: {exc}") from exc
     check_counters(T, chosen)
     sync = torch.zeros(directions, chosen.groups, SYNC_LINE.value, dtype=torch.int32, device=out.device)
     try:

@@ -418,7 +418,7 @@ def _group_step(shape: Shape, hw: Hardware, config, res, per_sm: int, programs: 
     return terms
 
 
-T_COUNTER_LIMIT = 2 ** 31
+T_COUNTER_LIMIT = persistent.GAVE_UP.value  # arrivals stay below the give-up bit (persistent.check_counters)
 
 
 def _cluster(shape: Shape, hw: Hardware, config, res) -> Candidate:
