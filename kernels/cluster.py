@@ -112,7 +112,23 @@ def cluster_fits(hidden: int, dtype: torch.dtype, allow_tf32: bool = True, devic
     ClusterUnavailable where it does not."""
     if device is not None and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
         return False
+    if _refusal_key(hidden, dtype, device) in _REFUSED:
+        return False  # a launch of this shape was refused here: the dispatcher takes the next layout
     return fits(hidden, dtype, allow_tf32)
+
+
+# (device, H, dtype) whose cluster launch was refused in this process (remember_refusal).
+_REFUSED = set()
+
+
+def _refusal_key(hidden: int, dtype: torch.dtype, device) -> tuple:
+    return (None if device is None else str(device), hidden, dtype)
+
+
+def remember_refusal(hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+    """A cluster launch of this H and dtype was refused on `device`: cluster_fits answers False for it
+    from now on, so the dispatcher (and `tritonrnn info`) name the layout that runs, not this one."""
+    _REFUSED.add(_refusal_key(hidden, dtype, device))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,11 +110,12 @@ def _warn_stepwise(refusal: Exception) -> None:
                       f"warning is shown once.", RuntimeWarning, stacklevel=3)
 
 
-def _warn_persistent(refusal: Exception) -> None:
+def _warn_persistent(refusal: Exception, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
     """Once per process: the cluster launch cannot run here (a cluster size Triton does not launch, a
     GPU before sm_90, the driver's refusal, the plain interpreter), so the persistent path runs
     instead (the same kernel with the counter barrier: same results)."""
     global _cluster_refusal_warned
+    cluster.remember_refusal(hidden, dtype, device)  # later calls are dispatched elsewhere at once
     if not _cluster_refusal_warned:
         _cluster_refusal_warned = True
         warnings.warn(f"tritonrnn: {refusal}. Running the persistent path instead (counter barrier); this "
@@ -196,7 +197,7 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
                 _run_in_groups(path, xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=reverse,
                                relu=relu, numerics=numerics, meta=meta)
         except cluster.ClusterUnavailable as refusal:
-            _warn_persistent(refusal)
+            _warn_persistent(refusal, H, xw.dtype, xw.device)
             return recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu, path="persistent",
                                       allow_tf32=allow_tf32, config=config)
         except persistent.LaunchRefused as refusal:
@@ -260,7 +261,7 @@ def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=
             _run_in_groups(path, xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False, relu=relu,
                            numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
     except cluster.ClusterUnavailable as refusal:
-        _warn_persistent(refusal)
+        _warn_persistent(refusal, H, xw.dtype, xw.device)
         return bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32, config=config)
     except persistent.LaunchRefused as refusal:
         _warn_stepwise(refusal)
@@ -286,7 +287,7 @@ def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_t
             _run_in_groups(path, grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True, relu=relu,
                            numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
     except cluster.ClusterUnavailable as refusal:
-        _warn_persistent(refusal)
+        _warn_persistent(refusal, H, grad.dtype, grad.device)
         return bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32,
                                       config=config)
     except persistent.LaunchRefused as refusal:
@@ -350,7 +351,7 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
                 _run_in_groups(path, grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=not reverse,
                                relu=relu, numerics=numerics, meta=meta)
         except cluster.ClusterUnavailable as refusal:
-            _warn_persistent(refusal)
+            _warn_persistent(refusal, H, grad.dtype, grad.device)
             return recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu,
                                        path="persistent", allow_tf32=allow_tf32, config=config)
         except persistent.LaunchRefused as refusal:

@@ -276,3 +276,16 @@ def test_cluster_path_runs_clusters_where_they_run(monkeypatch):
         ref = reference.backward(r["xw"], r["h0"], eye, r["w_hh"], r_out, torch.ones(T, B, H, dtype=torch.float64),
                                  torch.zeros(B, H, dtype=torch.float64), "tanh", None, d == 1)
         assert_close(dz2[d], ref.dz, torch.float64, f"dz[{d}]")
+
+
+def test_a_refused_cluster_launch_is_not_offered_again(monkeypatch):
+    """After the device refused a cluster launch of a shape, cluster_fits says no for it, so the
+    dispatcher (and `tritonrnn info`) name the layout that runs instead of retrying the refused one
+    at every call. Before: cluster_fits kept answering yes."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cluster, "_REFUSED", set())
+    gpu = torch.device("cuda", 0)
+    assert cluster.cluster_fits(512, torch.bfloat16, True, gpu)
+    cluster.remember_refusal(512, torch.bfloat16, gpu)
+    assert not cluster.cluster_fits(512, torch.bfloat16, True, gpu)
+    assert cluster.cluster_fits(256, torch.bfloat16, True, gpu)  # other shapes are still offered
