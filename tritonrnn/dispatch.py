@@ -96,19 +96,22 @@ def launch_config(path: str, seq_len: int, hidden_size: int, dtype: torch.dtype,
     if device.type != "cuda":
         return None
     choice = kernel_choice(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32, directions)
-    if choice["path"] != path or choice["config"] is None:
-        return None
-    if path == "stepwise" and choice["source"] != "shipped tuned config":
+    return _config_of(choice) if choice["path"] == path else None
+
+
+def _config_of(choice: dict):
+    """launch_config of kernel_choice's own path (on CUDA)."""
+    if choice["config"] is None or (choice["path"] == "stepwise" and choice["source"] != "shipped tuned config"):
         return None
     return kernels.config.config_from_dict(choice["config"])
 
 
 def launch_choice(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
                   direction: str = "forward", allow_tf32: bool = True, directions: int = 1) -> dict:
-    """What the ops pass the launchers: {"path": kernel_path's, "config": launch_config's for it}."""
-    args = (seq_len, hidden_size, dtype, batch, device, direction, allow_tf32, directions)
-    path = kernel_path(*args)
-    return {"path": path, "config": launch_config(path, *args)}
+    """What the ops pass the launchers: {"path": kernel_path's, "config": launch_config's for it}, from
+    one kernel_choice (on a GPU its device check compiles or looks up the kernel: once a call)."""
+    choice = kernel_choice(seq_len, hidden_size, dtype, batch, device, direction, allow_tf32, directions)
+    return {"path": choice["path"], "config": _config_of(choice) if device.type == "cuda" else None}
 
 
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
