@@ -134,6 +134,7 @@ _ACQUIRE = re.compile(r"\b(ld\.global\.gpu\.acquire|atom\.global\.gpu\.acquire)\
 _GLOBAL_ACCESS = re.compile(r"\b(st|ld)\.global\b")
 _BLOCK_END = re.compile(r"^\s*((@%p\d+\s+)?bra(\.uni)?\b|\$L__BB\w*:|// %bb\.)")
 _STATE_LOAD = re.compile(r"\bld\.global\.cg\b")
+_VERDICT = re.compile(r"\batom\.global\.gpu\.relaxed\.or\b")  # the give-up bit or-ed in by the poll
 
 
 def barrier_order_problems(ptx: str) -> list:
@@ -171,6 +172,10 @@ def barrier_order_problems(ptx: str) -> list:
             problems.append("no CTA barrier after the acquire")
     if not any(_STATE_LOAD.search(line) for line in lines):
         problems.append("no state load bypassing L1 (ld.global.cg)")
+    # Each thread reads its own %globaltimer: the verdict must reach every warp through one atomic (the
+    # poll's or of GAVE_UP), or warps leave the wait at different polls, across its CTA barriers.
+    if any("%globaltimer" in line for line in lines) and not any(_VERDICT.search(line) for line in lines):
+        problems.append("the time limit is decided by each thread's clock, not through the poll's atomic")
     return problems
 
 

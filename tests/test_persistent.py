@@ -506,6 +506,9 @@ def test_barrier_order_in_the_compiled_ptx(compiled_for_hopper):
     assert unsynced == ["no CTA barrier before the arrival", "no CTA barrier after the acquire"], unsynced
     plain = static.barrier_order_problems(ptx.replace("ld.global.cg", "ld.global"))
     assert plain == ["no state load bypassing L1 (ld.global.cg)"], plain
+    per_thread = static.barrier_order_problems(re.sub(r"atom\.global\.gpu\.relaxed\.or\.b32", "ld.global.relaxed.b32",
+                                                      ptx))
+    assert per_thread == ["the time limit is decided by each thread's clock, not through the poll's atomic"], per_thread
 
 
 def test_hidden_sizes_off_16_load_in_vectors_without_spills(compiled_for_hopper):
