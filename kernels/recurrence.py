@@ -122,10 +122,21 @@ def _warn_persistent(refusal: Exception, hidden: int, dtype: torch.dtype, device
                       f"warning is shown once.", RuntimeWarning, stacklevel=3)
 
 
-def _run_in_groups(path: str, *tensors, **options) -> None:
+def _run_in_groups(path: str, rerun, first: torch.Tensor, *tensors, **options):
     """One launch of the persistent kernel: persistent.launch, or cluster.launch on the cluster path.
-    Raises ClusterUnavailable, LaunchRefused as they do (the callers fall back)."""
-    (cluster.launch if path == "cluster" else persistent.launch)(*tensors, **options)
+    Where the device refuses it, the next layout runs instead, with one warning: rerun("persistent")
+    after a refused cluster launch (the same kernel with the counter barrier), rerun("stepwise") after a
+    refused persistent one. Returns rerun's result then, else None (the outputs were written)."""
+    try:
+        with _on(first.device):
+            (cluster.launch if path == "cluster" else persistent.launch)(first, *tensors, **options)
+    except cluster.ClusterUnavailable as refusal:
+        _warn_persistent(refusal, first.shape[-1], first.dtype, first.device)
+        return rerun("persistent")
+    except persistent.LaunchRefused as refusal:
+        _warn_stepwise(refusal)
+        return rerun("stepwise")
+    return None
 
 
 def _on(device: torch.device):
@@ -192,18 +203,14 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, relu=False,
     kernel, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
     if path in ("persistent", "cluster"):
         h_n = _empty_like(h0)
-        try:
-            with _on(xw.device):
-                _run_in_groups(path, xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=reverse,
-                               relu=relu, numerics=numerics, meta=meta)
-        except cluster.ClusterUnavailable as refusal:
-            _warn_persistent(refusal, H, xw.dtype, xw.device)
-            return recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu, path="persistent",
-                                      allow_tf32=allow_tf32, config=config)
-        except persistent.LaunchRefused as refusal:
-            _warn_stepwise(refusal)
-            return recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu, path="stepwise",
-                                      allow_tf32=allow_tf32)
+
+        def rerun(next_path):
+            return recurrence_forward(xw, h0, w_hh, lengths=lengths, reverse=reverse, relu=relu, path=next_path,
+                                      allow_tf32=allow_tf32, config=config if next_path == "persistent" else None)
+        fallback = _run_in_groups(path, rerun, xw, h0, w_hh, None, out, h_n, lengths, backward=False,
+                                  reverse=reverse, relu=relu, numerics=numerics, meta=meta)
+        if fallback is not None:
+            return fallback
         return out, h_n
     grid = _grid(path, B, H)
     # M = W_hh^T: read W_hh with its strides swapped.
@@ -256,19 +263,15 @@ def bidirectional_forward(xw, h0, w_hh, *, lengths=None, relu=False, allow_tf32=
     if B == 0:
         return out, h0.clone()
     _, meta = _launcher(path, B, H, xw.dtype, xw.device, "forward", config, allow_tf32)
-    try:
-        with _on(xw.device):
-            _run_in_groups(path, xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False, relu=relu,
-                           numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
-    except cluster.ClusterUnavailable as refusal:
-        _warn_persistent(refusal, H, xw.dtype, xw.device)
-        return bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32, config=config)
-    except persistent.LaunchRefused as refusal:
-        _warn_stepwise(refusal)
+    def rerun(next_path):
+        if next_path == "persistent":
+            return bidirectional_forward(xw, h0, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32, config=config)
         results = [recurrence_forward(xw[d], h0[d], w_hh[d], lengths=lengths, reverse=d == 1, relu=relu,
-                                      path="stepwise", allow_tf32=allow_tf32) for d in range(2)]
+                                      path=next_path, allow_tf32=allow_tf32) for d in range(2)]
         return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
-    return out, h_n
+    fallback = _run_in_groups(path, rerun, xw, h0, w_hh, None, out, h_n, lengths, backward=False, reverse=False,
+                              relu=relu, numerics=_numerics(xw.dtype, xw.device, allow_tf32), meta=meta)
+    return (out, h_n) if fallback is None else fallback
 
 
 def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_tf32=False, config=None,
@@ -282,19 +285,15 @@ def bidirectional_backward(grad, out, w_hh, *, lengths=None, relu=False, allow_t
     if B == 0:
         return dz
     _, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
-    try:
-        with _on(grad.device):
-            _run_in_groups(path, grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True, relu=relu,
-                           numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
-    except cluster.ClusterUnavailable as refusal:
-        _warn_persistent(refusal, H, grad.dtype, grad.device)
-        return bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32,
-                                      config=config)
-    except persistent.LaunchRefused as refusal:
-        _warn_stepwise(refusal)
+    def rerun(next_path):
+        if next_path == "persistent":
+            return bidirectional_backward(grad, out, w_hh, lengths=lengths, relu=relu, allow_tf32=allow_tf32,
+                                          config=config)
         return torch.stack([recurrence_backward(grad[d], out[d], w_hh[d], lengths=lengths, reverse=d == 1, relu=relu,
-                                                path="stepwise", allow_tf32=allow_tf32) for d in range(2)])
-    return dz
+                                                path=next_path, allow_tf32=allow_tf32) for d in range(2)])
+    fallback = _run_in_groups(path, rerun, grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=True,
+                              relu=relu, numerics=_numerics(grad.dtype, grad.device, allow_tf32), meta=meta)
+    return dz if fallback is None else fallback
 
 
 def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.device, direction: str,
@@ -346,19 +345,12 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, relu=Fa
         return dz
     kernel, meta = _launcher(path, B, H, grad.dtype, grad.device, "backward", config, allow_tf32)
     if path in ("persistent", "cluster"):
-        try:
-            with _on(grad.device):
-                _run_in_groups(path, grad, None, w_hh, out, dz, None, lengths, backward=True, reverse=not reverse,
-                               relu=relu, numerics=numerics, meta=meta)
-        except cluster.ClusterUnavailable as refusal:
-            _warn_persistent(refusal, H, grad.dtype, grad.device)
-            return recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu,
-                                       path="persistent", allow_tf32=allow_tf32, config=config)
-        except persistent.LaunchRefused as refusal:
-            _warn_stepwise(refusal)
-            return recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu, path="stepwise",
-                                       allow_tf32=allow_tf32)
-        return dz
+        def rerun(next_path):
+            return recurrence_backward(grad, out, w_hh, lengths=lengths, reverse=reverse, relu=relu, path=next_path,
+                                       allow_tf32=allow_tf32, config=config if next_path == "persistent" else None)
+        fallback = _run_in_groups(path, rerun, grad, None, w_hh, out, dz, None, lengths, backward=True,
+                                  reverse=not reverse, relu=relu, numerics=numerics, meta=meta)
+        return dz if fallback is None else fallback
     grid = _grid(path, B, H)
     if path != "stepwise":
         with _on(grad.device):

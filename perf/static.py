@@ -409,7 +409,7 @@ def main() -> None:
     work = [(role, variant) for role, variants in (("default", default_variants()), ("limit", limit_variants()),
                                                    ("edge", edge_variants())) for variant in variants]
     with ProcessPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
-        for line in pool.map(_variant_line, *zip(*work)):
+        for line in pool.map(_variant_line, *zip(*work, strict=True)):
             print(line, flush=True)
     for kind in ("cluster", "counter"):  # the calibration's barrier probe
         print(json.dumps({"role": "probe", "path": "barrier_probe", "barrier_kind": kind, **compile_probe(kind)}),
