@@ -38,7 +38,7 @@ import triton.language as tl
 # persistent.py's kernel calls barrier() below: each module imports the other (neither uses the
 # other at import time).
 from . import config as configs
-from . import persistent
+from . import persistent, toolchain
 
 # Cluster sizes a launch may ask for: up to 8 CTAs is portable; 16 is Hopper's non-portable
 # maximum, which Triton 3.6's launcher allows only at exactly 16 (CU_FUNC_ATTRIBUTE_NON_PORTABLE_...).
@@ -112,6 +112,8 @@ def cluster_fits(hidden: int, dtype: torch.dtype, allow_tf32: bool = True, devic
     ClusterUnavailable where it does not."""
     if device is not None and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
         return False
+    if toolchain.cluster_launch_refusal():
+        return False  # the launch goes through Triton's launcher, checked on the supported releases only
     if _refusal_key(hidden, dtype, device) in _REFUSED:
         return False  # a launch of this shape was refused here: the dispatcher takes the next layout
     return fits(hidden, dtype, allow_tf32)
@@ -229,7 +231,7 @@ def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, timeout_s: float = None, 
     chosen = plan(B, H, kwargs["BLOCK_B"], kwargs["BLOCK_N"], resident_clusters(compiled, size, out.device), directions)
     values = bound_arguments(persistent.rnn_persistent_kernel, (*args, None, *scalars, chosen.batch_tiles, 1),
                              dict(kwargs, HAS_LENGTHS=lengths is not None))
-    _launch_clusters(compiled, chosen.size, (chosen.clusters, chosen.directions), values)
+    _launch_clusters(compiled, chosen, values)
     return chosen
 
 
@@ -245,29 +247,44 @@ def bound_arguments(kernel, args: tuple, kwargs: dict) -> list:
 
 
 def packed_metadata(compiled, size: int) -> tuple:
-    """Triton 3.6's launcher metadata (num_warps, num_ctas, shared memory), num_ctas set to the
-    cluster size: the launcher then launches grid x times `size` CTAs in clusters (size, 1, 1) and,
-    at 16, allows the non-portable size. The kernel itself is compiled with num_ctas = 1."""
+    """Triton's launcher metadata (num_warps, num_ctas, shared), num_ctas set to the cluster size: the
+    launcher then launches grid x times `size` CTAs in clusters (size, 1, 1) and, at 16, allows the
+    non-portable size. The kernel itself is compiled with num_ctas = 1. Refused (ClusterUnavailable)
+    on a Triton whose launcher was not checked (kernels/toolchain.py) and for a kernel with global
+    scratch, which the launcher sizes by the compiled num_ctas (1), not by the cluster."""
+    refusal = toolchain.cluster_launch_refusal()
+    if refusal:
+        raise ClusterUnavailable(refusal)
     meta = compiled.metadata
     if meta.num_ctas != 1:
         raise ValueError(f"a cluster launch takes a kernel compiled with num_ctas = 1, got {meta.num_ctas}")
+    if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+        raise ClusterUnavailable("the kernel needs global scratch, which Triton's launcher sizes for one CTA a "
+                                 "program, not for a cluster")
     return (meta.num_warps, size, meta.shared)
 
 
-def _launch_clusters(compiled, size: int, clusters: tuple, values: list) -> None:
-    """Launch `compiled` (num_ctas = 1) as clusters[0] x clusters[1] clusters of `size` CTAs along
-    x (grid y and z); values: every kernel argument (bound_arguments)."""
+def launch_grid(chosen) -> tuple:
+    """The grid Triton's launcher takes for the Plan `chosen`: in clusters along x (it multiplies x by num_ctas = the cluster size), so that its CTAs are chosen.grid, the
+    programs the counter form runs."""
+    size, groups, directions = chosen.grid
+    return (size // chosen.size, groups, directions)
+
+
+def _launch_clusters(compiled, chosen, values: list) -> None:
+    """Launch `compiled` (num_ctas = 1) as the clusters of `chosen` (chosen.grid CTAs, clusters of
+    chosen.size along x); values: every kernel argument (bound_arguments)."""
     from triton import knobs
     from triton.runtime import driver
+    metadata = packed_metadata(compiled, chosen.size)
     device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)
-    grid = (1, *clusters)  # in clusters: the launcher multiplies x by the size
+    grid = launch_grid(chosen)
     try:
-        compiled.run(*grid, stream, compiled.function, packed_metadata(compiled, size),
-                     compiled.launch_metadata(grid, stream, *values), knobs.runtime.launch_enter_hook,
-                     knobs.runtime.launch_exit_hook, *values)
+        compiled.run(*grid, stream, compiled.function, metadata, compiled.launch_metadata(grid, stream, *values),
+                     knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
     except RuntimeError as error:  # cuLaunchKernelEx's refusal, e.g. CUDA_ERROR_CLUSTER_OUT_OF_RESOURCES
-        raise ClusterUnavailable(f"the driver refused {clusters[0]} x {clusters[1]} clusters of {size} CTAs: "
+        raise ClusterUnavailable(f"the driver refused {grid[1]} x {grid[2]} clusters of {chosen.size} CTAs: "
                                  f"{error}") from error
 
 
@@ -291,8 +308,9 @@ def probe_barrier(barrier_kind: str, steps: int, size: int = MAX_SIZE, groups: i
         raise ClusterUnavailable(f"the cluster barrier runs on sm_90 or later GPUs only, not on {device}")
     compiled = barrier_probe_kernel.warmup(None, steps, wait_limit, BARRIER="cluster", TIMER=True, num_warps=4,
                                            grid=(1,))
-    _launch_clusters(compiled, size, (groups, 1), bound_arguments(barrier_probe_kernel, (None, steps, wait_limit),
-                                                                  {"BARRIER": "cluster", "TIMER": True}))
+    groups_of_size = Plan(size, groups, batch_tiles=1, resident_clusters=groups)  # the counter form's grid
+    _launch_clusters(compiled, groups_of_size, bound_arguments(barrier_probe_kernel, (None, steps, wait_limit),
+                                                               {"BARRIER": "cluster", "TIMER": True}))
     return sync[:, persistent.COUNTER.value]
 
 

@@ -24,6 +24,14 @@ def tanh(z):
 
 
 @triton.jit
+def below_while(o, bound, live):
+    """o < bound where the scalar condition `live` holds, all False where it does not. A block mask
+    and'ed with a scalar condition (`m & (i < T)`) is typed int32 by Triton's interpreter, whose 3.9
+    release refuses such a mask: the scalar goes into the bound instead."""
+    return o < tl.where(live, bound, 0)
+
+
+@triton.jit
 def cell_update(z, p_h, offsets, mask, BACKWARD: tl.constexpr, RELU: tl.constexpr):
     """Forward: h_t = act(z_t). Backward: z is dh_t; loads h_t from p_h + offsets (p_h is None in
     the forward) and returns dz_t = dh_t * act'(z_t)."""

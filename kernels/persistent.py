@@ -74,7 +74,7 @@ import triton.language as tl
 # cluster.py's barrier() is called by the kernel below and cluster.py calls this module's launch
 # helpers: each imports the other (neither uses the other at import time).
 from . import cluster
-from .common import activate, recurrent_dot
+from .common import activate, below_while, recurrent_dot
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def _step_inputs(p_in, p_act, i, T, first_row, block, B, H, n_bh, reverse, BLOCK
     (forward: x_t W_ih^T + b; backward: dL/dh_t) and, in the backward, h_t. Zero from i = T on."""
     o_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     o_b = first_row + tl.arange(0, BLOCK_B)
-    mask = (o_n < H)[:, None] & (o_b < B)[None, :] & (i < T)
+    mask = (o_n < H)[:, None] & below_while(o_b, B, i < T)[None, :]
     o_t = _time(i, T, reverse) * n_bh + o_b[None, :].to(tl.int64) * H + o_n[:, None]
     b_in = tl.load(p_in + o_t, mask=mask, other=0.0).to(ACC_DTYPE)
     b_act = tl.load(p_act + o_t, mask=mask, other=0.0).to(ACC_DTYPE) if BACKWARD else b_in

@@ -14,7 +14,7 @@ past their length are inactive: they write 0, and the forward carries h unchange
 import triton
 import triton.language as tl
 
-from .common import cell_update, recurrent_dot
+from .common import below_while, cell_update, recurrent_dot
 
 
 @triton.heuristics({"HAS_LENGTHS": lambda args: args["p_len"] is not None})
@@ -72,7 +72,8 @@ def rnn_sequence_kernel(
     for i in range(T):
         o_t = t.to(tl.int64) * B * H + o_bh
         b_z = b_in.to(ACC_DTYPE)
-        b_in = tl.load(p_in + (t + step).to(tl.int64) * B * H + o_bh, mask=m_bh & (i + 1 < T), other=0.0)
+        b_in = tl.load(p_in + (t + step).to(tl.int64) * B * H + o_bh,
+                       mask=below_while(o_b, B, i + 1 < T)[:, None] & m_h[None, :], other=0.0)
         b_z = recurrent_dot(b_s, b_w, b_z, DOT_DTYPE, INPUT_PRECISION)
         b_new = cell_update(b_z, p_act, o_t, m_bh, BACKWARD, RELU)
         if HAS_LENGTHS:

@@ -7,7 +7,8 @@ operation first sleeps a random short time, so that arrivals and polls interleav
 every run. Tensors are shared between the threads (the interpreter's CPU storages are not
 copied per program); the program index becomes per-thread.
 
-Written against triton 3.6's interpreter (GridExecutor.__call__, InterpreterBuilder.grid_idx).
+Written against the interpreter of Triton 3.6 to 3.9 (GridExecutor.__call__, InterpreterBuilder.grid_idx), alike in
+what it uses; CI runs it under each.
 """
 import contextlib
 import inspect

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from conftest import DEVICE, ON_GPU, assert_close
 from tritonrnn import cli, costmodel, dispatch, kernels, reference
@@ -175,6 +176,8 @@ def test_resource_table_matches_a_recompile():
 
     if not static.available():
         pytest.skip("this triton has no bundled NVIDIA toolchain")
+    if costmodel.resource_table_triton() != triton.__version__:  # CI runs this file's check under that release
+        pytest.skip(f"the table was compiled by Triton {costmodel.resource_table_triton()}, this is {triton.__version__}")
     picks = [("sequence", "bfloat16", 256, "backward", configs.default_config("sequence", 16, 256)),
              ("persistent", "float32", 1024, "forward", configs.default_config("persistent", 16, 1024, torch.float32)),
              ("persistent", "bfloat16", 1024, "backward", costmodel.candidate_configs("persistent", 1024, "bfloat16")[-1])]

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ import tritonrnn
 from conftest import DEVICE, EXAMPLES, ON_GPU, assert_close, load_example
 from tritonrnn import dispatch, functional, numerics, ops
 from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import toolchain
 
 I, H = 5, 12
 
@@ -176,9 +176,9 @@ def _train_step_grads(model, x):
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.skipif(ON_GPU and tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 4),
+@pytest.mark.skipif(ON_GPU and bool(toolchain.interpreter_problem()),
                     reason="2 processes on one GPU: gloo on the CPU would need Triton's interpreter, which "
-                           "numpy >= 2.4 breaks (triton 3.6)")
+                           "cannot run here (kernels.toolchain.interpreter_problem)")
 def test_ddp_gloo_matches_single_process_on_the_combined_batch(tmp_path):
     """The README's torchrun command with 2 CPU processes (gloo): gradients as one process, full batch."""
     grads_file = tmp_path / "grads.pt"

@@ -39,7 +39,8 @@ def _info_offline(args) -> int:
             print(json.dumps(row))
         return 0
     print(f"offline plan for {rows[0]['gpu']} (cost model, {'calibrated' if rows[0]['calibrated'] else 'uncalibrated'} "
-          f"constants; resources from the offline sm_90 compile; no GPU measured this)")
+          f"constants; resources from the offline sm_90 compile by Triton {rows[0]['resources_triton']}; no GPU "
+          f"measured this)")
     print(plan.text(rows))
     if len(rows) > 2:
         head = plan.headline(rows)
@@ -51,7 +52,9 @@ def _info(args) -> int:
     import triton
 
     import tritonrnn
+    from tritonrnn import dispatch
     from tritonrnn.dispatch import backend, describe, interpreter_enabled
+    from tritonrnn.kernels import toolchain
 
     if args.offline:
         return _info_offline(args)
@@ -61,7 +64,11 @@ def _info(args) -> int:
     print(f"tritonrnn {tritonrnn.__version__}")
     print(f"python    {platform.python_version()}")
     print(f"torch     {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {cudnn})")
-    print(f"triton    {triton.__version__}")
+    print(f"triton    {triton.__version__} ({toolchain.unsupported_message() or 'supported: ' + toolchain.SUPPORTED})")
+    print("layouts   " + ", ".join(f"{name} ({why})" if why else name for name, why in toolchain.layouts().items()))
+    problem = dispatch.interpreter_enabled() and toolchain.interpreter_problem()
+    if problem:
+        print(f"interpreter: {problem}")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         print(f"GPU       {props.name}, {props.multi_processor_count} SMs, "

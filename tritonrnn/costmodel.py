@@ -256,10 +256,19 @@ def resource_key(layout: str, dtype: str, hidden: int, direction: str, config) -
 
 
 @functools.lru_cache(maxsize=None)
+def _resource_document(target: str) -> dict:
+    path = OFFLINE_DIR / f"{target}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def resource_table(target: str = "sm_90") -> dict:
     """The shipped offline-compile table of `target` ({} where none ships)."""
-    path = OFFLINE_DIR / f"{target}.json"
-    return json.loads(path.read_text())["entries"] if path.exists() else {}
+    return _resource_document(target).get("entries", {})
+
+
+def resource_table_triton(target: str = "sm_90") -> str:
+    """The Triton release that compiled the shipped table of `target` (None where none ships)."""
+    return _resource_document(target).get("triton")
 
 
 def resources(layout: str, dtype: str, hidden: int, direction: str, config, target: str = "sm_90",
@@ -556,6 +565,7 @@ def plan_cell(shape: Shape, hw: Hardware) -> dict:
     theirs = cudnn_step_ns(shape.dtype, shape.batch, shape.hidden, hw, shape.direction)
     return {"dtype": shape.dtype, "batch": shape.batch, "hidden": shape.hidden, "seq_len": shape.seq_len,
             "direction": shape.direction, "gpu": hw.name, "calibrated": hw.calibrated,
+            "resources_triton": resource_table_triton(),
             "path": chosen.layout, "config": chosen.config, "predicted_us": round(chosen.step_us, 3),
             "cudnn_algorithm": cudnn_algorithm(shape.dtype, shape.batch, shape.hidden, shape.direction),
             "cudnn_predicted_us": round(theirs / 1e3, 3), "predicted_speedup": round(theirs / chosen.step_ns, 3),

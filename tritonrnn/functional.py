@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, Packed
 from tritonrnn import ops
 from tritonrnn.numerics import allow_tf32
 from tritonrnn import dispatch
+from tritonrnn.kernels import toolchain
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -24,10 +25,15 @@ INTERPRET_TOO_LATE = ("TRITON_INTERPRET=1 was set after tritonrnn was imported: 
 
 def backend(device: torch.device) -> str:
     """dispatch.backend, refusing TRITON_INTERPRET=1 set after import (the kernels were built for a GPU
-    then: Triton would fail with "0 active drivers")."""
+    then: Triton would fail with "0 active drivers") and an interpreter that cannot run with the
+    installed numpy (kernels.toolchain says which, and the fix)."""
     which = dispatch.backend(device)
-    if which == "triton-interpreter" and not _INTERPRETED_KERNELS:
-        raise RuntimeError(INTERPRET_TOO_LATE)
+    if which == "triton-interpreter":
+        if not _INTERPRETED_KERNELS:
+            raise RuntimeError(INTERPRET_TOO_LATE)
+        problem = toolchain.interpreter_problem()
+        if problem:
+            raise RuntimeError(problem)
     return which
 
 
