@@ -45,11 +45,13 @@ INTERPRETED_TIME_LIMIT_S = 120.0
 # The persistent kernel's own wait limit during its checks (kernels.persistent.WAIT_TIMEOUT_S otherwise).
 WAIT_LIMIT_S = 2.0
 # The checks (T, B, H, lengths, both directions): the persistent kernel's layouts at H > BLOCK_N (several
-# programs or CTAs a group meet at the barrier), H not a multiple of 16 (padded slices), several batch
-# tiles; the sequence path at sizes it takes. The interpreter's are smaller (its programs run one at a
-# time: a group is one program there whatever H).
+# programs or CTAs a group meet at the barrier: clusters of 4, and of 8 and 16 where the dtype makes them
+# at H = 512 and 1024), H not a multiple of 16 (padded slices), several batch tiles; the sequence path
+# at sizes it takes. The interpreter's are smaller (its programs run one at a time: a group is one
+# program there whatever H). A case the layout does not run in a dtype is left out (`cases`).
 CASES = {"cuda": {"sequence": ((6, 5, 64, True, False), (4, 20, 40, False, False)),
-                  "grouped": ((6, 5, 256, True, False), (4, 20, 200, False, False), (5, 3, 256, True, True))},
+                  "grouped": ((6, 5, 256, True, False), (4, 20, 200, False, False), (5, 3, 256, True, True),
+                              (3, 4, 512, False, False), (3, 4, 1024, False, False))},
          "cpu": {"sequence": ((4, 3, 16, True, False), (3, 5, 24, False, False)),
                  "grouped": ((4, 3, 40, True, False), (3, 5, 24, False, True))}}
 # Errors against the float64 reference, relative to its largest magnitude (tests/conftest.py's table;
@@ -241,7 +243,7 @@ def cases(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: boo
     from tritonrnn import costmodel
     from tritonrnn.kernels import cluster
 
-    # Clusters of several CTAs (the GPU's shapes) also under the interpreter, which refuses them.
+    # Clusters of several CTAs (the GPU's shapes) also elsewhere, which check() says refuses them.
     kind = "cuda" if device.type == "cuda" or layout == "cluster" else "cpu"
     table = CASES[kind]["sequence" if layout == "sequence" else "grouped"]
     name = str(dtype).removeprefix("torch.")
@@ -340,6 +342,9 @@ def check(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: boo
     todo = cases(layout, dtype, device, allow_tf32)
     if not todo:
         return _verdict("not run", "no check shape runs on this layout in this dtype", 0.0)
+    if layout == "cluster" and not any(cluster.cluster_fits(case[2], dtype, allow_tf32, device) for case in todo):
+        return _verdict("refused", f"no cluster launch runs on {device.type} here (kernels.cluster.cluster_fits: "
+                        f"a CUDA GPU of sm_90 or later)", 0.0)
     _write(device, name, {"status": "pending", "pid": os.getpid(), "host": socket.gethostname(),
                           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     start = time.perf_counter()
@@ -370,7 +375,9 @@ def _checked(layout: str, todo: list, dtype: torch.dtype, device: torch.device, 
     checks = []
     for i, case in enumerate(todo):
         directions = 2 if case[4] else 1
-        p = _inputs(*case[:4], directions, seed=i)
+        # Rounded to the dtype first: the reference then differs from the kernels by their arithmetic only.
+        p = {k: v if v is None or not v.is_floating_point() else v.to(dtype).double()
+             for k, v in _inputs(*case[:4], directions, seed=i).items()}
         checks.append((case, directions, p, _references(p, directions)))
     with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()), torch.no_grad():
         began = time.perf_counter()
