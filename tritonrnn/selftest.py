@@ -19,6 +19,7 @@ While a CUDA graph is captured nothing may run: an untested layout is then not t
 `tritonrnn selftest` runs every layout and prints the table (`run_all`, `table`).
 """
 import contextlib
+import ctypes
 import datetime
 import functools
 import hashlib
@@ -31,8 +32,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import triton
 
-from tritonrnn import reference
+from tritonrnn import costmodel, kernels, reference
+from tritonrnn.kernels import cluster, persistent, recurrence
+from tritonrnn.kernels import config as configs
 
 GATED = ("sequence", "persistent", "cluster")  # stepwise is the reference: always trusted
 GROUPED = ("persistent", "cluster")  # the persistent kernel's layouts: both directions in one launch too
@@ -81,19 +85,20 @@ def variant(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 def _driver() -> str:
+    """The NVIDIA driver's version (the kernel module's, e.g. 570.124.06), else the CUDA version it supports."""
     try:
         first = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
-        return next((w for w in first.split() if w[:1].isdigit() and "." in w), first)
+        return next((word for word in first.split() if word[:1].isdigit() and "." in word), first)
     except (OSError, IndexError):
-        return f"CUDA driver API {torch._C._cuda_getDriverVersion()}" if hasattr(
-            torch._C, "_cuda_getDriverVersion") else "unknown"
+        version = ctypes.c_int()
+        if persistent._libcuda().cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return "unknown"
+        return f"CUDA {version.value // 1000}.{version.value % 1000 // 10} driver"
 
 
 @functools.lru_cache(maxsize=None)
 def _sources_hash() -> str:
     """The kernels' sources: an edited kernel is a new kernel, whatever the version says."""
-    from tritonrnn import kernels
-
     digest = hashlib.sha256()
     for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
@@ -102,9 +107,7 @@ def _sources_hash() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _device_key(kind: str, index: int) -> tuple:
-    import triton
-
-    import tritonrnn
+    import tritonrnn  # (its __init__ imports dispatch, which imports this module)
 
     key = {"triton": triton.__version__, "torch": torch.__version__, "tritonrnn": tritonrnn.__version__,
            "kernels": _sources_hash()}
@@ -239,10 +242,8 @@ def _verdict(status: str, reason: str, seconds: float) -> dict:
 
 def cases(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> list:
     """The (T, B, H, lengths, both directions) checks of `layout` in `dtype` on `device`: the shapes
-    the dispatcher could give it (costmodel's rules; the cluster's sizes where kernels.cluster fits)."""
-    from tritonrnn import costmodel
-    from tritonrnn.kernels import cluster
-
+    the dispatcher could give it (costmodel's rules; the cluster's sizes where kernels.cluster fits)
+    whose config loads on this device (its shared memory)."""
     # Clusters of several CTAs (the GPU's shapes) also elsewhere, which check() says refuses them.
     kind = "cuda" if device.type == "cuda" or layout == "cluster" else "cpu"
     table = CASES[kind]["sequence" if layout == "sequence" else "grouped"]
@@ -250,7 +251,10 @@ def cases(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: boo
     out = []
     for case in table:
         shape = costmodel.Shape(case[0], case[1], case[2], name, allow_tf32=allow_tf32)
-        if costmodel._layout_allowed(layout, shape) and (
+        kernel = "persistent" if layout == "cluster" else layout  # a cluster's CTA is a persistent program
+        loads = configs.config_fits(kernel, _config(layout, case[1], case[2], dtype), case[2], dtype, allow_tf32,
+                                    configs.shared_memory_budget(device))
+        if loads and costmodel._layout_allowed(layout, shape) and (
                 layout != "cluster" or cluster.fits(case[2], dtype, allow_tf32)):
             out.append(case)
     return out
@@ -286,16 +290,11 @@ def _references(p: dict, directions: int) -> tuple:
 def _run(layout: str, p: dict, ref_out: torch.Tensor, directions: int, dtype: torch.dtype, device: torch.device,
          allow_tf32: bool) -> tuple:
     """One check's launches on `layout` (the stepwise path: one direction at a time): out, h_n, dz."""
-    from tritonrnn import kernels
-    from tritonrnn.kernels import cluster
-    from tritonrnn.kernels import config as configs
-
     cast = {k: None if v is None else v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
             for k, v in p.items()}
     out_in = ref_out.to(device=device, dtype=dtype)
     B, H = cast["h0"].shape[-2:]
-    config = cluster.default_config(B, H, dtype) if layout == "cluster" else configs.default_config(layout, B, H, dtype)
-    options = dict(lengths=cast["lengths"], allow_tf32=allow_tf32, config=config)
+    options = dict(lengths=cast["lengths"], allow_tf32=allow_tf32, config=_config(layout, B, H, dtype))
     if directions > 1 and layout in GROUPED:
         out, h_n = kernels.bidirectional_forward(cast["xw"], cast["h0"], cast["w_hh"], path=layout, **options)
         dz = kernels.bidirectional_backward(cast["grad"], out_in, cast["w_hh"], path=layout, **options)
@@ -309,6 +308,13 @@ def _run(layout: str, p: dict, ref_out: torch.Tensor, directions: int, dtype: to
                                          reverse=d == 1, **options)
         results.append((out, h_n, dz))
     return tuple(torch.stack(r) for r in zip(*results, strict=True)) if directions > 1 else results[0]
+
+
+def _config(layout: str, batch: int, hidden: int, dtype: torch.dtype):
+    """The launcher's default config (never Triton's autotuner: it would time every config first)."""
+    if layout == "cluster":
+        return cluster.default_config(batch, hidden, dtype)
+    return configs.default_config(layout, batch, hidden, dtype)
 
 
 def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -336,8 +342,6 @@ def _compare(layout: str, got: tuple, stepwise: tuple, refs: tuple, name: str, c
 def check(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: bool = True) -> dict:
     """Run `layout`'s self-test now, save and return its verdict: {"status": "passed", "failed", "refused",
     "timed out", "not run" (no check shape runs on it) or "did not finish", "reason", "seconds", "date"}."""
-    from tritonrnn.kernels import cluster, persistent
-
     name = f"{layout}/{variant(dtype, allow_tf32)}"
     todo = cases(layout, dtype, device, allow_tf32)
     if not todo:
@@ -368,8 +372,6 @@ def check(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: boo
 
 def _checked(layout: str, todo: list, dtype: torch.dtype, device: torch.device, allow_tf32: bool,
              start: float) -> dict:
-    from tritonrnn.kernels import recurrence
-
     name = variant(dtype, allow_tf32)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     checks = []
