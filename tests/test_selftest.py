@@ -22,6 +22,7 @@ from tritonrnn.kernels import persistent, recurrence
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="plants broken layouts in the interpreter")
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS_EMPTY_LIKE = recurrence._empty_like  # before conftest's fixture poisons every output itself
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +80,18 @@ def test_a_layout_that_writes_garbage_is_refused_once_and_the_layer_stays_right(
     assert _cached()["verdicts"]["sequence/float32"]["status"] == "failed"
     monkeypatch.setattr(recurrence, "rnn_sequence_kernel", kernel)  # repaired, but the verdict stands here
     assert dispatch.kernel_path(*shape, allow_tf32=False) == "stepwise"
+
+
+def test_the_selftest_poisons_the_outputs_itself(monkeypatch):
+    """A kernel that writes nothing leaves NaN, the self-test's own poison (the launchers' outputs are
+    plain torch.empty_like outside it), and is refused for it."""
+    monkeypatch.setattr(recurrence, "_empty_like", LAUNCHERS_EMPTY_LIKE)
+    monkeypatch.setattr(recurrence, "rnn_sequence_kernel", type("Idle", (), {"__getitem__": lambda self, grid: (
+        lambda *args, **kwargs: None)})())
+    with pytest.warns(RuntimeWarning, match=r"failed: out at T=4 B=3 H=16 with lengths: NaN \(an element never"):
+        assert not selftest.usable("sequence", torch.float64, DEVICE, allow_tf32=False)
+    with recurrence.checking(1.0):
+        assert recurrence._empty_like(torch.zeros(3)).isnan().all()
 
 
 @pytest.mark.parametrize("raised, status", [(RuntimeError("planted"), "failed"),

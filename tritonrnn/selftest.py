@@ -273,18 +273,16 @@ def _inputs(T: int, B: int, H: int, lengths: bool, directions: int, seed: int) -
 
 def _references(p: dict, directions: int) -> tuple:
     """float64 out, h_n and dz of every direction (direction 1 walks in reverse)."""
-    outs, hns, dzs = [], [], []
+    results = []
     for d in range(directions):
-        pick = (lambda t: t[d]) if directions > 1 else (lambda t: t)
-        xw, h0, w_hh, grad = pick(p["xw"]), pick(p["h0"]), pick(p["w_hh"]), pick(p["grad"])
+        xw, h0, w_hh, grad = (_of(p[k], d, directions) for k in ("xw", "h0", "w_hh", "grad"))
         H = w_hh.shape[0]
         out, h_n = reference.forward(xw, h0, torch.eye(H, dtype=torch.float64), w_hh, lengths=p["lengths"],
                                      reverse=d == 1)
         dz, _, _ = reference.recurrence_backward(out, h0, w_hh, grad, torch.zeros_like(h0), lengths=p["lengths"],
                                                  reverse=d == 1)
-        outs.append(out), hns.append(h_n), dzs.append(dz)
-    stack = torch.stack if directions > 1 else (lambda ts: ts[0])
-    return stack(outs), stack(hns), stack(dzs)
+        results.append((out, h_n, dz))
+    return _stacked(results)
 
 
 def _run(layout: str, p: dict, ref_out: torch.Tensor, directions: int, dtype: torch.dtype, device: torch.device,
@@ -301,13 +299,22 @@ def _run(layout: str, p: dict, ref_out: torch.Tensor, directions: int, dtype: to
         return out, h_n, dz
     results = []
     for d in range(directions):
-        pick = (lambda t: t[d]) if directions > 1 else (lambda t: t)
-        out, h_n = kernels.recurrence_forward(pick(cast["xw"]), pick(cast["h0"]), pick(cast["w_hh"]), path=layout,
-                                              reverse=d == 1, **options)
-        dz = kernels.recurrence_backward(pick(cast["grad"]), pick(out_in), pick(cast["w_hh"]), path=layout,
-                                         reverse=d == 1, **options)
+        xw, h0, w_hh, grad = (_of(cast[k], d, directions) for k in ("xw", "h0", "w_hh", "grad"))
+        out, h_n = kernels.recurrence_forward(xw, h0, w_hh, path=layout, reverse=d == 1, **options)
+        dz = kernels.recurrence_backward(grad, _of(out_in, d, directions), w_hh, path=layout, reverse=d == 1,
+                                         **options)
         results.append((out, h_n, dz))
-    return tuple(torch.stack(r) for r in zip(*results, strict=True)) if directions > 1 else results[0]
+    return _stacked(results)
+
+
+def _of(tensor: torch.Tensor, direction: int, directions: int) -> torch.Tensor:
+    """One direction's tensor of a check (both stacked on dim 0 where there are two)."""
+    return tensor[direction] if directions > 1 else tensor
+
+
+def _stacked(results: list) -> tuple:
+    """(out, h_n, dz) of each direction -> each stacked over the directions (one direction: as is)."""
+    return tuple(torch.stack(r) for r in zip(*results, strict=True)) if len(results) > 1 else results[0]
 
 
 def _config(layout: str, batch: int, hidden: int, dtype: torch.dtype):
