@@ -250,3 +250,12 @@ def test_calibration_runs_the_selftest_first_and_skips_what_failed(monkeypatch, 
     monkeypatch.setattr(selftest, "usable", lambda layout, *args, **kwargs: layout != "cluster")
     assert calibrate._layouts("bfloat16", 1024, torch.device("cuda")) == ["persistent", "stepwise"]
     assert "cluster" in calibrate._layouts("bfloat16", 1024)
+
+
+def test_the_checks_ignore_the_default_device():
+    """A default device set by the user (torch.set_default_device, a device context) does not reach the
+    checks' float64 inputs and reference: they stay on the CPU."""
+    with torch.device("meta"):
+        p = selftest._inputs(3, 4, 8, True, 2, seed=0)
+        refs = selftest._references(p, 2)
+    assert {t.device.type for t in (*p.values(), *refs)} == {"cpu"} and p["xw"].dtype == torch.float64

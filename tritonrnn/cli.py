@@ -88,8 +88,7 @@ def _selftest(args) -> int:
 
     if args.interpreter and not interpreter_enabled():
         # Triton reads TRITON_INTERPRET when the kernels are defined, at import: a fresh process.
-        argv = [a for a in args.argv if a != "--interpreter"]
-        return subprocess.run([sys.executable, "-m", "tritonrnn.cli", *argv],
+        return subprocess.run([sys.executable, "-m", "tritonrnn.cli", *args.argv],
                               env={**os.environ, "TRITON_INTERPRET": "1"}, check=False).returncode
     if args.interpreter or not torch.cuda.is_available():
         if not interpreter_enabled():

@@ -261,14 +261,16 @@ def cases(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: boo
 
 
 def _inputs(T: int, B: int, H: int, lengths: bool, directions: int, seed: int) -> dict:
+    """A check's float64 inputs, on the CPU whatever the default device (the reference runs there)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=0.5):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, device="cpu") * scale
 
     dims = (directions,) if directions > 1 else ()
+    rows = torch.arange(B, device="cpu").remainder(T).flip(0) + 1 if lengths else None
     return {"xw": randn(*dims, T, B, H), "h0": randn(*dims, B, H), "w_hh": randn(*dims, H, H, scale=H ** -0.5),
-            "grad": randn(*dims, T, B, H), "lengths": torch.arange(B).remainder(T).flip(0) + 1 if lengths else None}
+            "grad": randn(*dims, T, B, H), "lengths": rows}
 
 
 def _references(p: dict, directions: int) -> tuple:
@@ -276,9 +278,8 @@ def _references(p: dict, directions: int) -> tuple:
     results = []
     for d in range(directions):
         xw, h0, w_hh, grad = (_of(p[k], d, directions) for k in ("xw", "h0", "w_hh", "grad"))
-        H = w_hh.shape[0]
-        out, h_n = reference.forward(xw, h0, torch.eye(H, dtype=torch.float64), w_hh, lengths=p["lengths"],
-                                     reverse=d == 1)
+        identity = torch.eye(w_hh.shape[0], dtype=torch.float64, device="cpu")  # xw is already projected
+        out, h_n = reference.forward(xw, h0, identity, w_hh, lengths=p["lengths"], reverse=d == 1)
         dz, _, _ = reference.recurrence_backward(out, h0, w_hh, grad, torch.zeros_like(h0), lengths=p["lengths"],
                                                  reverse=d == 1)
         results.append((out, h_n, dz))
