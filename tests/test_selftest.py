@@ -169,12 +169,14 @@ def test_verdicts_are_cached_on_disk_and_keyed_by_versions(monkeypatch):
     import triton
 
     monkeypatch.setattr(triton, "__version__", "9.9.9")
-    selftest._device_key.cache_clear()
+    selftest._device_key.cache_clear()  # a new process: the versions read anew
+    selftest._cache_path.cache_clear()
     try:
         assert selftest.cache_path(DEVICE) != path
         assert selftest.usable("sequence", torch.float64, DEVICE, allow_tf32=False) and len(checked) == 1
     finally:
         selftest._device_key.cache_clear()
+        selftest._cache_path.cache_clear()
     monkeypatch.delenv("TRITONRNN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere")
     assert selftest.cache_dir() == Path("/somewhere/tritonrnn")

@@ -123,8 +123,13 @@ def _device_key(kind: str, index: int) -> tuple:
 def device_key(device: torch.device) -> dict:
     """What identifies a device's verdicts: GPU name, compute capability, driver, CUDA, Triton, torch and
     tritonrnn versions, and the kernels' sources."""
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 0
-    return dict(_device_key(device.type, index))
+    return dict(_device_key(device.type, _index(device)))
+
+
+def _index(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def cache_dir() -> Path:
@@ -135,13 +140,16 @@ def cache_dir() -> Path:
 
 
 def cache_path(device: torch.device) -> Path:
-    """The verdict file of `device` (one per device key)."""
-    return cache_dir() / _file_name(tuple(sorted(device_key(device).items())))
+    """The verdict file of `device` (one per device key). Looked up on every dispatch: memoized."""
+    return _cache_path(device.type, _index(device), os.environ.get("TRITONRNN_CACHE_DIR"),
+                       os.environ.get("XDG_CACHE_HOME"))
 
 
 @functools.lru_cache(maxsize=None)
-def _file_name(key: tuple) -> str:
-    return f"selftest-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+def _cache_path(kind: str, index: int, relocated, xdg) -> Path:
+    """(cache_dir() reads the two variables itself: they are in the key so that a change is seen.)"""
+    key = json.dumps(_device_key(kind, index))
+    return cache_dir() / f"selftest-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def _read(path: Path) -> dict:
