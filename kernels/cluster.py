@@ -326,9 +326,15 @@ REGISTERS = {("float32", 256): 192, ("float32", 512): 209, ("bfloat16", 256): 11
              ("float64", 256): 167, ("float64", 512): 254}
 ASSUMED_REGISTERS = 255  # a shape not compiled offline: the most a thread may have
 # The cluster barrier's cost a step, assumed until the calibration's probe (probe_barrier) measures
-# it: no published barrier.cluster latency; the release waits for the CTA's stores to reach L2, then
-# one arrive/wait round trip over the SM-to-SM network (perf/NOTES.md). The counter barrier: 1,000 ns.
-ASSUMED_BARRIER_NS = 300
+# it. There is no published barrier.cluster latency; what it must at least take: the release makes the
+# CTA's stores of its columns visible before its arrival counts, so it waits for them to reach L2 (the
+# model's dependent L2 latency, costmodel.Hardware.l2_latency_ns: 300 ns); then the handshake, the
+# arrival carried to every CTA of the cluster over the GPC's SM-to-SM network and the wait's release
+# back, two one-way trips assumed about 200 cycles each (a remote access inside the GPC: of the order
+# of an L2 hit) = 200 ns at 1.98 GHz. So L2 latency + handshake = 500 ns (costmodel charges the L2
+# latency of its Hardware plus ASSUMED_HANDSHAKE_NS); the counter barrier's assumed figure: 1,000 ns.
+ASSUMED_HANDSHAKE_NS = 200
+ASSUMED_BARRIER_NS = 300 + ASSUMED_HANDSHAKE_NS
 
 
 def cluster_plan(batch: int, hidden: int, dtype: torch.dtype, allow_tf32: bool = True, directions: int = 1):

@@ -10,9 +10,11 @@ Dimensions: T steps, B batch, H hidden. All [T, B, H] and [B, H] tensors are mad
 and meet at a barrier each step; kernels/persistent.py), "cluster" (the persistent kernel with each
 group one Hopper thread-block cluster meeting at the hardware cluster barrier; kernels/cluster.py)
 or "stepwise" (one launch of the step kernel per timestep; any H). A refused cluster launch runs
-the persistent path, a refused persistent launch the stepwise path (one warning each).
+the persistent path, a refused persistent launch the stepwise path (one warning each), except inside
+`checking()` (tritonrnn.selftest), where the refusal is raised and every output starts as NaN.
 """
 import contextlib
+import contextvars
 import functools
 import warnings
 
@@ -33,9 +35,26 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
              torch.float64: tl.float64}
 
 
+# Inside checking(): the persistent kernel's wait limit (seconds) for the launches of a self-test.
+_checking = contextvars.ContextVar("tritonrnn_checking", default=None)
+
+
+@contextlib.contextmanager
+def checking(wait_s: float):
+    """The launches of a layout's self-test (tritonrnn.selftest): every output starts as NaN (an element
+    a kernel fails to write stays NaN), a refused launch raises (ClusterUnavailable, LaunchRefused)
+    instead of running the next layout, and the persistent kernel gives up waiting after `wait_s`."""
+    token = _checking.set(wait_s)
+    try:
+        yield
+    finally:
+        _checking.reset(token)
+
+
 def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
-    # Every kernel output is allocated here (the tests fill it with NaN to catch unwritten elements).
-    return torch.empty_like(tensor)
+    # Every kernel output is allocated here (the tests and the self-test fill it with NaN to catch
+    # unwritten elements).
+    return torch.empty_like(tensor) if _checking.get() is None else torch.full_like(tensor, float("nan"))
 
 
 def _numerics(dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> dict:
@@ -126,14 +145,22 @@ def _run_in_groups(path: str, rerun, first: torch.Tensor, *tensors, **options):
     """One launch of the persistent kernel: persistent.launch, or cluster.launch on the cluster path.
     Where the device refuses it, the next layout runs instead, with one warning: rerun("persistent")
     after a refused cluster launch (the same kernel with the counter barrier), rerun("stepwise") after a
-    refused persistent one. Returns rerun's result then, else None (the outputs were written)."""
+    refused persistent one. Returns rerun's result then, else None (the outputs were written). Inside
+    checking() the refusal is raised: a self-test must see the layout it tests, not the next one."""
+    wait_s = _checking.get()
+    if wait_s is not None:
+        options = dict(options, timeout_s=wait_s)
     try:
         with _on(first.device):
             (cluster.launch if path == "cluster" else persistent.launch)(first, *tensors, **options)
     except cluster.ClusterUnavailable as refusal:
+        if wait_s is not None:
+            raise
         _warn_persistent(refusal, first.shape[-1], first.dtype, first.device)
         return rerun("persistent")
     except persistent.LaunchRefused as refusal:
+        if wait_s is not None:
+            raise
         _warn_stepwise(refusal)
         return rerun("stepwise")
     return None

@@ -12,6 +12,10 @@ launch and setup cancel):
 - one step of each layout the model weighs (the launchers' configs) at H = 256/1024/2048 x
   B = 16/64/256 in float32 (TF32) and bfloat16, and cuDNN's (torch.nn.RNN) at the same cells.
 
+First of all it runs every layout's self-test (tritonrnn.selftest, as `tritonrnn selftest` does) and
+records its table in calibration.txt and the file's "selftest"; a layout that did not pass it is not
+measured (a cluster barrier that never opens would hang the calibration).
+
 From them (`calibration_document`, which takes the measured numbers and runs on the CPU too): the
 barriers, the L2 latency, the host launch cost (the fastest stepwise step) and cuDNN's persistent and
 STANDARD figures replace the constants of tritonrnn.costmodel.Hardware; each layout's median of
@@ -119,9 +123,14 @@ def measure_cudnn(device, dtype: str, batch: int, hidden: int) -> float:
     return _slope(time_ms)
 
 
-def _layouts(dtype: str, hidden: int) -> list:
+def _layouts(dtype: str, hidden: int, device=None) -> list:
+    """The layouts measured at this cell: those the model weighs, less those that did not pass their
+    self-test on `device` (TF32: the calibration's fp32)."""
+    from tritonrnn import selftest
+
     shape = costmodel.Shape(STEPS[1], 16, hidden, dtype)
-    return [layout for layout in costmodel.LAYOUTS if costmodel._layout_allowed(layout, shape)]
+    return [layout for layout in costmodel.LAYOUTS if costmodel._layout_allowed(layout, shape)
+            and (device is None or selftest.usable(layout, getattr(torch, dtype), device, allow_tf32=True))]
 
 
 def measure(device, log=sys.stderr, out=None) -> dict:
@@ -141,7 +150,7 @@ def measure(device, log=sys.stderr, out=None) -> dict:
     for dtype in DTYPES:
         for hidden in HIDDENS:
             for batch in BATCHES:
-                for layout in _layouts(dtype, hidden) + ["cudnn"]:
+                for layout in _layouts(dtype, hidden, device) + ["cudnn"]:
                     try:
                         ns = (measure_cudnn(device, dtype, batch, hidden) if layout == "cudnn"
                               else measure_layout(device, layout, dtype, batch, hidden))
@@ -227,8 +236,13 @@ def main(argv=None) -> int:
         return 2
     import triton
 
+    from tritonrnn import selftest
+
     device = torch.device("cuda")
     versions = {"torch": torch.__version__, "triton": triton.__version__, "cudnn": torch.backends.cudnn.version()}
+    checks = selftest.run_all(device)  # first: a layout that fails or hangs is not measured
+    checked = selftest.table(checks)
+    print(checked, flush=True)
     measured = {}
     try:
         measure(device, out=measured)
@@ -236,11 +250,11 @@ def main(argv=None) -> int:
         print(f"interrupted after {len(measured.get('cells', []))} cells", file=sys.stderr)
         if "round_trip_ns" not in measured:
             return 1
-    document = calibration_document(measured, versions=versions)
+    document = dict(calibration_document(measured, versions=versions), selftest=checks)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{document['slug']}.json"
     path.write_text(json.dumps(document, indent=1) + "\n")
-    text = table(document)
+    text = f"self-test (tritonrnn selftest) on {document['gpu']}:\n{checked}\n" + table(document)
     (args.out_dir / "calibration.txt").write_text(text + "\n")
     print(text)
     print(f"wrote {path} (copy it into kernels/calibration/ to ship it)")

@@ -97,11 +97,13 @@ publish
 
 stage install python3 -m pip install --no-deps --no-build-isolation --no-index --disable-pip-version-check -e .
 
-# Calibration of the cost model (issue 16 item 7), the first stage on the GPU: the empty-step
-# barrier, the state round trip, one step of each layout and cuDNN's at H = 256/1024/2048 x
+# Calibration of the cost model (issue 16 item 7), the first stage on the GPU. It runs every layout's
+# self-test first (`tritonrnn selftest`: each layout against the stepwise path and float64, NaN-poisoned,
+# under a time limit; the verdicts cached for the later stages), then measures the empty-step
+# barrier, the state round trip, one step of each layout that passed and cuDNN's at H = 256/1024/2048 x
 # B = 16/64/256 in fp32 and bf16 (perf/calibrate.py). Writes calibration/<GPU>.json into the archive
-# (copy it into kernels/calibration/ to ship it) and its measured-against-predicted table into the
-# summary. Its share comes out of the install's and the tests' (at 480 s: about 100 s).
+# (copy it into kernels/calibration/ to ship it), and the self-test's table and the measured-against-
+# predicted table into the summary. Its share comes out of the install's and the tests' (at 480 s: about 100 s).
 BY[install]=14; BY[calibrate]=35; BY[info]=38; BY[tests]=62
 stage calibrate python3 -m tritonrnn.perf.calibrate "$WORK/calibration"
 cat "$WORK/calibration/calibration.txt" >> "$SUMMARY" 2>/dev/null || tail -n 5 "$WORK/calibrate.log" >> "$SUMMARY"

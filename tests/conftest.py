@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+    # The self-test gate (tritonrnn.selftest) is off under the interpreter unless asked; tests that fake
+    # a CUDA device trust every layout too (tests/test_selftest.py turns it on where it tests it).
+    os.environ.setdefault("TRITONRNN_SELFTEST", "0")
 # Triton's autotuner would tune every new shape of the suite; one GPU test turns it back on.
 os.environ.setdefault("TRITONRNN_AUTOTUNE", "0")
 # cuBLAS is deterministic only with a fixed workspace (torch.use_deterministic_algorithms asks for it).

@@ -204,7 +204,7 @@ def test_cluster_plan_for_the_model():
     """Offline plans on an H100/H200 (8 GPCs of at least 16 SMs assumed): the shapes of the
     standard grid the cluster form runs, and None where it does not."""
     bf16 = cluster.cluster_plan(256, 1024, torch.bfloat16)
-    assert bf16["cluster_dims"] == [16, 1, 1] and not bf16["portable"] and bf16["barrier_ns"] == 300
+    assert bf16["cluster_dims"] == [16, 1, 1] and not bf16["portable"] and bf16["barrier_ns"] == 500
     assert bf16["config"] == {"BLOCK_B": 16, "BLOCK_N": 64, "K_SPLIT": 1, "num_warps": 8, "num_stages": 1}
     # 164 KB a CTA: one a SM, one 16-CTA cluster a GPC: 8 clusters, 2 of the 16 batch tiles each.
     assert bf16["plan"] == {"programs_per_group": 16, "groups": 8, "batch_tiles": 2, "resident_capacity": 128,

@@ -326,21 +326,36 @@ def test_the_models_config_reaches_the_launcher_on_cuda(monkeypatch):
 
 def test_cluster_layout_is_taken_where_predicted_fastest_and_it_fits(calibration_dir):
     """bf16 H = 512, B = 16: clusters of 16 CTAs (32 columns each) predicted fastest, the same step as
-    the persistent layout's but for the barrier (300 ns assumed against 1 us); no cluster where it
-    would need more than 16 CTAs (H = 2048) or in exact fp32; a calibrated slow cluster barrier
-    gives the choice back to the persistent layout."""
+    the persistent layout's but for the barrier (the L2 latency plus a handshake, 500 ns, assumed against
+    1 us); no cluster where it would need more than 16 CTAs (H = 2048) or in exact fp32; a calibrated
+    slow cluster barrier gives the choice back to the persistent layout."""
     shape = _shape(16, 512)
     chosen = costmodel.choose(shape, H100)
-    assert chosen.layout == "cluster" and dict(chosen.terms)["barrier"] == H100.cluster_barrier_ns == 300
+    assert chosen.layout == "cluster" and dict(chosen.terms)["barrier"] == H100.cluster_barrier() == 500
     assert dict(chosen.plan)["size"] in (2, 3, 4, 5, 6, 7, 8, 16)
     same = costmodel.predict(shape, H100, "persistent", chosen.config)
-    assert same.step_ns - chosen.step_ns == pytest.approx(H100.barrier_ns - H100.cluster_barrier_ns)
+    assert same.step_ns - chosen.step_ns == pytest.approx(H100.barrier_ns - H100.cluster_barrier())
     assert not [c for c in costmodel.candidates(_shape(16, 2048), H100) if c.layout == "cluster"]
     exact = costmodel.Shape(512, 16, 256, "float32", allow_tf32=False)
     assert not [c for c in costmodel.candidates(exact, H100) if c.layout == "cluster"]
     (calibration_dir / "H100.json").write_text(json.dumps(_calibration({"cluster_barrier_ns": 2000})))
     costmodel._calibration_for.cache_clear()
     assert costmodel.choose(shape, costmodel.offline_hardware("h100")).layout == "persistent"
+
+
+def test_unmeasured_cluster_barrier_costs_the_l2_latency_plus_a_handshake():
+    """Until a GPU measured it, the cluster barrier is charged at least the L2 latency (the release waits
+    for the CTA's stores to reach L2) plus the arrive/wait handshake: with the model's L2 latency, or a
+    calibrated one; a measured barrier is charged as measured."""
+    from tritonrnn.kernels import cluster
+
+    assert H100.cluster_barrier() == H100.l2_latency_ns + cluster.ASSUMED_HANDSHAKE_NS == cluster.ASSUMED_BARRIER_NS
+    assert cluster.ASSUMED_HANDSHAKE_NS > 0 and cluster.cluster_plan(16, 512, torch.bfloat16)["barrier_ns"] == 500
+    slow_l2 = dataclasses.replace(H100, l2_latency_ns=800.0)
+    assert slow_l2.cluster_barrier() == 800.0 + cluster.ASSUMED_HANDSHAKE_NS
+    chosen = costmodel.predict(_shape(16, 512), slow_l2, "cluster", costmodel.choose(_shape(16, 512), H100).config)
+    assert dict(chosen.terms)["barrier"] == 1000.0
+    assert dataclasses.replace(H100, cluster_barrier_ns=250.0).cluster_barrier() == 250.0
 
 
 def test_dispatch_takes_the_cluster_only_where_kernels_cluster_fits(monkeypatch):
@@ -356,7 +371,7 @@ def test_dispatch_takes_the_cluster_only_where_kernels_cluster_fits(monkeypatch)
     monkeypatch.setattr(kernels.recurrence, "persistent_plan", lambda *a, **k: None)  # resident everywhere
     monkeypatch.setattr(cluster, "cluster_fits", lambda *a, **k: True)
     choice = dispatch.kernel_choice(*args, cuda)
-    assert choice["path"] == "cluster" and choice["predicted_us"] < 1.5
+    assert choice["path"] == "cluster" and choice["predicted_us"] < 1.6
     assert configs.config_to_dict(dispatch.launch_config("cluster", *args, cuda)) == choice["config"]
     monkeypatch.setattr(cluster, "cluster_fits", lambda *a, **k: False)
     assert dispatch.kernel_choice(*args, cuda)["path"] == "persistent"

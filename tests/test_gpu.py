@@ -320,3 +320,49 @@ def test_cluster_path_runs_without_falling_back():
                                    ("out2", out2, ref_out2)):
         assert_close(actual.double(), expected.double(), torch.bfloat16, name)
     assert cluster.cluster_fits(H, torch.bfloat16, device=xw.device)
+
+
+# The self-test gate (tritonrnn.selftest) on a real device: written before any GPU ran it.
+
+def test_every_layout_passes_its_selftest_here(monkeypatch, tmp_path):
+    """`tritonrnn selftest`'s checks on this GPU: every layout passes in every dtype it serves (the
+    cluster only from sm_90: refused before), and once compiled a layout's checks take well under a
+    second."""
+    from tritonrnn import selftest
+
+    monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path))
+    selftest.reset()
+    try:
+        for run in range(2):  # the first compiles
+            rows = selftest.run_all(torch.device("cuda"))
+            for row in rows[1:]:
+                sm90 = torch.cuda.get_device_capability()[0] >= 9
+                expected = ("passed", "not run") if row["layout"] != "cluster" or sm90 else ("refused", "not run")
+                assert row["status"] in expected, row
+                assert run == 0 or row["seconds"] < 1.0, row
+    finally:
+        selftest.reset()
+
+
+def test_no_selftest_runs_during_graph_capture(monkeypatch, tmp_path):
+    """While a CUDA graph is captured an untested layout is not taken (one warning) and nothing runs;
+    after a check outside the capture, its verdict is used inside one."""
+    from tritonrnn import selftest
+
+    monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(selftest, "check", lambda *args: pytest.fail("no self-test during capture"))
+    selftest.reset()
+    graph, x = torch.cuda.CUDAGraph(), torch.zeros(4, device="cuda")
+    try:
+        with pytest.warns(RuntimeWarning, match="no self-test can run while a CUDA graph is captured"):
+            with torch.cuda.graph(graph):
+                assert not selftest.usable("sequence", torch.float32, torch.device("cuda"), allow_tf32=True)
+                x += 1
+        monkeypatch.undo()
+        monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path))
+        assert selftest.usable("sequence", torch.float32, torch.device("cuda"), allow_tf32=True)
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            assert selftest.usable("sequence", torch.float32, torch.device("cuda"), allow_tf32=True)
+            x += 1
+    finally:
+        selftest.reset()

@@ -1,4 +1,4 @@
-"""The tritonrnn command line: info, bench, tune, report.
+"""The tritonrnn command line: info, selftest, bench, tune, report.
 
 Usage errors (bad arguments, missing or malformed files, no device to run on) print one line and
 exit with status 2; any other failure prints one line and exits with 1. `--debug` shows the
@@ -82,6 +82,40 @@ def _info(args) -> int:
     dtype = _DTYPES[args.dtype]
     print(f"layer T={args.seq_len} B={args.batch} H={args.hidden_size} {args.dtype}:\n  "
           f"{describe(args.seq_len, args.hidden_size, dtype, device, args.batch)}")
+    return 0
+
+
+def _selftest(args) -> int:
+    """Every layout's self-test on this device, now (tritonrnn.selftest): the table. Exit 0 whenever it
+    ran (an unusable layout is a result); 2 where it cannot run (no GPU, no interpreter)."""
+    import subprocess
+
+    from tritonrnn import selftest
+    from tritonrnn.dispatch import interpreter_enabled
+
+    if args.interpreter and not interpreter_enabled():
+        # Triton reads TRITON_INTERPRET when the kernels are defined, at import: a fresh process.
+        return subprocess.run([sys.executable, "-m", "tritonrnn.cli", *args.argv],
+                              env={**os.environ, "TRITON_INTERPRET": "1"}, check=False).returncode
+    if args.interpreter or not torch.cuda.is_available():
+        if not interpreter_enabled():
+            raise UsageError("needs a CUDA GPU; without one, --interpreter (or TRITON_INTERPRET=1) runs the "
+                             "self-test in Triton's CPU interpreter")
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda")
+    key = selftest.device_key(device)
+    print(f"self-test of tritonrnn's layouts on {key['gpu']}: " + ", ".join(
+        f"{k} {v}" for k, v in key.items() if k != "gpu"))
+    rows = selftest.run_all(device)
+    if args.json:
+        import json
+
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(selftest.table(rows))
+    print(f"verdicts cached in {selftest.cache_path(device)}")
     return 0
 
 
@@ -353,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --offline: one JSON object per cell and direction")
     info.set_defaults(run=_info)
 
+    check = commands.add_parser("selftest", parents=[debug],
+                                help="run every layout's self-test on this device now and print the table "
+                                     "(the dispatcher runs each at its first use and caches the verdict)")
+    check.add_argument("--interpreter", action="store_true",
+                       help="in Triton's CPU interpreter (as TRITON_INTERPRET=1 does), not on the GPU")
+    check.add_argument("--json", action="store_true", help="one JSON object per layout and dtype")
+    check.set_defaults(run=_selftest)
+
     def add_cases(sub, grids, grid_help):
         sub.add_argument("--grid", choices=grids, default=grids[0], help=grid_help)
         sub.add_argument("--shapes", nargs="+", default=(), metavar="SHAPE",
@@ -413,6 +455,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse: usage line, one error line, exit 2
     args.command_line = _command(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     debug = getattr(args, "debug", False)
     prefix = f"tritonrnn {args.command}: error:"
     try:

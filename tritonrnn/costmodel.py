@@ -26,7 +26,7 @@ the GPU replaces them, kernels/calibration/<GPU>.json, `Calibration`):
                  + state bytes (re-read by every program of the group) over the SM's L2 share
                  + shared(W slice per tile + state staging) + max(mma, chain / K_SPLIT) + K parts' sum
                  (the next tile's input is loaded before the wait: off the chain)
-    cluster    = persistent with the cluster barrier (Hardware.cluster_barrier_ns) and clusters
+    cluster    = persistent with the cluster barrier (Hardware.cluster_barrier()) and clusters
                  resident per GPC (kernels.cluster's assumed sm_90 GPCs)
     stepwise   = max(host launch, device step)
 
@@ -89,9 +89,10 @@ class Hardware:
     # Assumed 1 us (perf/NOTES.md v0.4); the calibration's empty-step kernel measures it.
     barrier_ns: float = 1000.0
     # The cluster layout's barrier: barrier.cluster.arrive.release + wait.acquire among the CTAs of one
-    # thread-block cluster (hardware, inside a GPC). Assumed 300 ns (kernels.cluster.ASSUMED_BARRIER_NS):
-    # no published figure; the calibration's cluster probe (kernels.cluster.probe_barrier) measures it.
-    cluster_barrier_ns: float = float(cluster.ASSUMED_BARRIER_NS)
+    # thread-block cluster (hardware, inside a GPC). None until the calibration's cluster probe
+    # (kernels.cluster.probe_barrier) measures it: then cluster_barrier() assumes the L2 latency plus
+    # a handshake (kernels.cluster.ASSUMED_BARRIER_NS: no published figure).
+    cluster_barrier_ns: float = None
     # Host cost of one Triton launch from Python: 4.5-18 us a call (GUIDE section 6; a bare CUDA
     # launch ~3 us); the calibration's stepwise steps measure it.
     launch_ns: float = 8000.0
@@ -106,6 +107,13 @@ class Hardware:
     cudnn_boundaries_ns: float = 2000.0  # two kernel boundaries a STANDARD step (GEMM, pointwise)
     calibrated: bool = False  # constants from a calibration file, not the defaults above
     layout_scale: tuple = ()  # (layout, measured / predicted) from a calibration file
+
+    def cluster_barrier(self) -> float:
+        """The cluster barrier a step: measured, else at least the L2 latency (the release waits for the
+        CTA's stores to reach L2) plus the arrive/wait handshake (kernels.cluster.ASSUMED_HANDSHAKE_NS)."""
+        if self.cluster_barrier_ns is not None:
+            return self.cluster_barrier_ns
+        return self.l2_latency_ns + cluster.ASSUMED_HANDSHAKE_NS
 
     def peak_per_sm(self, dtype: str) -> float:
         """Dense tensor-core flop/ns of one SM."""
@@ -442,7 +450,7 @@ def _cluster(shape: Shape, hw: Hardware, config, res) -> Candidate:
         return _unfit("cluster", config, str(exc), res)
     # Clusters never wait for each other: more than are resident would run in waves (plan asks for none).
     terms = _group_step(shape, hw, config, res, per_sm, chosen.programs, chosen.batch_tiles, chosen.clusters,
-                        hw.cluster_barrier_ns)
+                        hw.cluster_barrier())
     step = sum(terms.values()) * hw.scale("cluster")
     return Candidate("cluster", configs.config_to_dict(config), True, step, tuple(terms.items()),
                      resources=tuple(sorted(res.items())), plan=tuple(sorted(dataclasses.asdict(chosen).items())))

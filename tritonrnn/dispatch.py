@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from tritonrnn import costmodel, kernels, numerics
+from tritonrnn import costmodel, kernels, numerics, selftest
 from tritonrnn.kernels import cluster
 
 
@@ -42,24 +42,27 @@ def kernel_choice(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int
     """The layout and config a recurrence of this shape runs, and why: {"path", "config" (a dict, or
     None: the launcher's own), "source", "predicted_us" (None where no prediction was made)}.
 
-    A single step takes the step kernel. A tuned config shipped for this GPU wins. Otherwise the cost
-    model (tritonrnn.costmodel) predicts every layout that fits and the fastest is taken; a
-    persistent choice is then checked against the compiled kernel's resident capacity on this
-    device (kernels.recurrence.persistent_fits: on a GPU it compiles, as the launch would anyway),
-    and where it does not fit the model's next layout is taken.
+    A single step takes the step kernel. A tuned config shipped for this GPU wins where its layout
+    passed its self-test. Otherwise the cost model (tritonrnn.costmodel) predicts every layout that
+    fits and the fastest is taken; a persistent or cluster choice is then checked against what this
+    device runs (the compiled kernel's resident capacity, kernels.recurrence.persistent_fits: on a GPU
+    it compiles, as the launch would anyway; kernels.cluster.cluster_fits), and every layout but the
+    stepwise reference against its self-test on this device (tritonrnn.selftest.usable: run at its first
+    use); where either says no, the model's next layout is taken.
     """
     if seq_len == 1:
         return {"path": "stepwise", "config": None, "source": "one step: the step kernel", "predicted_us": None}
     choice = kernels.config.tuned(dtype, hidden_size, batch, direction, device)
-    if choice is not None:
+    if choice is not None and selftest.usable(choice["path"], dtype, device, allow_tf32):
         return {"path": choice["path"], "config": kernels.config.config_to_dict(choice["config"]),
                 "source": "shipped tuned config", "predicted_us": None}
     hw = hardware(device)
     shape = costmodel.Shape(seq_len, batch, hidden_size, _dtype_name(dtype), direction, allow_tf32, directions)
     best, excluded = costmodel.choose(shape, hw), ()
-    while best.layout in ("persistent", "cluster") and not _runs(best, seq_len, batch, hidden_size, dtype, device,
-                                                                direction, allow_tf32, directions):
-        excluded += (best.layout,)  # e.g. fewer SMs than an H100's, no clusters here: the next layout
+    while best.layout != "stepwise" and not (
+            _runs(best, seq_len, batch, hidden_size, dtype, device, direction, allow_tf32, directions)
+            and selftest.usable(best.layout, dtype, device, allow_tf32)):
+        excluded += (best.layout,)  # e.g. fewer SMs than an H100's, no clusters here, a failed self-test
         best = costmodel.choose(shape, hw, exclude=excluded)
     source = "cost model" + (f", calibrated on {hw.name}" if hw.calibrated else f", {hw.name} constants")
     return {"path": best.layout, "config": best.config, "source": source, "predicted_us": best.step_us}
@@ -69,7 +72,9 @@ def _runs(best, seq_len, batch, hidden_size, dtype, device, direction, allow_tf3
     """Whether the model's persistent or cluster choice runs here with its config: the persistent path
     where the compiled kernel's resident capacity holds it (kernels.recurrence.persistent_plan); the
     cluster form where kernels.cluster says it fits (a CUDA device of sm_90 or later; never the
-    interpreter, which runs one program at a time)."""
+    interpreter, which runs one program at a time); the sequence layout wherever the model fits it."""
+    if best.layout == "sequence":
+        return True
     config = kernels.config.config_from_dict(best.config)
     if best.layout == "cluster":
         return cluster.cluster_fits(hidden_size, dtype, allow_tf32, device) and cluster.fits(
