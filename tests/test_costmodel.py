@@ -113,7 +113,7 @@ def test_persistent_cost_reads_config_keys_generically():
 
 
 def test_cudnn_side_uses_the_published_figures():
-    """GUIDE section 7: small-H persistent 0.78 us fp32 / 0.62 fp16 (at H = 120, B = 34), STANDARD
+    """PyTorch PR 62143's benchmark: small-H persistent 0.78 us fp32 / 0.62 fp16 (at H = 120, B = 34), STANDARD
     8.96 / 7.9; DeepBench's V100 STANDARD step at H = 2048, B = 16, scaled to an H100 by bandwidth,
     bounds the model's from above (the model does not make cuDNN slower than published)."""
     assert costmodel.cudnn_algorithm("float32", 16, 256) == "PERSIST_STATIC_SMALL_H"

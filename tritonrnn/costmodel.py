@@ -36,8 +36,8 @@ only source); shapes and GPUs the table lacks get an estimate (shared memory fro
 kernels.config.shared_memory_bytes). Nothing here compiles: dispatch checks the chosen persistent
 layout against the compiled kernel's capacity on a GPU (kernels.recurrence.persistent_fits).
 
-cuDNN's side (`cudnn_algorithm`, `cudnn_step_ns`) follows PyTorch's choice of algorithm (GUIDE
-section 2) and the published per-step figures (GUIDE section 7).
+cuDNN's side (`cudnn_algorithm`, `cudnn_step_ns`) follows PyTorch's choice of algorithm (its
+cudnn/RNN.cpp, get_algo) and published per-step figures (the sources in `Hardware`; docs/DESIGN.md D18).
 """
 import dataclasses
 import functools
@@ -93,11 +93,11 @@ class Hardware:
     # (kernels.cluster.probe_barrier) measures it: then cluster_barrier() assumes the L2 latency plus
     # a handshake (kernels.cluster.ASSUMED_BARRIER_NS: no published figure).
     cluster_barrier_ns: float = None
-    # Host cost of one Triton launch from Python: 4.5-18 us a call (GUIDE section 6; a bare CUDA
+    # Host cost of one Triton launch from Python: 4.5-18 us a call (public reports of Triton 3.x; a bare CUDA
     # launch ~3 us); the calibration's stepwise steps measure it.
     launch_ns: float = 8000.0
     epilogue_ns: float = 100.0  # activation, store and loop bookkeeping per step (assumed)
-    # cuDNN (GUIDE section 7, PyTorch PR 62143's benchmark, Elman tanh I=H=120, B=34): the small-H
+    # cuDNN (PyTorch PR 62143's benchmark, xwang233/code-snippet, Elman tanh I=H=120, B=34): the small-H
     # persistent kernel 0.78 us a step fp32, 0.62 fp16; STANDARD (a GEMM + a pointwise kernel a step)
     # 8.96 fp32, 7.9 fp16. cuDNN's persistent LSTM H=768 B=16 fp16 on H100: 1.96 us a step (NX-AI
     # flashrnn figures): PERSIST_STATIC for Elman is scaled from it by W's size (one gate, not four).
@@ -535,7 +535,7 @@ def _choose(shape: Shape, hw: Hardware, exclude: tuple, limits: tuple) -> Candid
 
 
 def cudnn_algorithm(dtype: str, batch: int, hidden: int, direction: str = "forward") -> str:
-    """What torch.nn.RNN runs there (GUIDE section 2: PyTorch's aten/src/ATen/native/cudnn/RNN.cpp)."""
+    """What torch.nn.RNN runs there (PyTorch's aten/src/ATen/native/cudnn/RNN.cpp, get_algo; docs/DESIGN.md D18)."""
     if dtype == "float64":
         return "STANDARD"
     if hidden <= (384 if direction == "forward" else 256):
@@ -560,8 +560,8 @@ def cudnn_step_ns(dtype: str, batch: int, hidden: int, hw: Hardware, direction: 
     return max(floor, gemm + hw.cudnn_boundaries_ns)
 
 
-# DeepBench (cuDNN 7, V100), vanilla RNN forward H=2048 B=16: 85 us a step fp32, 60 fp16 (GUIDE
-# section 2). Scaled to an H100 by the ratio of HBM bandwidths (0.9 -> 3.35 TB/s), an upper bound
+# DeepBench (baidu-research/DeepBench, cuDNN 7, V100), vanilla RNN forward H=2048 B=16: 85 us a step fp32,
+# 60 fp16. Scaled to an H100 by the ratio of HBM bandwidths (0.9 -> 3.35 TB/s), an upper bound
 # that cudnn_step_ns stays below (tests/test_costmodel.py): the model does not flatter us.
 DEEPBENCH_V100_NS = {"float32": 85_000.0, "float16": 60_000.0}
 V100_TO_H100 = 3.35 / 0.9
