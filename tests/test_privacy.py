@@ -182,6 +182,33 @@ def test_privacy_engine_trains_a_tritonrnn_model(mode):
     assert 0 < engine.get_epsilon(delta=1e-5) < float("inf")
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_poisson_sampling_trains_through_empty_batches(mode):
+    """Opacus's default Poisson sampling draws empty batches (batch_size=1 on 32 samples: about a third of
+    them); training runs through them as with Opacus's DPRNN: the layer and its samplers take B = 0."""
+    torch.manual_seed(0)
+    rnn = tritonrnn.RNN(I, H, batch_first=True, dtype=F64, device=DEVICE)
+    model = Model(rnn)
+    x = torch.randn(32, T, I, dtype=F64, device=DEVICE)
+    y = (x.sum((1, 2)) > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.1, max_grad_norm=1.0)
+    if mode == "ghost":
+        model, optimizer, criterion, loader = PrivacyEngine().make_private(
+            **options, criterion=nn.CrossEntropyLoss(), grad_sample_mode="ghost")
+    else:
+        (model, optimizer, loader), criterion = PrivacyEngine().make_private(**options), nn.CrossEntropyLoss()
+    sizes = []
+    for xb, yb in loader:
+        sizes.append(len(xb))
+        optimizer.zero_grad()
+        criterion(model(xb), yb).backward()
+        optimizer.step()
+    assert 0 in sizes and max(sizes) > 0, sizes
+    assert all(p.isfinite().all() for p in rnn.parameters())
+
+
 def test_validator_refuses_dropout_between_layers():
     model = Model(tritonrnn.RNN(I, H, num_layers=2, dropout=0.5, dtype=F64, device=DEVICE))
     errors = ModuleValidator.validate(model)
