@@ -107,7 +107,8 @@ def test_rnn_cell_degenerate_shapes_as_torch(batch, input_size):
         x, h0 = x0.clone().requires_grad_(), h00.clone().requires_grad_()
         out = module(x, h0)
         (out * g).sum().backward()
-        results.append({"out": out, "dx": x.grad, "dh0": h0.grad, **{f"d{n}": p.grad for n, p in module.named_parameters()}})
+        results.append({"out": out, "dx": x.grad, "dh0": h0.grad,
+                        **{f"d{n}": p.grad for n, p in module.named_parameters()}})
     _compare(*results, torch.float64)
 
 
