@@ -30,8 +30,10 @@ model uses):
       (relaxed loads, broadcast) until it reaches (steps done) * (programs per group) or that thread's
       clock passes the limit; one acquire read; debug_barrier
 
-  Each group's counter and status word have their own 128-byte line (SYNC_LINE int32). The counter
-  only grows (zeroed once per launch), so no reset races a late poll. No barrier after the last
+  Each group's counter, status and LATE words have their own 128-byte line (SYNC_LINE int32). The
+  counter only grows (zeroed once per launch), so no reset races a late poll. A poll past the time
+  limit reads the LATE word (GAVE_UP) instead of the counter: the polling thread's own clock decides,
+  and every thread sees its verdict with the poll's broadcast value. No barrier after the last
   step. Per step and program: the state read (BLOCK_H x BATCH_TILES*BLOCK_B elements from L2),
   BATCH_TILES dots, one arrival, polls, one acquire read. With BARRIER="cluster" a group is one
   Hopper thread-block cluster and _group_barrier is the cluster's hardware barrier instead (no
