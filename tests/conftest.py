@@ -66,6 +66,12 @@ def mutated_checkout(tmp_path: Path, path: str, old: str, new: str) -> Path:
     return tmp_path
 
 
+def force_layout(monkeypatch, path: str) -> None:
+    """Pin the ops' run-time layout choice (dispatch.launch_choice) to `path`, with the launcher's own config."""
+    from tritonrnn import dispatch
+    monkeypatch.setattr(dispatch, "launch_choice", lambda *args, **kwargs: {"path": path, "config": None})
+
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -7,7 +7,7 @@ under test. Then the whole layer's gradients through autograd, and gradcheck in 
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, assert_close, dtype_id
+from conftest import DEVICE, DTYPES, assert_close, dtype_id, force_layout
 from tritonrnn import dispatch, functional, kernels, ops, reference
 from tritonrnn.kernels import config as configs
 from tritonrnn.kernels import recurrence
@@ -79,7 +79,7 @@ def test_backward_matches_reference(case, dtype, path, monkeypatch):
                              p["lengths"], reverse)
     lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
     cast = lambda t: t.to(dtype)
-    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: path)  # the op's run-time choice
+    force_layout(monkeypatch, path)  # the op's run-time choice
     dz, dh0, dw_hh = ops.recurrence_backward(cast(grad_out), cast(grad_hn), cast(out), cast(p["h0"]),
                                              cast(p["w_hh"]), lengths, reverse, act == "relu", False)
     assert_close(dz, ref.dz, dtype, "dz")
@@ -114,7 +114,7 @@ def test_layer_gradients_match_reference(case, dtype):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v))
 def test_gradcheck_float64(variant, path, monkeypatch):
     act, reverse, packed = variant
-    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: path)
+    force_layout(monkeypatch, path)
     p = _problem(3, 2, 4, packed, seed=3)
     if packed:
         p["lengths"] = torch.tensor([3, 2], device=DEVICE)

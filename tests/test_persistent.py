@@ -23,8 +23,8 @@ import torch
 import triton
 
 from concurrent_interpreter import CONCURRENT_CAPACITY, concurrent_programs
-from conftest import DEVICE, ROOT, assert_close, dtype_id, mutated_checkout
-from tritonrnn import dispatch, kernels, ops, reference
+from conftest import DEVICE, ROOT, assert_close, dtype_id, force_layout, mutated_checkout
+from tritonrnn import kernels, ops, reference
 from tritonrnn.kernels import persistent
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's concurrent harness")
@@ -93,7 +93,7 @@ def test_backward_with_concurrent_programs_matches_reference(variant, dtype, mon
     config = _config(k_split)
     launch = kernels.recurrence_backward
     monkeypatch.setattr(kernels, "recurrence_backward", lambda *args, **kw: launch(*args, **kw, config=config))
-    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: "persistent")  # the op's choice
+    force_layout(monkeypatch, "persistent")  # the op's choice
     cast = lambda t: t.to(dtype)  # noqa: E731
     lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
     with concurrent_programs(seed=2):
