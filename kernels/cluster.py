@@ -63,6 +63,7 @@ def barrier_probe_kernel(p_sync, STEPS, wait_limit, BARRIER: tl.constexpr, TIMER
     its BARRIER form: program_id(0) is the rank in the group (the cluster), program_id(1) the group.
     p_sync: [groups, SYNC_LINE] int32, zero at launch (the counter form's), or None (cluster)."""
     p_group = p_sync + tl.program_id(1) * persistent.SYNC_LINE if BARRIER == "counter" else p_sync
+    persistent.init_sync(p_group, BARRIER)
     failed = 0
     for i in range(STEPS):
         failed = persistent._group_barrier(p_group, (i + 1) * tl.num_programs(0), failed, wait_limit, TIMER, -1,

@@ -26,11 +26,14 @@ model uses):
 - Then the programs of the group (same g and d, every n) wait for each other (_group_barrier, one
   @triton.jit function):
 
-      debug_barrier; counter[g] += 1 (release, gpu scope, one thread); poll counter[g] relaxed
-      until it reaches (steps done) * (programs per group); one acquire read; debug_barrier
+      debug_barrier; counter[g] += 1 (release, gpu scope, one thread); one thread polls counter[g]
+      (relaxed loads, broadcast) until it reaches (steps done) * (programs per group) or that thread's
+      clock passes the limit; one acquire read; debug_barrier
 
-  Each group's counter and status word have their own 128-byte line (SYNC_LINE int32). The counter
-  only grows (zeroed once per launch), so no reset races a late poll. No barrier after the last
+  Each group's counter, status and LATE words have their own 128-byte line (SYNC_LINE int32). The
+  counter only grows (zeroed once per launch), so no reset races a late poll. A poll past the time
+  limit reads the LATE word (GAVE_UP) instead of the counter: the polling thread's own clock decides,
+  and every thread sees its verdict with the poll's broadcast value. No barrier after the last
   step. Per step and program: the state read (BLOCK_H x BATCH_TILES*BLOCK_B elements from L2),
   BATCH_TILES dots, one arrival, polls, one acquire read. With BARRIER="cluster" a group is one
   Hopper thread-block cluster and _group_barrier is the cluster's hardware barrier instead (no
@@ -166,22 +169,26 @@ def _group_barrier(p_group, target, failed, wait_limit, TIMER: tl.constexpr, ABS
             tl.atomic_add(p_counter, 1, sem="release")
         elif tl.program_id(0) != ABSENT:  # tests: this column block never arrives
             tl.atomic_add(p_counter, 1, sem="release")
-        seen = tl.atomic_add(p_counter, 0, sem="relaxed")
         limit = wait_limit.to(tl.int64) * (1000 if TIMER else 1)
         polls = 0
         start = _clock(polls, TIMER)
+        # The poll: a scalar add of 0, which Triton lowers to one thread's relaxed load, its value broadcast to
+        # every thread through shared memory. That thread's own clock picks the word it reads: past the limit
+        # the LATE word (GAVE_UP), so its verdict reaches every thread with the poll's value and all leave the
+        # loop at the same poll (a clock read by each thread would split them between the CTA barriers).
+        seen = tl.atomic_add(p_counter, 0, sem="relaxed")
         while (failed == 0) & (seen < target):
             late = (_clock(polls, TIMER) - start > limit).to(tl.int32)
-            # Each thread reads its own clock; the poll is a scalar atomic (one thread runs it, its result is
-            # broadcast), so that thread's verdict, written into the counter as GAVE_UP, is what every warp
-            # sees: all leave at the same poll, and the group's other programs see it in their own polls.
-            seen = tl.atomic_or(p_counter, late * GAVE_UP, sem="relaxed")
+            seen = tl.atomic_add(p_counter + late * (LATE - COUNTER), 0, sem="relaxed")
             polls += 1
+        # The one read-modify-write of a wait, at the give-up only: GAVE_UP into the counter, where the group's
+        # other programs see it in their own polls. A program that gave up keeps arriving, so its arrivals can
+        # complete a count a stalled program of its group never reached: GAVE_UP, set before those arrivals
+        # (released with them), fails the step.
+        tl.atomic_or(p_counter, GAVE_UP, mask=seen >= GAVE_UP, sem="relaxed")
         # Its value is used, or the read is removed (an add of 0 lowers to a load): >= target unless timed out.
         seen = tl.atomic_add(p_counter, 0, sem="acquire")
         tl.debug_barrier()
-        # A program that gave up keeps arriving, so its arrivals can complete a count a stalled program of
-        # its group never reached: GAVE_UP, set before those arrivals (released with them), fails the step.
         failed |= ((seen < target) | (seen >= GAVE_UP)).to(tl.int32)
     return failed
 
@@ -194,6 +201,15 @@ STATUS = tl.constexpr(1)  # nonzero once a program of the group timed out (read 
 # Or-ed into the counter by a program that gives up waiting: every later poll of its group sees it. Arrivals
 # stay below it (check_counters).
 GAVE_UP = tl.constexpr(1 << 30)
+LATE = tl.constexpr(2)  # holds GAVE_UP (init_sync): what a poll past the time limit reads
+
+
+@triton.jit
+def init_sync(p_group, BARRIER: tl.constexpr):
+    """A program's start: the group's LATE word set (every program of the group writes the same value; its
+    own write is ordered before its polls by the CTA barrier that begins each wait)."""
+    if BARRIER == "counter":
+        tl.store(p_group + LATE, GAVE_UP)
 
 
 @triton.heuristics({"HAS_LENGTHS": lambda args: args["p_len"] is not None})
@@ -255,6 +271,7 @@ def rnn_persistent_kernel(
         p_counter = p_sync + (direction * tl.num_programs(1) + group) * SYNC_LINE
     else:  # no sync words: the hardware barrier counts, and never times out
         p_counter = p_sync
+    init_sync(p_counter, BARRIER)
     group_size = tl.num_programs(0)
     BLOCK_K: tl.constexpr = BLOCK_H // K_SPLIT
     first_block = tl.program_id(0) * COLUMN_BLOCKS

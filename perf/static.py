@@ -117,6 +117,10 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     result = {**usage, "shared_bytes": compiled.metadata.shared, "mma": mma, "fma_only": not mma,
               "num_warps": config.num_warps, "config": configs.config_to_dict(config), "cluster_dims": [size, 1, 1],
               "barrier": barrier_instructions(ptx), "cluster_barrier_in_loop": cluster_barrier_in_loop(ptx)}
+    if persistent_kernel:  # the group barrier's order (the counter's; the cluster form has no counter)
+        ring = f"{fn.__name__}_param_{[n for n in fn.arg_names if signature[n] != 'constexpr'].index('p_ring')}"
+        result.update(ring_param=ring, barrier_problems=barrier_order_problems(ptx, ring) if path == "persistent"
+                      else state_load_problems(ptx, ring) + clock_branch_problems(ptx))
     if asm:
         ttgir = compiled.asm["ttgir"]
         layouts = re.findall(r"#ttg\.nvidia_mma<\{[^}]*warpsPerCTA = \[([\d, ]+)\]", ttgir)
@@ -133,16 +137,14 @@ _ARRIVAL = re.compile(r"\b(atom|red)\.global\.gpu\.release\.add\b")
 _ACQUIRE = re.compile(r"\b(ld\.global\.gpu\.acquire|atom\.global\.gpu\.acquire)\b")
 _GLOBAL_ACCESS = re.compile(r"\b(st|ld)\.global\b")
 _BLOCK_END = re.compile(r"^\s*((@%p\d+\s+)?bra(\.uni)?\b|\$L__BB\w*:|// %bb\.)")
-_STATE_LOAD = re.compile(r"\bld\.global\.cg\b")
-_VERDICT = re.compile(r"\batom\.global\.gpu\.relaxed\.or\b")  # the give-up bit or-ed in by the poll
-
-
-def barrier_order_problems(ptx: str) -> list:
+def barrier_order_problems(ptx: str, ring_param: str) -> list:
     """What is wrong with the order of the persistent kernel's group barrier in `ptx` (empty: nothing):
     one arrival, a release add at gpu scope, with a CTA barrier before it in its block (after every
     global store of the step); one acquire read on the wait, its broadcast value followed by a CTA
-    barrier in its block before any global access; state loads that bypass L1 (ld.global.cg). A text
-    check of the kernel's one barrier, written against Triton 3.6's lowering (perf/NOTES.md, v0.5)."""
+    barrier in its block before any global access; and what state_load_problems and
+    clock_branch_problems report. A text check of the kernel's one barrier, written against Triton
+    3.6's lowering (perf/NOTES.md, v0.5). `ring_param`: the PTX name of the ring's pointer (compile_kernel's
+    "ring_param")."""
     lines = ptx.splitlines()
     problems = []
     arrivals = [i for i, line in enumerate(lines) if _ARRIVAL.search(line)]
@@ -170,13 +172,95 @@ def barrier_order_problems(ptx: str) -> list:
                     break
         if not ordered:
             problems.append("no CTA barrier after the acquire")
-    if not any(_STATE_LOAD.search(line) for line in lines):
-        problems.append("no state load bypassing L1 (ld.global.cg)")
-    # Each thread reads its own %globaltimer: the verdict must reach every warp through one atomic (the
-    # poll's or of GAVE_UP), or warps leave the wait at different polls, across its CTA barriers.
-    if any("%globaltimer" in line for line in lines) and not any(_VERDICT.search(line) for line in lines):
-        problems.append("the time limit is decided by each thread's clock, not through the poll's atomic")
-    return problems
+    return problems + state_load_problems(ptx, ring_param) + clock_branch_problems(ptx)
+
+
+# Register data flow in PTX: every instruction that writes a register, with the registers (and kernel
+# parameters) it reads, its guard predicate included. Flow-insensitive: a register written in several
+# places depends on all of them (a superset of what any one path reads).
+_INSTRUCTION = re.compile(r"^\s*(?:@!?(%p\d+)\s+)?([a-z][\w.:]*)\s*(.*?);")
+_OPERAND = re.compile(r"%[a-z]+\d+|%(?:globaltimer|ctaid\.[xyz]|tid\.[xyz])\b|\w+_param_\d+")
+_WRITES_NOTHING = ("st.", "red.", "bar.", "barrier.", "bra", "ret", "exit", "fence.", "membar.", "prefetch", "wgmma.",
+                   "cp.async.", "mbarrier.", "griddepcontrol")
+
+
+def _writers(ptx: str) -> dict:
+    """{register: [(opcode, operands read)]} over every instruction of the PTX."""
+    writers = {}
+    for line in ptx.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match or match.group(2).startswith(_WRITES_NOTHING):
+            continue
+        guard, opcode, operands = match.groups()
+        depth, end = 0, len(operands)  # the destination: the first operand ({...} for vectors)
+        for index, char in enumerate(operands):
+            depth += (char in "{[") - (char in "}]")
+            if char == "," and depth == 0:
+                end = index
+                break
+        reads = _OPERAND.findall(operands[end:]) + ([guard] if guard else [])
+        for register in _OPERAND.findall(operands[:end]):
+            writers.setdefault(register, []).append((opcode, reads))
+    return writers
+
+
+def _sources(writers: dict, registers: list, through_shared: bool = True) -> set:
+    """Every register, special register and parameter the values of `registers` are computed from;
+    through_shared=False stops at shared-memory loads (a value one thread broadcast to all)."""
+    seen, todo = set(), list(registers)
+    while todo:
+        register = todo.pop()
+        if register in seen:
+            continue
+        seen.add(register)
+        for opcode, reads in writers.get(register, []):
+            if through_shared or not opcode.startswith("ld.shared"):
+                todo.extend(reads)
+    return seen
+
+
+_CONDITIONAL_BRANCH = re.compile(r"^\s*@!?(%p\d+)\s+bra(?:\.uni)?\s")
+
+
+def clock_branch_problems(ptx: str) -> list:
+    """Conditional branches whose predicate is computed from a thread's own %globaltimer (not through a
+    value broadcast in shared memory): each thread reads its own clock, so such a branch (e.g. a wait's
+    exit) splits warps and CTAs between the CTA barriers of a wait."""
+    writers = _writers(ptx)
+    return [f"a branch depends on a thread's own %globaltimer (line {number + 1}: {line.strip()})"
+            for number, line in enumerate(ptx.splitlines()) if (branch := _CONDITIONAL_BRANCH.match(line))
+            and "%globaltimer" in _sources(writers, [branch.group(1)], through_shared=False)]
+
+
+# A global load and its address: ld.global, or cp.async (its source, the second address; num_stages > 1).
+_GLOBAL_LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld\.global[\w.]*|cp\.async\.\w+\.shared\.global[\w.]*)\s"
+                          r"(?:\[[^\]]*\],\s*)?[^\[]*\[\s*(%rd\d+)")
+
+
+def state_loads(ptx: str, ring_param: str) -> list:
+    """The loads of state other programs wrote: [(line number, opcode)] of every global load from the ring
+    (its address computed from `ring_param`) whose address does not depend on %ctaid.x. A program's
+    columns are picked by program_id(0) (%ctaid.x): the state^T tile a step multiplies spans every column
+    (the whole group wrote it), while a row that keeps its state re-reads the program's own columns,
+    which it wrote itself behind a CTA barrier (that load may use L1)."""
+    writers, loads = _writers(ptx), []
+    for number, line in enumerate(ptx.splitlines()):
+        if (load := _GLOBAL_LOAD.match(line)):
+            sources = _sources(writers, [load.group(2)])
+            if ring_param in sources and "%ctaid.x" not in sources:
+                loads.append((number + 1, load.group(1)))
+    return loads
+
+
+def state_load_problems(ptx: str, ring_param: str) -> list:
+    """Every load of state other programs wrote (state_loads) must bypass L1 (ld.global.cg: an L1 line
+    holds what this SM read before the other programs' stores, which their release and our acquire do not
+    invalidate for plain loads on every architecture); there must be some."""
+    loads = state_loads(ptx, ring_param)
+    if not loads:
+        return [f"no load of the state other programs wrote (from {ring_param})"]
+    return [f"a state load that may hit a stale L1 line (line {number}: {opcode}, not .cg)"
+            for number, opcode in loads if ".cg" not in opcode]
 
 
 def compile_probe(barrier_kind: str, target=HOPPER) -> dict:
@@ -191,7 +275,8 @@ def compile_probe(barrier_kind: str, target=HOPPER) -> dict:
     constants = {"BARRIER": barrier_kind, "TIMER": True, **({} if counter else {"p_sync": None})}
     source = ASTSource(fn, signature, constants, {(0,): [["tt.divisibility", 16]]} if counter else {})
     ptx = triton.compile(source, target=GPUTarget("cuda", *target), options={"num_warps": 4}).asm["ptx"]
-    return {"barrier": barrier_instructions(ptx), "cluster_barrier_in_loop": cluster_barrier_in_loop(ptx)}
+    return {"barrier": barrier_instructions(ptx), "cluster_barrier_in_loop": cluster_barrier_in_loop(ptx),
+            "clock_branch_problems": clock_branch_problems(ptx)}
 
 
 def default_config(path: str, batch: int, hidden: int, dtype=None) -> triton.Config:

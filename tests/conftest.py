@@ -46,9 +46,33 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert not actual.isnan().any(), f"{name}: NaN (an output element was never written)"
     atol, rtol = TOLERANCE[dtype]
+    if not expected.numel():  # an empty batch: the shapes were the comparison
+        return
     bound = atol + rtol * expected.abs().max().item()
-    error = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    error = (actual - expected).abs().max().item()
     assert error <= bound, f"{name}: max error {error:.3g} > {bound:.3g} ({dtype})"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mutated_checkout(tmp_path: Path, path: str, old: str, new: str) -> Path:
+    """A copy of the checkout's packages in tmp_path with `old` replaced by `new` in `path` (once): a mutant
+    for tests that a check catches a planted bug (run Python there with cwd=tmp_path)."""
+    import shutil
+    for folder in ("tritonrnn", "kernels", "perf"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    text = (tmp_path / path).read_text()
+    assert text.count(old) == 1, f"the mutation's anchor is not once in {path}: {old!r}"
+    (tmp_path / path).write_text(text.replace(old, new))
+    return tmp_path
+
+
+def force_layout(monkeypatch, path: str) -> None:
+    """Pin the ops' run-time layout choice (dispatch.launch_choice) to `path`, with the launcher's own config."""
+    from tritonrnn import dispatch
+    monkeypatch.setattr(dispatch, "launch_choice", lambda *args, **kwargs: {"path": path, "config": None})
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -16,7 +16,7 @@ import torch
 import triton
 
 from concurrent_interpreter import concurrent_programs
-from conftest import DEVICE, assert_close, dtype_id
+from conftest import DEVICE, ROOT, assert_close, dtype_id, mutated_checkout
 from tritonrnn import kernels, reference
 from tritonrnn.kernels import cluster, persistent
 
@@ -289,3 +289,49 @@ def test_a_refused_cluster_launch_is_not_offered_again(monkeypatch):
     cluster.remember_refusal(512, torch.bfloat16, gpu)
     assert not cluster.cluster_fits(512, torch.bfloat16, True, gpu)
     assert cluster.cluster_fits(256, torch.bfloat16, True, gpu)  # other shapes are still offered
+
+
+# Counts the cluster form's barriers in the interpreter: the barrier (inline PTX there) replaced by a
+# counter, one program a group (the plain interpreter), both directions and the backward too.
+_COUNT_BARRIERS = """
+import json, torch
+from tritonrnn.kernels import cluster, persistent, recurrence
+calls = []
+cluster.barrier = lambda: calls.append(1)
+T, B, H = 5, 3, 24
+numerics = recurrence._numerics(torch.float64, torch.device("cpu"), False)
+meta = {"BLOCK_B": 16, "BLOCK_N": 16, "K_SPLIT": 1, "num_warps": 4, "num_stages": 1, "BARRIER": "cluster"}
+counts = []
+for backward in (False, True):
+    xw, h0, w = torch.randn(2, T, B, H, dtype=torch.float64), torch.randn(2, B, H, dtype=torch.float64), \\
+        torch.randn(2, H, H, dtype=torch.float64)
+    calls.clear()
+    chosen = persistent.launch(xw, None if backward else h0, w, xw if backward else None, torch.empty_like(xw),
+                               None if backward else torch.empty_like(h0), None, backward=backward, reverse=False,
+                               relu=False, numerics=numerics, meta=meta)
+    counts.append([len(calls), chosen.programs * (T - 1)])
+print(json.dumps(counts))
+"""
+
+
+def _barrier_counts(root) -> list:
+    import json
+    import os
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", _COUNT_BARRIERS], capture_output=True, text=True, timeout=300,
+                            cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_the_cluster_barrier_is_taken_at_every_step(tmp_path):
+    """Issue 24 item 2: every program of the cluster form waits at the cluster barrier once a step, every
+    step but the last (nothing reads the last state), forward and backward: counted in the interpreter,
+    where the barrier is replaced by a counter. (tests/test_static.py checks that the compiled barrier
+    sits in the step loop, unpredicated; not that each step takes it.) A mutated copy that skips every
+    other step's barrier is caught."""
+    assert all(seen == expected > 0 for seen, expected in _barrier_counts(ROOT))
+    mutant = mutated_checkout(tmp_path, "kernels/persistent.py", "        if i < T - 1:  # no barrier after the last",
+                              "        if (i < T - 1) & ((i % 2 == 0) | (BARRIER == 'counter')):  # no barrier after")
+    assert all(seen < expected for seen, expected in _barrier_counts(mutant))

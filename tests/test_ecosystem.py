@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import tritonrnn
-from conftest import DEVICE, EXAMPLES, ON_GPU, assert_close, load_example
-from tritonrnn import dispatch, functional, numerics, ops
+from conftest import DEVICE, EXAMPLES, ON_GPU, assert_close, force_layout, load_example
+from tritonrnn import functional, numerics, ops
 from tritonrnn.kernels import config as configs
 from tritonrnn.kernels import toolchain
 
@@ -89,7 +89,7 @@ def test_compile_traces_no_device_query_and_no_file_read(monkeypatch):
 @pytest.mark.parametrize("lengths", [None, [4, 2, 1]], ids=["dense", "lengths"])
 @pytest.mark.parametrize("path", ["sequence", "persistent", "stepwise"])
 def test_custom_ops_pass_opcheck(path, lengths, monkeypatch):
-    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: path)
+    force_layout(monkeypatch, path)
     torch.manual_seed(0)
     T, B = 4, 3
     xw = torch.randn(T, B, H, dtype=torch.float64, device=DEVICE, requires_grad=True)

@@ -65,6 +65,9 @@ RNN_CALLS = {
     "input-dtype": (lambda: (_t(4, 3, 5, dtype=torch.float64),)),
     "hx-dtype": (lambda: (_t(4, 3, 5), _t(2, 3, 8, dtype=torch.float64))),
     "empty-sequence": (lambda: (_t(0, 3, 5),)),
+    "empty-sequence-and-batch": (lambda: (_t(0, 0, 5),)),
+    "input-size-zero": (lambda: (_t(4, 3, 0),)),
+    "input-size-zero-empty-batch": (lambda: (_t(4, 0, 0),)),
 }
 
 

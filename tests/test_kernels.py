@@ -7,7 +7,7 @@ under test. Then the whole layer's gradients through autograd, and gradcheck in 
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPES, assert_close, dtype_id
+from conftest import DEVICE, DTYPES, assert_close, dtype_id, force_layout
 from tritonrnn import dispatch, functional, kernels, ops, reference
 from tritonrnn.kernels import config as configs
 from tritonrnn.kernels import recurrence
@@ -79,7 +79,7 @@ def test_backward_matches_reference(case, dtype, path, monkeypatch):
                              p["lengths"], reverse)
     lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
     cast = lambda t: t.to(dtype)
-    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: path)  # the op's run-time choice
+    force_layout(monkeypatch, path)  # the op's run-time choice
     dz, dh0, dw_hh = ops.recurrence_backward(cast(grad_out), cast(grad_hn), cast(out), cast(p["h0"]),
                                              cast(p["w_hh"]), lengths, reverse, act == "relu", False)
     assert_close(dz, ref.dz, dtype, "dz")
@@ -114,7 +114,7 @@ def test_layer_gradients_match_reference(case, dtype):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v))
 def test_gradcheck_float64(variant, path, monkeypatch):
     act, reverse, packed = variant
-    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: path)
+    force_layout(monkeypatch, path)
     p = _problem(3, 2, 4, packed, seed=3)
     if packed:
         p["lengths"] = torch.tensor([3, 2], device=DEVICE)
@@ -159,6 +159,43 @@ def test_rnn_layer_without_kernels_says_why(monkeypatch):
     p = _problem(3, 2, 4, False, seed=8)
     with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
         functional.rnn_layer(p["x"], p["h0"], p["w_ih"], p["w_hh"])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("path", recurrence.LAUNCH_PATHS)
+def test_every_launcher_takes_an_empty_batch(path, packed):
+    """B = 0 on every layout (the ops give any of them a batch-0 call, should a choice ever be made for one):
+    empty outputs, h_n the empty h0, one or both directions."""
+    T, H = 3, 8
+    xw, h0, w = torch.randn(T, 0, H, device=DEVICE), torch.randn(0, H, device=DEVICE), torch.randn(H, H, device=DEVICE)
+    lengths = torch.zeros(0, dtype=torch.int32, device=DEVICE) if packed else None
+    out, h_n = kernels.recurrence_forward(xw, h0, w, lengths=lengths, path=path)
+    dz = kernels.recurrence_backward(xw, xw, w, lengths=lengths, path=path)
+    assert out.shape == dz.shape == (T, 0, H) and h_n.shape == (0, H)
+    if path in ("persistent", "cluster"):
+        both = torch.stack([xw, xw])
+        out, h_n = kernels.bidirectional_forward(both, torch.stack([h0, h0]), torch.stack([w, w]), lengths=lengths,
+                                                 path=path)
+        dz = kernels.bidirectional_backward(both, both, torch.stack([w, w]), lengths=lengths, path=path)
+        assert out.shape == dz.shape == (2, T, 0, H) and h_n.shape == (2, 0, H)
+
+
+def test_ops_run_an_empty_batch_without_choosing_a_layout(monkeypatch):
+    """The custom ops take B = 0 before the dispatcher (the cost model has no rows to weigh): forward and
+    backward of one and of both directions, whichever layout the dispatcher would have taken."""
+    monkeypatch.setattr(dispatch, "launch_choice", lambda *args: pytest.fail("a layout was chosen for batch 0"))
+    T, H = 3, 8
+    xw, h0, w = torch.randn(T, 0, H, device=DEVICE), torch.randn(0, H, device=DEVICE), torch.randn(H, H, device=DEVICE)
+    out, h_n = ops.recurrence(xw, h0, w, None, False, False, False)
+    dz, dh0, dw_hh = ops.recurrence_backward(xw, h0, out, h0, w, None, False, False, False)
+    assert out.shape == dz.shape == (T, 0, H) and h_n.shape == dh0.shape == (0, H)
+    assert torch.equal(dw_hh, torch.zeros(H, H, device=DEVICE))
+    both = lambda t: torch.stack([t, t])  # noqa: E731
+    out, h_n = ops.bidirectional_recurrence(both(xw), both(h0), both(w), None, False, False)
+    dz, dh0, dw_hh = ops.bidirectional_recurrence_backward(both(xw), both(h0), out, both(h0), both(w), None, False,
+                                                           False)
+    assert out.shape == dz.shape == (2, T, 0, H) and h_n.shape == dh0.shape == (2, 0, H)
+    assert torch.equal(dw_hh, torch.zeros(2, H, H, device=DEVICE))
 
 
 def test_launcher_rejects_bad_shapes():

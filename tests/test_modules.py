@@ -77,6 +77,41 @@ def test_rnn_matches_torch(config, with_h0, dtype):
     _compare(_run(ours, x, h0, g, g_n, dtype), _run(oracle, x, h0, g, g_n, torch.float64), dtype)
 
 
+@pytest.mark.parametrize("with_h0", [False, True], ids=["no-h0", "h0"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_rnn_empty_batch_as_torch(config, with_h0):
+    """Batch 0 (Opacus's Poisson sampling draws such batches; torch's test_RNN_input_size_zero): empty
+    outputs of torch's shapes, and a backward that gives torch's empty and zero gradients."""
+    kwargs = CONFIGS[config]
+    ours, oracle = _pair(torch.float64, **kwargs)
+    T, D, L = 4, 2 if kwargs.get("bidirectional") else 1, kwargs.get("num_layers", 1)
+    shape = (0, T, I) if kwargs.get("batch_first") else (T, 0, I)
+    x = torch.randn(*shape, dtype=torch.float64, device=DEVICE)
+    h0 = torch.randn(L * D, 0, H, dtype=torch.float64, device=DEVICE) if with_h0 else None
+    g = torch.randn(*shape[:2], D * H, dtype=torch.float64, device=DEVICE)
+    g_n = torch.randn(L * D, 0, H, dtype=torch.float64, device=DEVICE)
+    _compare(_run(ours, x, h0, g, g_n, torch.float64), _run(oracle, x, h0, g, g_n, torch.float64), torch.float64)
+
+
+@pytest.mark.parametrize(("batch", "input_size"), [(0, I), (3, 0)], ids=["batch-0", "input_size-0"])
+def test_rnn_cell_degenerate_shapes_as_torch(batch, input_size):
+    """A cell takes batch 0 and (unlike torch.nn.RNN, as torch.nn.RNNCell) input_size 0."""
+    torch.manual_seed(0)
+    oracle = nn.RNNCell(input_size, H).double().to(DEVICE)
+    ours = tritonrnn.RNNCell(input_size, H, device=DEVICE, dtype=torch.float64)
+    ours.load_state_dict(oracle.state_dict())
+    x0 = torch.randn(batch, input_size, dtype=torch.float64, device=DEVICE)
+    h00, g = (torch.randn(batch, H, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    results = []
+    for module in (ours, oracle):
+        x, h0 = x0.clone().requires_grad_(), h00.clone().requires_grad_()
+        out = module(x, h0)
+        (out * g).sum().backward()
+        results.append({"out": out, "dx": x.grad, "dh0": h0.grad,
+                        **{f"d{n}": p.grad for n, p in module.named_parameters()}})
+    _compare(*results, torch.float64)
+
+
 @pytest.mark.parametrize("config", ["default", "2layers", "bidirectional"])
 def test_rnn_unbatched(config):
     ours, oracle = _pair(torch.float64, **CONFIGS[config])

@@ -23,8 +23,8 @@ import torch
 import triton
 
 from concurrent_interpreter import CONCURRENT_CAPACITY, concurrent_programs
-from conftest import DEVICE, assert_close, dtype_id
-from tritonrnn import dispatch, kernels, ops, reference
+from conftest import DEVICE, ROOT, assert_close, dtype_id, force_layout, mutated_checkout
+from tritonrnn import kernels, ops, reference
 from tritonrnn.kernels import persistent
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's concurrent harness")
@@ -93,7 +93,7 @@ def test_backward_with_concurrent_programs_matches_reference(variant, dtype, mon
     config = _config(k_split)
     launch = kernels.recurrence_backward
     monkeypatch.setattr(kernels, "recurrence_backward", lambda *args, **kw: launch(*args, **kw, config=config))
-    monkeypatch.setattr(dispatch, "kernel_path", lambda *args, **kwargs: "persistent")  # the op's choice
+    force_layout(monkeypatch, "persistent")  # the op's choice
     cast = lambda t: t.to(dtype)  # noqa: E731
     lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
     with concurrent_programs(seed=2):
@@ -469,7 +469,7 @@ def compiled_for_hopper():
         pytest.skip("this triton has no bundled NVIDIA toolchain")
     code = ("import json, torch; from tritonrnn.perf import static; "
             "r = static.compile_kernel('persistent', torch.bfloat16, 256, 1001, lengths=True, asm=True); "
-            "print(json.dumps({k: r[k] for k in ('ptx', 'registers', 'stack_bytes', 'mma')}))")
+            "print(json.dumps({k: r[k] for k in ('ptx', 'ring_param', 'registers', 'stack_bytes', 'mma')}))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                             cwd=Path(__file__).resolve().parents[1])
@@ -499,16 +499,107 @@ def test_barrier_order_in_the_compiled_ptx(compiled_for_hopper):
     around the wait, or with plain state loads is reported."""
     from tritonrnn.perf import static
     ptx = compiled_for_hopper["ptx"]
-    assert static.barrier_order_problems(ptx) == []
-    relaxed = static.barrier_order_problems(re.sub(r"\.(release|acquire)\b", ".relaxed", ptx))
+    problems = lambda text: static.barrier_order_problems(text, compiled_for_hopper["ring_param"])  # noqa: E731
+    assert problems(ptx) == []
+    relaxed = problems(re.sub(r"\.(release|acquire)\b", ".relaxed", ptx))
     assert any("release" in p for p in relaxed) and any("acquire" in p for p in relaxed), relaxed
-    unsynced = static.barrier_order_problems(_without_group_barrier_syncs(ptx))
+    unsynced = problems(_without_group_barrier_syncs(ptx))
     assert unsynced == ["no CTA barrier before the arrival", "no CTA barrier after the acquire"], unsynced
-    plain = static.barrier_order_problems(ptx.replace("ld.global.cg", "ld.global"))
-    assert plain == ["no state load bypassing L1 (ld.global.cg)"], plain
-    per_thread = static.barrier_order_problems(re.sub(r"atom\.global\.gpu\.relaxed\.or\.b32", "ld.global.relaxed.b32",
-                                                      ptx))
-    assert per_thread == ["the time limit is decided by each thread's clock, not through the poll's atomic"], per_thread
+    plain = problems(ptx.replace("ld.global.cg", "ld.global"))
+    assert plain and all("stale L1" in p for p in plain), plain
+
+
+# Variants that compile a different branch of the state loads: K_SPLIT 1 and > 1, forward and backward,
+# with and without lengths (fp16, H = 256: a few seconds each).
+BRANCH_VARIANTS = [dict(backward=backward, lengths=lengths, k_split=k_split)
+                   for k_split in (1, 4) for backward in (False, True) for lengths in (False, True)]
+_COMPILE = """
+import json, sys, torch, triton
+from concurrent.futures import ProcessPoolExecutor
+from tritonrnn.perf import static
+
+def compile(variant):
+    config = static.default_config("persistent", 64, 256, torch.float16)
+    config = triton.Config({**config.kwargs, "K_SPLIT": variant["k_split"]}, num_warps=config.num_warps,
+                           num_stages=config.num_stages)
+    r = static.compile_kernel("persistent", torch.float16, 64, 256, backward=variant["backward"],
+                              lengths=variant["lengths"], config=config, asm=True)
+    return {"variant": variant, **{k: r[k] for k in ("ptx", "ring_param", "barrier_problems")}}
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(2) as pool:
+        print(json.dumps(list(pool.map(compile, json.loads(sys.argv[1])))))
+"""
+
+
+def _compile_variants(root: Path, variants: list) -> list:
+    """static.compile_kernel of the persistent kernel in the checkout at `root`, per variant of BRANCH_VARIANTS'
+    form: its PTX, ring_param and barrier_problems (a subprocess without TRITON_INTERPRET)."""
+    from tritonrnn.perf import static
+    if not static.available():
+        pytest.skip("this triton has no bundled NVIDIA toolchain")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(variants)], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def compiled_branches():
+    return _compile_variants(ROOT, BRANCH_VARIANTS)
+
+
+def test_every_state_load_of_every_branch_bypasses_l1(compiled_branches):
+    """Issue 24 item 2: each load of state other programs wrote is .cg in every variant, not one load
+    anywhere: each made plain alone is reported; a row's re-read of its own columns (forward with
+    lengths: the address depends on program_id(0)) is no such load and may stay plain."""
+    from tritonrnn.perf import static
+    for compiled in compiled_branches:
+        ptx, ring, variant = compiled["ptx"], compiled["ring_param"], compiled["variant"]
+        assert compiled["barrier_problems"] == [], variant
+        loads = static.state_loads(ptx, ring)
+        assert len(loads) >= 1 and all(opcode.startswith("ld.global.cg") for _, opcode in loads), (variant, loads)
+        lines = ptx.splitlines()
+        for number, _ in loads:
+            plain = "\n".join(line.replace("ld.global.cg", "ld.global") if n == number - 1 else line
+                              for n, line in enumerate(lines))
+            assert static.barrier_order_problems(plain, ring) == [
+                f"a state load that may hit a stale L1 line (line {number}: "
+                f"{lines[number - 1].split()[1].replace('.cg', '')}, not .cg)"], (variant, number)
+        own = [n for n, line in enumerate(lines) if "ld.global.cg" in line and n + 1 not in dict(loads)]
+        assert bool(own) == (variant["lengths"] and not variant["backward"]), (variant, own)
+        plain_own = "\n".join(line.replace("ld.global.cg", "ld.global") if n in own else line
+                              for n, line in enumerate(lines))
+        assert static.barrier_order_problems(plain_own, ring) == [], variant
+
+
+# The review's planted bug: the wait's loop also ends on a value each thread takes from its own clock.
+_PER_THREAD_EXIT = ("        while (failed == 0) & (seen < target):\n",
+                    "        mine = 0\n        while (failed == 0) & (seen < target) & (mine == 0):\n"
+                    "            mine = (_clock(polls, TIMER) % 2).to(tl.int32)\n")
+
+
+def test_a_wait_that_ends_on_each_threads_clock_is_reported(compiled_branches, tmp_path):
+    """Issue 24 item 2: the poll loop's exit followed through the PTX's data flow. The kernel's branches
+    depend on the broadcast poll and the counter only; the review's mutation (`& (mine == 0)`, `mine` from
+    %globaltimer inside the loop: a per-thread branch between two bar.sync) compiled from a mutated copy
+    is reported, as is the poll's broadcast bypassed in the PTX."""
+    from tritonrnn.perf import static
+    assert all(static.clock_branch_problems(c["ptx"]) == [] for c in compiled_branches)
+    mutant = _compile_variants(mutated_checkout(tmp_path, "kernels/persistent.py", *_PER_THREAD_EXIT),
+                               BRANCH_VARIANTS[:1])[0]
+    assert mutant["barrier_problems"] and all("%globaltimer" in p for p in mutant["barrier_problems"]), mutant[
+        "barrier_problems"]
+    # The poll's value taken from the thread's own load (each thread's address holds its own clock's
+    # verdict) instead of the broadcast: the exit depends on that thread's clock.
+    ptx = compiled_branches[0]["ptx"]
+    loaded = re.search(r"@%p\d+ ld\.global\.gpu\.relaxed\.b32 (%r\d+), \[ (%rd\d+) \+ 0 \];", ptx.split(
+        "%globaltimer", 2)[2])
+    assert loaded, "no poll after the loop's clock read"
+    bypassed = re.sub(r"ld\.shared\.b32 \t?(%r\d+), \[global_smem\+\d+\];",
+                      lambda m: f"ld.global.b32 {m.group(1)}, [ {loaded.group(2)} + 0 ];", ptx)
+    assert any("%globaltimer" in p for p in static.clock_branch_problems(bypassed))
 
 
 def test_hidden_sizes_off_16_load_in_vectors_without_spills(compiled_for_hopper):

@@ -146,28 +146,31 @@ def test_rnn_cell_per_sample_grads_match_dprnn_cell():
         assert_close(actual[mine], expected[theirs], F64, mine)
 
 
+def _private_training(engine, mode: str, samples: int, batch_size: int, lr: float, **options) -> tuple:
+    """A learnable task for Model(tritonrnn.RNN) made private by `engine` in `mode` ("hooks" or "ghost"):
+    the layer, and make_private's model, optimizer, criterion and data loader."""
+    torch.manual_seed(0)
+    rnn = tritonrnn.RNN(I, H, batch_first=True, dtype=F64, device=DEVICE)
+    model = Model(rnn)
+    x = torch.randn(samples, T, I, dtype=F64, device=DEVICE)
+    y = (x.sum((1, 2)) > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+    assert ModuleValidator.is_valid(model)
+    options.update(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), data_loader=loader,
+                   noise_multiplier=0.1, max_grad_norm=1.0)
+    if mode == "ghost":
+        return rnn, *engine.make_private(**options, criterion=nn.CrossEntropyLoss(), grad_sample_mode="ghost")
+    model, optimizer, loader = engine.make_private(**options)
+    return rnn, model, optimizer, nn.CrossEntropyLoss(), loader
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_privacy_engine_trains_a_tritonrnn_model(mode):
     """PrivacyEngine.make_private keeps the layer (the validator accepts it), clips and noises the per-sample
     gradients of the kernels, and a few steps lower the loss of a learnable task."""
-    torch.manual_seed(0)
-    rnn = tritonrnn.RNN(I, H, batch_first=True, dtype=F64, device=DEVICE)
-    model = Model(rnn)
-    x = torch.randn(8, T, I, dtype=F64, device=DEVICE)
-    y = (x.sum((1, 2)) > 0).long()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    assert ModuleValidator.is_valid(model)
     engine = PrivacyEngine()
-    criterion = nn.CrossEntropyLoss()
-    if mode == "ghost":
-        model, optimizer, criterion, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion, noise_multiplier=0.1,
-            max_grad_norm=1.0, grad_sample_mode="ghost", poisson_sampling=False)
-    else:
-        model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                       noise_multiplier=0.1, max_grad_norm=1.0,
-                                                       poisson_sampling=False)
+    rnn, model, optimizer, criterion, loader = _private_training(engine, mode, samples=8, batch_size=4, lr=0.5,
+                                                                 poisson_sampling=False)
     assert type(model._module.rnn) is tritonrnn.RNN
     losses = []
     for _ in range(3):
@@ -180,6 +183,22 @@ def test_privacy_engine_trains_a_tritonrnn_model(mode):
     assert rnn.weight_hh_l0.grad is not None and not rnn.weight_hh_l0.grad.isnan().any()
     assert losses[-1] < losses[0]
     assert 0 < engine.get_epsilon(delta=1e-5) < float("inf")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_poisson_sampling_trains_through_empty_batches(mode):
+    """Opacus's default Poisson sampling draws empty batches (batch_size=1 on 32 samples: about a third of
+    them); training runs through them as with Opacus's DPRNN: the layer and its samplers take B = 0."""
+    rnn, model, optimizer, criterion, loader = _private_training(PrivacyEngine(), mode, samples=32, batch_size=1,
+                                                                 lr=0.1)
+    sizes = []
+    for xb, yb in loader:
+        sizes.append(len(xb))
+        optimizer.zero_grad()
+        criterion(model(xb), yb).backward()
+        optimizer.step()
+    assert 0 in sizes and max(sizes) > 0, sizes
+    assert all(p.isfinite().all() for p in rnn.parameters())
 
 
 def test_validator_refuses_dropout_between_layers():

@@ -104,7 +104,7 @@ def _check_lengths(lengths: Tensor, T: int, B: int) -> None:
 
 def _project(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
     """x W_ih^T + b_ih + b_hh for all timesteps: one GEMM over every row of x."""
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.flatten(0, -2)  # not reshape(-1, I): an RNNCell's input_size may be 0, as in torch
     xw = flat @ w_ih.T if b_ih is None else torch.addmm(b_ih + b_hh, flat, w_ih.T)
     return xw.view(*x.shape[:-1], w_ih.shape[0])
 

@@ -41,6 +41,8 @@ def _launch(sequence: Tensor, direction: str, allow_tf32: bool, directions: int 
     time (`directions` = 2: both directions of a layer in one launch; dispatch.launch_choice): its
     path, and its config where one was chosen (else the launcher's own)."""
     T, B, H = sequence.shape[-3:]
+    if B == 0:  # no rows, nothing to compute or to choose for: every launcher returns empty outputs at once
+        return {"path": "stepwise"}
     choice = dispatch.launch_choice(T, H, sequence.dtype, B, sequence.device, direction, allow_tf32, directions)
     return {k: v for k, v in choice.items() if v is not None}
 
