@@ -433,6 +433,21 @@ def persistent_fit(variants: list, limits: persistent.SMLimits = persistent.SMLi
     return rows
 
 
+def summary(variants: list) -> str:
+    """One line per path of the default variants: how many, spilled, FMA-only, on wgmma / mma.sync,
+    registers, and any barrier problem: what CI prints under each Triton release."""
+    lines = [f"Triton {triton.__version__}, sm_90, default variants:"]
+    for path in dict.fromkeys(v["path"] for v in variants if v["role"] == "default"):
+        rows = [v for v in variants if v["role"] == "default" and v["path"] == path]
+        wgmma = sum(any(m.startswith("wgmma") for m in v["mma"]) for v in rows)
+        registers = [v["registers"] for v in rows]
+        lines.append(f"  {path:10s} {len(rows):3d} variants, {sum(v['stack_bytes'] > 0 for v in rows)} spill, "
+                     f"{sum(bool(v['fma_only']) for v in rows)} FMA-only, {wgmma} wgmma, "
+                     f"{sum(bool(v['mma']) for v in rows) - wgmma} mma.sync, registers {min(registers)}-{max(registers)}, "
+                     f"{sum(bool(v.get('barrier_problems')) for v in rows)} with barrier problems")
+    return "\n".join(lines)
+
+
 def fit_table(rows: list) -> str:
     """persistent_fit's rows as the markdown table of perf/NOTES.md."""
     lines = ["| dtype | H | B | BLOCK_B x BLOCK_N, K_SPLIT, warps | regs | shared | per SM | capacity "

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from tritonrnn.kernels import cluster
 from tritonrnn.kernels import config as configs
@@ -24,7 +26,12 @@ def compiled():
     result = subprocess.run([sys.executable, "-m", "tritonrnn.perf.static"], env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    variants = [json.loads(line) for line in result.stdout.splitlines()]
+    if os.environ.get("TRITONRNN_STATIC_SUMMARY"):  # CI prints it under each Triton release
+        summary = Path(os.environ["TRITONRNN_STATIC_SUMMARY"])
+        summary.write_text(static.summary(variants) + "\n")
+        summary.with_name(f"{summary.stem}-{triton.__version__}.jsonl").write_text(result.stdout)
+    return variants
 
 
 def _table(variants) -> str:
