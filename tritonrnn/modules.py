@@ -34,7 +34,10 @@ class _Tritonrnn:
         return hook
 
     def register_forward_hook(self, hook, **kwargs):
-        return super().register_forward_hook(self._adapted(hook, "forward"), **kwargs)
+        hook = self._adapted(hook, "forward")
+        if getattr(hook, "with_kwargs", False):  # an adapted hook that reads hx passed by keyword
+            kwargs["with_kwargs"] = True
+        return super().register_forward_hook(hook, **kwargs)
 
     def register_full_backward_hook(self, hook, prepend: bool = False):
         return super().register_full_backward_hook(self._adapted(hook, "full_backward"), prepend=prepend)
