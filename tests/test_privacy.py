@@ -3,7 +3,11 @@ Opacus's own DPRNN / DPRNNCell (the same weights, float64), per-sample gradient 
 against the norms of the materialised per-sample gradients, and PrivacyEngine training runs.
 """
 import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from opacus.validators import ModuleValidator  # noqa: E402
 import tritonrnn  # noqa: E402
 from conftest import DEVICE, assert_close  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 B, T, I, H = 3, 4, 3, 5
 F64 = torch.float64
 
@@ -232,6 +237,26 @@ def test_privacy_engine_trains_a_tritonrnn_model(mode):
     assert rnn.weight_hh_l0.grad is not None and not rnn.weight_hh_l0.grad.isnan().any()
     assert losses[-1] < losses[0]
     assert 0 < engine.get_epsilon(delta=1e-5) < float("inf")
+
+
+@pytest.mark.parametrize("first", ["tritonrnn", "opacus"])
+def test_opacus_support_needs_only_import_tritonrnn(first):
+    """A fresh process that imports tritonrnn and Opacus, in either order, and nothing else of tritonrnn:
+    Opacus's validator flags dropout between layers (PrivacyEngine refuses the model before training) and
+    knows the layers' grad samplers."""
+    imports = ["import tritonrnn", "import opacus"]
+    code = "\n".join(["import os, sys", "os.environ.setdefault('TRITON_INTERPRET', '1')",
+                      *(imports if first == "tritonrnn" else imports[::-1]),
+                      "from opacus import GradSampleModule",
+                      "from opacus.validators import ModuleValidator",
+                      "errors = ModuleValidator.validate(tritonrnn.RNN(3, 5, num_layers=2, dropout=0.3))",
+                      "assert len(errors) == 1 and 'dropout' in str(errors[0]), errors",
+                      "assert ModuleValidator.validate(tritonrnn.RNN(3, 5, num_layers=2)) == []",
+                      "assert tritonrnn.RNN in GradSampleModule.GRAD_SAMPLERS",
+                      "print('ok')"])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_validator_refuses_dropout_between_layers():

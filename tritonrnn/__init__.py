@@ -12,6 +12,9 @@ from tritonrnn import functional, onnx, reference
 from tritonrnn.dispatch import backend, kernel_path
 from tritonrnn.modules import RNN, RNNCell, convert, unconvert
 from tritonrnn.lm import ElmanLM
+from tritonrnn import _opacus
+
+_opacus.install()  # Opacus's grad samplers and validator for the layers, once Opacus is imported
 
 __version__ = "0.1.0"
 __all__ = ["ElmanLM", "RNN", "RNNCell", "backend", "convert", "functional", "kernel_path", "reference", "unconvert"]

@@ -5,9 +5,8 @@ Dimensions: T steps, B batch (the samples), I input, H hidden, L layers, D direc
 
 Importing this module registers, in Opacus's public registries, a grad sampler for both layers (Opacus's
 default "hooks" mode), a norm sampler for RNN (ghost clipping, grad_sample_mode="ghost") and a validator
-(dropout). tritonrnn imports it by itself when Opacus attaches its hooks to a layer (Opacus takes seconds
-to import, so tritonrnn does not import it up front); import it before PrivacyEngine.make_private for the
-validator to run there.
+(dropout). `import tritonrnn` imports it as soon as Opacus is imported, in either order
+(tritonrnn/_opacus.py: Opacus takes seconds to import, so tritonrnn never imports it itself).
 
 How Opacus's hooks meet the layers. Opacus hands a grad sampler the module's forward inputs and the
 gradient of its first output only; tritonrnn.RNN returns (output, h_n), and the loss may use both. So the
