@@ -216,8 +216,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     On CUDA (and on the CPU under TRITON_INTERPRET=1) it runs the chunked Triton path; elsewhere, and
     under ONNX export (which translates it to ONNX's own cross-entropy), F.cross_entropy(F.linear(...))
     itself, and so for what torch accepts beyond the chunked path's arguments: class probabilities as
-    target ([N, V], floating), a per-row bias [N, V], one row h [H] with a 1-D target. Errors are torch's for the same arguments (an out-of-range target raises
-    IndexError on every device: checking costs one device sync).
+    target ([N, V], floating), a per-row bias [N, V], one row h [H] with a 1-D target. Errors are torch's
+    for the same arguments (an out-of-range target raises IndexError on every device: checking costs one
+    device sync).
     """
     if backend(h.device) == "torch" or torch.onnx.is_in_onnx_export():  # ONNX has its own: both exporters
         return F.cross_entropy(F.linear(h, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
