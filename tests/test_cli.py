@@ -278,3 +278,28 @@ def test_results_field_of_the_wrong_type_names_the_file_and_field(field, value, 
     _fails_with(["report", "--results", str(path), "--out-dir", str(tmp_path)], capsys,
                 f"{path}: row 5 ({data['rows'][5]['case']}), field {field!r} is {value!r}, not ")
     assert not (tmp_path / "REPORT.md").exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _command(*argv, interpret=True, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    """`python -m tritonrnn.cli ARGV` in a fresh process, on this checkout's code, as a user's shell runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "tritonrnn.cli", *argv], env=env, capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's refusal; a GPU runs these shapes")
+def test_bench_under_the_interpreter_refuses_oversize_shapes(tmp_path):
+    """One line and status 2 before any work, as --output-layer's refusal (T4096-B256-H2048 was killed by the
+    out-of-memory killer at 23.6 GB); a small shape stays accepted (checked without running it)."""
+    result = _command("bench", "--shapes", "T16-B16-H64", "T4096-B16-H64", "--out-dir", str(tmp_path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "T4096-B16-H64" in result.stderr and "within" in result.stderr
+    assert not list(tmp_path.iterdir())
+    cases = cli._cases(cli.build_parser().parse_args(["bench", "--shapes", "T64-B16-H128", "T8-B2-H16-L2-bidir"]))
+    assert cli._bench_device(cli.build_parser().parse_args(["bench", "--shapes", "x"]), cases).type == "cpu"

@@ -97,8 +97,8 @@ def _cases(args):
         raise UsageError(exc) from None
 
 
-def _bench_device(args) -> torch.device:
-    """The device bench runs on, or a UsageError saying why there is none that makes sense."""
+def _bench_device(args, cases) -> torch.device:
+    """The device bench runs `cases` on, or a UsageError saying why there is none that makes sense."""
     from tritonrnn.dispatch import interpreter_enabled
 
     if torch.cuda.is_available():
@@ -109,7 +109,16 @@ def _bench_device(args) -> torch.device:
     if not args.shapes and args.grid != "smoke":
         raise UsageError(f"--grid {args.grid} under the interpreter (TRITON_INTERPRET=1) would take hours; use "
                          "--grid smoke (or small --shapes) to check the harness on the CPU")
+    for case in cases:
+        states = case.seq_len * case.batch * case.hidden * case.layers * (1 + case.bidirectional)
+        if states > INTERPRETER_MAX_STATES:
+            raise UsageError(f"T{case.seq_len}-B{case.batch}-H{case.hidden} x {case.layers} layer(s) x "
+                             f"{1 + case.bidirectional} direction(s) under the interpreter would take hours; keep "
+                             f"T x B x H x layers x directions within {INTERPRETER_MAX_STATES} (e.g. T64-B16-H128)")
     return torch.device("cpu")
+
+
+INTERPRETER_MAX_STATES = 1 << 17  # T x B x H x layers x directions the interpreter benchmarks in about a minute
 
 
 OUTPUT_LAYER_ROWS = (8192, 16384, 32768)
@@ -144,7 +153,7 @@ def _bench(args) -> int:
     if args.output_layer is not None:
         return _bench_output_layer(args)
     cases = _cases(args)
-    device = _bench_device(args)
+    device = _bench_device(args, cases)
     if not args.autotune:
         _no_autotuning()
     out_dir = args.out_dir or output_dir("results")
