@@ -188,6 +188,8 @@ def test_installed_copy_writes_to_the_current_directory_not_site_packages(tmp_pa
     (results,) = work.glob("*-smoke.json")
     assert f"results: {results}" in out
     out = cli_run("report", "--no-bench")  # where bench wrote, not the installed package's perf/results
+    assert out.startswith(f"skipped 1 CPU run(s), not measurements (the newest: {results})")  # the prediction
+    out = cli_run("report", "--no-bench", "--results", str(results))
     assert out.startswith(f"rendered {work / 'REPORT.md'} from {results}")
     after = sorted(p.relative_to(target) for p in target.rglob("*") if "__pycache__" not in p.parts)
     assert after == before
@@ -303,3 +305,30 @@ def test_bench_under_the_interpreter_refuses_oversize_shapes(tmp_path):
     assert not list(tmp_path.iterdir())
     cases = cli._cases(cli.build_parser().parse_args(["bench", "--shapes", "T64-B16-H128", "T8-B2-H16-L2-bidir"]))
     assert cli._bench_device(cli.build_parser().parse_args(["bench", "--shapes", "x"]), cases).type == "cpu"
+
+
+@pytest.mark.skipif(ON_GPU, reason="a CPU (interpreter) smoke run")
+def test_report_after_a_cpu_smoke_bench_renders_the_prediction(tmp_path):
+    """The README's smoke bench, then `tritonrnn report`: a CPU run is no report's source unless named with
+    --results (report renders the prediction and says it skipped the run); --prediction renders the
+    prediction whatever results exist. A checkout's CPU runs go to perf/smoke/, ignored by git, not to
+    perf/results/ (committed GPU results); PREDICTION.md is ignored as REPORT.md is."""
+    smoke, out = tmp_path / "smoke", tmp_path / "out"
+    result = _command("bench", "--grid", "smoke", "--providers", "torch-native", "--modes", "inference",
+                      "--no-profile", "--out-dir", str(smoke), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = smoke.glob("*-smoke.json")
+    result = _command("report", "--results-dir", str(smoke), "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skipped 1 CPU run(s), not measurements (the newest: {run})" in result.stdout
+    assert "a PREDICTION" in result.stdout and (out / "PREDICTION.md").exists() and not (out / "REPORT.md").exists()
+    result = _command("report", "--results", str(run), "--out-dir", str(out))
+    assert result.returncode == 0 and result.stdout.startswith(f"rendered {out / 'REPORT.md'} from {run}")
+    (out / "PREDICTION.md").unlink()
+    result = _command("report", "--prediction", "--out-dir", str(out))
+    assert result.returncode == 0 and (out / "PREDICTION.md").exists(), result.stderr[-2000:]
+    assert cli._bench_out_dir() == ROOT / "perf" / "smoke"
+    if shutil.which("git") and (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "perf/smoke/x-smoke.json", "perf/PREDICTION.md"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.split()
+        assert ignored == ["perf/smoke/x-smoke.json", "perf/PREDICTION.md"]

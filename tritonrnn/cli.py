@@ -128,7 +128,7 @@ INTERPRETER_MAX_LOGITS = 1 << 22  # rows x vocabulary the interpreter gets throu
 def _bench_output_layer(args) -> int:
     """The fused output layer against F.cross_entropy(F.linear(...)): time and peak memory."""
     from tritonrnn.dispatch import interpreter_enabled
-    from tritonrnn.perf import output_dir, output_layer
+    from tritonrnn.perf import output_layer
 
     rows = args.output_layer or OUTPUT_LAYER_ROWS
     if not torch.cuda.is_available():
@@ -138,7 +138,7 @@ def _bench_output_layer(args) -> int:
         if max(rows) * args.vocab > INTERPRETER_MAX_LOGITS:
             raise UsageError(f"{max(rows)} rows x {args.vocab} classes under the interpreter would take hours; "
                              f"keep rows x vocabulary within {INTERPRETER_MAX_LOGITS}")
-    out_dir = args.out_dir or output_dir("results")
+    out_dir = args.out_dir or _bench_out_dir()
     results, path = output_layer.run_to_file(out_dir, args.command_line, dtypes=args.dtypes or ("bfloat16",),
                                              rows=rows, vocab=args.vocab, hidden=args.hidden)
     print(output_layer.format_rows(results))
@@ -147,8 +147,17 @@ def _bench_output_layer(args) -> int:
     return 1 if failed else 0
 
 
+def _bench_out_dir() -> Path:
+    """Where bench writes by default: perf/results/ (measured GPU results, committed) from a checkout on a GPU;
+    a CPU run (the interpreter: a check of the harness, not a measurement) goes to perf/smoke/, ignored by git;
+    an installed copy writes into the current directory."""
+    from tritonrnn.perf import output_dir
+
+    return output_dir("results" if torch.cuda.is_available() else "smoke")
+
+
 def _bench(args) -> int:
-    from tritonrnn.perf import bench, output_dir
+    from tritonrnn.perf import bench
 
     if args.output_layer is not None:
         return _bench_output_layer(args)
@@ -156,7 +165,7 @@ def _bench(args) -> int:
     device = _bench_device(args, cases)
     if not args.autotune:
         _no_autotuning()
-    out_dir = args.out_dir or output_dir("results")
+    out_dir = args.out_dir or _bench_out_dir()
     results, path = bench.run_to_file(cases, "custom" if args.shapes else args.grid, out_dir, device=device,
                                       modes=args.modes, providers=args.providers, command=args.command_line,
                                       profile=not args.no_profile)
@@ -243,11 +252,28 @@ def _stamp(path: Path) -> tuple:
     return ("".join(match.groups()) if match else "", path.name)
 
 
-def _newest_results(dirs) -> tuple[list, list]:
-    """([the newest grid results file], [the newest output-layer results file]) in these folders."""
+def _cpu_run(path: Path) -> bool:
+    """Whether a results file is a CPU run (the interpreter's check of the harness, not a measurement)."""
+    import json
+
+    try:
+        rows = json.loads(path.read_text()).get("rows") or []
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    return any(isinstance(r, dict) and str(r.get("gpu") or r.get("device") or "").startswith("cpu") for r in rows)
+
+
+def _newest_results(dirs, quiet: bool = False) -> tuple[list, list]:
+    """([the newest grid results file], [the newest output-layer results file]) in these folders. CPU runs
+    are no report's source unless named with --results: they are skipped, with a note."""
     from tritonrnn.perf import output_layer
 
     files = [p for d in dirs if d.is_dir() for p in d.glob("*.json")]
+    cpu = [p for p in files if _cpu_run(p)]
+    if cpu and not quiet:
+        print(f"skipped {len(cpu)} CPU run(s), not measurements (the newest: {max(cpu, key=_stamp)}); "
+              f"--results FILE renders one")
+    files = [p for p in files if p not in cpu]
     layer = [p for p in files if output_layer.is_results_file(p)]
     grid_files = [p for p in files if p not in layer]
     return sorted(grid_files, key=_stamp)[-1:], sorted(layer, key=_stamp)[-1:]
@@ -277,12 +303,16 @@ def _report(args) -> int:
     from tritonrnn.perf import bench, grid, output_dir, output_layer, report
 
     _check_results_paths(args)
+    if args.prediction:
+        if args.results or args.results_dir:
+            raise UsageError("--prediction renders the cost model's plan: no --results or --results-dir with it")
+        return _report_prediction(args)
     dirs = _results_dirs(args)
     sources = list(args.results)
     if not sources and torch.cuda.is_available() and not args.no_bench:
         _no_autotuning()
         _, path = bench.run_to_file(grid.quick_grid(), "quick", output_dir("results"), command=args.command_line)
-        sources = ([path] if path else []) + _newest_results(dirs)[1]
+        sources = ([path] if path else []) + _newest_results(dirs, quiet=True)[1]
     if not sources:
         sources = [path for newest in _newest_results(dirs) for path in newest]
     if not sources:
@@ -407,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where REPORT.md and plots/ go (default: the checkout's perf/ when run from a "
                              "checkout, else the current directory)")
     report.add_argument("--no-bench", action="store_true", help="with a GPU: render without measuring first")
+    report.add_argument("--prediction", action="store_true",
+                        help="render the cost model's prediction (PREDICTION.md) even where results exist")
     report.set_defaults(run=_report)
     return parser
 
