@@ -43,7 +43,7 @@ def text(rows: list) -> str:
                    f"({_config_text(r['config'])}) {r['predicted_us']:.2f} us a step; cuDNN {r['cudnn_algorithm']} "
                    f"{r['cudnn_predicted_us']:.2f} us; predicted speedup {r['predicted_speedup']:.2f}x")
         for c in r["candidates"]:
-            verdict = f"{c['predicted_us']:.2f} us" if c["fits"] else f"does not fit: {c['why']}"
+            verdict = f"{c['predicted_us']:.2f} us" if c["fits"] else f"not taken: {c['why']}"
             out.append(f"    {c['layout']:10s} {_config_text(c['config']):24s} {verdict}")
     return "\n".join(out)
 
@@ -67,12 +67,35 @@ def markdown_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+PREDICTED = ("predicted_us", "cudnn_predicted_us")  # the step times (configs may tie-break apart)
+
+
 def headline(rows: list) -> dict:
-    """How many cell-directions the chosen layout is predicted to win (speedup >= 1), and which lose."""
+    """How many cell-directions the chosen layout is predicted to win (speedup >= 1), and which lose; how
+    many cells (shapes) they are, and in how many the backward's prediction is the forward's."""
     losing = [r for r in rows if r["predicted_speedup"] < 1.0]
+    by_cell = {}
+    for r in rows:
+        by_cell.setdefault((r["dtype"], r["seq_len"], r["batch"], r["hidden"]), []).append(r)
+    identical = [pair for pair in by_cell.values()
+                 if len(pair) == 2 and all(pair[0][key] == pair[1][key] for key in PREDICTED)]
     return {"cells": len(rows), "winning": len(rows) - len(losing),
             "losing": [(r["dtype"], r["hidden"], r["batch"], r["direction"], r["cudnn_algorithm"],
-                        r["predicted_speedup"]) for r in losing]}
+                        r["predicted_speedup"]) for r in losing],
+            "shapes": len(by_cell), "identical_directions": len(identical),
+            "winning_shapes": sum(all(r["predicted_speedup"] >= 1.0 for r in cell) for cell in by_cell.values())}
+
+
+def headline_text(head: dict) -> str:
+    """The headline in words: cell-directions, and what they are where each cell counts twice."""
+    text = f"predicted speedup >= 1.0 in {head['winning']} of {head['cells']} cell-directions"
+    if head["cells"] != 2 * head["shapes"]:
+        return text
+    text += f" ({head['shapes']} cells x forward/backward"
+    if head["identical_directions"] == head["shapes"]:
+        return (text + f"; the model predicts each cell's backward step as its forward step, so this is "
+                       f"{head['winning_shapes']} of {head['shapes']} cells counted twice)")
+    return text + ")"
 
 
 def plot_predicted_speedup(rows: list, path: Path) -> Path:
@@ -125,8 +148,8 @@ def render_prediction(rows: list, out_dir: Path) -> Path:
              "resources: the offline sm_90 compile shipped in kernels/offline/sm_90.json. Measure with "
              "`tritonrnn bench` on a GPU (or perf/device_check.sh) and `tritonrnn report` renders the measurement "
              "instead.", "",
-             f"Predicted speedup (cuDNN step / tritonrnn step) >= 1.0 in {head['winning']} of {head['cells']} "
-             "standard-grid cells and directions (T = 512, one layer).", "",
+             f"{headline_text(head).replace('predicted speedup', 'Predicted speedup (cuDNN step / tritonrnn step)')}"
+             " of the standard grid (T = 512, one layer).", "",
              f"![predicted speedup]({plot.relative_to(out_dir).as_posix()})", "",
              "## The plan (what each cell would run)", "", markdown_table(rows), ""]
     if head["losing"]:

@@ -25,12 +25,14 @@ def _info_offline(args) -> int:
     no compile (works with or without TRITON_INTERPRET)."""
     import json
 
+    from tritonrnn.costmodel import OFFLINE_NOTES
     from tritonrnn.perf import plan
 
     try:
         if args.grid == "standard":
-            rows = plan.grid_plan(args.offline)
+            rows = _standard_grid_rows(args, plan.grid_plan(args.offline))
         else:
+            _shape_defaults(args)
             rows = plan.cells(args.offline, [(args.seq_len, args.batch, args.hidden_size, args.dtype)])
     except ValueError as exc:
         raise UsageError(exc) from None
@@ -40,11 +42,37 @@ def _info_offline(args) -> int:
         return 0
     print(f"offline plan for {rows[0]['gpu']} (cost model, {'calibrated' if rows[0]['calibrated'] else 'uncalibrated'} "
           f"constants; resources from the offline sm_90 compile; no GPU measured this)")
+    if args.offline.lower() in OFFLINE_NOTES:
+        print(OFFLINE_NOTES[args.offline.lower()])
     print(plan.text(rows))
     if len(rows) > 2:
-        head = plan.headline(rows)
-        print(f"predicted speedup >= 1.0 in {head['winning']} of {head['cells']} cells and directions")
+        print(plan.headline_text(plan.headline(rows)))
     return 0
+
+
+SHAPE_DEFAULTS = {"hidden_size": 256, "seq_len": 512, "batch": 16, "dtype": "float32"}
+
+
+def _shape_defaults(args) -> None:
+    """info's shape options where not given (None: given or not is what --grid standard needs to know)."""
+    for name, value in SHAPE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _standard_grid_rows(args, rows: list) -> list:
+    """The standard grid's rows, only those of --hidden-size, --batch and --dtype where given; a value the
+    grid does not hold (or another --seq-len than its T) is a usage error, not an ignored option."""
+    from tritonrnn.perf.grid import BATCHES, DTYPES, HIDDENS, SEQ_LEN
+
+    for name, option, values in (("seq_len", "--seq-len", (SEQ_LEN,)), ("hidden_size", "--hidden-size", HIDDENS),
+                                 ("batch", "--batch", BATCHES), ("dtype", "--dtype", DTYPES)):
+        value = getattr(args, name)
+        if value is not None and value not in values:
+            raise UsageError(f"{option} {value} is not in the standard grid ({', '.join(map(str, values))}); "
+                             f"drop --grid standard for one shape")
+    key = {"hidden_size": "hidden", "batch": "batch", "dtype": "dtype"}
+    return [r for r in rows if all(getattr(args, name) in (None, r[field]) for name, field in key.items())]
 
 
 def _info(args) -> int:
@@ -57,6 +85,7 @@ def _info(args) -> int:
         return _info_offline(args)
     if args.grid or args.json:
         raise UsageError("--grid and --json go with --offline GPU")
+    _shape_defaults(args)
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     print(f"tritonrnn {tritonrnn.__version__}")
     print(f"python    {platform.python_version()}")
@@ -334,9 +363,8 @@ def _report_prediction(args) -> int:
 
     rows = plan.grid_plan("h100")
     path = plan.render_prediction(rows, args.out_dir or output_dir())
-    head = plan.headline(rows)
-    print(f"rendered {path}: a PREDICTION (cost model, H100, no GPU measured it); predicted speedup >= 1.0 "
-          f"in {head['winning']} of {head['cells']} standard-grid cells and directions")
+    print(f"rendered {path}: a PREDICTION (cost model, H100, no GPU measured it); "
+          f"{plan.headline_text(plan.headline(rows))} of the standard grid")
     return 0
 
 
@@ -372,15 +400,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", parents=[debug], help="versions, GPU, and which kernel path a shape takes")
-    info.add_argument("--hidden-size", type=_positive_int, default=256, help="hidden size H (default 256)")
-    info.add_argument("--seq-len", type=_positive_int, default=512, help="sequence length T (default 512)")
-    info.add_argument("--batch", type=_positive_int, default=16, help="batch size B (default 16)")
-    info.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="data type (default float32)")
+    # Defaults in SHAPE_DEFAULTS (None here: --grid standard takes these as filters where given).
+    info.add_argument("--hidden-size", type=_positive_int, default=None, help="hidden size H (default 256)")
+    info.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length T (default 512)")
+    info.add_argument("--batch", type=_positive_int, default=None, help="batch size B (default 16)")
+    info.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="data type (default float32)")
     info.add_argument("--offline", metavar="GPU", type=str.lower, default=None,
                       help="what that GPU (h100 or h200) would run, predicted by the cost model from the shipped "
                            "offline sm_90 compile, with no GPU here: the chosen layout and every candidate's step")
     info.add_argument("--grid", choices=["standard"], default=None,
-                      help="with --offline: every standard-grid cell (3 dtypes x 4 B x 5 H, T=512), both directions")
+                      help="with --offline: every standard-grid cell (3 dtypes x 4 B x 5 H, T=512), both directions; "
+                           "--hidden-size, --batch, --dtype keep only the cells with that value")
     info.add_argument("--json", action="store_true",
                       help="with --offline: one JSON object per cell and direction")
     info.set_defaults(run=_info)
