@@ -333,3 +333,14 @@ def test_report_after_a_cpu_smoke_bench_renders_the_prediction(tmp_path):
         ignored = subprocess.run(["git", "check-ignore", "perf/smoke/x-smoke.json", "perf/PREDICTION.md"], cwd=ROOT,
                                  capture_output=True, text=True).stdout.split()
         assert ignored == ["perf/smoke/x-smoke.json", "perf/PREDICTION.md"]
+
+
+def test_output_piped_into_head_ends_quietly():
+    """`tritonrnn info --offline h100 --grid standard | head -n 1` (thousands of lines into a closed pipe)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    command = f"{sys.executable} -m tritonrnn.cli info --offline h100 --grid standard | head -n 1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.stdout.startswith("offline plan for H100") and result.stdout.count("\n") == 1
+    assert result.returncode == 0 and result.stderr == "", result.stderr

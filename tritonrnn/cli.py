@@ -488,6 +488,9 @@ def main(argv=None) -> int:
             raise
         print(f"{prefix} {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped reading (tritonrnn info ... | head): nothing wrong, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not fail again
+        return 0
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
         if debug:
             raise
