@@ -16,5 +16,25 @@ from tritonrnn import _opacus
 
 _opacus.install()  # Opacus's grad samplers and validator for the layers, once Opacus is imported
 
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """pyproject.toml's version: read there in a checkout (an editable install's metadata keeps the version
+    it was installed with), else from the installed distribution's metadata."""
+    pyproject = _ROOT / "pyproject.toml"
+    if (_ROOT / "kernels" / "__init__.py").is_file() and pyproject.is_file():
+        import re
+
+        match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), flags=re.M)
+        if match:
+            return match.group(1)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tritonrnn")
+    except PackageNotFoundError:  # a copy of the sources, neither installed nor a checkout
+        return "unknown"
+
+
+__version__ = _version()
 __all__ = ["ElmanLM", "RNN", "RNNCell", "backend", "convert", "functional", "kernel_path", "reference", "unconvert"]
