@@ -166,7 +166,8 @@ import os, torch, tritonrnn
 from tritonrnn.functional import linear_cross_entropy
 os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels were defined for a GPU at import
 calls = (lambda: tritonrnn.RNN(3, 4)(torch.randn(2, 1, 3)), lambda: tritonrnn.RNNCell(3, 4)(torch.randn(2, 3)),
-         lambda: linear_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.zeros(2, dtype=torch.long)))
+         lambda: linear_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.zeros(2, dtype=torch.long)),
+         lambda: tritonrnn.backend(torch.device("cpu")))  # agrees with what the layers do
 for call in calls:
     try:
         call()
@@ -178,7 +179,7 @@ for call in calls:
 
 def test_interpreter_switched_on_after_import_says_so_in_one_line():
     """TRITON_INTERPRET=1 set after `import tritonrnn` (a notebook): one line saying to set it first, not
-    Triton's "0 active drivers"."""
+    Triton's "0 active drivers"; tritonrnn.backend() says the same, not "triton-interpreter"."""
     import subprocess
     import sys
     from pathlib import Path
@@ -188,7 +189,7 @@ def test_interpreter_switched_on_after_import_says_so_in_one_line():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert result.stdout.splitlines() == [INTERPRET_TOO_LATE] * 3, result.stdout + result.stderr[-2000:]
+    assert result.stdout.splitlines() == [INTERPRET_TOO_LATE] * 4, result.stdout + result.stderr[-2000:]
     assert "TRITON_INTERPRET=1 was set after tritonrnn was imported" in INTERPRET_TOO_LATE
 
 
