@@ -160,3 +160,21 @@ def render_prediction(rows: list, out_dir: Path) -> Path:
     path = out_dir / "PREDICTION.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def main(argv=None) -> int:
+    """python -m tritonrnn.perf.plan [h100|h200] [--json]: the standard grid's plan, as `tritonrnn info
+    --offline GPU --grid standard` prints it."""
+    import argparse
+
+    from tritonrnn import cli
+
+    parser = argparse.ArgumentParser(prog="python -m tritonrnn.perf.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("gpu", nargs="?", default="h100", choices=sorted(costmodel.OFFLINE_GPUS))
+    parser.add_argument("--json", action="store_true", help="one JSON object per cell and direction")
+    args = parser.parse_args(argv)
+    return cli.main(["info", "--offline", args.gpu, "--grid", "standard"] + ["--json"] * args.json)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

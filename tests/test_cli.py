@@ -344,3 +344,19 @@ def test_output_piped_into_head_ends_quietly():
                             text=True, timeout=300)
     assert result.stdout.startswith("offline plan for H100") and result.stdout.count("\n") == 1
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("module", ["static", "output_layer", "plan"])
+def test_perf_module_help_prints_help_without_work(module, capsys):
+    """`python -m tritonrnn.perf.X --help` prints its usage and exits 0 before any compile (static and
+    output_layer compile for minutes otherwise; plan printed nothing)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"tritonrnn.perf.{module}").main(["--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m tritonrnn.perf.{module}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-m", f"tritonrnn.perf.{module}", "--help"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: python -m tritonrnn.perf.{module}")
