@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tritonrnn
-from conftest import DEVICE
+from conftest import DEVICE, assert_close
 
 
 def _raised(fn):
@@ -223,3 +223,21 @@ def test_non_finite_values_propagate_without_numpy_warnings(fill):
     torch.testing.assert_close(out, expected, equal_nan=True)
     torch.testing.assert_close(grad_x, torch.autograd.grad(expected.sum(), x)[0], equal_nan=True)
     assert loss.isnan() and grad_h.isnan().any()
+
+
+@pytest.mark.parametrize("layer", [lambda: tritonrnn.RNN(3, 4, num_layers=2), lambda: tritonrnn.RNNCell(3, 4)],
+                         ids=["RNN", "RNNCell"])
+def test_torchscript_is_refused_with_a_message_saying_what_scripts(layer):
+    """torch.jit.script of a model holding a layer: one RuntimeError saying TorchScript is not supported and
+    how to script torch.nn layers with the same parameters (which then run as the model does)."""
+    import copy
+
+    model = nn.Sequential(layer()).to(DEVICE)
+    with pytest.raises(RuntimeError, match=r"does not support TorchScript \(torch\.jit\.script\).*"
+                                           r"torch\.jit\.script\(tritonrnn\.unconvert\(copy\.deepcopy\(model\)\)\)"):
+        torch.jit.script(model)
+    scripted = torch.jit.script(tritonrnn.unconvert(copy.deepcopy(model)))
+    x = torch.randn(5, 2, 3, device=DEVICE) if isinstance(model[0], nn.RNNBase) else torch.randn(2, 3, device=DEVICE)
+    expected, actual = model(x), scripted(x)
+    for a, e in zip(*(((t,) if torch.is_tensor(t) else t for t in (actual, expected))), strict=True):
+        assert_close(a, e, torch.float32)
