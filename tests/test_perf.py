@@ -466,6 +466,7 @@ def test_tuning_space_fits_the_shape():
 
 DEVICE_CHECK = Path(__file__).resolve().parents[1] / "perf" / "device_check.sh"
 STUB_PYTHON = """#!/bin/sh
+case "$2" in "import torch") [ -z "$STUB_NO_TORCH" ]; exit;; esac  # the torch check
 case "$2" in *"sys.exit(0 if torch.cuda.is_available()"*) [ -z "$STUB_NO_GPU" ]; exit;; esac  # the GPU check
 if [ "$1 $2" = "-m pytest" ] && [ "$STUB_HANG" = tests ]; then exec sleep 600; fi
 case "$1 $2" in "-m pip"|"-m pytest") echo "stub $*"; exit 0;; esac
@@ -575,6 +576,17 @@ def test_device_check_without_a_gpu_stops_at_once(tmp_path, stubs):
     assert stderr.splitlines() == [(tmp_path / "out" / "SUMMARY.txt").read_text().strip()]
     assert stderr.startswith("device_check: needs a CUDA GPU") and "nothing ran" in stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["SUMMARY.txt"]
+
+
+@CPU_ONLY
+def test_device_check_says_when_python3_cannot_import_torch(tmp_path):
+    """python3 without torch (a machine where torch lives in another interpreter) is not 'no GPU'."""
+    process = _device_check(tmp_path, 300, STUB_NO_TORCH="1")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert stderr.splitlines() == [(tmp_path / "out" / "SUMMARY.txt").read_text().strip()]
+    assert stderr.startswith(f"device_check: python3 ({tmp_path / 'bin' / 'python3'}) cannot import torch")
+    assert "GPU" not in stderr and "nothing ran" in stderr
 
 
 def test_profiler_failure_keeps_the_time(monkeypatch):
