@@ -98,33 +98,55 @@ def headline_text(head: dict) -> str:
     return text + ")"
 
 
-def plot_predicted_speedup(rows: list, path: Path) -> Path:
-    """A heatmap of the predicted speedup (B x H) per dtype and direction, labelled a prediction."""
+LAYOUT_ABBREVIATIONS = {"sequence": "seq", "persistent": "pers", "cluster": "clus", "stepwise": "step"}
+SPEEDUP_TICKS = (-2, -1, 0, 1, 2)  # log2 of the speedup: 0.25x .. 4x, the colour scale's ends
+
+
+def predicted_speedup_figure(rows: list):
+    """The heatmaps of the predicted speedup (B x H) per dtype and direction, labelled a prediction, with a
+    colour bar and the layouts' abbreviations; one panel per dtype for both directions where the backward's
+    predictions are the forward's in every cell (the model's case today)."""
     import matplotlib.pyplot as plt
 
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
-    fig, axes = plt.subplots(len(dtypes), len(DIRECTIONS), figsize=(10.4, 3.6 * len(dtypes)), squeeze=False)
+    head = headline(rows)
+    same = head["identical_directions"] == head["shapes"]
+    directions = DIRECTIONS[:1] if same else DIRECTIONS
+    fig, axes = plt.subplots(len(dtypes), len(directions), figsize=(6.2 * len(directions) + 1.2, 3.6 * len(dtypes)),
+                             squeeze=False, constrained_layout=True)
     index = {(r["dtype"], r["direction"], r["batch"], r["hidden"]): r for r in rows}
     for i, dtype in enumerate(dtypes):
-        for j, direction in enumerate(DIRECTIONS):
+        for j, direction in enumerate(directions):
             ax = axes[i][j]
             values = [[math.log2(index[(dtype, direction, b, h)]["predicted_speedup"])
                        if (dtype, direction, b, h) in index else float("nan") for h in HIDDENS] for b in BATCHES]
-            ax.imshow(values, cmap="RdYlGn", vmin=-2, vmax=2, aspect="auto")
+            image = ax.imshow(values, cmap="RdYlGn", vmin=SPEEDUP_TICKS[0], vmax=SPEEDUP_TICKS[-1], aspect="auto")
             for bi, b in enumerate(BATCHES):
                 for hi, h in enumerate(HIDDENS):
                     r = index.get((dtype, direction, b, h))
                     if r:
-                        ax.text(hi, bi, f"{r['predicted_speedup']:.2f}x\n{r['path'][:4]}", ha="center", va="center",
-                                fontsize=7)
+                        ax.text(hi, bi, f"{r['predicted_speedup']:.2f}x\n{LAYOUT_ABBREVIATIONS[r['path']]}",
+                                ha="center", va="center", fontsize=7)
             ax.set_xticks(range(len(HIDDENS)), [str(h) for h in HIDDENS])
             ax.set_yticks(range(len(BATCHES)), [str(b) for b in BATCHES])
             ax.set_xlabel("H")
             ax.set_ylabel("B")
-            ax.set_title(f"{dtype} {direction}: PREDICTED speedup over cuDNN", fontsize=9)
+            which = "forward and backward (the same predictions)" if same else direction
+            ax.set_title(f"{dtype} {which}: PREDICTED speedup over cuDNN", fontsize=9)
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    bar.set_ticks(SPEEDUP_TICKS, labels=[f"{2.0 ** t:g}x" for t in SPEEDUP_TICKS])
+    bar.set_label("predicted speedup (cuDNN step / tritonrnn step), log scale")
     gpu = rows[0]["gpu"]
-    fig.suptitle(f"PREDICTION (cost model, {gpu}, no GPU measured it): cuDNN step / tritonrnn step", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"PREDICTION (cost model, {gpu}, no GPU measured it): cuDNN step / tritonrnn step\nlayouts: "
+                 + ", ".join(f"{short} = {name}" for name, short in LAYOUT_ABBREVIATIONS.items()), fontsize=10)
+    return fig
+
+
+def plot_predicted_speedup(rows: list, path: Path) -> Path:
+    """predicted_speedup_figure, saved."""
+    import matplotlib.pyplot as plt
+
+    fig = predicted_speedup_figure(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

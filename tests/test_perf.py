@@ -654,3 +654,52 @@ def test_report_renders_newest_grid_results_and_output_layer_results_in_their_ow
     assert cli.main(["report", "--results", str(layer), "--out-dir", str(out_dir), "--no-bench"]) == 0
     text = (out_dir / "REPORT.md").read_text()
     assert "## Output layer" in text and "## Summary" not in text
+
+
+@pytest.mark.skipif(ON_GPU, reason="a CPU run's report")
+def test_report_of_a_cpu_run_says_only_what_happened(monkeypatch, tmp_path):
+    """The smoke run's report (CPU, no cuDNN): no heatmap title claims a cuDNN fallback that did not happen,
+    no title reads B=None, and the red banner fits inside every figure."""
+    rows = bench.run([grid.smoke_grid()[0]], timer=measure.wall_timer, profile=False, providers=["tritonrnn", "cudnn"],
+                     modes=["inference"])["rows"]
+    assert {r["status"] for r in rows if r["provider"] == "cudnn"} == {"unavailable"}
+    figures = []
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path, note=None: figures.append(fig) or save(fig, path, note))
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)  # keep the figures to read them
+    report.render(rows, [], tmp_path, ([], []))
+    assert len(figures) == 4
+    for fig in figures:
+        fig.canvas.draw()
+        box = fig._suptitle.get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width, fig._suptitle.get_text()
+        titles = [ax.get_title() for ax in fig.axes]
+        assert not any("fell back" in t or "None" in t for t in titles), titles
+    plt.close("all")
+
+
+def test_prediction_plot_has_a_colour_bar_a_layout_legend_and_no_repeated_panels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tritonrnn.perf import plan
+
+    rows = plan.grid_plan("h100")
+    fig = plan.predicted_speedup_figure(rows)
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    bars = [ax for ax in fig.axes if "predicted speedup" in ax.get_ylabel()]
+    assert len(bars) == 1 and [t.get_text() for t in bars[0].get_yticklabels()] == ["0.25x", "0.5x", "1x", "2x", "4x"]
+    assert "seq = sequence, pers = persistent, clus = cluster, step = stepwise" in fig._suptitle.get_text()
+    # Every backward prediction equals its forward one here: one panel per dtype says so, none repeats another.
+    assert len(heatmaps) == 3 and all("forward and backward (the same predictions)" in ax.get_title() for ax in heatmaps)
+    plt.close(fig)
+    changed = [dict(r, predicted_speedup=r["predicted_speedup"] * 2, predicted_us=r["predicted_us"] / 2)
+               if r["direction"] == "backward" and r["hidden"] == 128 else r for r in rows]
+    fig = plan.predicted_speedup_figure(changed)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert len(titles) == 6 and sum("backward" in t for t in titles) == 3
+    plt.close(fig)
