@@ -311,8 +311,8 @@ def test_bench_under_the_interpreter_refuses_oversize_shapes(tmp_path):
 def test_report_after_a_cpu_smoke_bench_renders_the_prediction(tmp_path):
     """The README's smoke bench (its profiling pass silent), then `tritonrnn report`: a CPU run is no report's
     source unless named with --results (report renders the prediction and says it skipped the run);
-    --prediction renders the prediction whatever results exist. A checkout's CPU runs go to perf/smoke/, ignored by git, not to
-    perf/results/ (committed GPU results); PREDICTION.md is ignored as REPORT.md is."""
+    --prediction renders the prediction whatever results exist. A checkout's CPU runs go to perf/smoke/,
+    ignored by git, not to perf/results/ (committed GPU results); PREDICTION.md is ignored as REPORT.md is."""
     smoke, out = tmp_path / "smoke", tmp_path / "out"
     result = _command("bench", "--grid", "smoke", "--providers", "torch-native", "--modes", "inference",
                       "--out-dir", str(smoke), timeout=600)

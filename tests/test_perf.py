@@ -695,7 +695,8 @@ def test_prediction_plot_has_a_colour_bar_a_layout_legend_and_no_repeated_panels
     assert len(bars) == 1 and [t.get_text() for t in bars[0].get_yticklabels()] == ["0.25x", "0.5x", "1x", "2x", "4x"]
     assert "seq = sequence, pers = persistent, clus = cluster, step = stepwise" in fig._suptitle.get_text()
     # Every backward prediction equals its forward one here: one panel per dtype says so, none repeats another.
-    assert len(heatmaps) == 3 and all("forward and backward (the same predictions)" in ax.get_title() for ax in heatmaps)
+    assert len(heatmaps) == 3
+    assert all("forward and backward (the same predictions)" in ax.get_title() for ax in heatmaps)
     plt.close(fig)
     changed = [dict(r, predicted_speedup=r["predicted_speedup"] * 2, predicted_us=r["predicted_us"] / 2)
                if r["direction"] == "backward" and r["hidden"] == 128 else r for r in rows]

@@ -122,9 +122,9 @@ class Hardware:
 # clocks, L2 and shared memory; the H200's HBM3e is faster, which no term here reads).
 OFFLINE_GPUS = {"h100": Hardware(name="H100"), "h200": Hardware(name="H200")}
 # What `info --offline` says of a GPU whose predictions need explaining.
-OFFLINE_NOTES = {"h200": "H200: the H100's chip (132 SMs, same clocks, L2 and shared memory) with faster HBM3e; no term "
-                         "of a step reads HBM (W_hh stays on chip, the state goes through L2), so every prediction "
-                         "equals the H100's"}
+OFFLINE_NOTES = {"h200": "H200: the H100's chip (132 SMs, same clocks, L2 and shared memory) with faster HBM3e; "
+                         "no term of a step reads HBM (W_hh stays on chip, the state goes through L2), so every "
+                         "prediction equals the H100's"}
 
 # Constants a calibration file may replace (their names in Hardware).
 CALIBRATED_CONSTANTS = ("barrier_ns", "cluster_barrier_ns", "l2_latency_ns", "launch_ns", "cudnn_small_h_ns",
