@@ -244,8 +244,9 @@ def test_opacus_support_needs_only_import_tritonrnn(first):
     """A fresh process that imports tritonrnn and Opacus, in either order, and nothing else of tritonrnn:
     Opacus's validator flags dropout between layers (PrivacyEngine refuses the model before training) and
     knows the layers' grad samplers."""
-    imports = ["import tritonrnn", "import opacus"]
-    code = "\n".join(["import os, sys", "os.environ.setdefault('TRITON_INTERPRET', '1')",
+    # (a find_spec before the import, as `is Opacus installed?` checks do, changes nothing)
+    imports = ["import tritonrnn", "assert importlib.util.find_spec('opacus')", "import opacus"]
+    code = "\n".join(["import importlib.util, os, sys", "os.environ.setdefault('TRITON_INTERPRET', '1')",
                       *(imports if first == "tritonrnn" else imports[::-1]),
                       "from opacus import GradSampleModule",
                       "from opacus.validators import ModuleValidator",

@@ -31,20 +31,26 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.loader.exec_module(module)
+        uninstall()
         _register()
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: on the first import of opacus, wraps the loader the other finders give."""
+    """Finds nothing itself: for opacus, the spec the other finders give, with its loader wrapped. A spec
+    asked for without an import (importlib.util.find_spec) changes nothing: the finder stays until Opacus
+    runs."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "opacus":
             return None
-        uninstall()
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
-        return spec
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None) if finder is not self else None
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _Loader(spec.loader)
+                return spec
+        return None
 
 
 def install() -> None:
