@@ -308,10 +308,10 @@ def test_bench_under_the_interpreter_refuses_oversize_shapes(tmp_path):
 
 
 @pytest.mark.skipif(ON_GPU, reason="a CPU (interpreter) smoke run")
-def test_report_after_a_cpu_smoke_bench_renders_the_prediction(tmp_path):
+def test_report_after_a_cpu_smoke_bench_renders_the_prediction(tmp_path, monkeypatch, capsys):
     """The README's smoke bench (its profiling pass silent), then `tritonrnn report`: a CPU run is no report's
-    source unless named with --results (report renders the prediction and says it skipped the run);
-    --prediction renders the prediction whatever results exist. A checkout's CPU runs go to perf/smoke/,
+    source unless asked for with --results or --results-dir (report renders the prediction and says it skipped
+    the run); --prediction renders the prediction whatever results exist. A checkout's CPU runs go to perf/smoke/,
     ignored by git, not to perf/results/ (committed GPU results); PREDICTION.md is ignored as REPORT.md is."""
     smoke, out = tmp_path / "smoke", tmp_path / "out"
     result = _command("bench", "--grid", "smoke", "--providers", "torch-native", "--modes", "inference",
@@ -319,16 +319,18 @@ def test_report_after_a_cpu_smoke_bench_renders_the_prediction(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "USDT" not in result.stdout + result.stderr  # torch's profiler's C++ lines, one pair a row
     (run,) = smoke.glob("*-smoke.json")
-    result = _command("report", "--results-dir", str(smoke), "--out-dir", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"skipped 1 CPU run(s), not measurements (the newest: {run})" in result.stdout
-    assert "a PREDICTION" in result.stdout and (out / "PREDICTION.md").exists() and not (out / "REPORT.md").exists()
-    result = _command("report", "--results", str(run), "--out-dir", str(out))
-    assert result.returncode == 0 and result.stdout.startswith(f"rendered {out / 'REPORT.md'} from {run}")
-    (out / "PREDICTION.md").unlink()
+    assert cli._bench_out_dir() == ROOT / "perf" / "smoke"  # this checkout's default for a CPU run
+    work = _installed(monkeypatch, tmp_path)  # report's own folder holds the run (an installed copy's: its cwd)
+    shutil.copy(run, work / run.name)
+    assert cli.main(["report", "--no-bench"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"skipped 1 CPU run(s), not measurements (the newest: {work / run.name})")
+    assert "a PREDICTION" in text and (work / "PREDICTION.md").exists() and not (work / "REPORT.md").exists()
+    for asked in (["--results", str(run)], ["--results-dir", str(smoke)]):  # asked for: rendered
+        result = _command("report", *asked, "--out-dir", str(out))
+        assert result.returncode == 0 and result.stdout.startswith(f"rendered {out / 'REPORT.md'} from {run}")
     result = _command("report", "--prediction", "--out-dir", str(out))
     assert result.returncode == 0 and (out / "PREDICTION.md").exists(), result.stderr[-2000:]
-    assert cli._bench_out_dir() == ROOT / "perf" / "smoke"
     if shutil.which("git") and (ROOT / ".git").exists():
         ignored = subprocess.run(["git", "check-ignore", "perf/smoke/x-smoke.json", "perf/PREDICTION.md"], cwd=ROOT,
                                  capture_output=True, text=True).stdout.split()

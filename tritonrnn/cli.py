@@ -292,16 +292,17 @@ def _cpu_run(path: Path) -> bool:
     return any(isinstance(r, dict) and str(r.get("gpu") or r.get("device") or "").startswith("cpu") for r in rows)
 
 
-def _newest_results(dirs, quiet: bool = False) -> tuple[list, list]:
-    """([the newest grid results file], [the newest output-layer results file]) in these folders. CPU runs
-    are no report's source unless named with --results: they are skipped, with a note."""
+def _newest_results(dirs, skip_cpu: bool, quiet: bool = False) -> tuple[list, list]:
+    """([the newest grid results file], [the newest output-layer results file]) in these folders. With
+    skip_cpu (report's own folders, not an --results-dir asked for) CPU runs are skipped, with a note: they
+    are no report's source unless asked for."""
     from tritonrnn.perf import output_layer
 
     files = [p for d in dirs if d.is_dir() for p in d.glob("*.json")]
-    cpu = [p for p in files if _cpu_run(p)]
+    cpu = [p for p in files if skip_cpu and _cpu_run(p)]
     if cpu and not quiet:
         print(f"skipped {len(cpu)} CPU run(s), not measurements (the newest: {max(cpu, key=_stamp)}); "
-              f"--results FILE renders one")
+              f"--results FILE (or --results-dir DIR) renders one")
     files = [p for p in files if p not in cpu]
     layer = [p for p in files if output_layer.is_results_file(p)]
     grid_files = [p for p in files if p not in layer]
@@ -341,9 +342,9 @@ def _report(args) -> int:
     if not sources and torch.cuda.is_available() and not args.no_bench:
         _no_autotuning()
         _, path = bench.run_to_file(grid.quick_grid(), "quick", output_dir("results"), command=args.command_line)
-        sources = ([path] if path else []) + _newest_results(dirs, quiet=True)[1]
+        sources = ([path] if path else []) + _newest_results(dirs, args.results_dir is None, quiet=True)[1]
     if not sources:
-        sources = [path for newest in _newest_results(dirs) for path in newest]
+        sources = [path for newest in _newest_results(dirs, args.results_dir is None) for path in newest]
     if not sources:
         _no_results(dirs)
         return _report_prediction(args)
