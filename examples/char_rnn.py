@@ -162,6 +162,27 @@ def plot(results: list, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def checked_args(parser: argparse.ArgumentParser, argv, positive=("steps", "batch", "seq_len", "hidden")):
+    """parse_args, and what would fail later fails now, in one line: a count below 1, an --out-dir that
+    cannot be made (made here, before training, not after it)."""
+    args = parser.parse_args(argv)
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out-dir {args.out_dir}: {error.strerror or error}")
+    return args
+
+
+def device_label(device: torch.device) -> str:
+    """Where tritonrnn ran, for titles: the GPU, or the CPU with the backend it took there."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name()}"
+    return {"triton-interpreter": "cpu (interpreter)"}.get(tritonrnn.backend(device), "cpu (torch's own RNN)")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["tritonrnn", "torch", "both"], default="both")
@@ -175,7 +196,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sample", type=int, default=300, help="characters to sample at the end")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 (off: the curves compare in fp32)")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
+    args = checked_args(parser, argv, positive=("steps", "batch", "seq_len", "hidden", "layers"))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -190,9 +211,8 @@ def main(argv=None) -> dict:
     for r in results:
         print(f"\n--- {r['backend']} sample ---\n{sample(r['model'], alphabet, args.sample, device, args.seed)}")
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
-    where = f"{device.type}: {torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu (interpreter)"
+    where = device_label(device)
     png = args.out_dir / f"char_rnn_{name}.png"
     plot(results, png, f"char-RNN, H={args.hidden}, T={args.seq_len}, B={args.batch}; {where}; "
                        f"torch {torch.__version__}")

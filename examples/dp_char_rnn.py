@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 import tritonrnn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from char_rnn import stdlib_corpus  # noqa: E402
+from char_rnn import checked_args, stdlib_corpus  # noqa: E402
 
 
 class CharModel(nn.Module):
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--ghost", action="store_true", help="ghost clipping (per-sample norms, no gradients)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
+    args = checked_args(parser, argv, positive=("steps", "seq_len", "batch", "windows", "hidden"))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = stdlib_corpus()
@@ -165,7 +165,6 @@ def main(argv=None) -> dict:
           f"(noise multiplier {args.noise_multiplier}, clipping norm {args.max_grad_norm}, "
           f"sample rate {args.batch / args.windows:.4f}, {args.steps} steps)")
     print(f"final loss per character: private {private['losses'][-1]:.3f}, non-private {plain['losses'][-1]:.3f}")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     png = args.out_dir / f"dp_char_rnn_{'ghost' if args.ghost else 'hooks'}.png"
     plot(results, png, f"DP-SGD char-RNN, H={args.hidden}, T={args.seq_len}, B~{args.batch}, "
                        f"sigma={args.noise_multiplier}, C={args.max_grad_norm}; {tritonrnn.backend(device)}")

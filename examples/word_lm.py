@@ -37,6 +37,9 @@ import tritonrnn  # noqa: E402
 from tritonrnn.lm import TorchElmanLM  # noqa: E402
 from tritonrnn.perf.output_layer import peak_memory  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from char_rnn import checked_args, device_label  # noqa: E402
+
 WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|[0-9]+|\S")
 
 
@@ -106,7 +109,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--files", type=int, default=400, help="standard-library files in the corpus")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
+    args = checked_args(parser, argv, positive=("vocab", "steps", "seq_len", "batch", "hidden", "layers", "files"))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -115,7 +118,7 @@ def main(argv=None) -> dict:
           f"({(data == 0).float().mean().item():.1%} <unk>)", file=sys.stderr)
     results = [train(name, data, len(vocabulary), args, device) for name in ("unfused", "fused")]
 
-    where = f"cuda: {torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu (Triton interpreter)"
+    where = device_label(device)
     logits_bytes = args.seq_len * args.batch * len(vocabulary) * 4
     summary = {"device": where, "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
                "args": {k: str(v) for k, v in vars(args).items()}, "vocab_size": len(vocabulary),
@@ -123,7 +126,6 @@ def main(argv=None) -> dict:
                "times": "CUDA wall time per step" if device.type == "cuda" else
                         "CPU interpreter wall time: not a speed measurement",
                "max_loss_difference": max(abs(a - b) for a, b in zip(*(r["losses"] for r in results), strict=True))}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
     (args.out_dir / f"word_lm_{name}.json").write_text(json.dumps(summary, indent=1))
 

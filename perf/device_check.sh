@@ -27,11 +27,16 @@ tree_hash() {  # sha256 of the sorted per-file hashes of the project's source (n
 if [[ ${1:-} == --tree-hash ]]; then tree_hash; exit 0; fi
 
 OUT=${1:?usage: perf/device_check.sh OUTDIR | --tree-hash}
-# Without a GPU the stages would run for minutes before the benchmark fails: stop at once, in one line.
-if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    NO_GPU="device_check: needs a CUDA GPU (python3 -c 'import torch; torch.cuda.is_available()' is not True here); nothing ran"
-    mkdir -p "$OUT" && echo "$NO_GPU" > "$OUT/SUMMARY.txt"
-    echo "$NO_GPU" >&2
+# Without torch or a GPU the stages would run for minutes before the benchmark fails: stop at once, in one
+# line that says which of the two it is.
+if ! python3 -c "import torch" 2>/dev/null; then
+    STOP="device_check: python3 ($(command -v python3)) cannot import torch: install torch for it, or put a python3 that has it first on PATH; nothing ran"
+elif ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    STOP="device_check: needs a CUDA GPU (python3 -c 'import torch; torch.cuda.is_available()' is not True here); nothing ran"
+fi
+if [[ -n ${STOP:-} ]]; then
+    mkdir -p "$OUT" && echo "$STOP" > "$OUT/SUMMARY.txt"
+    echo "$STOP" >&2
     exit 2
 fi
 DEADLINE=${DEADLINE:-480}

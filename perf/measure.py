@@ -6,7 +6,10 @@ steps, twice for training) at the shortest dependent step (a load-free chain of 
 matmuls, not this project's kernel). Packed cases count their real lengths. All three ceilings are
 measured once per dtype and run.
 """
+import contextlib
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -61,6 +64,36 @@ def peak_memory(fn, device: torch.device):
     return torch.cuda.max_memory_allocated(device) - before
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null for the block: torch's profiler (kineto) prints 'USDT: ...
+    profiler_start' and 'profiler_stop' there from C++ at every profile (KINETO_LOG_LEVEL does not turn
+    them off). Python's sys.stderr (warnings, messages) still goes where it went."""
+    python_stderr = sys.stderr
+    python_stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    sys.stderr = open(os.dup(saved), "w", buffering=1)
+    try:
+        yield
+    finally:
+        _flush_c_stdio()  # what C++ buffered goes to /dev/null, not out afterwards
+        sys.stderr.close()
+        sys.stderr = python_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _flush_c_stdio() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to reach: at worst the lines come out
+        pass
+
+
 def profile_call(fn, device: torch.device, limit: int = 12) -> dict:
     """One call under torch.profiler: {"kernels": the distinct GPU kernels, most time first (on the
     CPU: the aten ops), "backend": which implementation of the RNN ran}.
@@ -72,10 +105,11 @@ def profile_call(fn, device: torch.device, limit: int = 12) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    with _native_stderr_silenced():
+        with profile(activities=activities) as prof:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
     totals, ops = {}, set()
     for event in prof.events():
         on_device = event.device_type == torch.autograd.DeviceType.CUDA

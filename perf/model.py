@@ -15,7 +15,7 @@ def main(argv=None) -> None:
     rows = plan.grid_plan(argv[0] if argv else "h100")
     print(plan.markdown_table(rows))
     head = plan.headline(rows)
-    print(f"\npredicted speedup >= 1.0 in {head['winning']} of {head['cells']} cells and directions")
+    print(f"\n{plan.headline_text(head)}")
     for dtype, hidden, batch, direction, algorithm, speedup in head["losing"]:
         print(f"- {dtype} H={hidden} B={batch} {direction}: {speedup:.2f}x against {algorithm}")
 

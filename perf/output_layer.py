@@ -228,6 +228,17 @@ def compile_for_hopper() -> list:
     return results
 
 
-if __name__ == "__main__":  # python -m tritonrnn.perf.output_layer: the offline sm_90 compile, as JSON lines
+def main(argv=None) -> None:
+    """python -m tritonrnn.perf.output_layer: the output kernel's GPU variants compiled offline for sm_90 (no GPU
+    needed; run without TRITON_INTERPRET), one JSON line each: registers, spilled bytes, shared memory. The
+    benchmark itself is `tritonrnn bench --output-layer`."""
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m tritonrnn.perf.output_layer",
+                            description=main.__doc__.split(": ", 1)[1]).parse_args(argv)  # --help: before compiling
     for variant in compile_for_hopper():
         print(json.dumps(variant), flush=True)
+
+
+if __name__ == "__main__":
+    main()

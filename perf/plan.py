@@ -43,7 +43,7 @@ def text(rows: list) -> str:
                    f"({_config_text(r['config'])}) {r['predicted_us']:.2f} us a step; cuDNN {r['cudnn_algorithm']} "
                    f"{r['cudnn_predicted_us']:.2f} us; predicted speedup {r['predicted_speedup']:.2f}x")
         for c in r["candidates"]:
-            verdict = f"{c['predicted_us']:.2f} us" if c["fits"] else f"does not fit: {c['why']}"
+            verdict = f"{c['predicted_us']:.2f} us" if c["fits"] else f"not taken: {c['why']}"
             out.append(f"    {c['layout']:10s} {_config_text(c['config']):24s} {verdict}")
     return "\n".join(out)
 
@@ -67,41 +67,86 @@ def markdown_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+PREDICTED = ("predicted_us", "cudnn_predicted_us")  # the step times (configs may tie-break apart)
+
+
 def headline(rows: list) -> dict:
-    """How many cell-directions the chosen layout is predicted to win (speedup >= 1), and which lose."""
+    """How many cell-directions the chosen layout is predicted to win (speedup >= 1), and which lose; how
+    many cells (shapes) they are, and in how many the backward's prediction is the forward's."""
     losing = [r for r in rows if r["predicted_speedup"] < 1.0]
+    by_cell = {}
+    for r in rows:
+        by_cell.setdefault((r["dtype"], r["seq_len"], r["batch"], r["hidden"]), []).append(r)
+    identical = [pair for pair in by_cell.values()
+                 if len(pair) == 2 and all(pair[0][key] == pair[1][key] for key in PREDICTED)]
     return {"cells": len(rows), "winning": len(rows) - len(losing),
             "losing": [(r["dtype"], r["hidden"], r["batch"], r["direction"], r["cudnn_algorithm"],
-                        r["predicted_speedup"]) for r in losing]}
+                        r["predicted_speedup"]) for r in losing],
+            "shapes": len(by_cell), "identical_directions": len(identical),
+            "winning_shapes": sum(all(r["predicted_speedup"] >= 1.0 for r in cell) for cell in by_cell.values())}
 
 
-def plot_predicted_speedup(rows: list, path: Path) -> Path:
-    """A heatmap of the predicted speedup (B x H) per dtype and direction, labelled a prediction."""
+def headline_text(head: dict) -> str:
+    """The headline in words: cell-directions, and what they are where each cell counts twice."""
+    text = f"predicted speedup >= 1.0 in {head['winning']} of {head['cells']} cell-directions"
+    if head["cells"] != 2 * head["shapes"]:
+        return text
+    text += f" ({head['shapes']} cells x forward/backward"
+    if head["identical_directions"] == head["shapes"]:
+        return (text + f"; the model predicts each cell's backward step as its forward step, so this is "
+                       f"{head['winning_shapes']} of {head['shapes']} cells counted twice)")
+    return text + ")"
+
+
+LAYOUT_ABBREVIATIONS = {"sequence": "seq", "persistent": "pers", "cluster": "clus", "stepwise": "step"}
+SPEEDUP_TICKS = (-2, -1, 0, 1, 2)  # log2 of the speedup: 0.25x .. 4x, the colour scale's ends
+
+
+def predicted_speedup_figure(rows: list):
+    """The heatmaps of the predicted speedup (B x H) per dtype and direction, labelled a prediction, with a
+    colour bar and the layouts' abbreviations; one panel per dtype for both directions where the backward's
+    predictions are the forward's in every cell (the model's case today)."""
     import matplotlib.pyplot as plt
 
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
-    fig, axes = plt.subplots(len(dtypes), len(DIRECTIONS), figsize=(10.4, 3.6 * len(dtypes)), squeeze=False)
+    head = headline(rows)
+    same = head["identical_directions"] == head["shapes"]
+    directions = DIRECTIONS[:1] if same else DIRECTIONS
+    fig, axes = plt.subplots(len(dtypes), len(directions), figsize=(6.2 * len(directions) + 1.2, 3.6 * len(dtypes)),
+                             squeeze=False, constrained_layout=True)
     index = {(r["dtype"], r["direction"], r["batch"], r["hidden"]): r for r in rows}
     for i, dtype in enumerate(dtypes):
-        for j, direction in enumerate(DIRECTIONS):
+        for j, direction in enumerate(directions):
             ax = axes[i][j]
             values = [[math.log2(index[(dtype, direction, b, h)]["predicted_speedup"])
                        if (dtype, direction, b, h) in index else float("nan") for h in HIDDENS] for b in BATCHES]
-            ax.imshow(values, cmap="RdYlGn", vmin=-2, vmax=2, aspect="auto")
+            image = ax.imshow(values, cmap="RdYlGn", vmin=SPEEDUP_TICKS[0], vmax=SPEEDUP_TICKS[-1], aspect="auto")
             for bi, b in enumerate(BATCHES):
                 for hi, h in enumerate(HIDDENS):
                     r = index.get((dtype, direction, b, h))
                     if r:
-                        ax.text(hi, bi, f"{r['predicted_speedup']:.2f}x\n{r['path'][:4]}", ha="center", va="center",
-                                fontsize=7)
+                        ax.text(hi, bi, f"{r['predicted_speedup']:.2f}x\n{LAYOUT_ABBREVIATIONS[r['path']]}",
+                                ha="center", va="center", fontsize=7)
             ax.set_xticks(range(len(HIDDENS)), [str(h) for h in HIDDENS])
             ax.set_yticks(range(len(BATCHES)), [str(b) for b in BATCHES])
             ax.set_xlabel("H")
             ax.set_ylabel("B")
-            ax.set_title(f"{dtype} {direction}: PREDICTED speedup over cuDNN", fontsize=9)
+            which = "forward and backward (the same predictions)" if same else direction
+            ax.set_title(f"{dtype} {which}: PREDICTED speedup over cuDNN", fontsize=9)
+    bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    bar.set_ticks(SPEEDUP_TICKS, labels=[f"{2.0 ** t:g}x" for t in SPEEDUP_TICKS])
+    bar.set_label("predicted speedup (cuDNN step / tritonrnn step), log scale")
     gpu = rows[0]["gpu"]
-    fig.suptitle(f"PREDICTION (cost model, {gpu}, no GPU measured it): cuDNN step / tritonrnn step", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"PREDICTION (cost model, {gpu}, no GPU measured it): cuDNN step / tritonrnn step\nlayouts: "
+                 + ", ".join(f"{short} = {name}" for name, short in LAYOUT_ABBREVIATIONS.items()), fontsize=10)
+    return fig
+
+
+def plot_predicted_speedup(rows: list, path: Path) -> Path:
+    """predicted_speedup_figure, saved."""
+    import matplotlib.pyplot as plt
+
+    fig = predicted_speedup_figure(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -125,8 +170,8 @@ def render_prediction(rows: list, out_dir: Path) -> Path:
              "resources: the offline sm_90 compile shipped in kernels/offline/sm_90.json. Measure with "
              "`tritonrnn bench` on a GPU (or perf/device_check.sh) and `tritonrnn report` renders the measurement "
              "instead.", "",
-             f"Predicted speedup (cuDNN step / tritonrnn step) >= 1.0 in {head['winning']} of {head['cells']} "
-             "standard-grid cells and directions (T = 512, one layer).", "",
+             f"{headline_text(head).replace('predicted speedup', 'Predicted speedup (cuDNN step / tritonrnn step)')}"
+             " of the standard grid (T = 512, one layer).", "",
              f"![predicted speedup]({plot.relative_to(out_dir).as_posix()})", "",
              "## The plan (what each cell would run)", "", markdown_table(rows), ""]
     if head["losing"]:
@@ -137,3 +182,21 @@ def render_prediction(rows: list, out_dir: Path) -> Path:
     path = out_dir / "PREDICTION.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def main(argv=None) -> int:
+    """python -m tritonrnn.perf.plan [h100|h200] [--json]: the standard grid's plan, as `tritonrnn info
+    --offline GPU --grid standard` prints it."""
+    import argparse
+
+    from tritonrnn import cli
+
+    parser = argparse.ArgumentParser(prog="python -m tritonrnn.perf.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("gpu", nargs="?", default="h100", choices=sorted(costmodel.OFFLINE_GPUS))
+    parser.add_argument("--json", action="store_true", help="one JSON object per cell and direction")
+    args = parser.parse_args(argv)
+    return cli.main(["info", "--offline", args.gpu, "--grid", "standard"] + ["--json"] * args.json)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

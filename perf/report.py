@@ -94,8 +94,10 @@ def summary_text(line: dict) -> str:
 
 
 def _save(fig, path: Path, note=None) -> Path:
-    if note:
-        fig.suptitle(note, color="red", fontsize=10)
+    if note:  # wrapped to the figure's width (about 11 characters an inch at this size): never clipped
+        import textwrap
+
+        fig.suptitle(textwrap.fill(note, int(fig.get_figwidth() * 11)), color="red", fontsize=10)
     for ax in fig.axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -121,6 +123,7 @@ def plot_speedup_heatmaps(rows, path: Path, note=None):
     for i, dtype in enumerate(dtypes):
         for j, mode in enumerate(MODES):
             ax = axes[i][j]
+            fallbacks = False
             values = [[math.nan] * len(hiddens) for _ in batches]
             labels = [[""] * len(hiddens) for _ in batches]
             for bi, b in enumerate(batches):
@@ -132,6 +135,7 @@ def plot_speedup_heatmaps(rows, path: Path, note=None):
                         continue
                     if _time(ours) and _time(theirs):
                         values[bi][hi] = math.log2(_time(theirs) / _time(ours))
+                        fallbacks |= fell_back(theirs)
                         native = "\nnative" if fell_back(theirs) else ""
                         labels[bi][hi] = f"{_time(theirs) / _time(ours):.2f}x{native}"
                     else:  # who failed
@@ -145,8 +149,8 @@ def plot_speedup_heatmaps(rows, path: Path, note=None):
             ax.set_yticks(range(len(batches)), [str(b) for b in batches])
             ax.set_xlabel("hidden size H")
             ax.set_ylabel("batch B")
-            ax.set_title(f"{dtype} {mode}: speedup over cuDNN (native: cuDNN fell back to torch's kernels)",
-                         fontsize=8)
+            ax.set_title(f"{dtype} {mode}: speedup over cuDNN"
+                         + (" (native: cuDNN fell back to torch's kernels)" if fallbacks else ""), fontsize=8)
     return _save(fig, path, note)
 
 
@@ -186,7 +190,9 @@ def plot_memory(rows, path: Path, note=None):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("hidden size H")
         ax.set_ylabel("peak training memory (MiB)")
-        ax.set_title(f"{dtype}, B={batch}, T=512", fontsize=9)
+        lengths = sorted({r["seq_len"] for r in grid if r["dtype"] == dtype and r["batch"] == batch})
+        ax.set_title(", ".join([dtype] + ([f"B={batch}"] if batch is not None else [])
+                               + [f"T={t}" for t in lengths]), fontsize=9)
     return _save(fig, path, note)
 
 

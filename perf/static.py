@@ -496,13 +496,17 @@ def _variant_line(role: str, variant: dict) -> str:
     return json.dumps({"role": role, **described, **result, "modelled_shared_bytes": modelled})
 
 
-def main() -> None:
+def main(argv=None) -> None:
     """Compile the default, limit and edge variants (and the barrier probe) for sm_90 and print one
     JSON line each (run without TRITON_INTERPRET: the compiler needs the real @triton.jit objects). Each line carries
     the shared memory the budget model predicts ("modelled_shared_bytes") next to the compiler's. Variants
     compile in one process per core (each compile is single-threaded; lines keep their order)."""
+    import argparse
     import json
     from concurrent.futures import ProcessPoolExecutor
+
+    argparse.ArgumentParser(prog="python -m tritonrnn.perf.static", description=main.__doc__.split(". ")[0] + ".",
+                            epilog=__doc__.split("\n\n")[0]).parse_args(argv)  # --help: before any compile
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels the compiler needs")

@@ -188,6 +188,8 @@ def test_installed_copy_writes_to_the_current_directory_not_site_packages(tmp_pa
     (results,) = work.glob("*-smoke.json")
     assert f"results: {results}" in out
     out = cli_run("report", "--no-bench")  # where bench wrote, not the installed package's perf/results
+    assert out.startswith(f"skipped 1 CPU run(s), not measurements (the newest: {results})")  # the prediction
+    out = cli_run("report", "--no-bench", "--results", str(results))
     assert out.startswith(f"rendered {work / 'REPORT.md'} from {results}")
     after = sorted(p.relative_to(target) for p in target.rglob("*") if "__pycache__" not in p.parts)
     assert after == before
@@ -278,3 +280,85 @@ def test_results_field_of_the_wrong_type_names_the_file_and_field(field, value, 
     _fails_with(["report", "--results", str(path), "--out-dir", str(tmp_path)], capsys,
                 f"{path}: row 5 ({data['rows'][5]['case']}), field {field!r} is {value!r}, not ")
     assert not (tmp_path / "REPORT.md").exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _command(*argv, interpret=True, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    """`python -m tritonrnn.cli ARGV` in a fresh process, on this checkout's code, as a user's shell runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "tritonrnn.cli", *argv], env=env, capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's refusal; a GPU runs these shapes")
+def test_bench_under_the_interpreter_refuses_oversize_shapes(tmp_path):
+    """One line and status 2 before any work, as --output-layer's refusal (T4096-B256-H2048 was killed by the
+    out-of-memory killer at 23.6 GB); a small shape stays accepted (checked without running it)."""
+    result = _command("bench", "--shapes", "T16-B16-H64", "T4096-B16-H64", "--out-dir", str(tmp_path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "T4096-B16-H64" in result.stderr and "within" in result.stderr
+    assert not list(tmp_path.iterdir())
+    cases = cli._cases(cli.build_parser().parse_args(["bench", "--shapes", "T64-B16-H128", "T8-B2-H16-L2-bidir"]))
+    assert cli._bench_device(cli.build_parser().parse_args(["bench", "--shapes", "x"]), cases).type == "cpu"
+
+
+@pytest.mark.skipif(ON_GPU, reason="a CPU (interpreter) smoke run")
+def test_report_after_a_cpu_smoke_bench_renders_the_prediction(tmp_path, monkeypatch, capsys):
+    """The README's smoke bench (its profiling pass silent), then `tritonrnn report`: a CPU run is no report's
+    source unless asked for with --results or --results-dir (report renders the prediction and says it skipped
+    the run); --prediction renders the prediction whatever results exist. A checkout's CPU runs go to perf/smoke/,
+    ignored by git, not to perf/results/ (committed GPU results); PREDICTION.md is ignored as REPORT.md is."""
+    smoke, out = tmp_path / "smoke", tmp_path / "out"
+    result = _command("bench", "--grid", "smoke", "--providers", "torch-native", "--modes", "inference",
+                      "--out-dir", str(smoke), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "USDT" not in result.stdout + result.stderr  # torch's profiler's C++ lines, one pair a row
+    (run,) = smoke.glob("*-smoke.json")
+    assert cli._bench_out_dir() == ROOT / "perf" / "smoke"  # this checkout's default for a CPU run
+    work = _installed(monkeypatch, tmp_path)  # report's own folder holds the run (an installed copy's: its cwd)
+    shutil.copy(run, work / run.name)
+    assert cli.main(["report", "--no-bench"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"skipped 1 CPU run(s), not measurements (the newest: {work / run.name})")
+    assert "a PREDICTION" in text and (work / "PREDICTION.md").exists() and not (work / "REPORT.md").exists()
+    for asked in (["--results", str(run)], ["--results-dir", str(smoke)]):  # asked for: rendered
+        result = _command("report", *asked, "--out-dir", str(out))
+        assert result.returncode == 0 and result.stdout.startswith(f"rendered {out / 'REPORT.md'} from {run}")
+    result = _command("report", "--prediction", "--out-dir", str(out))
+    assert result.returncode == 0 and (out / "PREDICTION.md").exists(), result.stderr[-2000:]
+    if shutil.which("git") and (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "perf/smoke/x-smoke.json", "perf/PREDICTION.md"], cwd=ROOT,
+                                 capture_output=True, text=True).stdout.split()
+        assert ignored == ["perf/smoke/x-smoke.json", "perf/PREDICTION.md"]
+
+
+def test_output_piped_into_head_ends_quietly():
+    """`tritonrnn info --offline h100 --grid standard | head -n 1` (thousands of lines into a closed pipe)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    command = f"{sys.executable} -m tritonrnn.cli info --offline h100 --grid standard | head -n 1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.stdout.startswith("offline plan for H100") and result.stdout.count("\n") == 1
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("module", ["static", "output_layer", "plan"])
+def test_perf_module_help_prints_help_without_work(module, capsys):
+    """`python -m tritonrnn.perf.X --help` prints its usage and exits 0 before any compile (static and
+    output_layer compile for minutes otherwise; plan printed nothing)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"tritonrnn.perf.{module}").main(["--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m tritonrnn.perf.{module}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-m", f"tritonrnn.perf.{module}", "--help"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: python -m tritonrnn.perf.{module}")

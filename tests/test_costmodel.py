@@ -237,6 +237,69 @@ def test_info_offline_bad_gpu_and_stray_options_are_usage_errors(capsys):
         assert expected in err and "Traceback" not in err
 
 
+def _offline(*argv) -> subprocess.CompletedProcess:
+    """`python -m tritonrnn.cli info --offline ARGV` on this checkout, as a user's shell runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "tritonrnn.cli", "info", "--offline", *argv], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_info_offline_h200_says_why_it_predicts_the_h100s_numbers():
+    result = _offline("h200", "--hidden-size", "1024", "--batch", "64", "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    assert "no term of a step reads HBM" in result.stdout.splitlines()[1]
+    h100, h200 = plan.grid_plan("h100"), plan.grid_plan("h200")
+    assert [dict(r, gpu=None) for r in h100] == [dict(r, gpu=None) for r in h200]  # what the note explains
+
+
+def test_info_offline_single_step_says_only_the_step_kernel_runs(capsys):
+    out = _run(["info", "--offline", "h100", "--seq-len", "1", "--hidden-size", "64", "--batch", "4"], capsys)
+    (row, _) = plan.cells("h100", [(1, 4, 64, "float32")])
+    assert row["path"] == "stepwise" and row["candidates"][0]["layout"] == "stepwise"
+    others = [c for c in row["candidates"] if c["layout"] != "stepwise"]
+    assert others and all(not c["fits"] and c["why"].startswith("T = 1: a single step runs the step kernel")
+                          for c in others)
+    assert "    sequence   B16 w4                   not taken: T = 1: a single step runs the step kernel" in out
+
+
+def test_info_offline_grid_standard_honours_shape_options():
+    result = _offline("h100", "--grid", "standard", "--dtype", "bfloat16", "--hidden-size", "1024", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 4 * 2 and {(r["dtype"], r["hidden"]) for r in rows} == {("bfloat16", 1024)}
+    result = _offline("h100", "--grid", "standard", "--batch", "8")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "tritonrnn info: error: --batch 8 is not in the standard grid (1, 16, 64, 256); drop --grid standard for "
+        "one shape")
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.3], ids=["uncalibrated", "calibrated"])
+def test_every_candidates_terms_add_up_to_its_prediction(scale):
+    hw = dataclasses.replace(H100, layout_scale=tuple((layout, scale) for layout in costmodel.LAYOUTS))
+    shapes = [_shape(b, h, d, direction) for d in ("float32", "bfloat16") for b in (1, 64, 256)
+              for h in (128, 1024, 4096) for direction in ("forward", "backward")]
+    seen = set()
+    for shape in shapes:
+        for c in costmodel.plan_cell(shape, hw)["candidates"]:
+            if c["fits"]:
+                seen.add(c["layout"])
+                assert sum(c["terms_us"].values()) == pytest.approx(c["predicted_us"], abs=2e-3 * len(c["terms_us"]))
+    assert seen == set(costmodel.LAYOUTS)
+
+
+def test_headline_says_each_cell_counts_twice(capsys):
+    rows = plan.grid_plan("h100")
+    out = _run(["info", "--offline", "h100", "--grid", "standard"], capsys).splitlines()[-1]
+    cells = {(r["dtype"], r["batch"], r["hidden"]) for r in rows}
+    both = sum(all(r["predicted_speedup"] >= 1 for r in rows if (r["dtype"], r["batch"], r["hidden"]) == cell)
+               for cell in cells)
+    winning = sum(r["predicted_speedup"] >= 1 for r in rows)
+    assert out == (f"predicted speedup >= 1.0 in {winning} of 120 cell-directions (60 cells x forward/backward; "
+                   f"the model predicts each cell's backward step as its forward step, so this is {both} of 60 "
+                   f"cells counted twice)")
+
+
 def test_report_without_results_renders_the_prediction(tmp_path, capsys):
     out = _run(["report", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path), "--no-bench"], capsys)
     assert "No results to render" in out and "a PREDICTION" in out

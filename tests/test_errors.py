@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tritonrnn
-from conftest import DEVICE
+from conftest import DEVICE, assert_close
 
 
 def _raised(fn):
@@ -169,7 +169,8 @@ import os, torch, tritonrnn
 from tritonrnn.functional import linear_cross_entropy
 os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels were defined for a GPU at import
 calls = (lambda: tritonrnn.RNN(3, 4)(torch.randn(2, 1, 3)), lambda: tritonrnn.RNNCell(3, 4)(torch.randn(2, 3)),
-         lambda: linear_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.zeros(2, dtype=torch.long)))
+         lambda: linear_cross_entropy(torch.randn(2, 3), torch.randn(5, 3), None, torch.zeros(2, dtype=torch.long)),
+         lambda: tritonrnn.backend(torch.device("cpu")))  # agrees with what the layers do
 for call in calls:
     try:
         call()
@@ -181,7 +182,7 @@ for call in calls:
 
 def test_interpreter_switched_on_after_import_says_so_in_one_line():
     """TRITON_INTERPRET=1 set after `import tritonrnn` (a notebook): one line saying to set it first, not
-    Triton's "0 active drivers"."""
+    Triton's "0 active drivers"; tritonrnn.backend() says the same, not "triton-interpreter"."""
     import subprocess
     import sys
     from pathlib import Path
@@ -191,7 +192,7 @@ def test_interpreter_switched_on_after_import_says_so_in_one_line():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert result.stdout.splitlines() == [INTERPRET_TOO_LATE] * 3, result.stdout + result.stderr[-2000:]
+    assert result.stdout.splitlines() == [INTERPRET_TOO_LATE] * 4, result.stdout + result.stderr[-2000:]
     assert "TRITON_INTERPRET=1 was set after tritonrnn was imported" in INTERPRET_TOO_LATE
 
 
@@ -225,3 +226,21 @@ def test_non_finite_values_propagate_without_numpy_warnings(fill):
     torch.testing.assert_close(out, expected, equal_nan=True)
     torch.testing.assert_close(grad_x, torch.autograd.grad(expected.sum(), x)[0], equal_nan=True)
     assert loss.isnan() and grad_h.isnan().any()
+
+
+@pytest.mark.parametrize("layer", [lambda: tritonrnn.RNN(3, 4, num_layers=2), lambda: tritonrnn.RNNCell(3, 4)],
+                         ids=["RNN", "RNNCell"])
+def test_torchscript_is_refused_with_a_message_saying_what_scripts(layer):
+    """torch.jit.script of a model holding a layer: one RuntimeError saying TorchScript is not supported and
+    how to script torch.nn layers with the same parameters (which then run as the model does)."""
+    import copy
+
+    model = nn.Sequential(layer()).to(DEVICE)
+    with pytest.raises(RuntimeError, match=r"does not support TorchScript \(torch\.jit\.script\).*"
+                                           r"torch\.jit\.script\(tritonrnn\.unconvert\(copy\.deepcopy\(model\)\)\)"):
+        torch.jit.script(model)
+    scripted = torch.jit.script(tritonrnn.unconvert(copy.deepcopy(model)))
+    x = torch.randn(5, 2, 3, device=DEVICE) if isinstance(model[0], nn.RNNBase) else torch.randn(2, 3, device=DEVICE)
+    expected, actual = model(x), scripted(x)
+    for a, e in zip(*(((t,) if torch.is_tensor(t) else t for t in (actual, expected))), strict=True):
+        assert_close(a, e, torch.float32)

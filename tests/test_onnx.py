@@ -141,3 +141,57 @@ def test_export_without_onnxscript_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
     with pytest.raises(ModuleNotFoundError, match=r"onnxscript.*pip install 'tritonrnn\[onnx\]'"):
         tritonrnn.onnx.export(tritonrnn.RNN(I, H), (torch.randn(2, 1, I),))
+
+
+class _Bytes:
+    """A file the TorchScript exporter wrote, as _check reads a dynamo export's ONNXProgram."""
+
+    def __init__(self, data: bytes):
+        import onnx
+
+        self.model_proto = onnx.load_from_string(data)
+
+
+def _legacy_export(model: nn.Module, args: tuple, **kwargs) -> _Bytes:
+    import io
+
+    f = io.BytesIO()
+    torch.onnx.export(model, args, f, dynamo=False, **kwargs)
+    return _Bytes(f.getvalue())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_torchscript_exporter_on_the_kernel_path(onnxruntime):
+    """torch.onnx.export(..., dynamo=False) where the layers run the kernels: the exporter traces torch's
+    own RNN there (it has no translation for the ops), with a dynamic batch and length."""
+    assert tritonrnn.backend(DEVICE) != "torch"
+    torch.manual_seed(4)
+    model = Tagger(num_layers=2, bidirectional=True, batch_first=True).to(DEVICE).eval()
+    x, h0 = torch.randn(2, 4, I, device=DEVICE), torch.randn(4, 2, H, device=DEVICE)
+    axes = {"x": {0: "batch", 1: "steps"}, "h0": {1: "batch"}}
+    program = _legacy_export(model, (x, h0), input_names=["x", "h0"], dynamic_axes=axes)
+    assert len(_rnn_nodes(program)) == 2
+    _check(onnxruntime, program, model.cpu(), torch.randn(3, 7, I), torch.randn(4, 3, H))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_language_model_loss_exports(onnxruntime, dynamo):
+    """ElmanLM's loss (tritonrnn::linear_cross_entropy on the kernel path) exports as ONNX's own
+    cross-entropy through either exporter, with the loss of the same network from torch.nn alone."""
+    from tritonrnn.lm import TorchElmanLM
+
+    torch.manual_seed(5)
+    model = tritonrnn.ElmanLM(11, H, num_layers=2).eval()
+    tokens, targets = torch.randint(0, 11, (6, 3)), torch.randint(0, 11, (6, 3))
+    if dynamo:
+        program = torch.onnx.export(model, (tokens, targets), dynamo=True, verbose=False)
+    else:
+        program = _legacy_export(model, (tokens, targets))
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    feed = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), (tokens, targets), strict=True)}
+    (loss,) = session.run(None, feed)
+    oracle = TorchElmanLM(11, H, num_layers=2, dtype=torch.float64)
+    oracle.load_state_dict(model.state_dict())
+    assert_close(torch.from_numpy(loss), oracle(tokens, targets), torch.float32, "loss")

@@ -38,12 +38,15 @@ def build_wheel(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_wheel_contains_kernels_under_tritonrnn(tmp_path):
-    names = zipfile.ZipFile(build_wheel(tmp_path)).namelist()
+    wheel = zipfile.ZipFile(build_wheel(tmp_path))
+    names = wheel.namelist()
     assert "tritonrnn/kernels/sequence.py" in names
     assert "tritonrnn/kernels/step.py" in names
     assert "tritonrnn/perf/bench.py" in names and "tritonrnn/perf/device_check.sh" not in names
     assert not any(name.startswith(("kernels/", "perf/")) for name in names)
     assert any(name.endswith("entry_points.txt") for name in names)
+    (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+    assert f"\nVersion: {tritonrnn.__version__}\n" in wheel.read(metadata).decode()
 
 
 def test_a_checkout_imports_as_it_stands(tmp_path):
@@ -95,3 +98,19 @@ def test_what_runs_write_into_a_checkout_is_ignored_by_git():
     paths = ["examples/results/char_rnn_loss.png", "perf/REPORT.md", "perf/plots/speedup_heatmap.png"]
     result = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.split() == paths
+
+
+def test_one_version_string():
+    """pyproject.toml holds the version; tritonrnn.__version__, `tritonrnn --version`, the README and
+    perf/NOTES.md's newest entry say the same."""
+    import re
+
+    version = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert tritonrnn.__version__ == version
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "tritonrnn.cli", "--version"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == f"tritonrnn {version}", result.stderr
+    assert f"This is tritonrnn {version} " in (ROOT / "README.md").read_text()
+    headings = re.findall(r"^## v(\d[\d.]*)\b", (ROOT / "perf" / "NOTES.md").read_text(), re.M)
+    assert headings[-1] == version

@@ -466,6 +466,7 @@ def test_tuning_space_fits_the_shape():
 
 DEVICE_CHECK = Path(__file__).resolve().parents[1] / "perf" / "device_check.sh"
 STUB_PYTHON = """#!/bin/sh
+case "$2" in "import torch") [ -z "$STUB_NO_TORCH" ]; exit;; esac  # the torch check
 case "$2" in *"sys.exit(0 if torch.cuda.is_available()"*) [ -z "$STUB_NO_GPU" ]; exit;; esac  # the GPU check
 if [ "$1 $2" = "-m pytest" ] && [ "$STUB_HANG" = tests ]; then exec sleep 600; fi
 case "$1 $2" in "-m pip"|"-m pytest") echo "stub $*"; exit 0;; esac
@@ -577,6 +578,17 @@ def test_device_check_without_a_gpu_stops_at_once(tmp_path, stubs):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["SUMMARY.txt"]
 
 
+@CPU_ONLY
+def test_device_check_says_when_python3_cannot_import_torch(tmp_path):
+    """python3 without torch (a machine where torch lives in another interpreter) is not 'no GPU'."""
+    process = _device_check(tmp_path, 300, STUB_NO_TORCH="1")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert stderr.splitlines() == [(tmp_path / "out" / "SUMMARY.txt").read_text().strip()]
+    assert stderr.startswith(f"device_check: python3 ({tmp_path / 'bin' / 'python3'}) cannot import torch")
+    assert "GPU" not in stderr and "nothing ran" in stderr
+
+
 def test_profiler_failure_keeps_the_time(monkeypatch):
     real_init = providers.Run.__init__
     built = []
@@ -642,3 +654,53 @@ def test_report_renders_newest_grid_results_and_output_layer_results_in_their_ow
     assert cli.main(["report", "--results", str(layer), "--out-dir", str(out_dir), "--no-bench"]) == 0
     text = (out_dir / "REPORT.md").read_text()
     assert "## Output layer" in text and "## Summary" not in text
+
+
+@pytest.mark.skipif(ON_GPU, reason="a CPU run's report")
+def test_report_of_a_cpu_run_says_only_what_happened(monkeypatch, tmp_path):
+    """The smoke run's report (CPU, no cuDNN): no heatmap title claims a cuDNN fallback that did not happen,
+    no title reads B=None, and the red banner fits inside every figure."""
+    rows = bench.run([grid.smoke_grid()[0]], timer=measure.wall_timer, profile=False, providers=["tritonrnn", "cudnn"],
+                     modes=["inference"])["rows"]
+    assert {r["status"] for r in rows if r["provider"] == "cudnn"} == {"unavailable"}
+    figures = []
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path, note=None: figures.append(fig) or save(fig, path, note))
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)  # keep the figures to read them
+    report.render(rows, [], tmp_path, ([], []))
+    assert len(figures) == 4
+    for fig in figures:
+        fig.canvas.draw()
+        box = fig._suptitle.get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width, fig._suptitle.get_text()
+        titles = [ax.get_title() for ax in fig.axes]
+        assert not any("fell back" in t or "None" in t for t in titles), titles
+    plt.close("all")
+
+
+def test_prediction_plot_has_a_colour_bar_a_layout_legend_and_no_repeated_panels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tritonrnn.perf import plan
+
+    rows = plan.grid_plan("h100")
+    fig = plan.predicted_speedup_figure(rows)
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    bars = [ax for ax in fig.axes if "predicted speedup" in ax.get_ylabel()]
+    assert len(bars) == 1 and [t.get_text() for t in bars[0].get_yticklabels()] == ["0.25x", "0.5x", "1x", "2x", "4x"]
+    assert "seq = sequence, pers = persistent, clus = cluster, step = stepwise" in fig._suptitle.get_text()
+    # Every backward prediction equals its forward one here: one panel per dtype says so, none repeats another.
+    assert len(heatmaps) == 3
+    assert all("forward and backward (the same predictions)" in ax.get_title() for ax in heatmaps)
+    plt.close(fig)
+    changed = [dict(r, predicted_speedup=r["predicted_speedup"] * 2, predicted_us=r["predicted_us"] / 2)
+               if r["direction"] == "backward" and r["hidden"] == 128 else r for r in rows]
+    fig = plan.predicted_speedup_figure(changed)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert len(titles) == 6 and sum("backward" in t for t in titles) == 3
+    plt.close(fig)

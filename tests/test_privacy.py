@@ -3,7 +3,11 @@ Opacus's own DPRNN / DPRNNCell (the same weights, float64), per-sample gradient 
 against the norms of the materialised per-sample gradients, and PrivacyEngine training runs.
 """
 import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from opacus.validators import ModuleValidator  # noqa: E402
 import tritonrnn  # noqa: E402
 from conftest import DEVICE, assert_close  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 B, T, I, H = 3, 4, 3, 5
 F64 = torch.float64
 
@@ -164,6 +169,58 @@ def _private_training(engine, mode: str, samples: int, batch_size: int, lr: floa
     return rnn, model, optimizer, nn.CrossEntropyLoss(), loader
 
 
+def _cell_pair(nonlinearity="tanh"):
+    """A tritonrnn.RNNCell and Opacus's DPRNNCell with the same float64 weights."""
+    torch.manual_seed(0)
+    ours = tritonrnn.RNNCell(I, H, nonlinearity=nonlinearity, dtype=F64, device=DEVICE)
+    oracle = DPRNNCell(I, H, True, nonlinearity=nonlinearity).to(DEVICE, F64)
+    with torch.no_grad():
+        for mine, theirs in CELL_NAMES.items():
+            oracle.get_parameter(theirs).copy_(getattr(ours, mine))
+    return ours, oracle
+
+
+CELL_NAMES = {"weight_ih": "ih.weight", "weight_hh": "hh.weight", "bias_ih": "ih.bias", "bias_hh": "hh.bias"}
+
+
+class CellLoop(nn.Module):
+    """The usual cell loop: h = None, then h = cell(x_t, h) for every step; a head over the last state."""
+
+    def __init__(self, cell, hx_keyword=False):
+        super().__init__()
+        self.cell, self.hx_keyword = cell, hx_keyword
+
+    def forward(self, x):
+        h = None
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], hx=h) if self.hx_keyword else self.cell(x[:, t], h)
+        return h[:, :2]
+
+
+@pytest.mark.parametrize("hx", ["positional", "keyword"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_rnn_cell_loop_from_hx_none_matches_dprnn_cell(mode, hx):
+    """A cell loop whose first step passes hx=None (Opacus detaches every forward argument), hx passed
+    positionally or by keyword (Opacus's forward hook sees positional arguments only): per-sample gradients
+    (hooks) or their norms (ghost) against DPRNNCell's in the same loop."""
+    ours, oracle = _cell_pair()
+    torch.manual_seed(2)
+    x = torch.randn(B, T, I, dtype=F64, device=DEVICE)
+    cls = GradSampleModuleFastGradientClipping if mode == "ghost" else GradSampleModule
+
+    def samples(cell):
+        gsm = cls(CellLoop(cell, hx_keyword=hx == "keyword"))
+        gsm(x).pow(2).sum(1).mean().backward()
+        result = {name: p._norm_sample if mode == "ghost" else p.grad_sample for name, p in cell.named_parameters()}
+        gsm.cleanup()
+        return result
+
+    actual, expected = samples(ours), samples(oracle)
+    for mine, theirs in CELL_NAMES.items():
+        assert_close(actual[mine], expected[theirs], F64, mine)
+    assert actual["weight_hh"].shape[0] == B and not torch.allclose(actual["weight_hh"][0], actual["weight_hh"][1])
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_privacy_engine_trains_a_tritonrnn_model(mode):
     """PrivacyEngine.make_private keeps the layer (the validator accepts it), clips and noises the per-sample
@@ -199,6 +256,27 @@ def test_poisson_sampling_trains_through_empty_batches(mode):
         optimizer.step()
     assert 0 in sizes and max(sizes) > 0, sizes
     assert all(p.isfinite().all() for p in rnn.parameters())
+
+
+@pytest.mark.parametrize("first", ["tritonrnn", "opacus"])
+def test_opacus_support_needs_only_import_tritonrnn(first):
+    """A fresh process that imports tritonrnn and Opacus, in either order, and nothing else of tritonrnn:
+    Opacus's validator flags dropout between layers (PrivacyEngine refuses the model before training) and
+    knows the layers' grad samplers."""
+    # (a find_spec before the import, as `is Opacus installed?` checks do, changes nothing)
+    imports = ["import tritonrnn", "assert importlib.util.find_spec('opacus')", "import opacus"]
+    code = "\n".join(["import importlib.util, os, sys", "os.environ.setdefault('TRITON_INTERPRET', '1')",
+                      *(imports if first == "tritonrnn" else imports[::-1]),
+                      "from opacus import GradSampleModule",
+                      "from opacus.validators import ModuleValidator",
+                      "errors = ModuleValidator.validate(tritonrnn.RNN(3, 5, num_layers=2, dropout=0.3))",
+                      "assert len(errors) == 1 and 'dropout' in str(errors[0]), errors",
+                      "assert ModuleValidator.validate(tritonrnn.RNN(3, 5, num_layers=2)) == []",
+                      "assert tritonrnn.RNN in GradSampleModule.GRAD_SAMPLERS",
+                      "print('ok')"])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_validator_refuses_dropout_between_layers():
@@ -279,11 +357,17 @@ class PackedModel(nn.Module):
     def forward(self, x, lengths, h0):
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         output, h_n = self.rnn(packed, h0)
-        score = self.head(nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=x.shape[1])[0]).sum(1)
-        return score * ("output" in self.uses) + h_n.sum(0)[:, :2].pow(2) * ("h_n" in self.uses)
+        score = 0  # an output the loss does not use stays out of the graph (no zero gradient reaches it)
+        if "output" in self.uses:
+            padded = nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=x.shape[1])[0]
+            score = self.head(padded).sum(1)
+        if "h_n" in self.uses:
+            score = score + h_n.sum(0)[:, :2].pow(2)
+        return score
 
 
-@pytest.mark.parametrize("uses", [("output", "h_n"), ("output",)], ids=["output-h_n", "output-only"])
+@pytest.mark.parametrize("uses", [("output", "h_n"), ("output",), ("h_n",)], ids=["output-h_n", "output-only",
+                                                                                "h_n-only"])
 def test_packed_input_per_sample_grads(uses):
     """PackedSequence input (unsorted lengths, h0): per-sample gradients in the caller's sample order,
     against torch.nn.RNN run on each sample alone (float64), and against DPRNN, which returns them in
@@ -314,7 +398,9 @@ def test_packed_input_per_sample_grads(uses):
             torch.testing.assert_close(dprnn_samples[name][sorted_position], p.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_input_ghost_norms_match_materialised_grads():
+@pytest.mark.parametrize("uses", [("output", "h_n"), ("h_n",)], ids=["output-h_n", "h_n-only"])
+def test_packed_input_ghost_norms_match_materialised_grads(uses):
+    """Ghost clipping's norms of a packed batch (the usual sequence classifier: a loss on h_n alone too)."""
     ours, _ = _pair(dict(batch_first=True, bidirectional=True))
     torch.manual_seed(3)
     x, h0 = torch.randn(B, T, I, dtype=F64, device=DEVICE), torch.randn(2, B, H, dtype=F64, device=DEVICE)
@@ -322,7 +408,7 @@ def test_packed_input_ghost_norms_match_materialised_grads():
     results = []
     for cls in (GradSampleModule, GradSampleModuleFastGradientClipping):
         torch.manual_seed(1)
-        gsm = cls(PackedModel(ours, ("output", "h_n")))
+        gsm = cls(PackedModel(ours, uses))
         gsm(x, lengths, h0).pow(2).sum(1).mean().backward()
         results.append({name: p.grad_sample if cls is GradSampleModule else p._norm_sample
                         for name, p in ours.named_parameters()})

@@ -9,9 +9,33 @@ if not (_Path(__file__).parent / "kernels").is_dir() and (_ROOT / "kernels" / "_
         and (_ROOT / "pyproject.toml").is_file():
     __path__.append(str(_ROOT))
 from tritonrnn import functional, onnx, reference
-from tritonrnn.dispatch import backend, kernel_path
+from tritonrnn.dispatch import kernel_path
+from tritonrnn.functional import backend  # dispatch.backend, refusing a TRITON_INTERPRET=1 set too late
 from tritonrnn.modules import RNN, RNNCell, convert, unconvert
 from tritonrnn.lm import ElmanLM
+from tritonrnn import _opacus
 
-__version__ = "0.1.0"
+_opacus.install()  # Opacus's grad samplers and validator for the layers, once Opacus is imported
+
+
+
+def _version() -> str:
+    """pyproject.toml's version: read there in a checkout (an editable install's metadata keeps the version
+    it was installed with), else from the installed distribution's metadata."""
+    pyproject = _ROOT / "pyproject.toml"
+    if (_ROOT / "kernels" / "__init__.py").is_file() and pyproject.is_file():
+        import re
+
+        match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), flags=re.M)
+        if match:
+            return match.group(1)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tritonrnn")
+    except PackageNotFoundError:  # a copy of the sources, neither installed nor a checkout
+        return "unknown"
+
+
+__version__ = _version()
 __all__ = ["ElmanLM", "RNN", "RNNCell", "backend", "convert", "functional", "kernel_path", "reference", "unconvert"]

@@ -25,12 +25,14 @@ def _info_offline(args) -> int:
     no compile (works with or without TRITON_INTERPRET)."""
     import json
 
+    from tritonrnn.costmodel import OFFLINE_NOTES
     from tritonrnn.perf import plan
 
     try:
         if args.grid == "standard":
-            rows = plan.grid_plan(args.offline)
+            rows = _standard_grid_rows(args, plan.grid_plan(args.offline))
         else:
+            _shape_defaults(args)
             rows = plan.cells(args.offline, [(args.seq_len, args.batch, args.hidden_size, args.dtype)])
     except ValueError as exc:
         raise UsageError(exc) from None
@@ -41,11 +43,37 @@ def _info_offline(args) -> int:
     print(f"offline plan for {rows[0]['gpu']} (cost model, {'calibrated' if rows[0]['calibrated'] else 'uncalibrated'} "
           f"constants; resources from the offline sm_90 compile by Triton {rows[0]['resources_triton']}; no GPU "
           f"measured this)")
+    if args.offline.lower() in OFFLINE_NOTES:
+        print(OFFLINE_NOTES[args.offline.lower()])
     print(plan.text(rows))
     if len(rows) > 2:
-        head = plan.headline(rows)
-        print(f"predicted speedup >= 1.0 in {head['winning']} of {head['cells']} cells and directions")
+        print(plan.headline_text(plan.headline(rows)))
     return 0
+
+
+SHAPE_DEFAULTS = {"hidden_size": 256, "seq_len": 512, "batch": 16, "dtype": "float32"}
+
+
+def _shape_defaults(args) -> None:
+    """info's shape options where not given (None: given or not is what --grid standard needs to know)."""
+    for name, value in SHAPE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _standard_grid_rows(args, rows: list) -> list:
+    """The standard grid's rows, only those of --hidden-size, --batch and --dtype where given; a value the
+    grid does not hold (or another --seq-len than its T) is a usage error, not an ignored option."""
+    from tritonrnn.perf.grid import BATCHES, DTYPES, HIDDENS, SEQ_LEN
+
+    for name, option, values in (("seq_len", "--seq-len", (SEQ_LEN,)), ("hidden_size", "--hidden-size", HIDDENS),
+                                 ("batch", "--batch", BATCHES), ("dtype", "--dtype", DTYPES)):
+        value = getattr(args, name)
+        if value is not None and value not in values:
+            raise UsageError(f"{option} {value} is not in the standard grid ({', '.join(map(str, values))}); "
+                             f"drop --grid standard for one shape")
+    key = {"hidden_size": "hidden", "batch": "batch", "dtype": "dtype"}
+    return [r for r in rows if all(getattr(args, name) in (None, r[field]) for name, field in key.items())]
 
 
 def _info(args) -> int:
@@ -60,6 +88,7 @@ def _info(args) -> int:
         return _info_offline(args)
     if args.grid or args.json:
         raise UsageError("--grid and --json go with --offline GPU")
+    _shape_defaults(args)
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     print(f"tritonrnn {tritonrnn.__version__}")
     print(f"python    {platform.python_version()}")
@@ -138,8 +167,8 @@ def _cases(args):
         raise UsageError(exc) from None
 
 
-def _bench_device(args) -> torch.device:
-    """The device bench runs on, or a UsageError saying why there is none that makes sense."""
+def _bench_device(args, cases) -> torch.device:
+    """The device bench runs `cases` on, or a UsageError saying why there is none that makes sense."""
     from tritonrnn.dispatch import interpreter_enabled
 
     if torch.cuda.is_available():
@@ -150,7 +179,16 @@ def _bench_device(args) -> torch.device:
     if not args.shapes and args.grid != "smoke":
         raise UsageError(f"--grid {args.grid} under the interpreter (TRITON_INTERPRET=1) would take hours; use "
                          "--grid smoke (or small --shapes) to check the harness on the CPU")
+    for case in cases:
+        states = case.seq_len * case.batch * case.hidden * case.layers * (1 + case.bidirectional)
+        if states > INTERPRETER_MAX_STATES:
+            raise UsageError(f"T{case.seq_len}-B{case.batch}-H{case.hidden} x {case.layers} layer(s) x "
+                             f"{1 + case.bidirectional} direction(s) under the interpreter would take hours; keep "
+                             f"T x B x H x layers x directions within {INTERPRETER_MAX_STATES} (e.g. T64-B16-H128)")
     return torch.device("cpu")
+
+
+INTERPRETER_MAX_STATES = 1 << 17  # T x B x H x layers x directions the interpreter benchmarks in about a minute
 
 
 OUTPUT_LAYER_ROWS = (8192, 16384, 32768)
@@ -160,7 +198,7 @@ INTERPRETER_MAX_LOGITS = 1 << 22  # rows x vocabulary the interpreter gets throu
 def _bench_output_layer(args) -> int:
     """The fused output layer against F.cross_entropy(F.linear(...)): time and peak memory."""
     from tritonrnn.dispatch import interpreter_enabled
-    from tritonrnn.perf import output_dir, output_layer
+    from tritonrnn.perf import output_layer
 
     rows = args.output_layer or OUTPUT_LAYER_ROWS
     if not torch.cuda.is_available():
@@ -170,7 +208,7 @@ def _bench_output_layer(args) -> int:
         if max(rows) * args.vocab > INTERPRETER_MAX_LOGITS:
             raise UsageError(f"{max(rows)} rows x {args.vocab} classes under the interpreter would take hours; "
                              f"keep rows x vocabulary within {INTERPRETER_MAX_LOGITS}")
-    out_dir = args.out_dir or output_dir("results")
+    out_dir = args.out_dir or _bench_out_dir()
     results, path = output_layer.run_to_file(out_dir, args.command_line, dtypes=args.dtypes or ("bfloat16",),
                                              rows=rows, vocab=args.vocab, hidden=args.hidden)
     print(output_layer.format_rows(results))
@@ -179,16 +217,25 @@ def _bench_output_layer(args) -> int:
     return 1 if failed else 0
 
 
+def _bench_out_dir() -> Path:
+    """Where bench writes by default: perf/results/ (measured GPU results, committed) from a checkout on a GPU;
+    a CPU run (the interpreter: a check of the harness, not a measurement) goes to perf/smoke/, ignored by git;
+    an installed copy writes into the current directory."""
+    from tritonrnn.perf import output_dir
+
+    return output_dir("results" if torch.cuda.is_available() else "smoke")
+
+
 def _bench(args) -> int:
-    from tritonrnn.perf import bench, output_dir
+    from tritonrnn.perf import bench
 
     if args.output_layer is not None:
         return _bench_output_layer(args)
     cases = _cases(args)
-    device = _bench_device(args)
+    device = _bench_device(args, cases)
     if not args.autotune:
         _no_autotuning()
-    out_dir = args.out_dir or output_dir("results")
+    out_dir = args.out_dir or _bench_out_dir()
     results, path = bench.run_to_file(cases, "custom" if args.shapes else args.grid, out_dir, device=device,
                                       modes=args.modes, providers=args.providers, command=args.command_line,
                                       profile=not args.no_profile)
@@ -275,11 +322,29 @@ def _stamp(path: Path) -> tuple:
     return ("".join(match.groups()) if match else "", path.name)
 
 
-def _newest_results(dirs) -> tuple[list, list]:
-    """([the newest grid results file], [the newest output-layer results file]) in these folders."""
+def _cpu_run(path: Path) -> bool:
+    """Whether a results file is a CPU run (the interpreter's check of the harness, not a measurement)."""
+    import json
+
+    try:
+        rows = json.loads(path.read_text()).get("rows") or []
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    return any(isinstance(r, dict) and str(r.get("gpu") or r.get("device") or "").startswith("cpu") for r in rows)
+
+
+def _newest_results(dirs, skip_cpu: bool, quiet: bool = False) -> tuple[list, list]:
+    """([the newest grid results file], [the newest output-layer results file]) in these folders. With
+    skip_cpu (report's own folders, not an --results-dir asked for) CPU runs are skipped, with a note: they
+    are no report's source unless asked for."""
     from tritonrnn.perf import output_layer
 
     files = [p for d in dirs if d.is_dir() for p in d.glob("*.json")]
+    cpu = [p for p in files if skip_cpu and _cpu_run(p)]
+    if cpu and not quiet:
+        print(f"skipped {len(cpu)} CPU run(s), not measurements (the newest: {max(cpu, key=_stamp)}); "
+              f"--results FILE (or --results-dir DIR) renders one")
+    files = [p for p in files if p not in cpu]
     layer = [p for p in files if output_layer.is_results_file(p)]
     grid_files = [p for p in files if p not in layer]
     return sorted(grid_files, key=_stamp)[-1:], sorted(layer, key=_stamp)[-1:]
@@ -309,14 +374,18 @@ def _report(args) -> int:
     from tritonrnn.perf import bench, grid, output_dir, output_layer, report
 
     _check_results_paths(args)
+    if args.prediction:
+        if args.results or args.results_dir:
+            raise UsageError("--prediction renders the cost model's plan: no --results or --results-dir with it")
+        return _report_prediction(args)
     dirs = _results_dirs(args)
     sources = list(args.results)
     if not sources and torch.cuda.is_available() and not args.no_bench:
         _no_autotuning()
         _, path = bench.run_to_file(grid.quick_grid(), "quick", output_dir("results"), command=args.command_line)
-        sources = ([path] if path else []) + _newest_results(dirs)[1]
+        sources = ([path] if path else []) + _newest_results(dirs, args.results_dir is None, quiet=True)[1]
     if not sources:
-        sources = [path for newest in _newest_results(dirs) for path in newest]
+        sources = [path for newest in _newest_results(dirs, args.results_dir is None) for path in newest]
     if not sources:
         _no_results(dirs)
         return _report_prediction(args)
@@ -336,9 +405,8 @@ def _report_prediction(args) -> int:
 
     rows = plan.grid_plan("h100")
     path = plan.render_prediction(rows, args.out_dir or output_dir())
-    head = plan.headline(rows)
-    print(f"rendered {path}: a PREDICTION (cost model, H100, no GPU measured it); predicted speedup >= 1.0 "
-          f"in {head['winning']} of {head['cells']} standard-grid cells and directions")
+    print(f"rendered {path}: a PREDICTION (cost model, H100, no GPU measured it); "
+          f"{plan.headline_text(plan.headline(rows))} of the standard grid")
     return 0
 
 
@@ -374,15 +442,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", parents=[debug], help="versions, GPU, and which kernel path a shape takes")
-    info.add_argument("--hidden-size", type=_positive_int, default=256, help="hidden size H (default 256)")
-    info.add_argument("--seq-len", type=_positive_int, default=512, help="sequence length T (default 512)")
-    info.add_argument("--batch", type=_positive_int, default=16, help="batch size B (default 16)")
-    info.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="data type (default float32)")
+    # Defaults in SHAPE_DEFAULTS (None here: --grid standard takes these as filters where given).
+    info.add_argument("--hidden-size", type=_positive_int, default=None, help="hidden size H (default 256)")
+    info.add_argument("--seq-len", type=_positive_int, default=None, help="sequence length T (default 512)")
+    info.add_argument("--batch", type=_positive_int, default=None, help="batch size B (default 16)")
+    info.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="data type (default float32)")
     info.add_argument("--offline", metavar="GPU", type=str.lower, default=None,
                       help="what that GPU (h100 or h200) would run, predicted by the cost model from the shipped "
                            "offline sm_90 compile, with no GPU here: the chosen layout and every candidate's step")
     info.add_argument("--grid", choices=["standard"], default=None,
-                      help="with --offline: every standard-grid cell (3 dtypes x 4 B x 5 H, T=512), both directions")
+                      help="with --offline: every standard-grid cell (3 dtypes x 4 B x 5 H, T=512), both directions; "
+                           "--hidden-size, --batch, --dtype keep only the cells with that value")
     info.add_argument("--json", action="store_true",
                       help="with --offline: one JSON object per cell and direction")
     info.set_defaults(run=_info)
@@ -447,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where REPORT.md and plots/ go (default: the checkout's perf/ when run from a "
                              "checkout, else the current directory)")
     report.add_argument("--no-bench", action="store_true", help="with a GPU: render without measuring first")
+    report.add_argument("--prediction", action="store_true",
+                        help="render the cost model's prediction (PREDICTION.md) even where results exist")
     report.set_defaults(run=_report)
     return parser
 
@@ -467,6 +539,9 @@ def main(argv=None) -> int:
             raise
         print(f"{prefix} {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped reading (tritonrnn info ... | head): nothing wrong, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not fail again
+        return 0
     except Exception as exc:  # noqa: BLE001 - one line, not a traceback, unless --debug
         if debug:
             raise

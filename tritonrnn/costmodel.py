@@ -129,6 +129,10 @@ class Hardware:
 # The GPUs `tritonrnn info --offline` knows: H100 SXM5 and H200 (same GH100 die, 132 SMs, same
 # clocks, L2 and shared memory; the H200's HBM3e is faster, which no term here reads).
 OFFLINE_GPUS = {"h100": Hardware(name="H100"), "h200": Hardware(name="H200")}
+# What `info --offline` says of a GPU whose predictions need explaining.
+OFFLINE_NOTES = {"h200": "H200: the H100's chip (132 SMs, same clocks, L2 and shared memory) with faster HBM3e; "
+                         "no term of a step reads HBM (W_hh stays on chip, the state goes through L2), so every "
+                         "prediction equals the H100's"}
 
 # Constants a calibration file may replace (their names in Hardware).
 CALIBRATED_CONSTANTS = ("barrier_ns", "cluster_barrier_ns", "l2_latency_ns", "launch_ns", "cudnn_small_h_ns",
@@ -367,6 +371,16 @@ def _unfit(layout, config, why, res=None) -> Candidate:
                      resources=tuple(sorted((res or {}).items())))
 
 
+def _step(terms: dict, hw: Hardware, layout: str, waves: int = 1) -> tuple[float, tuple]:
+    """The step a layout's terms add up to (`waves` of programs run one after another), and the terms,
+    the calibration's measured / predicted scale as one of them: the terms always add up to the step."""
+    terms = {name: waves * ns for name, ns in terms.items()}
+    total = sum(terms.values())
+    if hw.scale(layout) != 1.0:
+        terms["calibration"] = total * (hw.scale(layout) - 1.0)
+    return total * hw.scale(layout), tuple(terms.items())
+
+
 def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
     e, width, bb = ELEMENT[shape.dtype], configs.block_h(shape.hidden), config.kwargs["BLOCK_B"]
     per_sm = persistent.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
@@ -384,8 +398,8 @@ def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
              "epilogue": hw.epilogue_ns}
     # The kernel loads step t + 1's input during step t: its latency shows only where it is longer.
     terms["input latency"] = max(0.0, hw.l2_latency_ns - sum(terms.values()))
-    step = waves * sum(terms.values()) * hw.scale("sequence")
-    return Candidate("sequence", configs.config_to_dict(config), True, step, tuple(terms.items()),
+    step, terms = _step(terms, hw, "sequence", waves)
+    return Candidate("sequence", configs.config_to_dict(config), True, step, terms,
                      resources=tuple(sorted(res.items())), plan=(("programs", programs), ("waves", waves)))
 
 
@@ -400,8 +414,8 @@ def _persistent(shape: Shape, hw: Hardware, config, res) -> Candidate:
         return _unfit("persistent", config, "the arrival counters would overflow", res)
     terms = _group_step(shape, hw, config, res, per_sm, chosen.programs, chosen.batch_tiles, chosen.groups,
                         hw.barrier_ns if chosen.waits else 0.0)
-    step = sum(terms.values()) * hw.scale("persistent")
-    return Candidate("persistent", configs.config_to_dict(config), True, step, tuple(terms.items()),
+    step, terms = _step(terms, hw, "persistent")
+    return Candidate("persistent", configs.config_to_dict(config), True, step, terms,
                      resources=tuple(sorted(res.items())), plan=tuple(sorted(dataclasses.asdict(chosen).items())))
 
 
@@ -451,8 +465,8 @@ def _cluster(shape: Shape, hw: Hardware, config, res) -> Candidate:
     # Clusters never wait for each other: more than are resident would run in waves (plan asks for none).
     terms = _group_step(shape, hw, config, res, per_sm, chosen.programs, chosen.batch_tiles, chosen.clusters,
                         hw.cluster_barrier())
-    step = sum(terms.values()) * hw.scale("cluster")
-    return Candidate("cluster", configs.config_to_dict(config), True, step, tuple(terms.items()),
+    step, terms = _step(terms, hw, "cluster")
+    return Candidate("cluster", configs.config_to_dict(config), True, step, terms,
                      resources=tuple(sorted(res.items())), plan=tuple(sorted(dataclasses.asdict(chosen).items())))
 
 
@@ -466,9 +480,10 @@ def _stepwise(shape: Shape, hw: Hardware, config, res) -> Candidate:
     device = (tiles * width * width * e / hw.l2_total_bytes_per_ns + hw.l2_latency_ns
               + 2 * shape.batch * width * width / (hw.peak_per_sm(shape.dtype) * hw.mma_sync_efficiency
                                                    * hw.limits.sms) + hw.epilogue_ns)
-    terms = {"launch": hw.launch_ns, "device": device}
-    step = max(hw.launch_ns, device) * hw.scale("stepwise")
-    return Candidate("stepwise", configs.config_to_dict(launched), True, step, tuple(terms.items()),
+    # The device runs a step while the host launches the next: a step is the longer of the two.
+    step, terms = _step({"launch": hw.launch_ns, "device beyond the launch": max(0.0, device - hw.launch_ns)},
+                        hw, "stepwise")
+    return Candidate("stepwise", configs.config_to_dict(launched), True, step, terms,
                      resources=tuple(sorted(res.items())))
 
 
@@ -505,7 +520,12 @@ def candidates(shape: Shape, hw: Hardware) -> list:
         if not _layout_allowed(layout, shape):
             continue
         for config in candidate_configs(layout, shape.hidden, shape.dtype, shape.allow_tf32):
-            out.append(predict(shape, hw, layout, config))
+            candidate = predict(shape, hw, layout, config)
+            if shape.seq_len == 1 and layout != "stepwise" and candidate.fits:  # dispatch's rule, as _choose's
+                candidate = dataclasses.replace(candidate, fits=False, step_ns=math.inf,
+                                                why=f"T = 1: a single step runs the step kernel (predicted "
+                                                    f"{candidate.step_us:.2f} us a step for T > 1)")
+            out.append(candidate)
     return sorted(out, key=lambda c: (not c.fits, c.step_ns))
 
 

@@ -68,11 +68,14 @@ def _check_cell_args(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> N
 
 
 def _torch_runs(device: torch.device) -> bool:
-    """Whether torch's own RNN runs on this device (see dispatch.backend). Never under the ONNX exporter's
-    torch.export (dynamo=True; the TorchScript exporter is not exporting in torch.compiler's sense), which
-    traces the ops wherever it runs (tritonrnn/onnx.py translates them to ONNX's RNN operator): the file
-    is the same whichever device exported it, and keeps a dynamic sequence length."""
-    return backend(device) == "torch" and not (torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export())
+    """Whether torch's own RNN runs on this device (see dispatch.backend). Under ONNX export, on every device:
+    never under the dynamo exporter's torch.export (dynamo=True), which traces the ops (tritonrnn/onnx.py
+    translates them to ONNX's RNN operator: the file keeps a dynamic sequence length); always under the
+    TorchScript exporter (dynamo=False, not exporting in torch.compiler's sense), which translates torch's own
+    RNN and has no translation for the ops. Either file is the same whichever device exported it."""
+    if torch.onnx.is_in_onnx_export():
+        return not torch.compiler.is_exporting()
+    return backend(device) == "torch"
 
 
 def _devices(*tensors: Optional[Tensor]) -> list[torch.device]:

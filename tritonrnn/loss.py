@@ -213,13 +213,14 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     Returns:
         The loss, in h's dtype (float32 under autocast, as torch's cross_entropy).
 
-    On CUDA (and on the CPU under TRITON_INTERPRET=1) it runs the chunked Triton path; elsewhere
-    F.cross_entropy(F.linear(...)) itself, and so for what torch accepts beyond the chunked path's
-    arguments: class probabilities as target ([N, V], floating), a per-row bias [N, V], one row h [H]
-    with a 1-D target. Errors are torch's for the same arguments (an out-of-range target raises
-    IndexError on every device: checking costs one device sync).
+    On CUDA (and on the CPU under TRITON_INTERPRET=1) it runs the chunked Triton path; elsewhere, and
+    under ONNX export (which translates it to ONNX's own cross-entropy), F.cross_entropy(F.linear(...))
+    itself, and so for what torch accepts beyond the chunked path's arguments: class probabilities as
+    target ([N, V], floating), a per-row bias [N, V], one row h [H] with a 1-D target. Errors are torch's
+    for the same arguments (an out-of-range target raises IndexError on every device: checking costs one
+    device sync).
     """
-    if backend(h.device) == "torch":
+    if backend(h.device) == "torch" or torch.onnx.is_in_onnx_export():  # ONNX has its own: both exporters
         return F.cross_entropy(F.linear(h, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)
     if h.dim() > 2:

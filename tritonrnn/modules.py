@@ -34,10 +34,21 @@ class _Tritonrnn:
         return hook
 
     def register_forward_hook(self, hook, **kwargs):
-        return super().register_forward_hook(self._adapted(hook, "forward"), **kwargs)
+        hook = self._adapted(hook, "forward")
+        if getattr(hook, "with_kwargs", False):  # an adapted hook that reads hx passed by keyword
+            kwargs["with_kwargs"] = True
+        return super().register_forward_hook(hook, **kwargs)
 
     def register_full_backward_hook(self, hook, prepend: bool = False):
         return super().register_full_backward_hook(self._adapted(hook, "full_backward"), prepend=prepend)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first, on the model and each submodule: TorchScript cannot compile the
+        # Triton kernels' custom ops, so say so and what scripts instead, not a TorchScript parse error.
+        raise RuntimeError(
+            f"tritonrnn.{type(self).__name__} does not support TorchScript (torch.jit.script): its Triton kernels "
+            "are not scriptable. Use torch.compile or torch.export, or script torch.nn layers with the same "
+            "parameters: torch.jit.script(tritonrnn.unconvert(copy.deepcopy(model)))")
 
     def _get_name(self) -> str:
         name = super()._get_name()

@@ -5,9 +5,8 @@ Dimensions: T steps, B batch (the samples), I input, H hidden, L layers, D direc
 
 Importing this module registers, in Opacus's public registries, a grad sampler for both layers (Opacus's
 default "hooks" mode), a norm sampler for RNN (ghost clipping, grad_sample_mode="ghost") and a validator
-(dropout). tritonrnn imports it by itself when Opacus attaches its hooks to a layer (Opacus takes seconds
-to import, so tritonrnn does not import it up front); import it before PrivacyEngine.make_private for the
-validator to run there.
+(dropout). `import tritonrnn` imports it as soon as Opacus is imported, in either order
+(tritonrnn/_opacus.py: Opacus takes seconds to import, so tritonrnn never imports it itself).
 
 How Opacus's hooks meet the layers. Opacus hands a grad sampler the module's forward inputs and the
 gradient of its first output only; tritonrnn.RNN returns (output, h_n), and the loss may use both. So the
@@ -16,8 +15,11 @@ adapted backward hook keeps every output gradient on the layer for the sampler, 
 size (its own guess reads hx's first dimension), and hands Opacus a one-element stand-in for the output
 gradient (Opacus only scales and reorders it; the sampler takes the real ones). A PackedSequence is no
 tensor: Opacus's forward hook, which detaches every argument, gets its data instead; and torch's module
-hooks see only h_n's gradient, so the output's packed data goes through an identity autograd node whose
-backward runs Opacus's backward hook for that call (the adapted hook only keeps h_n's gradient then).
+hooks see only h_n's gradient, so the output's packed data and h_n go through one identity autograd node
+whose backward, given the gradient of whichever of them the loss used, runs Opacus's backward hook for
+that call (the adapted hook does nothing then). Opacus's forward hook sees positional arguments only and
+detaches each: it is given hx passed by keyword, and a hx=None (an RNNCell loop's first step) is left
+out, as if not passed.
 Per-sample results are in the caller's sample order (Opacus's DPRNN gives a packed batch's sorted order).
 
 What the samplers compute. Per layer and direction, with dz_t = dL/dz_t (the pre-activation gradients
@@ -57,11 +59,10 @@ from tritonrnn.numerics import allow_tf32
 
 @dataclass
 class _PackedCall:
-    """A forward call on a PackedSequence: its packing, and h_n's gradient once autograd gives it."""
+    """A forward call on a PackedSequence: its packing."""
     batch_sizes: Tensor
     sorted_indices: Optional[Tensor]
     unsorted_indices: Optional[Tensor]
-    grad_hn: Optional[Tensor] = None
 
 
 @dataclass
@@ -96,11 +97,17 @@ def adapt_hook(layer, hook, kind: str):
 
 
 def _forward_hook(owner, hook):
-    """Opacus's forward hook, given the packed data for a PackedSequence argument (it detaches every
-    argument); the output's packed data then goes through _DataGradient, which runs Opacus's backward
-    hook once that gradient is known (torch's module hooks see only h_n, a PackedSequence is no tensor)."""
+    """Opacus's forward hook, without a trailing None argument and given the packed data for a
+    PackedSequence argument (it detaches every argument); a PackedSequence call's output data and h_n then
+    go through _OutputGradients, which runs Opacus's backward hook once their gradients are known (torch's
+    module hooks see only h_n, a PackedSequence is no tensor)."""
 
-    def opacus_forward_hook(module, args, output):
+    def opacus_forward_hook(module, args, kwargs, output):
+        # hx passed by keyword counts (Opacus's hook sees positional arguments only); hx=None is left out
+        # (Opacus would call None.detach()).
+        args = tuple(args) + tuple(kwargs.get(name) for name in ("input", "hx")[len(args):])
+        while args and args[-1] is None:
+            args = args[:-1]
         if not isinstance(args[0], PackedSequence):
             return hook(module, args, output)
         packed = args[0]
@@ -110,41 +117,42 @@ def _forward_hook(owner, hook):
             return None
         call = _PackedCall(packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
         module.__dict__.setdefault("_packed_calls", []).append(call)
-        return output[0]._replace(data=_DataGradient.apply(output[0].data, module, owner, call)), output[1]
+        data, h_n = _OutputGradients.apply(output[0].data, output[1], module, owner, call)
+        return output[0]._replace(data=data), h_n
 
+    opacus_forward_hook.with_kwargs = True  # registered with with_kwargs=True (modules.py)
     return opacus_forward_hook
 
 
 def _backward_hook(owner):
-    """Opacus's backward hook, adapted: see the module docstring. For a PackedSequence call it only keeps
-    h_n's gradient (torch runs it at h_n alone); _DataGradient calls Opacus afterwards."""
+    """Opacus's backward hook, adapted: see the module docstring. While PackedSequence calls wait for their
+    gradients it does nothing (torch runs it at h_n alone); _OutputGradients calls Opacus for them."""
 
     def opacus_backward_hook(module, grad_input, grad_output):
-        calls = getattr(module, "_packed_calls", None)
-        if not calls:
+        if not getattr(module, "_packed_calls", None):
             return _run_opacus(owner, module, tuple(grad_output), None)
-        if owner.hooks_enabled:
-            next(call for call in reversed(calls) if call.grad_hn is None).grad_hn = grad_output[1]
         return None
 
     return opacus_backward_hook
 
 
-class _DataGradient(torch.autograd.Function):
-    """Identity on a PackedSequence output's data; its backward runs Opacus's backward hook for that call."""
+class _OutputGradients(torch.autograd.Function):
+    """Identity on a PackedSequence call's output data and h_n; its backward, which runs once whichever of
+    them the loss used has its gradient (the other's is None), runs Opacus's backward hook for that call."""
 
     @staticmethod
-    def forward(ctx, data, module, owner, call):
+    def forward(ctx, data, h_n, module, owner, call):
         ctx.module, ctx.owner, ctx.call = module, owner, call
-        return data.view_as(data)
+        ctx.set_materialize_grads(False)
+        return data.view_as(data), h_n.view_as(h_n)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad_data, grad_hn):
         calls = getattr(ctx.module, "_packed_calls", [])
         if ctx.owner.hooks_enabled and any(call is ctx.call for call in calls):
             calls.remove(ctx.call)
-            _run_opacus(ctx.owner, ctx.module, (grad, ctx.call.grad_hn), ctx.call)
-        return grad, None, None, None
+            _run_opacus(ctx.owner, ctx.module, (grad_data, grad_hn), ctx.call)
+        return grad_data, grad_hn, None, None, None
 
 
 def _run_opacus(owner, module, grads: tuple, packed: Optional[_PackedCall]):
