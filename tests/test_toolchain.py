@@ -42,8 +42,9 @@ def test_layers_refuse_an_interpreter_that_cannot_run(monkeypatch):
 
     if functional.backend(torch.device("cpu")) != "triton-interpreter":
         pytest.skip("the kernels run compiled here")
+    assert functional._INTERPRETER_PROBLEM == toolchain.interpreter_problem()  # read at import
     message = toolchain.interpreter_problem((3, 6, 0), (2, 4, 6))
-    monkeypatch.setattr(toolchain, "interpreter_problem", lambda: message)
+    monkeypatch.setattr(functional, "_INTERPRETER_PROBLEM", message)
     with pytest.raises(RuntimeError, match=r"pip install 'numpy<2\.4'"):
         tritonrnn.RNN(3, 4)(torch.randn(2, 1, 3))
 

@@ -19,6 +19,8 @@ NONLINEARITIES = ("tanh", "relu")
 # Triton decides when a @triton.jit function is defined, i.e. when tritonrnn is imported, whether it
 # is interpreted: the kernels imported above follow TRITON_INTERPRET as it was then.
 _INTERPRETED_KERNELS = dispatch.interpreter_enabled()
+# Read once: the installed Triton and numpy do not change under a running process (nor under torch.compile's tracing).
+_INTERPRETER_PROBLEM = toolchain.interpreter_problem() if _INTERPRETED_KERNELS else ""
 INTERPRET_TOO_LATE = ("TRITON_INTERPRET=1 was set after tritonrnn was imported: set it before importing tritonrnn "
                       "and triton (in a notebook: restart the kernel, set it first)")
 
@@ -31,9 +33,8 @@ def backend(device: torch.device) -> str:
     if which == "triton-interpreter":
         if not _INTERPRETED_KERNELS:
             raise RuntimeError(INTERPRET_TOO_LATE)
-        problem = toolchain.interpreter_problem()
-        if problem:
-            raise RuntimeError(problem)
+        if _INTERPRETER_PROBLEM:
+            raise RuntimeError(_INTERPRETER_PROBLEM)
     return which
 
 
