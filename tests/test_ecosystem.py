@@ -46,6 +46,26 @@ class Tagger(nn.Module):
         return logits, h_n, h
 
 
+@pytest.mark.skipif(ON_GPU, reason="the CPU's inductor (C++) is enough: the check is in its lowering")
+def test_inductor_compiles_the_layers_where_ci_is_set(tmp_path):
+    """torch.compile(backend="inductor") of a layer in an environment with CI set (CI services set it): inductor
+    raised 'make_fallback(tritonrnn.bidirectional_recurrence.default): a decomposition exists' for the ops
+    that carry tritonrnn.onnx's decomposition (seen for both, whenever inductor's cache did not hold the graph)."""
+    code = ("import os; os.environ['TRITON_INTERPRET'] = '1'\n"
+            "import torch, tritonrnn\n"
+            "for bidirectional in (False, True):\n"
+            "    rnn = tritonrnn.RNN(5, 7, bidirectional=bidirectional, batch_first=True).double()\n"
+            "    x = torch.randn(3, 4, 5, dtype=torch.float64)\n"
+            "    out, h_n = torch.compile(rnn, fullgraph=True, backend='inductor')(x)\n"
+            "    expected = rnn(x)\n"
+            "    assert torch.allclose(out, expected[0]) and torch.allclose(h_n, expected[1])\n"
+            "print('ok')")
+    # A fresh inductor cache: a cached graph skips the lowering where the check is (why it failed by chance).
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(EXAMPLES.parent), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()

@@ -13,9 +13,12 @@ from tritonrnn.dispatch import kernel_path
 from tritonrnn.functional import backend  # dispatch.backend, refusing a TRITON_INTERPRET=1 set too late
 from tritonrnn.modules import RNN, RNNCell, convert, unconvert
 from tritonrnn.lm import ElmanLM
-from tritonrnn import _opacus
+from tritonrnn import _after_import
 
-_opacus.install()  # Opacus's grad samplers and validator for the layers, once Opacus is imported
+# Opacus's grad samplers and validator for the layers, once Opacus is imported; inductor's fallbacks for
+# the ops that carry an ONNX decomposition, once inductor's lowering is (tritonrnn.onnx).
+_after_import.when_imported("opacus", lambda: __import__("tritonrnn.privacy"))
+_after_import.when_imported("torch._inductor.lowering", onnx.inductor_fallbacks)
 
 
 

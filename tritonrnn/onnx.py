@@ -9,8 +9,8 @@ registers there a decomposition of the recurrence ops into ONNX's RNN operator (
 symbolic_multi_out, which only the ONNX exporter translates). Registering needs torch alone (importing
 tritonrnn stays light); the export itself needs onnx and onnxscript: pip install 'tritonrnn[onnx]'.
 Outside ONNX export nothing changes: torch.export, torch.compile and the default decompositions keep
-the ops whole (they take decompositions from that table only by name), and where fake tensors read
-the table the entries give the ops' fakes.
+the ops whole (they take decompositions from that table only by name; inductor is told to run them as
+they are, `inductor_fallbacks`), and where fake tensors read the table the entries give the ops' fakes.
 
 The ops take the input already projected (xw = x W_ih^T + b_ih + b_hh, one GEMM over all steps before
 them), so the RNN node gets the identity as its input weights W and no bias: ONNX's
@@ -90,12 +90,30 @@ def _only_under_onnx_export(translation):
     return decomposition
 
 
+# The ops this module gives a decomposition (in torch._decomp's table, which inductor reads too).
+DECOMPOSED = (torch.ops.tritonrnn.recurrence.default, torch.ops.tritonrnn.bidirectional_recurrence.default)
 if _onnx_ops is not None:
     from torch._decomp import register_decomposition
 
-    register_decomposition(torch.ops.tritonrnn.recurrence.default)(_only_under_onnx_export(recurrence))
-    register_decomposition(torch.ops.tritonrnn.bidirectional_recurrence.default)(
-        _only_under_onnx_export(bidirectional_recurrence))
+    for _op, _translation in zip(DECOMPOSED, (recurrence, bidirectional_recurrence), strict=True):
+        register_decomposition(_op)(_only_under_onnx_export(_translation))
+else:
+    DECOMPOSED = ()
+
+
+def inductor_fallbacks() -> None:
+    """Tell inductor to run the recurrence ops as they are (a fallback), the decompositions above being for
+    ONNX export only. Without this, inductor's make_fallback finds them in the table and, where the
+    environment variable CI is set (as CI services set it), raises 'a decomposition exists, we should switch
+    to it' for every torch.compile(backend="inductor") of a layer. Run when inductor's lowering is imported
+    (tritonrnn/_after_import.py); the layout constraint is the one inductor gives a custom op by default."""
+    from torch._inductor import lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    for op in DECOMPOSED:
+        if op not in lowering.lowerings:
+            lowering.make_fallback(op, layout_constraint=lowering.tag_to_layout_constraint(
+                get_layout_constraint_tag(op, with_default=True)), override_decomp=True)
 
 
 def require() -> None:

@@ -6,7 +6,7 @@ Dimensions: T steps, B batch (the samples), I input, H hidden, L layers, D direc
 Importing this module registers, in Opacus's public registries, a grad sampler for both layers (Opacus's
 default "hooks" mode), a norm sampler for RNN (ghost clipping, grad_sample_mode="ghost") and a validator
 (dropout). `import tritonrnn` imports it as soon as Opacus is imported, in either order
-(tritonrnn/_opacus.py: Opacus takes seconds to import, so tritonrnn never imports it itself).
+(tritonrnn/_after_import.py: Opacus takes seconds to import, so tritonrnn never imports it itself).
 
 How Opacus's hooks meet the layers. Opacus hands a grad sampler the module's forward inputs and the
 gradient of its first output only; tritonrnn.RNN returns (output, h_n), and the loss may use both. So the
