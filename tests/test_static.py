@@ -20,6 +20,13 @@ from tritonrnn.kernels.persistent import SMLimits, programs_per_sm
 from tritonrnn.perf import static
 
 MAX_STACK_BYTES = 32  # a few spilled registers (3xTF32 at H=128 spills 24 bytes), not a spill loop
+# fp64 (the reference dtype, not a speed target) may spill a register's worth: Triton 3.8 gives the fp64
+# persistent H = 512 forward and cluster H = 256 backward 168 registers and 8 spilled bytes (none in 3.6).
+FP64_STACK_BYTES = 8
+
+
+def _spill_free(v) -> bool:
+    return v["stack_bytes"] <= (FP64_STACK_BYTES if v["dtype"] == "float64" else 0)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +90,7 @@ def test_persistent_grids_fit_on_132_sms(compiled):
     H200 both have 132 SMs of sm_90 (65536 registers, 228 KB shared memory, 2048 threads each):
     SMLimits' defaults. perf/NOTES.md holds the table."""
     persistent = [v for v in compiled if v["role"] == "default" and v["path"] == "persistent"]
-    assert persistent and all(v["stack_bytes"] == 0 for v in persistent), "persistent spills:\n" + _table(persistent)
+    assert persistent and all(_spill_free(v) for v in persistent), "persistent spills:\n" + _table(persistent)
     rows = static.persistent_fit(persistent)
     assert len(rows) == (3 * 4 - 1) * 4, static.fit_table(rows)  # 3 dtypes x H 256..2048 (fp32 to 1024) x 4 batches
     for row in rows:
@@ -105,7 +112,7 @@ def test_cluster_variants_wait_at_the_cluster_barrier_in_the_step_loop(compiled)
     clusters = [v for v in compiled if v["role"] == "default" and v["path"] == "cluster"]
     assert len(clusters) == len([v for v in static.default_variants() if v["path"] == "cluster"]) > 0
     assert {v["dtype"] for v in clusters} == {"float16", "bfloat16", "float32", "float64"}
-    assert all(v["stack_bytes"] == 0 and v["mma"] for v in clusters), "spills or FMA-only:\n" + _table(clusters)
+    assert all(_spill_free(v) and v["mma"] for v in clusters), "spills or FMA-only:\n" + _table(clusters)
     for v in clusters:
         figure = cluster.REGISTERS[(v["dtype"], int(v["hidden"]))]  # cluster_plan's, compiled by the table's Triton
         if triton.__version__ == costmodel.resource_table_triton():
