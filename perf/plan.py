@@ -184,18 +184,35 @@ def render_prediction(rows: list, out_dir: Path) -> Path:
     return path
 
 
+def show(rows: list, gpu: str, as_json: bool = False) -> None:
+    """Print the plan's rows: one JSON object each, or the text `tritonrnn info --offline` shows."""
+    import json
+
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"offline plan for {rows[0]['gpu']} (cost model, {'calibrated' if rows[0]['calibrated'] else 'uncalibrated'} "
+          f"constants; resources from the offline sm_90 compile by Triton {rows[0]['resources_triton']}; no GPU "
+          f"measured this)")
+    if gpu.lower() in costmodel.OFFLINE_NOTES:
+        print(costmodel.OFFLINE_NOTES[gpu.lower()])
+    print(text(rows))
+    if len(rows) > 2:
+        print(headline_text(headline(rows)))
+
+
 def main(argv=None) -> int:
     """python -m tritonrnn.perf.plan [h100|h200] [--json]: the standard grid's plan, as `tritonrnn info
     --offline GPU --grid standard` prints it."""
     import argparse
 
-    from tritonrnn import cli
-
     parser = argparse.ArgumentParser(prog="python -m tritonrnn.perf.plan", description=__doc__.split("\n")[0])
     parser.add_argument("gpu", nargs="?", default="h100", choices=sorted(costmodel.OFFLINE_GPUS))
     parser.add_argument("--json", action="store_true", help="one JSON object per cell and direction")
     args = parser.parse_args(argv)
-    return cli.main(["info", "--offline", args.gpu, "--grid", "standard"] + ["--json"] * args.json)
+    show(grid_plan(args.gpu), args.gpu, args.json)
+    return 0
 
 
 if __name__ == "__main__":

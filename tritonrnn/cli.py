@@ -23,9 +23,6 @@ class UsageError(Exception):
 def _info_offline(args) -> int:
     """What an H100 or H200 would run, from the cost model and the shipped offline sm_90 table: no GPU,
     no compile (works with or without TRITON_INTERPRET)."""
-    import json
-
-    from tritonrnn.costmodel import OFFLINE_NOTES
     from tritonrnn.perf import plan
 
     try:
@@ -36,18 +33,7 @@ def _info_offline(args) -> int:
             rows = plan.cells(args.offline, [(args.seq_len, args.batch, args.hidden_size, args.dtype)])
     except ValueError as exc:
         raise UsageError(exc) from None
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-        return 0
-    print(f"offline plan for {rows[0]['gpu']} (cost model, {'calibrated' if rows[0]['calibrated'] else 'uncalibrated'} "
-          f"constants; resources from the offline sm_90 compile by Triton {rows[0]['resources_triton']}; no GPU "
-          f"measured this)")
-    if args.offline.lower() in OFFLINE_NOTES:
-        print(OFFLINE_NOTES[args.offline.lower()])
-    print(plan.text(rows))
-    if len(rows) > 2:
-        print(plan.headline_text(plan.headline(rows)))
+    plan.show(rows, args.offline, args.json)
     return 0
 
 
