@@ -1,9 +1,13 @@
-"""Triton kernels of tritonrnn and their launchers (installed as tritonrnn.kernels)."""
-from . import toolchain
-from .config import default_path
-from .recurrence import PATHS, bidirectional_backward, bidirectional_forward, recurrence_backward, recurrence_forward
+"""Triton kernels of tritonrnn and their launchers (installed as tritonrnn.kernels).
 
-__all__ = ["PATHS", "bidirectional_backward", "bidirectional_forward", "default_path", "recurrence_backward",
-           "recurrence_forward"]
+Kernel files hold the @triton.jit kernels (step.py, sequence.py, persistent.py, output.py, common.py);
+config.py says what a launch may vary, occupancy.py what a GPU holds at once, launch.py launches,
+cells.py names the cells, toolchain.py the Triton releases.
+"""
+from . import toolchain
+from .config import LAYOUTS, default_layout
+from .launch import recurrence_backward, recurrence_forward
+
+__all__ = ["LAYOUTS", "default_layout", "recurrence_backward", "recurrence_forward"]
 
 toolchain.warn_if_unsupported()

@@ -32,23 +32,25 @@ def below_while(o, bound, live):
 
 
 @triton.jit
-def cell_update(z, p_h, offsets, mask, BACKWARD: tl.constexpr, RELU: tl.constexpr):
-    """Forward: h_t = act(z_t). Backward: z is dh_t; loads h_t from p_h + offsets (p_h is None in
-    the forward) and returns dz_t = dh_t * act'(z_t)."""
+def cell_update(z, p_h, offsets, mask, BACKWARD: tl.constexpr, CELL: tl.constexpr):
+    """Forward: h_t = cell(z_t). Backward: z is dh_t; loads h_t from p_h + offsets (p_h is None in
+    the forward) and returns dz_t = dh_t * cell'(z_t)."""
     b_h = tl.load(p_h + offsets, mask=mask, other=0.0).to(z.dtype) if BACKWARD else z
-    return activate(z, b_h, BACKWARD, RELU)
+    return activate(z, b_h, BACKWARD, CELL)
 
 
 @triton.jit
-def activate(z, b_h, BACKWARD: tl.constexpr, RELU: tl.constexpr):
-    """Forward: h_t = act(z_t). Backward: z is dh_t, b_h is h_t; returns dz_t = dh_t * act'(z_t)."""
+def activate(z, b_h, BACKWARD: tl.constexpr, CELL: tl.constexpr):
+    """The cell's step after the matmul (CELL: kernels/cells.py). Forward: h_t = act(z_t). Backward: z
+    is dh_t, b_h is h_t; returns dz_t = dh_t * act'(z_t)."""
+    tl.static_assert((CELL == "tanh") | (CELL == "relu"), "CELL must be 'tanh' or 'relu'")
     if BACKWARD:
-        if RELU:  # as torch's relu backward: the gradient passes where h_t is not <= 0 (NaN included)
+        if CELL == "relu":  # as torch's relu backward: the gradient passes where h_t is not <= 0 (NaN included)
             out = tl.where(b_h <= 0, 0.0, z)
         else:
             out = z * (1.0 - b_h * b_h)
     else:
-        if RELU:  # NaN stays NaN, as in torch (the GPU's max.f32 would return 0)
+        if CELL == "relu":  # NaN stays NaN, as in torch (the GPU's max.f32 would return 0)
             out = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
         else:
             out = tanh(z)

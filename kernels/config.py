@@ -1,14 +1,16 @@
 """Launch configurations of the RNN kernels: defaults, tuning spaces, and shipped tuned configs.
 
 Dimensions: B batch, H hidden. Everything a launch may vary is declared here once:
-- the paths: "sequence" (rnn_sequence_kernel, W_hh held on chip), "persistent"
-  (rnn_persistent_kernel, W_hh in column slices over programs that stay resident) and "stepwise"
-  (rnn_step_kernel, one launch per step);
-- the limits up to which the sequence and persistent paths are the default, and the shared-memory budget every
-  launch must fit (which decides what a path can run and prunes the tuning spaces);
-- the default config of each path (used under the interpreter, and as the baseline a tuned
+- the layouts: "sequence" (rnn_sequence_kernel, W_hh held on chip), "persistent"
+  (rnn_persistent_kernel, W_hh in column slices over programs that stay resident), "cluster" (the
+  persistent kernel, each group one thread-block cluster: its configs are the persistent kernel's)
+  and "stepwise" (rnn_step_kernel, one launch per step);
+- the size rules: up to which H each layout runs and is weighed (layout_allowed, default_layout),
+  and the shared-memory budget every launch must fit (layout_fits, config_fits: what a layout can
+  run; they prune the tuning spaces);
+- the default config of each layout (used under the interpreter, and as the baseline a tuned
   config must beat);
-- the tuning space of each path (searched by `tritonrnn tune`, and by Triton's autotuner at run
+- the tuning space of each layout (searched by `tritonrnn tune`, and by Triton's autotuner at run
   time on a GPU with no shipped config, keyed by H and the batch bucket, never by T);
 - the tuned configs shipped per GPU in kernels/tuned/<GPU>.json (written by `tritonrnn tune`).
 """
@@ -21,22 +23,24 @@ from pathlib import Path
 import torch
 import triton
 
-# Largest H at which the sequence path is the default: W_hh is held across the loop by each
+from . import occupancy
+
+# Largest H at which the sequence layout is the default: W_hh is held across the loop by each
 # program, in shared memory (Triton hoists its copy there) and in registers (its dot-operand
 # fragments); these are the sizes that compile spill-free on sm_90 (perf/NOTES.md).
 SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
-# Up to where the cost model (tritonrnn.costmodel) also weighs the sequence path: all of a 16-bit
+# Up to where the cost model (tritonrnn.costmodel) also weighs the sequence layout: all of a 16-bit
 # W_hh at H = 256 (128 KB) fits one program's shared memory, and its 4-warp default (BLOCK_B 16)
 # compiles spill-free forward and backward on sm_90 (kernels/offline/sm_90.json).
 SEQUENCE_CANDIDATE_MAX_H = {2: 256}
 
-# Largest H of the persistent path, by element size: W_hh split over programs of 32 to 64 columns
+# Largest H of the persistent layout, by element size: W_hh split over programs of 32 to 64 columns
 # (a slice of up to 128 KB each, on chip), every one resident on an SM of an H100/H200. fp32 stops at
 # 1024: at 2048 a 32-column slice is 256 KB (over 227 KB) and 16 columns leave a 16-row MMA tile
 # whose staged operands spill kilobytes (perf/NOTES.md, v0.5). fp64 runs only in tests (gradcheck),
 # where its slices must stay small. Exact fp32 (TF32 off) multiplies in 3xTF32: its three chained
 # dots make Triton lay every warp along M and spill hundreds of bytes at every slice width (v0.5), so
-# it takes the stepwise path by default (an explicit path="persistent" still runs it).
+# it takes the stepwise layout by default (an explicit layout="persistent" still runs it).
 PERSISTENT_MAX_H = {8: 512, 4: 1024, 2: 2048}
 PERSISTENT_EXACT_FP32_MAX_H = 0
 
@@ -47,20 +51,52 @@ SHARED_MEMORY_BUDGET = 232_448
 
 # tl.dot on a GPU needs every dimension >= 16, so batch tiles are padded up to it.
 MIN_DOT = 16
-PATHS = ("sequence", "persistent", "stepwise")
+LAYOUTS = ("sequence", "persistent", "cluster", "stepwise")
+# The layouts whose groups of programs meet at a barrier every step (the persistent kernel): both
+# directions of a layer run in one launch there.
+GROUPED = ("persistent", "cluster")
+# The layouts with a tuning space of their own (the cluster's CTA is a persistent program).
+TUNED_LAYOUTS = ("sequence", "persistent", "stepwise")
+# The layouts Triton's autotuner may launch (the persistent kernel's grid depends on its compiled resources).
+AUTOTUNED = ("sequence", "stepwise")
 TUNED_DIR = Path(__file__).parent / "tuned"
 
 
-def default_path(hidden_size: int, dtype: torch.dtype, allow_tf32: bool = True) -> str:
-    """The path of a multi-step recurrence by size alone (the baseline `tritonrnn tune` measures;
+def kernel_layout(layout: str) -> str:
+    """The layout whose kernel and configs `layout` launches: a cluster's CTA is a persistent program."""
+    return "persistent" if layout == "cluster" else layout
+
+
+def max_hidden(layout: str, dtype: torch.dtype, allow_tf32: bool = True, weighed: bool = False) -> float:
+    """The largest H `layout` takes by default (`weighed`: the largest the cost model weighs it at).
+    sequence: SEQUENCE_MAX_H (weighed: SEQUENCE_CANDIDATE_MAX_H too); persistent and cluster:
+    PERSISTENT_MAX_H, exact fp32 (TF32 off) PERSISTENT_EXACT_FP32_MAX_H; stepwise: any."""
+    if layout == "sequence":
+        limit = SEQUENCE_MAX_H[dtype.itemsize]
+        return max(limit, SEQUENCE_CANDIDATE_MAX_H.get(dtype.itemsize, 0)) if weighed else limit
+    if layout in GROUPED:
+        exact_fp32 = dtype == torch.float32 and not allow_tf32
+        return PERSISTENT_EXACT_FP32_MAX_H if exact_fp32 else PERSISTENT_MAX_H[dtype.itemsize]
+    return float("inf")
+
+
+def default_layout(hidden_size: int, dtype: torch.dtype, allow_tf32: bool = True) -> str:
+    """The layout of a multi-step recurrence by size alone (the baseline `tritonrnn tune` measures;
     the layers ask the cost model, tritonrnn.dispatch): "sequence" where one program holds W_hh on
     chip without spilling for this size and dtype, else "persistent" (W_hh split over resident
-    programs) up to PERSISTENT_MAX_H, else "stepwise"."""
-    if hidden_size <= SEQUENCE_MAX_H[dtype.itemsize]:
-        return "sequence"
-    exact_fp32 = dtype == torch.float32 and not allow_tf32
-    limit = PERSISTENT_EXACT_FP32_MAX_H if exact_fp32 else PERSISTENT_MAX_H[dtype.itemsize]
-    return "persistent" if hidden_size <= limit else "stepwise"
+    programs) up to its limit, else "stepwise"."""
+    for layout in ("sequence", "persistent"):
+        if hidden_size <= max_hidden(layout, dtype, allow_tf32):
+            return layout
+    return "stepwise"
+
+
+def layout_allowed(layout: str, hidden: int, dtype: torch.dtype, allow_tf32: bool = True) -> bool:
+    """Whether the cost model weighs `layout` at this H and dtype: within its size limit (max_hidden,
+    weighed) and, for the sequence layout, with its default tile in shared memory."""
+    if hidden > max_hidden(layout, dtype, allow_tf32, weighed=True):
+        return False
+    return layout != "sequence" or layout_fits("sequence", hidden, dtype, allow_tf32)
 
 
 def batch_bucket(batch: int) -> int:
@@ -85,8 +121,8 @@ def _device_shared_memory(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
-def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: torch.dtype, allow_tf32: bool) -> int:
-    """The dynamic shared memory a launch of `path` with `config` needs (an upper bound).
+def shared_memory_bytes(layout: str, config: triton.Config, hidden: int, dtype: torch.dtype, allow_tf32: bool) -> int:
+    """The dynamic shared memory a launch of `layout` with `config` needs (an upper bound).
 
     Triton stages tl.dot operands through shared memory. Fitted to `compiled.metadata.shared` of
     offline sm_90 compiles (triton 3.6, aligned launches; perf/NOTES.md, v0.3), with e the element
@@ -108,10 +144,11 @@ def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: to
     """
     kwargs = config.kwargs
     tf32x3 = dtype == torch.float32 and not allow_tf32
-    if path == "sequence":
+    layout = kernel_layout(layout)
+    if layout == "sequence":
         width = block_h(hidden)
         return dtype.itemsize * width * ((2 if tf32x3 else 1) * width + 2 * kwargs["BLOCK_B"])
-    if path == "persistent":
+    if layout == "persistent":
         acc_bytes = 8 if dtype == torch.float64 else 4
         width, block_n, block_b = block_h(hidden), kwargs["BLOCK_N"], kwargs["BLOCK_B"]
         return dtype.itemsize * width * (2 if tf32x3 else 1) * (block_n + block_b) + acc_bytes * block_b * block_n
@@ -124,24 +161,32 @@ def shared_memory_bytes(path: str, config: triton.Config, hidden: int, dtype: to
 _DEMANDING = ((torch.float64, False), (torch.float32, False))
 
 
-def config_fits(path: str, config: triton.Config, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
+def config_fits(layout: str, config: triton.Config, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
                 budget: int = SHARED_MEMORY_BUDGET) -> bool:
-    """Whether a launch of `path` with `config` loads: its shared memory within `budget`."""
+    """Whether a launch of `layout` with `config` loads: its shared memory within `budget`."""
     numerics = [(dtype, allow_tf32)] if dtype is not None else _DEMANDING
-    return all(shared_memory_bytes(path, config, hidden, d, tf32) <= budget for d, tf32 in numerics)
+    return all(shared_memory_bytes(layout, config, hidden, d, tf32) <= budget for d, tf32 in numerics)
 
 
-def path_fits(path: str, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
-              budget: int = SHARED_MEMORY_BUDGET) -> bool:
-    """Whether `path` can run this hidden size at all: the stepwise path runs any; the others need
-    their default tile to fit in shared memory (the sequence path's W_hh: fp32 and fp64 to
-    H = 128, fp16 and bf16 to H = 256 on sm_90), and the persistent path H <= 2048 (beyond, its
-    16-column programs outnumber the SMs)."""
-    if path == "stepwise":
+def layout_fits(layout: str, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
+                config: triton.Config = None, budget: int = SHARED_MEMORY_BUDGET) -> bool:
+    """Whether `layout` can run this hidden size at all: the stepwise layout runs any; the others need
+    their tile (`config`, else the default) to fit in shared memory (the sequence layout's W_hh: fp32
+    and fp64 to H = 128, fp16 and bf16 to H = 256 on sm_90), and the persistent kernel H <= 2048
+    (beyond, its 16-column programs outnumber the SMs). A cluster also needs a cluster size a launch
+    may ask for (occupancy.CLUSTER_SIZES), and runs exact fp32 (3xTF32) only up to
+    PERSISTENT_EXACT_FP32_MAX_H (nowhere: it spills at every slice width)."""
+    if layout == "stepwise":
         return True
-    if path == "persistent" and hidden > max(PERSISTENT_MAX_H.values()):
+    if layout in GROUPED and hidden > max(PERSISTENT_MAX_H.values()):
         return False
-    return config_fits(path, default_config(path, 1, hidden, dtype), hidden, dtype, allow_tf32, budget)
+    config = config or default_config(layout, 1, hidden, dtype)
+    if layout == "cluster":
+        if occupancy.cluster_size(hidden, config.kwargs["BLOCK_N"]) not in occupancy.CLUSTER_SIZES:
+            return False
+        if dtype == torch.float32 and not allow_tf32 and hidden > PERSISTENT_EXACT_FP32_MAX_H:
+            return False
+    return config_fits(layout, config, hidden, dtype, allow_tf32, budget)
 
 
 def _persistent_default(hidden: int, dtype: torch.dtype = None) -> triton.Config:
@@ -158,40 +203,42 @@ def _persistent_default(hidden: int, dtype: torch.dtype = None) -> triton.Config
                          num_warps=8 if wide and width >= 512 else 4, num_stages=1)
 
 
-def default_config(path: str, batch: int, hidden: int, dtype: torch.dtype = None) -> triton.Config:
-    """The untuned launch config of `path` (`dtype`: the persistent path's slice width depends on it;
+def default_config(layout: str, batch: int, hidden: int, dtype: torch.dtype = None) -> triton.Config:
+    """The untuned launch config of `layout` (`dtype`: the persistent layout's slice width depends on it;
     None gives one that loads for every dtype).
 
     Chosen so that no variant spills registers on sm_90 (checked offline by tests/test_static.py):
-    the sequence path holds W_hh on chip, so its batch tile shrinks as H grows.
+    the sequence layout holds W_hh on chip, so its batch tile shrinks as H grows.
     """
     bb = max(MIN_DOT, batch_bucket(batch))
-    if path == "sequence":
+    layout = kernel_layout(layout)
+    if layout == "sequence":
         # At H = 256 (16-bit) 8 warps spill 8 B; 4 hold the 16-row tile in 168 registers. At H = 128, 8:
         # with 4, exact fp32 (3xTF32) spills 24-48 B; with 8, only the TF32 forward without lengths spills
         # 8 B (since the next step's input is prefetched; the cost model takes 4 warps there on a GPU).
         return triton.Config({"BLOCK_B": min(bb, 16 if block_h(hidden) >= 128 else 32)},
                              num_warps=8 if 64 <= block_h(hidden) <= 128 else 4, num_stages=1)
-    if path == "persistent":
+    if layout == "persistent":
         return _persistent_default(hidden, dtype)
     block_n = min(64, block_h(hidden))
     return triton.Config({"BLOCK_B": min(bb, 64), "BLOCK_N": block_n, "BLOCK_K": min(block_n, 32)}, num_warps=8,
                          num_stages=3)
 
 
-def tuning_space(path: str, batch: int, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
+def tuning_space(layout: str, batch: int, hidden: int, dtype: torch.dtype = None, allow_tf32: bool = False,
                  budget: int = SHARED_MEMORY_BUDGET) -> list:
     """Every config worth trying for this shape that loads within the shared-memory budget (for
     every dtype and precision when `dtype` is None); tiles never exceed the (padded) batch and
-    hidden. Where none does, the default config alone: whether the path runs this shape at all is
-    path_fits's answer."""
+    hidden. Where none does, the default config alone: whether the layout runs this shape at all is
+    layout_fits's answer."""
     max_bb = max(MIN_DOT, batch_bucket(batch))
     max_n = max(32, block_h(hidden))
-    if path == "sequence":
+    layout = kernel_layout(layout)
+    if layout == "sequence":
         space = [triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb and bb * block_h(hidden) <= 64 * 128
                  for w in (4, 8, 16)]
-    elif path == "persistent":
+    elif layout == "persistent":
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": ks}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb
                  for bn in (32, 64, 128) if bn <= max_n
@@ -204,30 +251,31 @@ def tuning_space(path: str, batch: int, hidden: int, dtype: torch.dtype = None, 
                  for bn in (32, 64, 128) if bn <= max_n
                  for bk in (32, 64) if bk <= max_n
                  for w in (4, 8)]
-    space = [c for c in space if config_fits(path, c, hidden, dtype, allow_tf32, budget)]
-    return space or [default_config(path, batch, hidden)]
+    space = [c for c in space if config_fits(layout, c, hidden, dtype, allow_tf32, budget)]
+    return space or [default_config(layout, batch, hidden)]
 
 
-def prune_space(path: str):
+def prune_space(layout: str):
     """early_config_prune for Triton's autotuner: the space for the actual B, H, dtype, precision
     and device."""
     def prune(configs, named_args, **kwargs):
+        named_args = {**named_args, **kwargs}  # the launchers pass every argument by name
         tensor = named_args.get("p_in")  # absent: fit every dtype and precision on sm_90
         dtype, device = (tensor.dtype, tensor.device) if tensor is not None else (None, None)
-        space = tuning_space(path, named_args["B"], named_args["H"], dtype, kwargs.get("INPUT_PRECISION") == "tf32",
-                             shared_memory_budget(device))
+        space = tuning_space(layout, named_args["B"], named_args["H"], dtype,
+                             named_args.get("INPUT_PRECISION") == "tf32", shared_memory_budget(device))
         allowed = {_config_key(c) for c in space}
         return [c for c in configs if _config_key(c) in allowed] or configs[:1]
     return prune
 
 
-def full_space(path: str) -> list:
+def full_space(layout: str) -> list:
     """The union of the spaces over all shapes, before the shared-memory budget (what the autotuner
     is built with; prune_space applies the budget of each launch's dtype, precision and device)."""
     seen, space = set(), []
     for batch in (1, 1 << 20):
         for hidden in (16, 1 << 20):
-            for c in tuning_space(path, batch, hidden, budget=float("inf")):
+            for c in tuning_space(layout, batch, hidden, budget=float("inf")):
                 if _config_key(c) not in seen:
                     seen.add(_config_key(c))
                     space.append(c)
@@ -253,8 +301,13 @@ def gpu_slug(name: str) -> str:
     return match.group(1) if match else re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as the tables, the cost model and the JSON files name it: 'float32', 'bfloat16', ..."""
+    return str(dtype).removeprefix("torch.")
+
+
 def tuned_key(dtype: torch.dtype, hidden: int, batch: int, direction: str) -> str:
-    return f"{str(dtype).removeprefix('torch.')}/H{hidden}/B{batch_bucket(batch)}/{direction}"
+    return f"{dtype_name(dtype)}/H{hidden}/B{batch_bucket(batch)}/{direction}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,20 +319,20 @@ def _tuned_table(slug: str) -> dict:
 
 
 def tuned(dtype: torch.dtype, hidden: int, batch: int, direction: str, device: torch.device):
-    """The shipped tuned choice {"path", "config"} for this shape on this GPU, or None."""
+    """The shipped tuned choice (layout, triton.Config) for this shape on this GPU, or None."""
     if device.type != "cuda" or os.environ.get("TRITONRNN_TUNED", "1") == "0":
         return None
     entry = _tuned_table(gpu_slug(torch.cuda.get_device_name(device))).get(
         tuned_key(dtype, hidden, batch, direction))
     if entry is None:
         return None
-    return {"path": entry["path"], "config": config_from_dict(entry["config"])}
+    return entry["path"], config_from_dict(entry["config"])  # the file names the layout "path"
 
 
-def autotunes(path: str, device: torch.device) -> bool:
-    """Whether an untuned launch of `path` goes through Triton's autotuner: on a GPU, where enabled,
-    and not the persistent path (its grid depends on its compiled resources)."""
-    return device.type == "cuda" and autotune_enabled() and path != "persistent"
+def autotunes(layout: str, device: torch.device) -> bool:
+    """Whether an untuned launch of `layout` goes through Triton's autotuner: on a GPU, where enabled,
+    and where the layout has one (AUTOTUNED)."""
+    return device.type == "cuda" and autotune_enabled() and layout in AUTOTUNED
 
 
 def autotune_enabled() -> bool:

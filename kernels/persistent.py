@@ -37,7 +37,7 @@ model uses):
   step. Per step and program: the state read (BLOCK_H x BATCH_TILES*BLOCK_B elements from L2),
   BATCH_TILES dots, one arrival, polls, one acquire read. With BARRIER="cluster" a group is one
   Hopper thread-block cluster and _group_barrier is the cluster's hardware barrier instead (no
-  counters, no timeout: a cluster's CTAs are gang-scheduled; kernels/cluster.py launches that form).
+  counters, no timeout: a cluster's CTAs are gang-scheduled; kernels/launch.py launches that form).
 - The ring [D, 2, B, HP] holds the state: slot i % 2 written at step i, slot 1 the initial state
   (h0 forward, 0 backward), columns H..HP-1 zero. Two slots suffice: slot i % 2, read at step
   i + 1, is written again at step i + 2, which a program starts only after the barrier of step
@@ -45,16 +45,14 @@ model uses):
 - Where H is not a multiple of 16 the launcher passes M^T with padded rows (padded_slices: one copy
   of W_hh a launch), so the slice loads in vectors too.
 
-Every program of the launch must be resident at once, or the waits never end: `resident_capacity`
-asks the driver (cuOccupancyMaxActiveBlocksPerMultiprocessor on the loaded kernel), `plan` never
-exceeds it and the launch is cooperative (the driver refuses a grid that cannot be co-resident:
-LaunchRefused, and the launchers in recurrence.py run the stepwise path with one warning). The
-hand model (programs_per_sm, SMLimits) serves offline plans. A wait is bounded: past
-WAIT_TIMEOUT_S (%globaltimer; in the interpreter, which cannot run PTX, a poll count) a program
-stops waiting, and at the end writes NaN over all its outputs and flags its group; the launcher
-raises BarrierTimeout. Groups of one program wait for no one: the plain interpreter runs programs
-one at a time, so there a group is one program serving all H columns in COLUMN_BLOCKS blocks of
-BLOCK_N in turn (its slice reloaded each step: the interpreter's tensors stop at 2^20 elements).
+Every program of a group must be resident at once, or the waits never end: the launch is planned
+within the compiled kernel's resident capacity (kernels/occupancy.py) and is cooperative (the driver
+refuses a grid that cannot be co-resident). A wait is bounded: past the launcher's wait limit
+(%globaltimer; in the interpreter, which cannot run PTX, a poll count) a program stops waiting, and
+at the end writes NaN over all its outputs and flags its group (STATUS); the launcher raises
+BarrierTimeout. Groups of one program wait for no one: the plain interpreter runs programs one at a
+time, so there a group is one program serving all H columns in COLUMN_BLOCKS blocks of BLOCK_N in
+turn (its slice reloaded each step: the interpreter's tensors stop at 2^20 elements).
 
 The same kernel runs the forward (state h) and the backward (state dz):
 
@@ -64,21 +62,14 @@ The same kernel runs the forward (state h) and the backward (state dz):
 With lengths, steps t >= lengths[b] of row b output 0; in the forward the row keeps its state
 (h0 until a reverse row starts), in the backward its state is that 0; h_n is each row's state
 after the last step.
-"""
-import ctypes
-import dataclasses
-import functools
-import math
 
-import torch
+This file holds the kernel and its @triton.jit pieces; kernels/occupancy.py plans a launch within
+what the device holds, kernels/launch.py launches it (both forms).
+"""
 import triton
 import triton.language as tl
 
-# cluster.py's barrier() is called by the kernel below and cluster.py calls this module's launch
-# helpers: each imports the other (neither uses the other at import time).
-from . import cluster
 from .common import activate, below_while, recurrent_dot
-
 
 @triton.jit
 def _slice(p_w, o_n, H, HP, stride_wk, stride_wn, K_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -150,6 +141,16 @@ def _clock(polls, TIMER: tl.constexpr):
 
 
 @triton.jit
+def cluster_barrier():
+    """Every thread of every CTA of the cluster: arrive (release), then wait (acquire).
+
+    A scalar inline asm with no operands runs once per thread, unpredicated; is_pure=False keeps it
+    in place (it has effects the compiler cannot see)."""
+    tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
+                              "\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _group_barrier(p_group, target, failed, wait_limit, TIMER: tl.constexpr, ABSENT: tl.constexpr,
                    BARRIER: tl.constexpr):
     """BARRIER "counter": wait until the group's counter (p_group: its sync words) reaches `target`:
@@ -158,10 +159,10 @@ def _group_barrier(p_group, target, failed, wait_limit, TIMER: tl.constexpr, ABS
     the target is seen, then a CTA barrier, so no thread reads the next state before every arrival is
     visible. Gives up after `wait_limit` (microseconds on a GPU, polls in the interpreter): returns 1
     then (0 while all is well; a program that already failed no longer waits).
-    BARRIER "cluster": the cluster's hardware barrier (cluster.barrier: every thread arrives with
+    BARRIER "cluster": the cluster's hardware barrier (cluster_barrier: every thread arrives with
     release semantics and waits with acquire); no counter, no timeout (gang-scheduled CTAs all run)."""
     if BARRIER == "cluster":
-        cluster.barrier()
+        cluster_barrier()
     else:
         p_counter = p_group + COUNTER
         tl.debug_barrier()
@@ -240,7 +241,7 @@ def rnn_persistent_kernel(
     COLUMN_BLOCKS: tl.constexpr,  # BLOCK_N-column blocks a program serves in turn (1: its slice stays on chip)
     BACKWARD: tl.constexpr,
     REVERSE: tl.constexpr,  # of direction 0; direction 1 walks the other way
-    RELU: tl.constexpr,
+    CELL: tl.constexpr,  # the cell (kernels/cells.py): "tanh" or "relu"
     HAS_LENGTHS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -251,7 +252,7 @@ def rnn_persistent_kernel(
     DEBUG_WAIT_SLACK: tl.constexpr = 0,
     DEBUG_ABSENT: tl.constexpr = -1,
     # "counter": the group barrier through global atomics (p_sync); "cluster": a group is one
-    # thread-block cluster waiting at its hardware barrier (GPU only, p_sync None; kernels/cluster.py).
+    # thread-block cluster waiting at its hardware barrier (GPU only, p_sync None; kernels/launch.py).
     BARRIER: tl.constexpr = "counter",
 ):
     direction = tl.program_id(2)
@@ -296,7 +297,7 @@ def rnn_persistent_kernel(
                                                               BLOCK_K, DOT_DTYPE)
                 # acc^T [BLOCK_N, BLOCK_B] = slice^T @ state^T + in^T: the slice is the MMA's M side.
                 b_z = _product(b_ws, p_prev, o_srow, m_b, b_in, HP, K_SPLIT, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
-                b_new = activate(b_z, b_act, BACKWARD, RELU)
+                b_new = activate(b_z, b_act, BACKWARD, CELL)
                 b_state = b_new
                 m_nb = m_n[:, None] & m_b[None, :]
                 o_own = o_b[None, :].to(tl.int64) * H + o_n[:, None]
@@ -344,267 +345,13 @@ def rnn_persistent_kernel(
                             tl.store(p_hn + o_own, b_nan.to(p_hn.dtype.element_ty), mask=m_nb)
 
 
-# Without a GPU, Triton's interpreter runs the programs of a launch one after another: only one is
-# ever resident. tests/concurrent_interpreter.py runs them all at once and raises this.
-INTERPRETED_RESIDENT_PROGRAMS = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class SMLimits:
-    """What one streaming multiprocessor holds at once (defaults: sm_90, H100/H200)."""
-
-    registers: int = 65536
-    threads: int = 2048
-    shared_bytes: int = 233472  # 228 KB, of which each resident program reserves RESERVED_SHARED
-    programs: int = 32
-    sms: int = 132
-
-    RESERVED_SHARED = 1024  # the driver's shared memory per resident program (sm_80+)
-    REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
-
-    @classmethod
-    def of(cls, device: torch.device) -> "SMLimits":
-        p = torch.cuda.get_device_properties(device)
-        # Older torch builds lack regs_per_multiprocessor: 64 K registers an SM since sm_50.
-        return cls(registers=getattr(p, "regs_per_multiprocessor", cls.registers),
-                   threads=p.max_threads_per_multi_processor, shared_bytes=p.shared_memory_per_multiprocessor,
-                   sms=p.multi_processor_count)
-
-
-def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, limits: SMLimits = SMLimits()) -> int:
-    """How many programs of a compiled kernel (registers per thread, warps, dynamic shared memory)
-    one SM holds at once: the tightest of its register file, threads, shared memory and slots."""
-    warp_registers = math.ceil(max(registers, 1) * 32 / limits.REGISTER_UNIT) * limits.REGISTER_UNIT
-    by_registers = limits.registers // warp_registers // num_warps
-    by_threads = limits.threads // (32 * num_warps)
-    by_shared = limits.shared_bytes // (shared_bytes + limits.RESERVED_SHARED)
-    return min(by_registers, by_threads, by_shared, limits.programs)
-
-
-def modelled_capacity(compiled, device: torch.device) -> int:
-    """The hand model's resident programs of this compiled kernel (programs_per_sm over the SMs): what
-    offline plans use; tests/test_gpu.py holds it against the driver's answer."""
-    limits = SMLimits.of(device)
-    compiled._init_handles()  # loads the binary: n_regs is known from here
-    return limits.sms * programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
-                                        limits)
-
-
-@functools.lru_cache(maxsize=None)
-def _libcuda():
-    return ctypes.CDLL("libcuda.so.1")
-
-
-def resident_capacity(compiled, device: torch.device) -> int:
-    """Programs of this compiled kernel that the CUDA device runs at once (all of them must be), from
-    the driver: cuOccupancyMaxActiveBlocksPerMultiprocessor on the loaded kernel (its registers,
-    warps and dynamic shared memory, and the driver's own reservations) times the SMs."""
-    compiled._init_handles()  # loads the binary: compiled.function is the CUfunction from here
-    per_sm = ctypes.c_int()
-    error = _libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-        ctypes.byref(per_sm), ctypes.c_void_p(compiled.function), ctypes.c_int(32 * compiled.metadata.num_warps),
-        ctypes.c_size_t(compiled.metadata.shared))
-    if error != 0:
-        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {error}")
-    return per_sm.value * torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """How a launch tiles the problem: per direction, `groups` groups of `programs_per_group`
-    programs (one per BLOCK_N columns), each group serving `batch_tiles` tiles of BLOCK_B rows."""
-
-    programs_per_group: int
-    groups: int
-    batch_tiles: int
-    resident_capacity: int
-    directions: int = 1
-    # On a GPU: the hand model's capacity (modelled_capacity) beside the driver's, for tests/test_gpu.py.
-    modelled_capacity: int = dataclasses.field(default=None, compare=False)
-
-    @property
-    def grid(self) -> tuple:
-        return (self.programs_per_group, self.groups, self.directions)
-
-    @property
-    def programs(self) -> int:
-        return self.programs_per_group * self.groups * self.directions
-
-    @property
-    def waits(self) -> bool:
-        """Whether programs wait for each other: then all must be resident at once (a cooperative
-        launch); programs alone in their group never wait and need not be."""
-        return self.programs_per_group > 1
-
-
-def plan(batch: int, hidden: int, block_b: int, block_n: int, capacity: int, directions: int = 1) -> Plan:
-    """The most groups (batch parallelism) whose programs all fit in `capacity` at once; more batch
-    tiles per group where they do not. Groups of one program wait for no one: one per batch tile."""
-    per_group = triton.cdiv(hidden, block_n)
-    tiles = triton.cdiv(batch, block_b)
-    if per_group == 1:
-        return Plan(1, tiles, 1, capacity, directions)
-    if per_group * directions > capacity:
-        raise ValueError(f"the persistent path needs {per_group} resident programs per group (H = {hidden}, "
-                         f"BLOCK_N = {block_n}) in each of {directions} direction(s), but the device holds "
-                         f"{capacity} of this kernel at once")
-    batch_tiles = triton.cdiv(tiles, min(tiles, capacity // (per_group * directions)))
-    return Plan(per_group, triton.cdiv(tiles, batch_tiles), batch_tiles, capacity, directions)
-
-
-def padded(hidden: int) -> int:
-    """The ring's row stride: H rounded up to 16 elements (aligned, vectorised state loads at any H)."""
-    return triton.cdiv(hidden, 16) * 16
-
-
-def launch_args(p_in, w_hh, p_act, out, ring, h_n, lengths, T, B, H, *, backward: bool, reverse: bool, relu: bool,
-                numerics: dict, meta: dict, timer: bool):
-    """The kernel's arguments but the sync words, BATCH_TILES and the wait limit: pointers, scalars,
-    constexprs (tensors, or their dtypes where only the compiled kernel is needed)."""
-    stride_wk, stride_wn = slice_strides(H, backward)
-    args = (p_in, w_hh, p_act, out, ring, h_n, lengths)
-    kwargs = dict(BLOCK_H=max(16, triton.next_power_of_2(H)), COLUMN_BLOCKS=1, BACKWARD=backward, REVERSE=reverse,
-                  RELU=relu, TIMER=timer, **numerics, **meta)
-    return args, (T, B, H, padded(H), stride_wk, stride_wn), kwargs
-
-
-def slice_strides(hidden: int, backward: bool) -> tuple:
-    """(stride_wk, stride_wn) of M: W_hh^T in the forward (W_hh read with its strides swapped), W_hh
-    in the backward; or M^T with padded rows (padded_slices) where H is not a multiple of 16."""
-    if hidden % 16:
-        return 1, padded(hidden)
-    return (hidden, 1) if backward else (1, hidden)
-
-
-def padded_slices(w_hh: torch.Tensor, backward: bool) -> torch.Tensor:
-    """M^T with rows padded to 16 elements ([..., H, HP], zero beyond H), for an H that is not a
-    multiple of 16: each program's slice (rows of M^T) then loads in aligned vectors, not element by
-    element. One copy of W_hh a launch (H * HP elements)."""
-    H = w_hh.shape[-1]
-    m_t = w_hh.transpose(-1, -2) if backward else w_hh  # forward M = W_hh^T: M^T = W_hh
-    out = w_hh.new_zeros(*w_hh.shape[:-1], padded(H))
-    out[..., :H] = m_t
-    return out
-
-
-# The interpreter's largest tensor (triton.language.TRITON_MAX_TENSOR_NUMEL): a single program's
-# [BLOCK_N, BLOCK_H] slice must stay below it, so from H = 1025 it serves its columns in blocks.
-INTERPRETED_MAX_NUMEL = 1 << 20
-
-
-def schedule(args, scalars, kwargs, device: torch.device, directions: int = 1) -> tuple:
-    """The plan of a launch and its meta-parameters: on a GPU from the compiled kernel's resources
-    (compiling it if needed); in the interpreter, where programs run one at a time unless the
-    concurrent test harness runs them, a group of one program that serves every column block in
-    turn (blocks as wide as the interpreter's tensors allow)."""
-    T, B, H = scalars[:3]
-    if device.type == "cuda":
-        compiled = rnn_persistent_kernel.warmup(*args, torch.int32, *scalars, 1, 1, grid=(1, 1, 1),
-                                                launch_cooperative_grid=True, **kwargs)
-        capacity, modelled = resident_capacity(compiled, device), modelled_capacity(compiled, device)
-    else:
-        modelled = None
-        capacity = INTERPRETED_RESIDENT_PROGRAMS
-        if capacity == 1:
-            width = kwargs["BLOCK_H"]
-            block_n = min(width, max(16, INTERPRETED_MAX_NUMEL // width))
-            kwargs = dict(kwargs, BLOCK_N=block_n, COLUMN_BLOCKS=triton.cdiv(width, block_n), K_SPLIT=1)
-    width = kwargs["BLOCK_N"] * kwargs["COLUMN_BLOCKS"]
-    chosen = plan(B, H, kwargs["BLOCK_B"], width, capacity, directions)
-    return dataclasses.replace(chosen, modelled_capacity=modelled), kwargs
-
-
-def check_counters(T: int, chosen: Plan) -> None:
-    """The int32 arrival counters reach T times the programs of a group, below the GAVE_UP bit."""
-    if T * chosen.programs_per_group >= GAVE_UP.value:
-        raise ValueError(f"T = {T} steps overflow the int32 arrival counters of {chosen.programs_per_group} "
-                         f"programs per group")
-
-
-# How long a program waits at a step's barrier before it gives up (a program of its group is not
-# running: not resident, preempted, or a fault). Steps take microseconds; a wait of seconds is a hang.
-WAIT_TIMEOUT_S = 10.0
-# The interpreter has no clock in the kernel: its bound is in polls, each taken to last this long
-# (under the concurrent harness a poll is several interpreted operations and a random sleep of
-# 0.1 ms on average: 1 to 30 ms measured on a loaded 2-core machine).
-INTERPRETED_POLL_S = 1e-3
-
-
-class LaunchRefused(RuntimeError):
-    """The persistent launch cannot run here: the device cannot hold every program of a group, or the
-    driver refused the cooperative launch."""
-
-
-class BarrierTimeout(RuntimeError):
-    """A group of the persistent kernel waited past the limit at a step barrier; its outputs are NaN."""
-
-
-def _wait_limit(device: torch.device, timeout_s: float) -> int:
-    if device.type == "cuda":
-        return max(1, min(int(timeout_s * 1e6), 2 ** 31 - 1))  # microseconds
-    return max(1, min(int(timeout_s / INTERPRETED_POLL_S), 2 ** 31 - 1))
-
-
-def _check_sync_status(sync: torch.Tensor, chosen: Plan, timeout_s: float) -> None:
-    """Raise BarrierTimeout if a group gave up waiting. This reads the status words back: a host sync
-    (the CPU waits for the launch to end before it queues more work: the launch latency of the next
-    kernels is no longer hidden behind the recurrence). Skipped while a CUDA graph is captured (no
-    sync is allowed there: a timed-out launch then shows only as NaN outputs)."""
-    if not chosen.waits or (sync.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    failed = sync[..., STATUS.value].nonzero().tolist()
-    if failed:
-        where = ", ".join(f"group {g} of direction {d}" for d, g in failed)
-        raise BarrierTimeout(
-            f"the persistent RNN kernel's {where} waited more than {timeout_s} s at a step barrier for a program "
-            f"of its group ({chosen.programs_per_group} programs a group, {chosen.programs} in the launch): not "
-            f"every program was running at once (another process or MPS sharing the GPU, a debugger, a preempted "
-            f"or faulted program). Its outputs are NaN. Rerun with the GPU to itself, raise "
-            f"tritonrnn.kernels.persistent.WAIT_TIMEOUT_S if steps legitimately take that long, or take the "
-            f"stepwise path (path='stepwise' in tritonrnn.kernels.recurrence_forward/backward).")
-
-
-def launch_inputs(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options) -> tuple:
-    """(directions, launch_args(...)) of a launch (persistent or cluster): the ring holding the
-    exchanged state (two slots, rows padded to 16 elements, zero beyond H; slot 1 the state before
-    step 0) and, where H is not a multiple of 16, the padded slices."""
-    directions = out.shape[0] if out.dim() == 4 else 1
-    T, B, H = out.shape[-3:]
-    ring = torch.zeros(directions, 2, B, padded(H), dtype=out.dtype, device=out.device)
-    if H % 16:
-        w_hh = padded_slices(w_hh, backward=options["backward"])
-    if p_h0 is not None:
-        ring[:, 1, :, :H] = p_h0.view(directions, B, H)
-    return directions, launch_args(p_in, w_hh, p_act, out, ring, h_n, lengths, T, B, H,
-                                   timer=out.device.type == "cuda", **options)
-
-
-def launch(p_in, p_h0, w_hh, p_act, out, h_n, lengths, timeout_s: float = None, **options) -> Plan:
-    """Run the whole recurrence in one launch into `out` (and `h_n` in the forward); see the module
-    docstring. Tensors are [T, B, H], [B, H] and [H, H], or both directions stacked on a leading
-    dimension of 2 (contiguous), direction 1 walking the other way. options: backward, reverse
-    (of direction 0), relu, numerics and meta (BLOCK_B, BLOCK_N, K_SPLIT, num_warps, num_stages;
-    DEBUG_WAIT_SLACK, DEBUG_ABSENT in tests only). timeout_s: the wait limit (WAIT_TIMEOUT_S).
-    Returns the plan it ran. Raises LaunchRefused where the device cannot hold a group's programs or the
-    driver refuses the cooperative launch,
-    BarrierTimeout where a group waited past the limit (its outputs NaN)."""
-    timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
-    directions, (args, scalars, kwargs) = launch_inputs(p_in, p_h0, w_hh, p_act, out, h_n, lengths, **options)
-    T = scalars[0]
-    try:
-        chosen, kwargs = schedule(args, scalars, kwargs, out.device, directions)
-    except ValueError as exc:  # e.g. a cluster path's fallback: this device cannot hold a group's programs
-        raise LaunchRefused(f"the persistent path cannot run here: {exc}") from exc
-    check_counters(T, chosen)
-    sync = torch.zeros(directions, chosen.groups, SYNC_LINE.value, dtype=torch.int32, device=out.device)
-    try:
-        rnn_persistent_kernel[chosen.grid](*args, sync, *scalars, chosen.batch_tiles,
-                                           _wait_limit(out.device, timeout_s),
-                                           launch_cooperative_grid=chosen.waits, **kwargs)
-    except RuntimeError as exc:
-        if chosen.waits and "cooperative launch" in str(exc):  # CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
-            raise LaunchRefused(f"the driver refused a cooperative launch of {chosen.programs} programs "
-                                f"({chosen.grid}): {exc}") from exc
-        raise
-    _check_sync_status(sync, chosen, timeout_s)
-    return chosen
+@triton.jit(do_not_specialize=["STEPS", "wait_limit"])
+def barrier_probe_kernel(p_sync, STEPS, wait_limit, BARRIER: tl.constexpr, TIMER: tl.constexpr):
+    """STEPS empty steps, each ending at the persistent kernel's group barrier (_group_barrier) in
+    its BARRIER form: program_id(0) is the rank in the group (the cluster), program_id(1) the group.
+    p_sync: [groups, SYNC_LINE] int32, zero at launch (the counter form's), or None (cluster)."""
+    p_group = p_sync + tl.program_id(1) * SYNC_LINE if BARRIER == "counter" else p_sync
+    init_sync(p_group, BARRIER)
+    failed = 0
+    for i in range(STEPS):
+        failed = _group_barrier(p_group, (i + 1) * tl.num_programs(0), failed, wait_limit, TIMER, -1, BARRIER)

@@ -37,7 +37,7 @@ def rnn_sequence_kernel(
     BLOCK_H: tl.constexpr,
     BACKWARD: tl.constexpr,
     REVERSE: tl.constexpr,
-    RELU: tl.constexpr,
+    CELL: tl.constexpr,  # the cell (kernels/cells.py): "tanh" or "relu"
     HAS_LENGTHS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -75,7 +75,7 @@ def rnn_sequence_kernel(
         b_in = tl.load(p_in + (t + step).to(tl.int64) * B * H + o_bh,
                        mask=below_while(o_b, B, i + 1 < T)[:, None] & m_h[None, :], other=0.0)
         b_z = recurrent_dot(b_s, b_w, b_z, DOT_DTYPE, INPUT_PRECISION)
-        b_new = cell_update(b_z, p_act, o_t, m_bh, BACKWARD, RELU)
+        b_new = cell_update(b_z, p_act, o_t, m_bh, BACKWARD, CELL)
         if HAS_LENGTHS:
             m_active = (t < b_len)[:, None]
             b_new = tl.where(m_active, b_new, 0.0)

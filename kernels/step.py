@@ -38,7 +38,7 @@ def rnn_step_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BACKWARD: tl.constexpr,
-    RELU: tl.constexpr,
+    CELL: tl.constexpr,  # the cell (kernels/cells.py): "tanh" or "relu"
     HAS_PREV: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     STORE_STATE: tl.constexpr,
@@ -58,7 +58,7 @@ def rnn_step_kernel(
     if HAS_PREV:
         b_z = streamed_product(b_z, p_prev, o_row, m_b, p_w, o_n, m_n, H, stride_wk, stride_wn, BLOCK_K, DOT_DTYPE,
                                INPUT_PRECISION)
-    b_new = cell_update(b_z, p_act, o_bn, m_bn, BACKWARD, RELU)
+    b_new = cell_update(b_z, p_act, o_bn, m_bn, BACKWARD, CELL)
     if HAS_LENGTHS:
         m_active = (t < tl.load(p_len + o_b, mask=m_b, other=0))[:, None]
         if STORE_STATE:

@@ -10,7 +10,7 @@ GPU is ever lent. Used by the tests to guard the default configs.
 
 Each result also names the launch's cluster dims and the group barrier's PTX instructions
 ("barrier"), and says whether the cluster barrier's arrive/wait pair sits in the step loop. The path
-"cluster" is the persistent kernel's cluster form (kernels/cluster.py).
+"cluster" is the persistent kernel's cluster form (kernels/launch.py).
 """
 import dataclasses
 import os
@@ -22,48 +22,57 @@ from pathlib import Path
 import torch
 import triton
 
-from tritonrnn.kernels import cluster, persistent, recurrence
 from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import launch, occupancy, persistent
 
 from . import grid
 
 _POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 HOPPER = (90, 32)  # compute capability 9.0 (H100, H200), warp size 32
+# What each pointer argument of the recurrence kernels holds (by name, for every kernel): absent (None at
+# a launch) for some variants, and int32 where it is not the data's dtype.
+_ABSENT = {"p_h0": lambda v: v["backward"], "p_act": lambda v: not v["backward"], "p_hn": lambda v: v["backward"],
+           "p_len": lambda v: not v["lengths"], "p_state": lambda v: v["backward"] or not v["lengths"],
+           "p_sync": lambda v: v["layout"] == "cluster"}
+_INT32_POINTERS = ("p_len", "p_sync")
 
 
-def _signature(path: str, dtype, backward: bool, lengths: bool):
-    """Argument types of a launch as the launchers make it (None pointers become constexpr None)."""
-    p = _POINTER[dtype]
-    if path in ("persistent", "cluster"):  # the cluster form has no sync words
-        pointers = {"p_in": p, "p_w": p, "p_act": p if backward else None, "p_out": p, "p_ring": p,
-                    "p_hn": None if backward else p, "p_sync": "*i32" if path == "persistent" else None}
-    elif path != "stepwise":
-        pointers = {"p_in": p, "p_h0": None if backward else p, "p_w": p, "p_act": p if backward else None,
-                    "p_out": p, "p_hn": None if backward else p}
-    else:
-        pointers = {"p_in": p, "p_prev": p, "p_w": p, "p_act": p if backward else None, "p_out": p,
-                    "p_state": p if lengths and not backward else None}
-    pointers["p_len"] = "*i32" if lengths else None
-    return pointers
+def _arguments(jitted, layout: str, dtype, batch: int, hidden: int, backward: bool, lengths: bool) -> tuple:
+    """The kernel's arguments as a launch of `layout` gives them, read from its signature: pointers
+    (their types, None where absent), integers (None where the kernel does not specialise them), and
+    the constexprs the launchers set besides the config (the others keep their defaults)."""
+    fn = jitted.fn if hasattr(jitted, "values") else jitted  # below @triton.heuristics
+    variant = {"layout": layout, "backward": backward, "lengths": lengths}
+    stride_wk, stride_wn = (launch.slice_strides(hidden, backward) if layout in configs.GROUPED
+                            else (hidden, 1) if backward else (1, hidden))
+    values = {"B": batch, "H": hidden, "HP": launch.padded(hidden), "stride_wk": stride_wk, "stride_wn": stride_wn,
+              "B_BUCKET": configs.batch_bucket(batch)}
+    pointers, ints = {}, {}
+    for param in fn.params:
+        name = param.name
+        if name.startswith("p_"):
+            absent = _ABSENT.get(name, lambda _: False)(variant)
+            pointers[name] = None if absent else "*i32" if name in _INT32_POINTERS else _POINTER[dtype]
+        elif not param.is_constexpr:
+            ints[name] = None if name in fn.do_not_specialize else values[name]
+    # The heuristics' flags (HAS_LENGTHS, HAS_PREV, STORE_STATE) from the pointers a launch passes.
+    derived = {name: rule(pointers) for name, rule in getattr(jitted, "values", {}).items()}
+    return fn, pointers, ints, derived
 
 
-def _int_arguments(path: str, batch: int, hidden: int, backward: bool) -> dict:
-    """The integer arguments' values at a launch (None: not specialised, as the step index and T)."""
-    stride_wk, stride_wn = (hidden, 1) if backward else (1, hidden)
-    persistent_kernel = path in ("persistent", "cluster")
-    if persistent_kernel:
-        stride_wk, stride_wn = persistent.slice_strides(hidden, backward)
-    ints = {"T" if path != "stepwise" else "t": None, "B": batch, "H": hidden, "stride_wk": stride_wk,
-            "stride_wn": stride_wn}
-    if persistent_kernel:  # the kernel leaves B unspecialised (do_not_specialize); HP: the ring's stride
-        return {**ints, "B": None, "HP": persistent.padded(hidden), "BATCH_TILES": None, "wait_limit": None}
-    return {**ints, "B_BUCKET": configs.batch_bucket(batch)}
+def _launch_constants(fn, layout: str, hidden: int, backward: bool, cell: str) -> dict:
+    """The constexprs a launch of `layout` sets besides the config, numerics and heuristics, where the
+    kernel has them (kernels/launch.py sets the same)."""
+    given = {"BACKWARD": backward, "CELL": cell, "REVERSE": False, "BLOCK_H": configs.block_h(hidden),
+             "COLUMN_BLOCKS": 1, "TIMER": True, "BARRIER": "cluster" if layout == "cluster" else "counter"}
+    names = {param.name for param in fn.params if param.is_constexpr}
+    return {name: value for name, value in given.items() if name in names}
 
 
 def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backward: bool = False,
-                   lengths: bool = False, relu: bool = False, allow_tf32: bool = True, config=None,
+                   lengths: bool = False, cell: str = "tanh", allow_tf32: bool = True, config=None,
                    aligned: bool = True, target=HOPPER, asm: bool = False) -> dict:
-    """Compile the kernel of `path` for `target`; its resource usage and matmul instructions.
+    """Compile the kernel of layout `path` for `target`; its resource usage and matmul instructions.
 
     `aligned`: the variant a launch gets (pointers 16-byte aligned, integers divisible by 16 where
     they are); False compiles the unspecialised one. `asm`: also return the PTX and TTGIR texts
@@ -71,26 +80,17 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    config = config or default_config(path, batch, hidden, dtype)
-    persistent_kernel = path in ("persistent", "cluster")  # "cluster": its cluster form (kernels/cluster.py)
-    jitted = persistent.rnn_persistent_kernel if persistent_kernel else recurrence._jitted(path)
-    fn = getattr(jitted, "fn", jitted)  # below @triton.heuristics
-    pointers = _signature(path, dtype, backward, lengths)
-    ints = _int_arguments(path, batch, hidden, backward)
-    numerics = recurrence._numerics(dtype, torch.device("cuda"), allow_tf32)
-    constants = {**numerics, **config.kwargs, "BACKWARD": backward, "RELU": relu}
-    if path != "stepwise":
-        constants.update(BLOCK_H=configs.block_h(hidden), REVERSE=False, HAS_LENGTHS=lengths)
-        if persistent_kernel:
-            constants.update(COLUMN_BLOCKS=1, TIMER=True, DEBUG_WAIT_SLACK=0, DEBUG_ABSENT=-1,
-                             BARRIER="cluster" if path == "cluster" else "counter")
-    else:
-        constants.update(HAS_PREV=True, HAS_LENGTHS=lengths, STORE_STATE=pointers["p_state"] is not None)
+    layout = path  # the variants' JSON names the layout "path"
+    config = config or configs.default_config(layout, batch, hidden, dtype)
+    fn, pointers, ints, derived = _arguments(launch.KERNELS[layout], layout, dtype, batch, hidden, backward, lengths)
+    constants = {**launch.numerics(dtype, torch.device("cuda"), allow_tf32), **config.kwargs, **derived,
+                 **_launch_constants(fn, layout, hidden, backward, cell)}
     # Specialise as a launch does (triton's JIT, BaseBackend.get_*_specialization): an integer equal
     # to 1 becomes a constant; pointers (fresh torch allocations) are 16-byte aligned and integers
     # divisible by 16 are marked so (tt.divisibility), which lets loads vectorise.
     signature, attrs = {}, {}
-    for index, name in enumerate(fn.arg_names):
+    for index, param in enumerate(fn.params):
+        name = param.name
         if pointers.get(name) is not None:
             signature[name] = pointers[name]
             attrs[(index,)] = [["tt.divisibility", 16]] if aligned else []
@@ -103,7 +103,7 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
             attrs[(index,)] = [["tt.divisibility", 16]] if divisible else []
         else:
             signature[name] = "constexpr"
-            constants.setdefault(name, None)
+            constants.setdefault(name, None if name in pointers else param.default)
     compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", *target),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     usage = _resource_usage(compiled.asm["cubin"])
@@ -111,15 +111,16 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
     mma = sorted(set(re.findall(r"(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx)))
     # Cluster dims are the launch's (the cluster form compiles with num_ctas = 1 and is launched in
     # clusters of cdiv(H, BLOCK_N) CTAs); every other launch is one CTA a cluster.
-    size = cluster.size_of(hidden, config.kwargs["BLOCK_N"]) if path == "cluster" else compiled.metadata.num_ctas
+    size = (occupancy.cluster_size(hidden, config.kwargs["BLOCK_N"]) if layout == "cluster"
+            else compiled.metadata.num_ctas)
     # Triton's shared memory is dynamic (requested at launch, checked against the device's opt-in
     # maximum at load time): cuobjdump shows only the static 1 KB.
     result = {**usage, "shared_bytes": compiled.metadata.shared, "mma": mma, "fma_only": not mma,
               "num_warps": config.num_warps, "config": configs.config_to_dict(config), "cluster_dims": [size, 1, 1],
               "barrier": barrier_instructions(ptx), "cluster_barrier_in_loop": cluster_barrier_in_loop(ptx)}
-    if persistent_kernel:  # the group barrier's order (the counter's; the cluster form has no counter)
+    if layout in configs.GROUPED:  # the group barrier's order (the counter's; the cluster form has no counter)
         ring = f"{fn.__name__}_param_{[n for n in fn.arg_names if signature[n] != 'constexpr'].index('p_ring')}"
-        result.update(ring_param=ring, barrier_problems=barrier_order_problems(ptx, ring) if path == "persistent"
+        result.update(ring_param=ring, barrier_problems=barrier_order_problems(ptx, ring) if layout == "persistent"
                       else state_load_problems(ptx, ring) + clock_branch_problems(ptx))
     if asm:
         ttgir = compiled.asm["ttgir"]
@@ -264,11 +265,11 @@ def state_load_problems(ptx: str, ring_param: str) -> list:
 
 
 def compile_probe(barrier_kind: str, target=HOPPER) -> dict:
-    """Compile the calibration's barrier probe (kernels/cluster.py, empty steps at the group
+    """Compile the calibration's barrier probe (kernels/persistent.py, empty steps at the group
     barrier) for `target`: its barrier instructions and whether the cluster pair sits in the loop."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    fn = cluster.barrier_probe_kernel
+    fn = persistent.barrier_probe_kernel
     counter = barrier_kind == "counter"  # the cluster form has no sync words
     signature = {"p_sync": "*i32" if counter else "constexpr", "STEPS": "i32", "wait_limit": "i32",
                  "BARRIER": "constexpr", "TIMER": "constexpr"}
@@ -277,17 +278,6 @@ def compile_probe(barrier_kind: str, target=HOPPER) -> dict:
     ptx = triton.compile(source, target=GPUTarget("cuda", *target), options={"num_warps": 4}).asm["ptx"]
     return {"barrier": barrier_instructions(ptx), "cluster_barrier_in_loop": cluster_barrier_in_loop(ptx),
             "clock_branch_problems": clock_branch_problems(ptx)}
-
-
-def default_config(path: str, batch: int, hidden: int, dtype=None) -> triton.Config:
-    if path == "cluster":
-        return cluster.default_config(batch, hidden, dtype)
-    return configs.default_config(path, batch, hidden, dtype)
-
-
-def modelled_shared_bytes(path: str, config, hidden: int, dtype, allow_tf32: bool) -> int:
-    """configs.shared_memory_bytes; the cluster form's CTA is a persistent program."""
-    return configs.shared_memory_bytes("persistent" if path == "cluster" else path, config, hidden, dtype, allow_tf32)
 
 
 # The group barriers' instructions: the cluster barrier, and the counter barrier's release arrival
@@ -390,8 +380,8 @@ def default_variants() -> list:
         shapes = [("sequence", h) for h in sorted({configs.SEQUENCE_MAX_H[dtype.itemsize], 32})]
         shapes += [("stepwise", 1024)]
         shapes += [("persistent", h) for h in PERSISTENT_HIDDENS
-                   if configs.default_path(h, dtype, tf32) == "persistent"]
-        shapes += [("cluster", h) for h in CLUSTER_HIDDENS if cluster.fits(h, dtype, tf32)]
+                   if configs.default_layout(h, dtype, tf32) == "persistent"]
+        shapes += [("cluster", h) for h in CLUSTER_HIDDENS if configs.layout_fits("cluster", h, dtype, tf32)]
         for path, hidden in shapes:
             common = dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32)
             variants += [dict(common, lengths=True), dict(common, backward=True, lengths=path != "stepwise")]
@@ -406,7 +396,7 @@ CLUSTER_HIDDENS = (256, 512, 1024)  # where the cluster form fits: 4 to 16 CTAs 
 PERSISTENT_HIDDENS = tuple(h for h in grid.HIDDENS if h > 128)  # H = 128 takes the sequence path
 
 
-def persistent_fit(variants: list, limits: persistent.SMLimits = persistent.SMLimits()) -> list:
+def persistent_fit(variants: list, limits: occupancy.SMLimits = occupancy.SMLimits()) -> list:
     """For every standard-grid cell on the persistent path: programs resident per SM (from the
     compiled forward and backward variants' registers, warps and shared memory), the resident
     capacity, and the plan the launcher chooses there (which never exceeds it)."""
@@ -414,23 +404,23 @@ def persistent_fit(variants: list, limits: persistent.SMLimits = persistent.SMLi
     for dtype_name in grid.DTYPES:
         dtype = getattr(torch, dtype_name)
         for hidden in PERSISTENT_HIDDENS:
-            if configs.default_path(hidden, dtype) != "persistent":
+            if configs.default_layout(hidden, dtype) != "persistent":
                 continue
             compiled = [v for v in variants if v.get("role", "default") == "default" and v["path"] == "persistent"
                         and v["dtype"] == dtype_name and int(v["hidden"]) == hidden
                         and (dtype_name != "float32" or v["allow_tf32"] == "True")]
-            per_sm = min(persistent.programs_per_sm(v["registers"], v["num_warps"], v["shared_bytes"], limits)
+            per_sm = min(occupancy.programs_per_sm(v["registers"], v["num_warps"], v["shared_bytes"], limits)
                          for v in compiled)
             for batch in grid.BATCHES:
                 config = configs.default_config("persistent", batch, hidden, dtype)
-                chosen = persistent.plan(batch, hidden, config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"],
+                chosen = occupancy.plan(batch, hidden, config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"],
                                          per_sm * limits.sms)
                 rows.append({"dtype": dtype_name, "batch": batch, "hidden": hidden, "variants": len(compiled),
                              "registers": max(v["registers"] for v in compiled),
                              "shared_bytes": max(v["shared_bytes"] for v in compiled),
                              "num_warps": compiled[0]["num_warps"], "programs_per_sm": per_sm,
                              "capacity": per_sm * limits.sms, "config": configs.config_to_dict(config),
-                             "plan": dataclasses.asdict(chosen)})
+                             "plan": {k: v for k, v in dataclasses.asdict(chosen).items() if k != "cluster"}})
     return rows
 
 
@@ -464,12 +454,12 @@ def fit_table(rows: list) -> str:
 
 def limit_variants() -> list:
     """What a launch may ask for at the edge of the shared-memory budget: per dtype, precision and
-    path, the largest power-of-two H the path accepts (path_fits) with the config of its tuning space
+    path, the largest power-of-two H the path accepts (layout_fits) with the config of its tuning space
     that needs the most shared memory (by configs.shared_memory_bytes); forward, packed."""
     variants = []
     for dtype, tf32 in NUMERICS:
-        for path in configs.PATHS:
-            hidden = max(h for h in (32, 64, 128, 256, 512, 1024) if configs.path_fits(path, h, dtype, tf32))
+        for path in configs.TUNED_LAYOUTS:
+            hidden = max(h for h in (32, 64, 128, 256, 512, 1024) if configs.layout_fits(path, h, dtype, tf32))
             space = configs.tuning_space(path, 256, hidden, dtype, tf32)
             config = max(space, key=lambda c: configs.shared_memory_bytes(path, c, hidden, dtype, tf32))
             variants.append(dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32, lengths=True,
@@ -479,7 +469,7 @@ def limit_variants() -> list:
 
 def edge_variants() -> list:
     """The sequence path just past the largest H = 128 of fp32 and fp64 (H = 200, BLOCK_H 256, default
-    config): whether each loads is what path_fits must answer (fp32 and fp64 do not, 16-bit does)."""
+    config): whether each loads is what layout_fits must answer (fp32 and fp64 do not, 16-bit does)."""
     return [dict(path="sequence", dtype=dtype, batch=256, hidden=200, allow_tf32=tf32, lengths=True)
             for dtype, tf32 in NUMERICS]
 
@@ -489,10 +479,10 @@ def _variant_line(role: str, variant: dict) -> str:
     import json
 
     result = compile_kernel(**variant)
-    config = variant.get("config") or default_config(variant["path"], variant["batch"], variant["hidden"],
-                                                     variant["dtype"])
-    modelled = modelled_shared_bytes(variant["path"], config, variant["hidden"], variant["dtype"],
-                                     variant["allow_tf32"])
+    config = variant.get("config") or configs.default_config(variant["path"], variant["batch"], variant["hidden"],
+                                                             variant["dtype"])
+    modelled = configs.shared_memory_bytes(variant["path"], config, variant["hidden"], variant["dtype"],
+                                           variant["allow_tf32"])
     described = {k: str(v).removeprefix("torch.") for k, v in variant.items() if k != "config"}
     return json.dumps({"role": role, **described, **result, "modelled_shared_bytes": modelled})
 

@@ -19,7 +19,7 @@ import time
 import triton
 from triton.runtime import interpreter
 
-from tritonrnn.kernels import persistent
+from tritonrnn.kernels import occupancy
 
 MAX_SLEEP_S = 2e-4  # at each atomic: short against a program's step (milliseconds interpreted)
 TIMEOUT_S = 120.0  # a launch that has not finished by then is stuck (a barrier that never opens)
@@ -92,19 +92,19 @@ def concurrent_programs(seed: int = 0, capacity: int = CONCURRENT_CAPACITY):
     sleeps up to MAX_SLEEP_S first."""
     builder_cls = type(interpreter.interpreter_builder)
     local = threading.local()
-    saved = (interpreter.GridExecutor.__call__, builder_cls.create_atomic_rmw, persistent.INTERPRETED_RESIDENT_PROGRAMS)
+    saved = (interpreter.GridExecutor.__call__, builder_cls.create_atomic_rmw, occupancy.INTERPRETED_RESIDENT_PROGRAMS)
     _schedule.seed(seed)
     _aborted.clear()
     interpreter.GridExecutor.__call__ = _concurrent_call
     builder_cls.grid_idx = property(lambda self: getattr(local, "grid_idx", None),
                                     lambda self, value: setattr(local, "grid_idx", value))
     builder_cls.create_atomic_rmw = _sleepy_atomic_rmw(saved[1])
-    persistent.INTERPRETED_RESIDENT_PROGRAMS = capacity
+    occupancy.INTERPRETED_RESIDENT_PROGRAMS = capacity
     try:
         yield
     finally:
         interpreter.GridExecutor.__call__, builder_cls.create_atomic_rmw = saved[:2]
-        persistent.INTERPRETED_RESIDENT_PROGRAMS = saved[2]
+        occupancy.INTERPRETED_RESIDENT_PROGRAMS = saved[2]
         del builder_cls.grid_idx
         interpreter.interpreter_builder.__dict__.pop("grid_idx", None)
         _aborted.clear()

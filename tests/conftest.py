@@ -22,7 +22,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tritonrnn.kernels import recurrence  # noqa: E402
+from tritonrnn import dispatch  # noqa: E402
+from tritonrnn.kernels import launch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -69,10 +70,15 @@ def mutated_checkout(tmp_path: Path, path: str, old: str, new: str) -> Path:
     return tmp_path
 
 
-def force_layout(monkeypatch, path: str) -> None:
-    """Pin the ops' run-time layout choice (dispatch.launch_choice) to `path`, with the launcher's own config."""
-    from tritonrnn import dispatch
-    monkeypatch.setattr(dispatch, "launch_choice", lambda *args, **kwargs: {"path": path, "config": None})
+def force_layout(monkeypatch, layout: str, config=None) -> None:
+    """Pin the ops' run-time choice (dispatch.choose) to `layout` with `config` (None: its default; both
+    directions in one launch where the layout runs them so)."""
+    from tritonrnn.kernels.config import GROUPED
+
+    def forced(shape, device=None):
+        return dispatch.Choice(layout, config, "forced by the test",
+                               directions=shape.directions if layout in GROUPED else 1)
+    monkeypatch.setattr(dispatch, "choose", forced)
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -93,7 +99,15 @@ def dtype_id(dtype: torch.dtype) -> str:
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every buffer a launcher allocates starts as NaN, so an element a kernel fails to write fails."""
-    monkeypatch.setattr(recurrence, "_empty_like", lambda t: torch.full_like(t, float("nan")))
+    monkeypatch.setattr(launch, "_empty_like", lambda t: torch.full_like(t, float("nan")))
+
+
+@pytest.fixture(autouse=True)
+def no_refusals():
+    """Each test starts with a dispatcher that remembers no refused layout (dispatch.refuse)."""
+    dispatch.forget_refusals()
+    yield
+    dispatch.forget_refusals()
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import torch
 from conftest import DEVICE, DTYPES, assert_close, dtype_id, force_layout
 from tritonrnn import dispatch, functional, kernels, ops, reference
 from tritonrnn.kernels import config as configs
-from tritonrnn.kernels import recurrence
+from tritonrnn.kernels import launch
 
 # (T, B, H): T = 1, B % 16 != 0, H not 2^k; the last two launch several programs (batch tiles of
 # the sequence kernel, hidden tiles of the step kernel).
@@ -28,11 +28,11 @@ def _case_id(case):
 
 
 CASES = [(shape, variant) for shape in SHAPES for variant in VARIANTS]
-# Every case on every path that loads on a GPU (the sequence path's W_hh must fit in shared memory:
+# Every case on every layout that loads on a GPU (the sequence path's W_hh must fit in shared memory:
 # not fp32/fp64 at H = 200; test_launcher_refuses_what_cannot_load checks the refusal).
-LAUNCHABLE = [pytest.param(case, dtype, path, id=f"{_case_id(case)}-{dtype_id(dtype)}-{path}")
-              for case in CASES for dtype in DTYPES for path in kernels.PATHS
-              if configs.path_fits(path, case[0][2], dtype)]
+LAUNCHABLE = [pytest.param(case, dtype, layout, id=f"{_case_id(case)}-{dtype_id(dtype)}-{layout}")
+              for case in CASES for dtype in DTYPES for layout in configs.TUNED_LAYOUTS
+              if configs.layout_fits(layout, case[0][2], dtype)]
 
 
 def _problem(T, B, H, packed, seed):
@@ -52,21 +52,21 @@ def _projected(p):
     return p["x"] @ p["w_ih"].T + p["b_ih"] + p["b_hh"]
 
 
-@pytest.mark.parametrize(("case", "dtype", "path"), LAUNCHABLE)
-def test_forward_matches_reference(case, dtype, path):
+@pytest.mark.parametrize(("case", "dtype", "layout"), LAUNCHABLE)
+def test_forward_matches_reference(case, dtype, layout):
     (T, B, H), (act, reverse, packed) = case
     p = _problem(T, B, H, packed, seed=T * 1000 + B * 10 + H)
     ref_out, ref_hn = reference.forward(p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], act,
                                         p["lengths"], reverse)
     out, h_n = kernels.recurrence_forward(_projected(p).to(dtype), p["h0"].to(dtype), p["w_hh"].to(dtype),
-                                          lengths=p["lengths"], reverse=reverse, relu=act == "relu", path=path)
+                                          lengths=p["lengths"], reverse=reverse, cell=act, layout=layout)
     assert out.dtype == h_n.dtype == dtype
     assert_close(out, ref_out, dtype, "out")
     assert_close(h_n, ref_hn, dtype, "h_n")
 
 
-@pytest.mark.parametrize(("case", "dtype", "path"), LAUNCHABLE)
-def test_backward_matches_reference(case, dtype, path, monkeypatch):
+@pytest.mark.parametrize(("case", "dtype", "layout"), LAUNCHABLE)
+def test_backward_matches_reference(case, dtype, layout, monkeypatch):
     (T, B, H), (act, reverse, packed) = case
     p = _problem(T, B, H, packed, seed=T * 1000 + B * 10 + H + 1)
     out, _ = reference.forward(p["x"], p["h0"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], act,
@@ -79,9 +79,10 @@ def test_backward_matches_reference(case, dtype, path, monkeypatch):
                              p["lengths"], reverse)
     lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
     cast = lambda t: t.to(dtype)
-    force_layout(monkeypatch, path)  # the op's run-time choice
-    dz, dh0, dw_hh = ops.recurrence_backward(cast(grad_out), cast(grad_hn), cast(out), cast(p["h0"]),
-                                             cast(p["w_hh"]), lengths, reverse, act == "relu", False)
+    force_layout(monkeypatch, layout)  # the op's run-time choice
+    dz, dh0, dw_hh = (g[0] for g in ops.recurrence_backward(cast(grad_out)[None], cast(grad_hn)[None],
+                                                            cast(out)[None], cast(p["h0"])[None],
+                                                            cast(p["w_hh"])[None], lengths, reverse, act, False))
     assert_close(dz, ref.dz, dtype, "dz")
     assert_close(dh0, ref.dh0, dtype, "dh0")
     assert_close(dw_hh, ref.dw_hh, dtype, "dW_hh")
@@ -110,11 +111,11 @@ def test_layer_gradients_match_reference(case, dtype):
         assert_close(leaf.grad, expected[name], dtype, f"d{name}")
 
 
-@pytest.mark.parametrize("path", kernels.PATHS)
+@pytest.mark.parametrize("layout", configs.TUNED_LAYOUTS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v))
-def test_gradcheck_float64(variant, path, monkeypatch):
+def test_gradcheck_float64(variant, layout, monkeypatch):
     act, reverse, packed = variant
-    force_layout(monkeypatch, path)
+    force_layout(monkeypatch, layout)
     p = _problem(3, 2, 4, packed, seed=3)
     if packed:
         p["lengths"] = torch.tensor([3, 2], device=DEVICE)
@@ -162,40 +163,36 @@ def test_rnn_layer_without_kernels_says_why(monkeypatch):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["full", "lengths"])
-@pytest.mark.parametrize("path", recurrence.LAUNCH_PATHS)
-def test_every_launcher_takes_an_empty_batch(path, packed):
+@pytest.mark.parametrize("layout", configs.LAYOUTS)
+def test_every_launcher_takes_an_empty_batch(layout, packed):
     """B = 0 on every layout (the ops give any of them a batch-0 call, should a choice ever be made for one):
     empty outputs, h_n the empty h0, one or both directions."""
     T, H = 3, 8
     xw, h0, w = torch.randn(T, 0, H, device=DEVICE), torch.randn(0, H, device=DEVICE), torch.randn(H, H, device=DEVICE)
     lengths = torch.zeros(0, dtype=torch.int32, device=DEVICE) if packed else None
-    out, h_n = kernels.recurrence_forward(xw, h0, w, lengths=lengths, path=path)
-    dz = kernels.recurrence_backward(xw, xw, w, lengths=lengths, path=path)
+    out, h_n = kernels.recurrence_forward(xw, h0, w, lengths=lengths, layout=layout)
+    dz = kernels.recurrence_backward(xw, xw, w, lengths=lengths, layout=layout)
     assert out.shape == dz.shape == (T, 0, H) and h_n.shape == (0, H)
-    if path in ("persistent", "cluster"):
-        both = torch.stack([xw, xw])
-        out, h_n = kernels.bidirectional_forward(both, torch.stack([h0, h0]), torch.stack([w, w]), lengths=lengths,
-                                                 path=path)
-        dz = kernels.bidirectional_backward(both, both, torch.stack([w, w]), lengths=lengths, path=path)
-        assert out.shape == dz.shape == (2, T, 0, H) and h_n.shape == (2, 0, H)
+    both = torch.stack([xw, xw])
+    out, h_n = kernels.recurrence_forward(both, torch.stack([h0, h0]), torch.stack([w, w]), lengths=lengths,
+                                          layout=layout)
+    dz = kernels.recurrence_backward(both, both, torch.stack([w, w]), lengths=lengths, layout=layout)
+    assert out.shape == dz.shape == (2, T, 0, H) and h_n.shape == (2, 0, H)
 
 
 def test_ops_run_an_empty_batch_without_choosing_a_layout(monkeypatch):
     """The custom ops take B = 0 before the dispatcher (the cost model has no rows to weigh): forward and
     backward of one and of both directions, whichever layout the dispatcher would have taken."""
-    monkeypatch.setattr(dispatch, "launch_choice", lambda *args: pytest.fail("a layout was chosen for batch 0"))
+    monkeypatch.setattr(dispatch, "choose", lambda *args: pytest.fail("a layout was chosen for batch 0"))
     T, H = 3, 8
     xw, h0, w = torch.randn(T, 0, H, device=DEVICE), torch.randn(0, H, device=DEVICE), torch.randn(H, H, device=DEVICE)
-    out, h_n = ops.recurrence(xw, h0, w, None, False, False, False)
-    dz, dh0, dw_hh = ops.recurrence_backward(xw, h0, out, h0, w, None, False, False, False)
-    assert out.shape == dz.shape == (T, 0, H) and h_n.shape == dh0.shape == (0, H)
-    assert torch.equal(dw_hh, torch.zeros(H, H, device=DEVICE))
-    both = lambda t: torch.stack([t, t])  # noqa: E731
-    out, h_n = ops.bidirectional_recurrence(both(xw), both(h0), both(w), None, False, False)
-    dz, dh0, dw_hh = ops.bidirectional_recurrence_backward(both(xw), both(h0), out, both(h0), both(w), None, False,
-                                                           False)
-    assert out.shape == dz.shape == (2, T, 0, H) and h_n.shape == dh0.shape == (2, 0, H)
-    assert torch.equal(dw_hh, torch.zeros(2, H, H, device=DEVICE))
+    for d in (1, 2):
+        stack = lambda t: torch.stack([t] * d)  # noqa: E731
+        out, h_n = ops.recurrence(stack(xw), stack(h0), stack(w), None, False, "tanh", False)
+        dz, dh0, dw_hh = ops.recurrence_backward(stack(xw), stack(h0), out, stack(h0), stack(w), None, False, "tanh",
+                                                 False)
+        assert out.shape == dz.shape == (d, T, 0, H) and h_n.shape == dh0.shape == (d, 0, H)
+        assert torch.equal(dw_hh, torch.zeros(d, H, H, device=DEVICE))
 
 
 def test_launcher_rejects_bad_shapes():
@@ -204,9 +201,12 @@ def test_launcher_rejects_bad_shapes():
         kernels.recurrence_forward(xw, torch.zeros(2, 5, device=DEVICE), torch.zeros(4, 4, device=DEVICE))
     with pytest.raises(ValueError, match="w_hh must have shape"):
         kernels.recurrence_forward(xw, torch.zeros(2, 4, device=DEVICE), torch.zeros(4, 3, device=DEVICE))
-    with pytest.raises(ValueError, match="path must be one of"):
+    with pytest.raises(ValueError, match="layout must be one of"):
         kernels.recurrence_forward(xw, torch.zeros(2, 4, device=DEVICE), torch.zeros(4, 4, device=DEVICE),
-                                   path="fast")
+                                   layout="fast")
+    with pytest.raises(ValueError, match="cell must be one of"):
+        kernels.recurrence_forward(xw, torch.zeros(2, 4, device=DEVICE), torch.zeros(4, 4, device=DEVICE),
+                                   cell="sigmoid")
     with pytest.raises(TypeError, match="support float16"):
         kernels.recurrence_forward(xw.int(), torch.zeros(2, 4, device=DEVICE).int(),
                                    torch.zeros(4, 4, device=DEVICE).int())
@@ -219,13 +219,13 @@ def test_launcher_refuses_what_cannot_load():
     for dtype, tf32 in ((torch.float32, True), (torch.float32, False), (torch.float64, False)):
         xw = torch.randn(3, 2, H, device=DEVICE, dtype=dtype)
         with pytest.raises(ValueError, match="shared memory a program may use"):
-            kernels.recurrence_forward(xw, xw[0], torch.zeros(H, H, device=DEVICE, dtype=dtype), path="sequence",
+            kernels.recurrence_forward(xw, xw[0], torch.zeros(H, H, device=DEVICE, dtype=dtype), layout="sequence",
                                        allow_tf32=tf32)
     too_wide = triton_config(BLOCK_B=16, BLOCK_N=64, K_SPLIT=1)  # 335,872 B of fp64 slice and state at H = 512
     xw = torch.randn(3, 2, 512, device=DEVICE, dtype=torch.float64)
     with pytest.raises(ValueError, match="B of shared memory"):
         kernels.recurrence_forward(xw, xw[0], torch.zeros(512, 512, device=DEVICE, dtype=torch.float64),
-                                   path="persistent", config=too_wide)
+                                   layout="persistent", config=too_wide)
 
 
 def triton_config(**kwargs):
@@ -233,8 +233,8 @@ def triton_config(**kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
-@pytest.mark.parametrize("path", ["sequence", "stepwise"])
-def test_tanh_within_a_few_ulps_of_torch(path, dtype):
+@pytest.mark.parametrize("layout", ["sequence", "stepwise"])
+def test_tanh_within_a_few_ulps_of_torch(layout, dtype):
     """h = tanh(xw) (W_hh = 0, h0 = 0) on tiny, moderate and huge arguments, both signs: within 4 ulps
     of torch.tanh in the same dtype. (1 - e) / (1 + e) alone gave tanh(1e-8) = 0 and 3e-4 relative
     error at 1e-4."""
@@ -242,7 +242,7 @@ def test_tanh_within_a_few_ulps_of_torch(path, dtype):
                   20.0, 100.0, 1e4, 1e30]  # and the series' thresholds: 1/8 (fp64), 1/2 (fp32)
     z = torch.tensor(magnitudes + [-m for m in magnitudes] + [0.0], dtype=dtype, device=DEVICE)
     H = z.numel()
-    out, _ = kernels.recurrence_forward(z.reshape(1, 1, H), z.new_zeros(1, H), z.new_zeros(H, H), path=path)
+    out, _ = kernels.recurrence_forward(z.reshape(1, 1, H), z.new_zeros(1, H), z.new_zeros(H, H), layout=layout)
     expected = torch.tanh(z)
     finfo = torch.finfo(dtype)
     ulps = (out.flatten() - expected).abs() / (finfo.eps * expected.abs()).clamp_min(finfo.tiny)
@@ -291,12 +291,12 @@ def test_lengths_checked_on_the_host_only_where_they_live(monkeypatch):
 def test_autotune_key_separates_every_variant():
     """A config tuned for tanh must not be reused for relu, reverse or packed input: every constexpr
     a launch sets (its heuristics' flags too, which must run before the autotuner) is in the key."""
-    for path in kernels.PATHS:
-        heuristics = recurrence._autotuned(path)
+    for layout in configs.TUNED_LAYOUTS:
+        heuristics = launch._autotuned(layout)
         keys = set(heuristics.fn.keys)
         assert "HAS_LENGTHS" in heuristics.values  # derived before the autotuner sees the arguments
-        assert {"H", "B_BUCKET", "BACKWARD", "RELU", "HAS_LENGTHS", "INPUT_PRECISION"} <= keys
-        assert ("REVERSE" in keys) == (path != "stepwise")  # the step kernel has no direction
+        assert {"H", "B_BUCKET", "BACKWARD", "CELL", "HAS_LENGTHS", "INPUT_PRECISION"} <= keys
+        assert ("REVERSE" in keys) == (layout != "stepwise")  # the step kernel has no direction
         assert "T" not in keys and "B" not in keys
 
 

@@ -24,8 +24,9 @@ import triton
 
 from concurrent_interpreter import CONCURRENT_CAPACITY, concurrent_programs
 from conftest import DEVICE, ROOT, assert_close, dtype_id, force_layout, mutated_checkout
-from tritonrnn import kernels, ops, reference
-from tritonrnn.kernels import persistent
+from tritonrnn import dispatch, kernels, ops, reference
+from tritonrnn.kernels import launch, occupancy, persistent
+from tritonrnn.kernels.occupancy import Plan
 
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="the interpreter's concurrent harness")
 
@@ -56,7 +57,7 @@ def _config(k_split, **debug):
 
 def _forward(p, act, reverse, dtype, config):
     return kernels.recurrence_forward(p["xw"].to(dtype), p["h0"].to(dtype), p["w_hh"].to(dtype),
-                                      lengths=p["lengths"], reverse=reverse, relu=act == "relu", path="persistent",
+                                      lengths=p["lengths"], reverse=reverse, cell=act, layout="persistent",
                                       config=config)
 
 
@@ -90,15 +91,13 @@ def test_backward_with_concurrent_programs_matches_reference(variant, dtype, mon
         grad_out = grad_out * (torch.arange(T)[:, None] < p["lengths"])[..., None]
     eye = torch.eye(H, dtype=torch.float64)
     ref = reference.backward(p["xw"], p["h0"], eye, p["w_hh"], out, grad_out, grad_hn, act, p["lengths"], reverse)
-    config = _config(k_split)
-    launch = kernels.recurrence_backward
-    monkeypatch.setattr(kernels, "recurrence_backward", lambda *args, **kw: launch(*args, **kw, config=config))
-    force_layout(monkeypatch, "persistent")  # the op's choice
-    cast = lambda t: t.to(dtype)  # noqa: E731
+    force_layout(monkeypatch, "persistent", _config(k_split))  # the op's choice
+    cast = lambda t: t.to(dtype)[None]  # noqa: E731  (one direction)
     lengths = None if p["lengths"] is None else p["lengths"].to(torch.int32)
     with concurrent_programs(seed=2):
-        dz, dh0, dw_hh = ops.recurrence_backward(cast(grad_out), cast(grad_hn), cast(out), cast(p["h0"]),
-                                                 cast(p["w_hh"]), lengths, reverse, act == "relu", False)
+        dz, dh0, dw_hh = (g[0] for g in ops.recurrence_backward(cast(grad_out), cast(grad_hn), cast(out),
+                                                                cast(p["h0"]), cast(p["w_hh"]), lengths, reverse,
+                                                                act, False))
     assert_close(dz, ref.dz, dtype, "dz")
     assert_close(dh0, ref.dh0, dtype, "dh0")
     assert_close(dw_hh, ref.dw_hh, dtype, "dW_hh")
@@ -107,8 +106,8 @@ def test_backward_with_concurrent_programs_matches_reference(variant, dtype, mon
 @pytest.fixture
 def plans(monkeypatch):
     """The plans the persistent launches ran (to check that programs really waited for each other)."""
-    ran, launch = [], persistent.launch
-    monkeypatch.setattr(persistent, "launch", lambda *args, **kw: ran.append(launch(*args, **kw)) or ran[-1])
+    ran, run = [], launch._launch_persistent
+    monkeypatch.setattr(launch, "_launch_persistent", lambda *args, **kw: ran.append(run(*args, **kw)) or ran[-1])
     return ran
 
 
@@ -116,7 +115,7 @@ def test_launches_several_groups_of_several_programs(plans):
     p = _problem(False, seed=14)
     with concurrent_programs(seed=3):
         _forward(p, "tanh", False, torch.float64, _config(1))
-    assert plans == [persistent.Plan(programs_per_group=3, groups=2, batch_tiles=1,
+    assert plans == [Plan(programs_per_group=3, groups=2, batch_tiles=1,
                                      resident_capacity=CONCURRENT_CAPACITY)]
 
 
@@ -125,7 +124,7 @@ def test_groups_take_several_batch_tiles_where_programs_do_not_fit(plans):
     p = _problem(True, seed=15)
     with concurrent_programs(seed=4, capacity=5):
         out, h_n = _forward(p, "tanh", True, torch.float64, _config(1))
-    assert plans == [persistent.Plan(programs_per_group=3, groups=1, batch_tiles=2, resident_capacity=5)]
+    assert plans == [Plan(programs_per_group=3, groups=1, batch_tiles=2, resident_capacity=5)]
     ref_out, ref_hn = _reference_forward(p, "tanh", True)
     assert_close(out, ref_out, torch.float64, "out")
     assert_close(h_n, ref_hn, torch.float64, "h_n")
@@ -151,30 +150,30 @@ def test_harness_catches_a_broken_barrier(slack):
 
 def test_plan_never_exceeds_the_resident_capacity():
     # H = 2048 in 16-column slices: 128 programs a group; B = 256 in 16-row tiles.
-    assert persistent.plan(256, 2048, 16, 16, capacity=132) == persistent.Plan(128, 1, 16, 132)
-    assert persistent.plan(256, 1024, 16, 32, capacity=264) == persistent.Plan(32, 8, 2, 264)
-    assert persistent.plan(1, 512, 16, 32, capacity=132) == persistent.Plan(16, 1, 1, 132)
+    assert occupancy.plan(256, 2048, 16, 16, capacity=132) == Plan(128, 1, 16, 132)
+    assert occupancy.plan(256, 1024, 16, 32, capacity=264) == Plan(32, 8, 2, 264)
+    assert occupancy.plan(1, 512, 16, 32, capacity=132) == Plan(16, 1, 1, 132)
     for batch in range(1, 300, 7):
         for capacity in (16, 100, 132, 264):
-            chosen = persistent.plan(batch, 512, 16, 32, capacity)
+            chosen = occupancy.plan(batch, 512, 16, 32, capacity)
             assert chosen.programs_per_group * chosen.groups <= capacity
             assert chosen.groups * chosen.batch_tiles * 16 >= batch
     with pytest.raises(ValueError, match="needs 128 resident programs per group"):
-        persistent.plan(16, 2048, 16, 16, capacity=100)
+        occupancy.plan(16, 2048, 16, 16, capacity=100)
     with pytest.raises(ValueError, match="in each of 2 direction"):
-        persistent.plan(16, 1024, 16, 16, capacity=100, directions=2)
-    assert persistent.plan(256, 1024, 16, 32, capacity=132, directions=2) == persistent.Plan(32, 2, 8, 132, 2)
+        occupancy.plan(16, 1024, 16, 16, capacity=100, directions=2)
+    assert occupancy.plan(256, 1024, 16, 32, capacity=132, directions=2) == Plan(32, 2, 8, 132, 2)
     # A group of one program waits for no one: one group per batch tile, no co-residency needed.
-    alone = persistent.plan(300, 32, 16, 32, capacity=1, directions=2)
-    assert alone == persistent.Plan(1, 19, 1, 1, 2) and not alone.waits
+    alone = occupancy.plan(300, 32, 16, 32, capacity=1, directions=2)
+    assert alone == Plan(1, 19, 1, 1, 2) and not alone.waits
 
 
 def test_programs_per_sm_takes_the_tightest_resource():
-    sm = persistent.SMLimits()
-    assert persistent.programs_per_sm(registers=128, num_warps=4, shared_bytes=98304, limits=sm) == 2  # shared
-    assert persistent.programs_per_sm(registers=255, num_warps=8, shared_bytes=0, limits=sm) == 1  # registers
-    assert persistent.programs_per_sm(registers=32, num_warps=4, shared_bytes=0, limits=sm) == 16  # threads
-    assert persistent.programs_per_sm(registers=16, num_warps=1, shared_bytes=0, limits=sm) == 32  # slots
+    sm = occupancy.SMLimits()
+    assert occupancy.programs_per_sm(registers=128, num_warps=4, shared_bytes=98304, limits=sm) == 2  # shared
+    assert occupancy.programs_per_sm(registers=255, num_warps=8, shared_bytes=0, limits=sm) == 1  # registers
+    assert occupancy.programs_per_sm(registers=32, num_warps=4, shared_bytes=0, limits=sm) == 16  # threads
+    assert occupancy.programs_per_sm(registers=16, num_warps=1, shared_bytes=0, limits=sm) == 32  # slots
 
 
 def test_info_says_how_the_persistent_path_tiles(capsys, monkeypatch):
@@ -207,8 +206,8 @@ def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
     monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
     default = kernels.config.default_config  # the cost model reads the other paths' defaults too
     monkeypatch.setattr(kernels.config, "default_config",
-                        lambda path, batch, hidden, dtype=None: _config(2) if path == "persistent"
-                        else default(path, batch, hidden, dtype))
+                        lambda layout, batch, hidden, dtype=None: _config(2) if layout == "persistent"
+                        else default(layout, batch, hidden, dtype))
     assert tritonrnn.kernel_path(T, H, torch.float64) == "persistent"
     torch.manual_seed(0)
     oracle = nn.RNN(7, H, num_layers=2, bidirectional=True).double()
@@ -228,7 +227,7 @@ def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
     for name, expected in results[1].items():
         assert_close(results[0][name], expected, torch.float64, name)
     # Per layer one launch forward and one backward, both directions in each.
-    assert plans == [persistent.Plan(3, 2, 1, CONCURRENT_CAPACITY, directions=2)] * 4
+    assert plans == [Plan(3, 2, 1, CONCURRENT_CAPACITY, directions=2)] * 4
 
 
 def test_module_falls_back_where_the_device_cannot_hold_every_program(monkeypatch, plans):
@@ -240,16 +239,17 @@ def test_module_falls_back_where_the_device_cannot_hold_every_program(monkeypatc
     monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
     default = kernels.config.default_config
     monkeypatch.setattr(kernels.config, "default_config",
-                        lambda path, batch, hidden, dtype=None: _config(2) if path == "persistent"
-                        else default(path, batch, hidden, dtype))
+                        lambda layout, batch, hidden, dtype=None: _config(2) if layout == "persistent"
+                        else default(layout, batch, hidden, dtype))
     torch.manual_seed(0)
     oracle = nn.RNN(7, H, bidirectional=True).double()
     ours = tritonrnn.RNN(7, H, bidirectional=True, dtype=torch.float64)
     ours.load_state_dict(oracle.state_dict())
     x = torch.randn(T, B, 7, dtype=torch.float64)
-    for capacity, path, expected_plans in ((3, "persistent", [persistent.Plan(3, 1, 2, 3)] * 4), (2, "stepwise", [])):
+    for capacity, path, expected_plans in ((3, "persistent", [Plan(3, 1, 2, 3)] * 4), (2, "stepwise", [])):
         with concurrent_programs(seed=8, capacity=capacity):
-            assert tritonrnn.kernel_path(T, H, torch.float64, B, directions=2) == "stepwise"
+            # Both directions' programs do not fit at once: each direction takes the layout it takes alone.
+            assert tritonrnn.kernel_path(T, H, torch.float64, B, directions=2) == path
             assert tritonrnn.kernel_path(T, H, torch.float64, B) == path
             results = []
             for module in (ours, oracle):
@@ -279,7 +279,7 @@ def test_rows_of_length_zero_end_in_h0(reverse):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32], ids=dtype_id)  # float64: the test below
-def test_both_directions_in_one_launch(dtype):
+def test_both_directions_in_one_launch(dtype, plans):
     """A bidirectional layer's two directions in one launch (grid axis 2, inputs stacked [2, ...],
     each its own W_hh and h0; direction 1 walks the other way), forward and backward, lengths."""
     p = [_problem(True, seed=18), _problem(True, seed=19)]
@@ -294,17 +294,11 @@ def test_both_directions_in_one_launch(dtype):
               for d in range(2)]
     stack = lambda tensors: torch.stack(tensors).to(dtype).contiguous()  # noqa: E731
     w, lengths = stack([q["w_hh"] for q in p]), p[0]["lengths"].to(torch.int32)
-    numerics = kernels.recurrence._numerics(dtype, DEVICE, False)
-    meta = kernels.config.config_to_dict(_config(2))
-    out, h_n = torch.full((2, T, B, H), float("nan"), dtype=dtype), torch.full((2, B, H), float("nan"), dtype=dtype)
-    dz = torch.full_like(out, float("nan"))
+    options = dict(lengths=lengths, cell="relu", layout="persistent", config=_config(2))
     with concurrent_programs(seed=8):
-        forward_plan = persistent.launch(stack([q["xw"] for q in p]), stack([q["h0"] for q in p]), w, None, out, h_n,
-                                         lengths, backward=False, reverse=False, relu=True, numerics=numerics,
-                                         meta=meta)
-        persistent.launch(stack(grads), None, w, stack([r[0] for r in refs]), dz, None, lengths, backward=True,
-                          reverse=True, relu=True, numerics=numerics, meta=meta)
-    assert forward_plan.grid == (3, 2, 2)
+        out, h_n = kernels.recurrence_forward(stack([q["xw"] for q in p]), stack([q["h0"] for q in p]), w, **options)
+        dz = kernels.recurrence_backward(stack(grads), stack([r[0] for r in refs]), w, **options)
+    assert plans[0].grid == (3, 2, 2)
     for d in range(2):
         assert_close(out[d], refs[d][0], dtype, f"out[{d}]")
         assert_close(h_n[d], refs[d][1], dtype, f"h_n[{d}]")
@@ -319,28 +313,29 @@ def test_bidirectional_ops_pass_opcheck(lengths):
     h0 = torch.randn(2, batch, hidden, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(2, hidden, hidden, dtype=torch.float64) / hidden ** 0.5).requires_grad_()
     lens = None if lengths is None else torch.tensor(lengths, dtype=torch.int32)
-    torch.library.opcheck(ops.bidirectional_recurrence, (xw, h0, w, lens, True, False))
-    out, _ = ops.bidirectional_recurrence(xw, h0, w, lens, True, False)
-    args = (torch.randn_like(out), torch.randn_like(h0), out.detach(), h0.detach(), w.detach(), lens, True, False)
-    torch.library.opcheck(ops.bidirectional_recurrence_backward, args)
+    torch.library.opcheck(ops.recurrence, (xw, h0, w, lens, False, "relu", False))
+    out, _ = ops.recurrence(xw, h0, w, lens, False, "relu", False)
+    args = (torch.randn_like(out), torch.randn_like(h0), out.detach(), h0.detach(), w.detach(), lens, False, "relu",
+            False)
+    torch.library.opcheck(ops.recurrence_backward, args)
 
 
 def test_per_sample_gradients_of_bidirectional_layers_on_the_persistent_path(monkeypatch):
-    """Under torch.func transforms a bidirectional layer runs its directions one by one (the
-    one-launch op has no vmap rule): test_per_sample_grad's bidirectional case on this path."""
+    """Under torch.func transforms a bidirectional layer runs both directions through the op's vmap rule
+    (its batch axis after the directions): test_per_sample_grad's bidirectional case on this layout."""
     import test_per_sample_grad
     monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
-    assert kernels.default_path(test_per_sample_grad.H, torch.float64) == "persistent"
+    assert kernels.default_layout(test_per_sample_grad.H, torch.float64) == "persistent"
     test_per_sample_grad.test_rnn_per_sample_grads_match_torch("B2-h0-batch_first-2layers-bidir-relu")
 
 
 def test_arrival_counters_never_overflow(monkeypatch):
     """int32 counters reach T x (programs per group): a longer launch is refused, not wrapped."""
-    monkeypatch.setattr(persistent, "rnn_persistent_kernel", None)  # never launched
-    xw = torch.empty(1, 1, 40, dtype=torch.float64).expand(2 ** 31 // 3 + 1, 1, 40)  # 3 programs a group
-    with concurrent_programs(), pytest.raises(ValueError, match="overflow the int32 arrival counters"):
-        persistent.launch(xw, xw[0], torch.empty(40, 40, dtype=torch.float64), None, xw, xw[0], None, backward=False,
-                          reverse=False, relu=False, numerics={}, meta=dict(BLOCK_B=16, BLOCK_N=16))
+    steps = persistent.GAVE_UP.value // 3 + 1  # 3 programs a group (H = 40 in 16 columns)
+    with concurrent_programs():
+        with pytest.raises(occupancy.LaunchRefused, match="overflow the int32 arrival counters"):
+            launch.persistent_plan(steps, 1, 40, torch.float64, DEVICE, "forward", config=_config(1))  # as launch's
+        assert launch.persistent_plan(steps - 1, 1, 40, torch.float64, DEVICE, "forward", config=_config(1)).waits
 
 
 def _bidirectional_problem(steps, batch, seed):
@@ -367,16 +362,11 @@ def test_several_groups_of_several_batch_tiles_both_directions(dtype, plans):
     steps, batch = 4, 50
     p = _bidirectional_problem(steps, batch, seed=21)
     cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
-    numerics = kernels.recurrence._numerics(dtype, DEVICE, False)
-    meta = kernels.config.config_to_dict(_config(1))
-    out = torch.full((2, steps, batch, H), float("nan"), dtype=dtype)
-    h_n, dz = torch.full((2, batch, H), float("nan"), dtype=dtype), torch.full_like(out, float("nan"))
+    options = dict(lengths=p["lengths"], layout="persistent", config=_config(1))
     with concurrent_programs(seed=9, capacity=12):
-        persistent.launch(cast(p["xw"]), cast(p["h0"]), cast(p["w"]), None, out, h_n, p["lengths"], backward=False,
-                          reverse=False, relu=False, numerics=numerics, meta=meta)
-        persistent.launch(cast(p["grads"]), None, cast(p["w"]), cast(torch.stack(p["out"])), dz, None, p["lengths"],
-                          backward=True, reverse=True, relu=False, numerics=numerics, meta=meta)
-    assert plans == [persistent.Plan(3, 2, 2, 12, directions=2)] * 2
+        out, h_n = kernels.recurrence_forward(cast(p["xw"]), cast(p["h0"]), cast(p["w"]), **options)
+        dz = kernels.recurrence_backward(cast(p["grads"]), cast(torch.stack(p["out"])), cast(p["w"]), **options)
+    assert plans == [Plan(3, 2, 2, 12, directions=2)] * 2
     for d in range(2):
         assert_close(out[d], p["out"][d], dtype, f"out[{d}]")
         assert_close(h_n[d], p["h_n"][d], dtype, f"h_n[{d}]")
@@ -388,13 +378,14 @@ def test_single_program_groups_serve_column_blocks_in_turn(monkeypatch):
     H = 1025 a [BLOCK_H, BLOCK_H] slice passes the interpreter's largest tensor, so the program takes
     its columns in blocks, one after another each step. Here the largest tensor is made small (1024
     elements: 4 blocks of 16 columns at BLOCK_H = 64), forward and backward, both directions."""
-    monkeypatch.setattr(persistent, "INTERPRETED_MAX_NUMEL", 1024)
-    scheduled, schedule = [], persistent.schedule
-    monkeypatch.setattr(persistent, "schedule", lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1])
+    monkeypatch.setattr(occupancy, "INTERPRETED_MAX_NUMEL", 1024)
+    scheduled, schedule = [], launch.schedule
+    monkeypatch.setattr(launch, "schedule", lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1])
     steps, batch = 3, 5
     p = _bidirectional_problem(steps, batch, seed=22)
-    out, h_n = kernels.bidirectional_forward(p["xw"], p["h0"], p["w"], lengths=p["lengths"])
-    dz = kernels.bidirectional_backward(p["grads"], torch.stack(p["out"]), p["w"], lengths=p["lengths"])
+    out, h_n = kernels.recurrence_forward(p["xw"], p["h0"], p["w"], lengths=p["lengths"], layout="persistent")
+    dz = kernels.recurrence_backward(p["grads"], torch.stack(p["out"]), p["w"], lengths=p["lengths"],
+                                     layout="persistent")
     for d in range(2):
         assert_close(out[d], p["out"][d], torch.float64, f"out[{d}]")
         assert_close(h_n[d], p["h_n"][d], torch.float64, f"h_n[{d}]")
@@ -410,28 +401,28 @@ def test_interpreted_persistent_path_runs_h_1025():
     xw = torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64)
     h0 = torch.randn(batch, hidden, generator=g)
     w = torch.randn(hidden, hidden, generator=g, dtype=torch.float64) / hidden ** 0.5
-    assert kernels.default_path(hidden, torch.float16) == "persistent"
+    assert kernels.default_layout(hidden, torch.float16) == "persistent"
     half = torch.float16
-    out, h_n = kernels.recurrence_forward(xw.to(half), h0.to(half), w.to(half), path="persistent")
+    out, h_n = kernels.recurrence_forward(xw.to(half), h0.to(half), w.to(half), layout="persistent")
     ref_out, ref_hn = reference.forward(xw, h0.double(), torch.eye(hidden, dtype=torch.float64), w)
     assert_close(out, ref_out, half, "out")
     assert_close(h_n, ref_hn, half, "h_n")
 
 
-def test_a_group_whose_program_never_arrives_raises_instead_of_hanging():
+def test_a_group_whose_program_never_arrives_raises_instead_of_hanging(monkeypatch):
     """Column block 1 of every group never arrives (DEBUG_ABSENT): its peers' waits end at the limit
     (polls in the interpreter: %globaltimer cannot run here), every program of the group writes NaN
     over its outputs, and the launcher raises naming the groups, within seconds, not a hang."""
     p = _problem(False, seed=24)
-    out = torch.zeros(T, B, H, dtype=torch.float64)
-    h_n = torch.zeros(B, H, dtype=torch.float64)
-    meta = kernels.config.config_to_dict(_config(1, DEBUG_ABSENT=1))
-    numerics = kernels.recurrence._numerics(torch.float64, DEVICE, False)
+    outputs = []  # out and h_n, allocated as zeros: the kernel must write the NaN
+    monkeypatch.setattr(launch, "_empty_like", lambda t: outputs.append(torch.zeros_like(t)) or outputs[-1])
+    monkeypatch.setattr(launch, "WAIT_TIMEOUT_S", 0.05)
     start = time.monotonic()
-    with concurrent_programs(seed=10), pytest.raises(persistent.BarrierTimeout) as caught:
-        persistent.launch(p["xw"], p["h0"], p["w_hh"], None, out, h_n, None, timeout_s=0.05, backward=False,
-                          reverse=False, relu=False, numerics=numerics, meta=meta)
+    with concurrent_programs(seed=10), pytest.raises(occupancy.BarrierTimeout) as caught:
+        kernels.recurrence_forward(p["xw"], p["h0"], p["w_hh"], layout="persistent",
+                                   config=_config(1, DEBUG_ABSENT=1))
     assert time.monotonic() - start < 20
+    out, h_n = outputs
     message = str(caught.value)
     assert "group 0 of direction 0, group 1 of direction 0" in message and "0.05 s" in message, message
     assert out.isnan().all() and h_n.isnan().all()
@@ -439,24 +430,39 @@ def test_a_group_whose_program_never_arrives_raises_instead_of_hanging():
 
 def test_a_refused_cooperative_launch_runs_the_stepwise_path_with_one_warning(monkeypatch):
     """The driver refuses a cooperative launch that cannot be co-resident (Triton raises its CUDA error,
-    CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE): the launchers warn once and run the stepwise path."""
+    CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE): the launcher raises LaunchRefused, the op tells the
+    dispatcher, which warns once and takes its next layout (stepwise here) for this shape from then on:
+    the second call does not try the persistent launch again."""
+    tries = []
+
     class Refusing:
         def __getitem__(self, grid):
-            def launch(*args, launch_cooperative_grid=False, **kwargs):
+            def refuse(*args, launch_cooperative_grid=False, **kwargs):
                 assert launch_cooperative_grid
+                tries.append(grid)
                 raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
-            return launch
+            return refuse
 
-    monkeypatch.setattr(persistent, "rnn_persistent_kernel", Refusing())
-    monkeypatch.setattr(kernels.recurrence, "_refusal_warned", False)
+    monkeypatch.setattr(launch, "rnn_persistent_kernel", Refusing())
+    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
+    default = kernels.config.default_config  # groups of 3 programs: a cooperative launch
+    monkeypatch.setattr(kernels.config, "default_config",
+                        lambda layout, batch, hidden, dtype=None: _config(1) if layout == "persistent"
+                        else default(layout, batch, hidden, dtype))
     p = _problem(True, seed=25)
     ref_out, ref_hn = _reference_forward(p, "tanh", False)
-    with concurrent_programs(), pytest.warns(RuntimeWarning, match="refused a cooperative launch.*stepwise") as seen:
-        out, h_n = _forward(p, "tanh", False, torch.float64, _config(1))
-        _forward(p, "tanh", False, torch.float64, _config(1))
+    args = (p["xw"][None], p["h0"][None], p["w_hh"][None], p["lengths"].to(torch.int32), False, "tanh", False)
+    with concurrent_programs():
+        assert kernels.config.default_layout(H, torch.float64) == "persistent"
+        assert dispatch.choose(dispatch.shape_of(p["xw"], "forward", False), DEVICE).layout == "persistent"
+        with pytest.warns(RuntimeWarning, match="refused a cooperative launch.*persistent layout is not taken") as seen:
+            out, h_n = ops.recurrence(*args)
+            ops.recurrence(*args)
+        assert dispatch.choose(dispatch.shape_of(p["xw"], "forward", False), DEVICE).layout == "stepwise"
     assert sum("refused a cooperative launch" in str(w.message) for w in seen) == 1
-    assert_close(out, ref_out, torch.float64, "out")
-    assert_close(h_n, ref_hn, torch.float64, "h_n")
+    assert len(tries) == 1
+    assert_close(out[0], ref_out, torch.float64, "out")
+    assert_close(h_n[0], ref_hn, torch.float64, "h_n")
 
 
 @pytest.fixture(scope="module")
@@ -518,10 +524,11 @@ BRANCH_VARIANTS = [dict(backward=backward, lengths=lengths, k_split=k_split)
 _COMPILE = """
 import json, sys, torch, triton
 from concurrent.futures import ProcessPoolExecutor
+from tritonrnn import kernels
 from tritonrnn.perf import static
 
 def compile(variant):
-    config = static.default_config("persistent", 64, 256, torch.float16)
+    config = kernels.config.default_config("persistent", 64, 256, torch.float16)
     config = triton.Config({**config.kwargs, "K_SPLIT": variant["k_split"]}, num_warps=config.num_warps,
                            num_stages=config.num_stages)
     r = static.compile_kernel("persistent", torch.float16, 64, 256, backward=variant["backward"],

@@ -9,8 +9,7 @@ if not (_Path(__file__).parent / "kernels").is_dir() and (_ROOT / "kernels" / "_
         and (_ROOT / "pyproject.toml").is_file():
     __path__.append(str(_ROOT))
 from tritonrnn import functional, onnx, reference
-from tritonrnn.dispatch import kernel_path
-from tritonrnn.functional import backend  # dispatch.backend, refusing a TRITON_INTERPRET=1 set too late
+from tritonrnn.dispatch import backend, kernel_path
 from tritonrnn.modules import RNN, RNNCell, convert, unconvert
 from tritonrnn.lm import ElmanLM
 from tritonrnn import _after_import

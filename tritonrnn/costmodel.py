@@ -9,8 +9,8 @@ recurrence of one layer and direction:
   columns, else mma.sync with K in K_SPLIT (= warps) independent chains; a group is H / BLOCK_N
   programs, each reading the group's whole state^T [BLOCK_H, BLOCK_B] from L2 every step; after
   every step they meet at a counter barrier. Groups = batch tiles until the resident capacity
-  (kernels.persistent.plan) runs out.
-- "cluster": the persistent kernel's cluster form (kernels/cluster.py): a group is one Hopper
+  (kernels.occupancy.plan) runs out.
+- "cluster": the persistent kernel's cluster form (kernels/launch.py): a group is one Hopper
   thread-block cluster of H / BLOCK_N CTAs (2-8, or 16), meeting at the hardware cluster barrier
   instead of the counter barrier; the state still goes through L2; no cooperative launch (clusters
   are gang-scheduled and never wait for each other).
@@ -27,14 +27,14 @@ the GPU replaces them, kernels/calibration/<GPU>.json, `Calibration`):
                  + shared(W slice per tile + state staging) + max(mma, chain / K_SPLIT) + K parts' sum
                  (the next tile's input is loaded before the wait: off the chain)
     cluster    = persistent with the cluster barrier (Hardware.cluster_barrier()) and clusters
-                 resident per GPC (kernels.cluster's assumed sm_90 GPCs)
+                 resident per GPC (kernels.occupancy's assumed sm_90 GPCs)
     stepwise   = max(host launch, device step)
 
 Resources come from a table of offline sm_90 compiles shipped in the package
 (kernels/offline/sm_90.json, written by `python -m tritonrnn.perf.resources --write`, the table's
 only source); shapes and GPUs the table lacks get an estimate (shared memory from
 kernels.config.shared_memory_bytes). Nothing here compiles: dispatch checks the chosen persistent
-layout against the compiled kernel's capacity on a GPU (kernels.recurrence.persistent_fits).
+layout against the compiled kernel's capacity on a GPU (tritonrnn.dispatch.choose).
 
 cuDNN's side (`cudnn_algorithm`, `cudnn_step_ns`) follows PyTorch's choice of algorithm (its
 cudnn/RNN.cpp, get_algo) and published per-step figures (the sources in `Hardware`; docs/DESIGN.md D18).
@@ -49,16 +49,27 @@ from pathlib import Path
 import torch
 import triton
 
-from tritonrnn.kernels import cluster, persistent
 from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import occupancy
+from tritonrnn.kernels.persistent import GAVE_UP
 
-LAYOUTS = ("sequence", "persistent", "cluster", "stepwise")
+LAYOUTS = configs.LAYOUTS
 KERNELS_DIR = Path(configs.__file__).resolve().parent
 OFFLINE_DIR = KERNELS_DIR / "offline"  # resource tables of offline compiles, one per target
 CALIBRATION_DIR = KERNELS_DIR / "calibration"  # measured constants, one file per GPU (slug)
 CALIBRATION_SCHEMA = 1
 ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 SPILL_FREE = 0  # a candidate must compile without spilling (stack bytes)
+
+
+# The cluster barrier's cost a step, assumed until the calibration's probe (kernels.launch.probe_barrier)
+# measures it. There is no published barrier.cluster latency; what it must at least take: the release makes
+# the CTA's stores of its columns visible before its arrival counts, so it waits for them to reach L2 (the
+# model's dependent L2 latency, Hardware.l2_latency_ns: 300 ns); then the handshake, the arrival carried to
+# every CTA of the cluster over the GPC's SM-to-SM network and the wait's release back, two one-way trips
+# assumed about 200 cycles each (a remote access inside the GPC: of the order of an L2 hit) = 200 ns at
+# 1.98 GHz. So L2 latency + handshake = 500 ns; the counter barrier's assumed figure: 1,000 ns.
+ASSUMED_CLUSTER_HANDSHAKE_NS = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +80,7 @@ class Hardware:
     target: str = "sm_90"
     # 132 SMs, 65536 registers, 2048 threads, 228 KB shared memory, 32 programs an SM (NVIDIA H100
     # datasheet / CUDA C Programming Guide, compute capability 9.0 table).
-    limits: persistent.SMLimits = persistent.SMLimits()
+    limits: occupancy.SMLimits = occupancy.SMLimits()
     clock_ghz: float = 1.98  # boost clock of the H100 SXM5 (datasheet)
     # Dense tensor-core peak per dtype, TFLOP/s (H100 SXM5 datasheet, without sparsity): 989 16-bit,
     # 495 TF32; fp64 tensor 67.
@@ -90,8 +101,8 @@ class Hardware:
     barrier_ns: float = 1000.0
     # The cluster layout's barrier: barrier.cluster.arrive.release + wait.acquire among the CTAs of one
     # thread-block cluster (hardware, inside a GPC). None until the calibration's cluster probe
-    # (kernels.cluster.probe_barrier) measures it: then cluster_barrier() assumes the L2 latency plus
-    # a handshake (kernels.cluster.ASSUMED_BARRIER_NS: no published figure).
+    # (kernels.launch.probe_barrier) measures it: then cluster_barrier() assumes the L2 latency plus
+    # a handshake (ASSUMED_CLUSTER_HANDSHAKE_NS below: no published figure).
     cluster_barrier_ns: float = None
     # Host cost of one Triton launch from Python: 4.5-18 us a call (public reports of Triton 3.x; a bare CUDA
     # launch ~3 us); the calibration's stepwise steps measure it.
@@ -110,10 +121,10 @@ class Hardware:
 
     def cluster_barrier(self) -> float:
         """The cluster barrier a step: measured, else at least the L2 latency (the release waits for the
-        CTA's stores to reach L2) plus the arrive/wait handshake (kernels.cluster.ASSUMED_HANDSHAKE_NS)."""
+        CTA's stores to reach L2) plus the arrive/wait handshake (ASSUMED_CLUSTER_HANDSHAKE_NS)."""
         if self.cluster_barrier_ns is not None:
             return self.cluster_barrier_ns
-        return self.l2_latency_ns + cluster.ASSUMED_HANDSHAKE_NS
+        return self.l2_latency_ns + ASSUMED_CLUSTER_HANDSHAKE_NS
 
     def peak_per_sm(self, dtype: str) -> float:
         """Dense tensor-core flop/ns of one SM."""
@@ -187,7 +198,7 @@ def device_hardware(index: int) -> Hardware:
     props = torch.cuda.get_device_properties(index)
     name = configs.gpu_slug(props.name)
     base = OFFLINE_GPUS.get(name.lower(), Hardware(name=name))
-    limits = persistent.SMLimits.of(torch.device("cuda", index))
+    limits = occupancy.SMLimits.of(torch.device("cuda", index))
     hardware = dataclasses.replace(base, name=name, target=f"sm_{props.major}{props.minor}", limits=limits)
     data = _calibration_for(name)
     return calibrated(hardware, data) if data else hardware
@@ -239,14 +250,14 @@ def candidate_configs(layout: str, hidden: int, dtype: str, allow_tf32: bool = T
 
 
 def _cluster_configs(hidden: int, dtype: str, allow_tf32: bool) -> list:
-    """The cluster form's configs: kernels.cluster's default first, then the persistent candidates
+    """The cluster form's configs: the layout's default first, then the persistent candidates
     (the same kernel) whose cluster size (H / BLOCK_N CTAs) a launch may ask for, where the form fits."""
     torch_dtype = getattr(torch, dtype)
-    space = [cluster.default_config(16, hidden, torch_dtype), *candidate_configs("persistent", hidden, dtype,
-                                                                                allow_tf32)]
+    space = [configs.default_config("cluster", 16, hidden, torch_dtype),
+             *candidate_configs("persistent", hidden, dtype, allow_tf32)]
     seen, out = set(), []
     for c in space:
-        if config_key(c) not in seen and cluster.fits(hidden, torch_dtype, allow_tf32, c):
+        if config_key(c) not in seen and configs.layout_fits("cluster", hidden, torch_dtype, allow_tf32, config=c):
             seen.add(config_key(c))
             out.append(c)
     return out
@@ -316,6 +327,10 @@ class Shape:
     direction: str = "forward"
     allow_tf32: bool = True
     directions: int = 1  # 2: both directions of a layer in one launch
+    cell: str = "tanh"  # kernels/cells.py (the Elman cell's step costs the same with either nonlinearity)
+
+
+dtype_name = configs.dtype_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,7 +398,7 @@ def _step(terms: dict, hw: Hardware, layout: str, waves: int = 1) -> tuple[float
 
 def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
     e, width, bb = ELEMENT[shape.dtype], configs.block_h(shape.hidden), config.kwargs["BLOCK_B"]
-    per_sm = persistent.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
+    per_sm = occupancy.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
     if per_sm < 1:
         return _unfit("sequence", config, "does not load: one program needs more than an SM holds", res)
     programs = triton.cdiv(shape.batch, bb)
@@ -405,9 +420,9 @@ def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
 
 def _persistent(shape: Shape, hw: Hardware, config, res) -> Candidate:
     bb, bn = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"]
-    per_sm = persistent.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
+    per_sm = occupancy.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
     try:
-        chosen = persistent.plan(shape.batch, shape.hidden, bb, bn, per_sm * hw.limits.sms, shape.directions)
+        chosen = occupancy.plan(shape.batch, shape.hidden, bb, bn, per_sm * hw.limits.sms, shape.directions)
     except ValueError as exc:
         return _unfit("persistent", config, str(exc), res)
     if T_COUNTER_LIMIT <= shape.seq_len * chosen.programs_per_group:
@@ -449,21 +464,21 @@ def _group_step(shape: Shape, hw: Hardware, config, res, per_sm: int, programs: 
     return terms
 
 
-T_COUNTER_LIMIT = persistent.GAVE_UP.value  # arrivals stay below the give-up bit (persistent.check_counters)
+T_COUNTER_LIMIT = GAVE_UP.value  # arrivals stay below the give-up bit (kernels.launch.check_counters)
 
 
 def _cluster(shape: Shape, hw: Hardware, config, res) -> Candidate:
     bb, bn = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"]
-    per_sm = persistent.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
-    size = cluster.size_of(shape.hidden, bn)
+    per_sm = occupancy.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
+    size = occupancy.cluster_size(shape.hidden, bn)
     # A cluster runs inside one GPC: the clusters resident at once are counted per GPC (sm_90's, assumed).
-    resident = cluster.SM90_GPCS * (cluster.SM90_SMS_PER_GPC * per_sm // size)
+    resident = occupancy.offline_resident_clusters(per_sm, size)
     try:
-        chosen = cluster.plan(shape.batch, shape.hidden, bb, bn, resident, shape.directions)
+        chosen = occupancy.plan(shape.batch, shape.hidden, bb, bn, resident * size, shape.directions, cluster=True)
     except ValueError as exc:  # ClusterUnavailable: a size Triton's launcher refuses, no resident cluster
         return _unfit("cluster", config, str(exc), res)
     # Clusters never wait for each other: more than are resident would run in waves (plan asks for none).
-    terms = _group_step(shape, hw, config, res, per_sm, chosen.programs, chosen.batch_tiles, chosen.clusters,
+    terms = _group_step(shape, hw, config, res, per_sm, chosen.programs, chosen.batch_tiles, chosen.groups,
                         hw.cluster_barrier())
     step, terms = _step(terms, hw, "cluster")
     return Candidate("cluster", configs.config_to_dict(config), True, step, terms,
@@ -501,23 +516,11 @@ def predict(shape: Shape, hw: Hardware, layout: str, config, res: dict = None) -
     return _LAYOUT_COST[layout](shape, hw, config, res)
 
 
-def _layout_allowed(layout: str, shape: Shape) -> bool:
-    dtype = getattr(torch, shape.dtype)
-    if layout == "sequence":
-        limit = max(configs.SEQUENCE_MAX_H[dtype.itemsize], configs.SEQUENCE_CANDIDATE_MAX_H.get(dtype.itemsize, 0))
-        return shape.hidden <= limit and configs.path_fits("sequence", shape.hidden, dtype, shape.allow_tf32)
-    if layout in ("persistent", "cluster"):  # the cluster form runs the persistent kernel's shapes
-        exact = (shape.dtype == "float32" and not shape.allow_tf32)
-        limit = configs.PERSISTENT_EXACT_FP32_MAX_H if exact else configs.PERSISTENT_MAX_H[dtype.itemsize]
-        return shape.hidden <= limit
-    return True
-
-
 def candidates(shape: Shape, hw: Hardware) -> list:
     """Every layout and config the model weighs for `shape`, fitting or not, fastest first."""
     out = []
     for layout in LAYOUTS:
-        if not _layout_allowed(layout, shape):
+        if not configs.layout_allowed(layout, shape.hidden, getattr(torch, shape.dtype), shape.allow_tf32):
             continue
         for config in candidate_configs(layout, shape.hidden, shape.dtype, shape.allow_tf32):
             candidate = predict(shape, hw, layout, config)

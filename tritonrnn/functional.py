@@ -10,50 +10,19 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, PackedSequence
 
 from tritonrnn import ops
-from tritonrnn.numerics import allow_tf32
+from tritonrnn.numerics import allow_tf32, autocast, check_same_dtype
 from tritonrnn import dispatch
-from tritonrnn.kernels import toolchain
 
 NONLINEARITIES = ("tanh", "relu")
 
-# Triton decides when a @triton.jit function is defined, i.e. when tritonrnn is imported, whether it
-# is interpreted: the kernels imported above follow TRITON_INTERPRET as it was then.
-_INTERPRETED_KERNELS = dispatch.interpreter_enabled()
-# Read once: the installed Triton and numpy do not change under a running process (nor under torch.compile's tracing).
-_INTERPRETER_PROBLEM = toolchain.interpreter_problem() if _INTERPRETED_KERNELS else ""
-INTERPRET_TOO_LATE = ("TRITON_INTERPRET=1 was set after tritonrnn was imported: set it before importing tritonrnn "
-                      "and triton (in a notebook: restart the kernel, set it first)")
+backend = dispatch.backend  # the package's public `tritonrnn.backend`
 
 
-def backend(device: torch.device) -> str:
-    """dispatch.backend, refusing TRITON_INTERPRET=1 set after import (the kernels were built for a GPU
-    then: Triton would fail with "0 active drivers") and an interpreter that cannot run with the
-    installed numpy (kernels.toolchain says which, and the fix)."""
-    which = dispatch.backend(device)
-    if which == "triton-interpreter":
-        if not _INTERPRETED_KERNELS:
-            raise RuntimeError(INTERPRET_TOO_LATE)
-        if _INTERPRETER_PROBLEM:
-            raise RuntimeError(_INTERPRETER_PROBLEM)
-    return which
-
-
-def _check_nonlinearity(nonlinearity: str) -> bool:
+def _check_nonlinearity(nonlinearity: str) -> str:
+    """The Elman cell of this nonlinearity (its name: tritonrnn.kernels.cells), with torch's error."""
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-    return nonlinearity == "relu"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    # torch's scalar type name in its messages: Float, Long, Int, BFloat16, ...
-    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
-
-
-def _check_same_dtype(tensor: Tensor, weight: Tensor) -> None:
-    # The message torch's matmul raises for the same mistake.
-    if tensor.dtype != weight.dtype:
-        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(tensor.dtype)} "
-                           f"and {_dtype_name(weight.dtype)}")
+    return nonlinearity
 
 
 def _check_cell_args(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> None:
@@ -64,8 +33,8 @@ def _check_cell_args(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor) -> N
         raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}")
     if hx.size(1) != w_hh.size(1):
         raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {w_hh.size(1)}")
-    _check_same_dtype(input, w_ih)
-    _check_same_dtype(hx, w_hh)
+    check_same_dtype(input, w_ih)
+    check_same_dtype(hx, w_hh)
 
 
 def _torch_runs(device: torch.device) -> bool:
@@ -81,16 +50,6 @@ def _torch_runs(device: torch.device) -> bool:
 
 def _devices(*tensors: Optional[Tensor]) -> list[torch.device]:
     return list(dict.fromkeys(t.device for t in tensors if t is not None))
-
-
-def _autocast(device_type: str, *tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
-    """Under torch.autocast, run in its dtype (weights cast differentiably), as torch's RNNs do;
-    like autocast, leave float64 alone."""
-    if not torch.is_autocast_enabled(device_type):
-        return list(tensors)
-    dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in tensors]
 
 
 def _check_lengths(lengths: Tensor, T: int, B: int) -> None:
@@ -125,7 +84,7 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     Returns:
         out [T, B, H] (every h_t) and h_n [B, H] (each row's state after its own last step).
     """
-    relu = _check_nonlinearity(nonlinearity)
+    cell = _check_nonlinearity(nonlinearity)
     if _torch_runs(x.device):
         raise RuntimeError(f"tritonrnn.functional.rnn_layer runs the Triton kernels: it needs CUDA tensors, or "
                            f"TRITON_INTERPRET=1 set before import to interpret them on the CPU; got {x.device}")
@@ -134,13 +93,14 @@ def rnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[
     if len(devices) > 1:
         raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
                            f"{devices[0]} and {devices[1]}!")
-    x, h0, w_ih, w_hh, b_ih, b_hh = _autocast(x.device.type, x, h0, w_ih, w_hh, b_ih, b_hh)
+    x, h0, w_ih, w_hh, b_ih, b_hh = autocast(x.device.type, x, h0, w_ih, w_hh, b_ih, b_hh)
     xw = _project(x, w_ih, b_ih, b_hh)
     T, B, H = xw.shape
     if lengths is not None:
         _check_lengths(lengths, T, B)
         lengths = lengths.to(device=x.device, dtype=torch.int32)
-    return ops.recurrence_any_transform(xw, h0, w_hh, lengths, reverse, relu, allow_tf32())
+    out, h_n = ops.recurrence_any_transform(xw[None], h0[None], w_hh[None], lengths, reverse, cell, allow_tf32())
+    return out[0], h_n[0]
 
 
 def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bool, num_layers: int,
@@ -158,19 +118,19 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
     Returns:
         output ([T, B, D * H], or packed data when batch_sizes is given) and h_n [L * D, B, H].
     """
-    relu = _check_nonlinearity(nonlinearity)
+    cell = _check_nonlinearity(nonlinearity)
     # Tensors on several devices: torch's own RNN raises torch.nn's error for them.
     if _torch_runs(input.device) or len(_devices(input, hx, *weights)) > 1:
-        fn = torch._VF.rnn_relu if relu else torch._VF.rnn_tanh
+        fn = torch._VF.rnn_relu if cell == "relu" else torch._VF.rnn_tanh
         if batch_sizes is None:
             return fn(input, hx, list(weights), bias, num_layers, dropout, training, bidirectional, batch_first)
         return fn(input, batch_sizes, hx, list(weights), bias, num_layers, dropout, training, bidirectional)
 
     if input.size(0 if batch_sizes is not None or not batch_first else 1) == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    input, hx, *weights = _autocast(input.device.type, input, hx, *weights)
-    _check_same_dtype(input, weights[0])
-    _check_same_dtype(hx, weights[1])
+    input, hx, *weights = autocast(input.device.type, input, hx, *weights)
+    check_same_dtype(input, weights[0])
+    check_same_dtype(hx, weights[1])
     lengths = None
     if batch_sizes is not None:
         x, lengths = pad_packed_sequence(PackedSequence(input, batch_sizes))
@@ -182,18 +142,8 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
     for layer in range(num_layers):
         layer_weights = [list(weights[index * per_layer:(index + 1) * per_layer]) + [None, None]
                          for index in range(layer * directions, (layer + 1) * directions)]
-        h0 = hx[layer * directions:(layer + 1) * directions]
-        # torch.func transforms take each direction through the op that has vmap rules.
-        if directions == 2 and not torch._C._are_functorch_transforms_active():
-            outputs, h = _bidirectional_layer(x, h0, layer_weights, relu, lengths)
-            h_n += list(h)
-        else:
-            outputs = []
-            for direction, w in enumerate(layer_weights):
-                out, h = rnn_layer(x, h0[direction], w[0], w[1], w[2], w[3], nonlinearity, lengths,
-                                   reverse=direction == 1)
-                outputs.append(out)
-                h_n.append(h)
+        outputs, h = _layer(x, hx[layer * directions:(layer + 1) * directions], layer_weights, cell, lengths)
+        h_n += list(h)
         x = torch.cat(list(outputs), dim=-1) if directions == 2 else outputs[0]
         if dropout > 0 and training and layer < num_layers - 1:
             x = F.dropout(x, p=dropout, training=True)
@@ -204,20 +154,20 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Optional[Tensor]], bias: bo
     return output, torch.stack(h_n)
 
 
-def _bidirectional_layer(x: Tensor, h0: Tensor, weights: list, relu: bool,
-                         lengths: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Both directions of one layer through one op (one launch for both on the persistent path).
+def _layer(x: Tensor, h0: Tensor, weights: list, cell: str, lengths: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Every direction of one layer through one op call (both in one launch on the persistent kernel's
+    layouts).
 
     Args:
-        x: [T, B, I]. h0: [2, B, H]. weights: per direction [w_ih, w_hh, b_ih, b_hh] (biases may be None).
+        x: [T, B, I]. h0: [D, B, H]. weights: per direction [w_ih, w_hh, b_ih, b_hh] (biases may be None).
     Returns:
-        out [2, T, B, H] (forward direction first) and h_n [2, B, H].
+        out [D, T, B, H] (forward direction first) and h_n [D, B, H].
     """
     xw = torch.stack([_project(x, w[0], w[2], w[3]) for w in weights])
     w_hh = torch.stack([w[1] for w in weights])
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int32)
-    return ops.bidirectional_recurrence(xw, h0, w_hh, lengths, relu, allow_tf32())
+    return ops.recurrence_any_transform(xw, h0, w_hh, lengths, False, cell, allow_tf32())
 
 
 def rnn_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
@@ -229,12 +179,12 @@ def rnn_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Option
     Returns:
         h' [B, H], from one launch of the step kernel.
     """
-    relu = _check_nonlinearity(nonlinearity)
+    cell = _check_nonlinearity(nonlinearity)
     # Tensors on several devices: torch's own cell raises torch.nn's error for them.
     if _torch_runs(input.device) or len(_devices(input, hx, w_ih, w_hh, b_ih, b_hh)) > 1:
-        fn = torch._VF.rnn_relu_cell if relu else torch._VF.rnn_tanh_cell
+        fn = torch._VF.rnn_relu_cell if cell == "relu" else torch._VF.rnn_tanh_cell
         return fn(input, hx, w_ih, w_hh, b_ih, b_hh)
-    input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input.device.type, input, hx, w_ih, w_hh, b_ih, b_hh)
+    input, hx, w_ih, w_hh, b_ih, b_hh = autocast(input.device.type, input, hx, w_ih, w_hh, b_ih, b_hh)
     _check_cell_args(input, hx, w_ih, w_hh)
     out, _ = rnn_layer(input.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
     return out[0]

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tritonrnn.functional import _autocast, _dtype_name, backend
+from tritonrnn.dispatch import backend
 from tritonrnn.kernels import output
-from tritonrnn.numerics import quiet_interpreter
+from tritonrnn.numerics import autocast, quiet_interpreter, torch_type_name
 
 REDUCTIONS = ("mean", "sum", "none")
 MIN_CHUNK_ROWS = 256
@@ -193,7 +193,7 @@ def _check_args(h: Tensor, target: Tensor, reduction: str, label_smoothing: floa
     if target.dim() > 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}")
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {torch_type_name(target.dtype)}")
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int = -100,
@@ -227,7 +227,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor], targ
         raise ValueError(f"linear_cross_entropy takes h of shape [N, H] (or [H]), got {tuple(h.shape)}: flatten "
                          f"time and batch first (h.reshape(-1, H), target.reshape(-1))")
     autocast = torch.is_autocast_enabled(h.device.type)
-    h, weight, bias = _autocast(h.device.type, h, weight, bias)
+    h, weight, bias = autocast(h.device.type, h, weight, bias)
     if not _fused_takes(h, weight, bias, target):
         return F.cross_entropy(F.linear(h, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)

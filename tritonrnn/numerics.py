@@ -1,4 +1,5 @@
-"""The layers' numerics settings, read at call time (below dispatch and functional: both import it)."""
+"""The layers' numerics: the settings read at call time, autocast, dtype checks with torch's messages (below
+dispatch, functional and loss: they import it)."""
 import functools
 
 import numpy
@@ -27,3 +28,25 @@ def quiet_interpreter(fn):
             return fn(*args, **kwargs)
 
     return quiet
+
+
+def autocast(device_type: str, *tensors):
+    """Under torch.autocast, run in its dtype (weights cast differentiably), as torch's RNNs do;
+    like autocast, leave float64 alone."""
+    if not torch.is_autocast_enabled(device_type):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
+
+
+def torch_type_name(dtype: torch.dtype) -> str:
+    """torch's scalar type name, as its error messages write it: Float, Long, Int, BFloat16, ..."""
+    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+
+
+def check_same_dtype(tensor: torch.Tensor, weight: torch.Tensor) -> None:
+    """The error torch's matmul raises for operands of different dtypes."""
+    if tensor.dtype != weight.dtype:
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {torch_type_name(tensor.dtype)} "
+                           f"and {torch_type_name(weight.dtype)}")

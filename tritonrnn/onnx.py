@@ -34,42 +34,36 @@ except ImportError:  # older torch: no translation, the exporter names the op it
     _onnx_ops = None
 
 
-def _rnn(x: Tensor, w: Tensor, w_hh: Tensor, lengths: Optional[Tensor], h0: Tensor, relu: bool,
+def _rnn(x: Tensor, w: Tensor, w_hh: Tensor, lengths: Optional[Tensor], h0: Tensor, cell: str,
          direction: str) -> tuple[Tensor, Tensor]:
     """One ONNX RNN node (layout 0). x [T, B, I], w [D, H, I], w_hh [D, H, H], h0 [D, B, H];
     returns Y [T, D, B, H] and Y_h [D, B, H]."""
     T, B, _ = x.shape
     D, H, _ = w_hh.shape
-    attributes = {"activations": ["Relu" if relu else "Tanh"] * D, "direction": direction, "hidden_size": H}
+    attributes = {"activations": [cell.capitalize()] * D, "direction": direction, "hidden_size": H}
     # The fourth input, B (biases), is absent: they are folded into xw already.
     y, y_h = _onnx_ops.symbolic_multi_out("RNN", [x, w, w_hh, None, lengths, h0], attributes,
                                           dtypes=[x.dtype, x.dtype], shapes=[[T, D, B, H], [D, B, H]])
     return y, y_h
 
 
-def _identity(H: int, like: Tensor) -> Tensor:
-    return torch.eye(H, dtype=like.dtype, device=like.device)
-
-
-def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool, relu: bool,
+def recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool, cell: str,
                allow_tf32: bool) -> tuple[Tensor, Tensor]:
-    """tritonrnn::recurrence as one ONNX RNN node, direction 'forward' or 'reverse'."""
-    H = w_hh.shape[0]
-    y, y_h = _rnn(xw, _identity(H, xw)[None], w_hh[None], lengths, h0[None], relu,
-                  "reverse" if reverse else "forward")
-    return y[:, 0], y_h[0]
-
-
-def bidirectional_recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], relu: bool,
-                             allow_tf32: bool) -> tuple[Tensor, Tensor]:
-    """tritonrnn::bidirectional_recurrence as one ONNX RNN node, direction 'bidirectional'.
+    """tritonrnn::recurrence as one ONNX RNN node: direction 'forward' or 'reverse' for one direction,
+    'bidirectional' for two.
 
     ONNX's bidirectional RNN reads one X for both directions, where the op has one projected input a
     direction: X is both side by side [T, B, 2H], and each direction's W picks its half."""
-    H = w_hh.shape[-1]
-    eye, zero = _identity(H, xw), xw.new_zeros(H, H)
+    D, _, _, H = xw.shape
+    eye = torch.eye(H, dtype=xw.dtype, device=xw.device)
+    if D == 1:
+        y, y_h = _rnn(xw[0], eye[None], w_hh, lengths, h0, cell, "reverse" if reverse else "forward")
+        return y.transpose(0, 1), y_h
+    if reverse:
+        raise ValueError("ONNX's bidirectional RNN runs direction 0 forward in time, as the layers do")
+    zero = xw.new_zeros(H, H)
     w = torch.stack([torch.cat([eye, zero], 1), torch.cat([zero, eye], 1)])  # [2, H, 2H]
-    y, y_h = _rnn(torch.cat([xw[0], xw[1]], -1), w, w_hh, lengths, h0, relu, "bidirectional")
+    y, y_h = _rnn(torch.cat([xw[0], xw[1]], -1), w, w_hh, lengths, h0, cell, "bidirectional")
     return y.transpose(0, 1), y_h
 
 
@@ -91,12 +85,11 @@ def _only_under_onnx_export(translation):
 
 
 # The ops this module gives a decomposition (in torch._decomp's table, which inductor reads too).
-DECOMPOSED = (torch.ops.tritonrnn.recurrence.default, torch.ops.tritonrnn.bidirectional_recurrence.default)
+DECOMPOSED = (torch.ops.tritonrnn.recurrence.default,)
 if _onnx_ops is not None:
     from torch._decomp import register_decomposition
 
-    for _op, _translation in zip(DECOMPOSED, (recurrence, bidirectional_recurrence), strict=True):
-        register_decomposition(_op)(_only_under_onnx_export(_translation))
+    register_decomposition(DECOMPOSED[0])(_only_under_onnx_export(recurrence))
 else:
     DECOMPOSED = ()
 

@@ -260,7 +260,7 @@ def _recompute(module, activations: list) -> tuple[list[_Terms], Optional[Tensor
     H = module.hidden_size
     if hx is None:
         hx = x.new_zeros(layers * directions, B, H)
-    relu = module.nonlinearity == "relu"
+    cell = module.nonlinearity  # the Elman cell's name (tritonrnn.kernels.cells)
     weights = [[w.detach() for w in params] for params in _weights(module)]
 
     terms, xws, layer_input = [], [], x
@@ -275,11 +275,8 @@ def _recompute(module, activations: list) -> tuple[list[_Terms], Optional[Tensor
                     xw.requires_grad_()
                 h0 = hx[layer * directions + direction]
                 reverse = direction == 1
-                out, h = _recurrence(xw, h0, w[1], lengths, reverse, relu)
-                # The state each step read: the neighbouring output in walk order, h0 at a row's first step.
-                h_prev = torch.cat([out[1:], torch.zeros_like(h0[None])] if reverse else [h0[None], out[:-1]])
-                first, _ = ops._walk_ends(lengths, T, B, reverse, x.device)
-                h_prev = h_prev.index_put((first, torch.arange(B, device=x.device)), h0)
+                out, h = _recurrence(xw, h0, w[1], lengths, reverse, cell)
+                h_prev = ops.previous_states(out, h0, lengths, reverse)
                 terms.append(_Terms(layer_input.detach(), h_prev.detach(), None))
                 xws.append(xw)
                 outputs.append(out)
@@ -299,13 +296,14 @@ def _recompute(module, activations: list) -> tuple[list[_Terms], Optional[Tensor
 
 
 def _recurrence(xw: Tensor, h0: Tensor, w_hh: Tensor, lengths: Optional[Tensor], reverse: bool,
-                relu: bool) -> tuple[Tensor, Tensor]:
+                cell: str) -> tuple[Tensor, Tensor]:
     """The recurrence op on the kernels; where the layers run torch's own RNN (a CPU without
     TRITON_INTERPRET), the plain-PyTorch reference, given an identity input weight (xw is projected)."""
     if functional.backend(xw.device) != "torch":
-        return ops.recurrence(xw, h0, w_hh, lengths, reverse, relu, allow_tf32())
+        out, h_n = ops.recurrence(xw[None], h0[None], w_hh[None], lengths, reverse, cell, allow_tf32())
+        return out[0], h_n[0]
     identity = torch.eye(xw.shape[-1], dtype=xw.dtype, device=xw.device)
-    return reference.forward(xw, h0, identity, w_hh, nonlinearity="relu" if relu else "tanh", lengths=lengths,
+    return reference.forward(xw, h0, identity, w_hh, nonlinearity=cell, lengths=lengths,
                              reverse=reverse)
 
 

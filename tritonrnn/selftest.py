@@ -5,7 +5,7 @@ and always trusted) for a dtype on a device, `usable` runs it once at a few smal
 backward (one and both directions for the persistent kernel's layouts), its outputs poisoned with
 NaN, against the stepwise path and a float64 reference, under a time limit. A layout that fails,
 exceeds the limit or is refused by the driver is unusable on that device: one warning names it and
-the reason, and the dispatcher (tritonrnn.dispatch.kernel_choice) takes its next layout.
+the reason, and the dispatcher (tritonrnn.dispatch.choose) takes its next layout.
 
 A device is its GPU name, compute capability, driver, CUDA, Triton, torch and tritonrnn versions and
 the kernels' sources (`device_key`). Verdicts are cached on disk per device, in
@@ -34,19 +34,18 @@ from pathlib import Path
 import torch
 import triton
 
-from tritonrnn import costmodel, kernels, reference
-from tritonrnn.kernels import cluster, persistent, recurrence
+from tritonrnn import kernels, reference
 from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import launch, occupancy
 
 GATED = ("sequence", "persistent", "cluster")  # stepwise is the reference: always trusted
-GROUPED = ("persistent", "cluster")  # the persistent kernel's layouts: both directions in one launch too
 SCHEMA = 1
 # The GPU work of one layout's checks, counted once its launches have returned (compilation is done
 # by then): small shapes take milliseconds, so a layout past this limit hangs.
 TIME_LIMIT_S = 10.0
 # Under the interpreter a layout's checks run on the host: the limit covers all of them.
 INTERPRETED_TIME_LIMIT_S = 120.0
-# The persistent kernel's own wait limit during its checks (kernels.persistent.WAIT_TIMEOUT_S otherwise).
+# The persistent kernel's own wait limit during its checks (kernels.launch.WAIT_TIMEOUT_S otherwise).
 WAIT_LIMIT_S = 2.0
 # The checks (T, B, H, lengths, both directions): the persistent kernel's layouts at H > BLOCK_N (several
 # programs or CTAs a group meet at the barrier: clusters of 4, and of 8 and 16 where the dtype makes them
@@ -80,7 +79,7 @@ def enabled(device: torch.device) -> bool:
 
 def variant(dtype: torch.dtype, allow_tf32: bool) -> str:
     """The dtype a layout serves, as its verdict is keyed: 'float32/tf32' where fp32 multiplies in TF32."""
-    name = str(dtype).removeprefix("torch.")
+    name = configs.dtype_name(dtype)
     return name + "/tf32" if dtype == torch.float32 and allow_tf32 else name
 
 
@@ -91,7 +90,7 @@ def _driver() -> str:
         return next((word for word in first.split() if word[:1].isdigit() and "." in word), first)
     except (OSError, IndexError):
         version = ctypes.c_int()
-        if persistent._libcuda().cuDriverGetVersion(ctypes.byref(version)) != 0:
+        if occupancy.libcuda().cuDriverGetVersion(ctypes.byref(version)) != 0:
             return "unknown"
         return f"CUDA {version.value // 1000}.{version.value % 1000 // 10} driver"
 
@@ -250,20 +249,17 @@ def _verdict(status: str, reason: str, seconds: float) -> dict:
 
 def cases(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> list:
     """The (T, B, H, lengths, both directions) checks of `layout` in `dtype` on `device`: the shapes
-    the dispatcher could give it (costmodel's rules; the cluster's sizes where kernels.cluster fits)
-    whose config loads on this device (its shared memory)."""
+    the dispatcher could give it (kernels.config's size rules and cluster sizes) whose config loads on
+    this device (its shared memory)."""
     # Clusters of several CTAs (the GPU's shapes) also elsewhere, which check() says refuses them.
     kind = "cuda" if device.type == "cuda" or layout == "cluster" else "cpu"
     table = CASES[kind]["sequence" if layout == "sequence" else "grouped"]
-    name = str(dtype).removeprefix("torch.")
     out = []
     for case in table:
-        shape = costmodel.Shape(case[0], case[1], case[2], name, allow_tf32=allow_tf32)
-        kernel = "persistent" if layout == "cluster" else layout  # a cluster's CTA is a persistent program
-        loads = configs.config_fits(kernel, _config(layout, case[1], case[2], dtype), case[2], dtype, allow_tf32,
+        loads = configs.config_fits(layout, _config(layout, case[1], case[2], dtype), case[2], dtype, allow_tf32,
                                     configs.shared_memory_budget(device))
-        if loads and costmodel._layout_allowed(layout, shape) and (
-                layout != "cluster" or cluster.fits(case[2], dtype, allow_tf32)):
+        if loads and configs.layout_allowed(layout, case[2], dtype, allow_tf32) and (
+                layout != "cluster" or configs.layout_fits("cluster", case[2], dtype, allow_tf32)):
             out.append(case)
     return out
 
@@ -296,24 +292,14 @@ def _references(p: dict, directions: int) -> tuple:
 
 def _run(layout: str, p: dict, ref_out: torch.Tensor, directions: int, dtype: torch.dtype, device: torch.device,
          allow_tf32: bool) -> tuple:
-    """One check's launches on `layout` (the stepwise path: one direction at a time): out, h_n, dz."""
+    """One check's launches on `layout` (both directions stacked where there are two): out, h_n, dz."""
     cast = {k: None if v is None else v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
             for k, v in p.items()}
-    out_in = ref_out.to(device=device, dtype=dtype)
     B, H = cast["h0"].shape[-2:]
-    options = dict(lengths=cast["lengths"], allow_tf32=allow_tf32, config=_config(layout, B, H, dtype))
-    if directions > 1 and layout in GROUPED:
-        out, h_n = kernels.bidirectional_forward(cast["xw"], cast["h0"], cast["w_hh"], path=layout, **options)
-        dz = kernels.bidirectional_backward(cast["grad"], out_in, cast["w_hh"], path=layout, **options)
-        return out, h_n, dz
-    results = []
-    for d in range(directions):
-        xw, h0, w_hh, grad = (_of(cast[k], d, directions) for k in ("xw", "h0", "w_hh", "grad"))
-        out, h_n = kernels.recurrence_forward(xw, h0, w_hh, path=layout, reverse=d == 1, **options)
-        dz = kernels.recurrence_backward(grad, _of(out_in, d, directions), w_hh, path=layout, reverse=d == 1,
-                                         **options)
-        results.append((out, h_n, dz))
-    return _stacked(results)
+    options = dict(lengths=cast["lengths"], allow_tf32=allow_tf32, config=_config(layout, B, H, dtype), layout=layout)
+    out, h_n = kernels.recurrence_forward(cast["xw"], cast["h0"], cast["w_hh"], **options)
+    dz = kernels.recurrence_backward(cast["grad"], ref_out.to(device=device, dtype=dtype), cast["w_hh"], **options)
+    return out, h_n, dz
 
 
 def _of(tensor: torch.Tensor, direction: int, directions: int) -> torch.Tensor:
@@ -328,8 +314,6 @@ def _stacked(results: list) -> tuple:
 
 def _config(layout: str, batch: int, hidden: int, dtype: torch.dtype):
     """The launcher's default config (never Triton's autotuner: it would time every config first)."""
-    if layout == "cluster":
-        return cluster.default_config(batch, hidden, dtype)
     return configs.default_config(layout, batch, hidden, dtype)
 
 
@@ -362,17 +346,17 @@ def check(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: boo
     todo = cases(layout, dtype, device, allow_tf32)
     if not todo:
         return _verdict("not run", "no check shape runs on this layout in this dtype", 0.0)
-    if layout == "cluster" and not any(cluster.cluster_fits(case[2], dtype, allow_tf32, device) for case in todo):
-        return _verdict("refused", f"no cluster launch runs on {device.type} here (kernels.cluster.cluster_fits: "
-                        f"a CUDA GPU of sm_90 or later)", 0.0)
+    refusal = launch.cluster_refusal(device) if layout == "cluster" else None
+    if refusal:
+        return _verdict("refused", f"no cluster launch runs on {device.type} here: {refusal}", 0.0)
     _write(device, name, {"status": "pending", "pid": os.getpid(), "host": socket.gethostname(),
                           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     start = time.perf_counter()
     try:
         verdict = _checked(layout, todo, dtype, device, allow_tf32, start)
-    except (cluster.ClusterUnavailable, persistent.LaunchRefused) as refusal:
+    except (occupancy.ClusterUnavailable, occupancy.LaunchRefused) as refusal:
         verdict = _verdict("refused", str(refusal), time.perf_counter() - start)
-    except (persistent.BarrierTimeout, _TimeLimit) as timeout:
+    except (occupancy.BarrierTimeout, _TimeLimit) as timeout:
         verdict = _verdict("timed out", str(timeout), time.perf_counter() - start)
     except SelfTestHang as hang:
         _write(device, name, _verdict("timed out", str(hang), time.perf_counter() - start))
@@ -399,7 +383,7 @@ def _checked(layout: str, todo: list, dtype: torch.dtype, device: torch.device, 
         checks.append((case, directions, p, _references(p, directions)))
     with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()), torch.no_grad():
         began = time.perf_counter()
-        with recurrence.checking(WAIT_LIMIT_S):
+        with launch.checking(WAIT_LIMIT_S):
             results = [_run(layout, p, refs[0], directions, dtype, device, allow_tf32)
                        for _, directions, p, refs in checks]
         _wait(layout, stream, began)  # the layout's kernels, before anything else runs behind them
