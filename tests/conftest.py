@@ -81,6 +81,22 @@ def force_layout(monkeypatch, layout: str, config=None) -> None:
     monkeypatch.setattr(dispatch, "choose", forced)
 
 
+@pytest.fixture
+def calibration_dir(tmp_path, monkeypatch):
+    """Calibration files read from tmp_path (none there unless a test writes one)."""
+    from tritonrnn import costmodel
+    monkeypatch.setattr(costmodel, "CALIBRATION_DIR", tmp_path)
+    costmodel._calibration_for.cache_clear()
+    yield tmp_path
+    costmodel._calibration_for.cache_clear()
+
+
+def calibration(constants, layout_scale=None) -> dict:
+    """A calibration document (kernels/calibration/README.md) with these constants."""
+    from tritonrnn import costmodel
+    return {"schema": costmodel.CALIBRATION_SCHEMA, "constants": constants, "layout_scale": layout_scale or {}}
+
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import triton
 
-from conftest import DEVICE, ON_GPU, assert_close
+from conftest import DEVICE, ON_GPU, assert_close, calibration
 from tritonrnn import cli, costmodel, dispatch, kernels, reference
 from tritonrnn.kernels import config as configs
 from tritonrnn.perf import calibrate, plan
@@ -26,17 +26,6 @@ def _shape(batch, hidden, dtype="bfloat16", direction="forward", seq_len=512):
     return costmodel.Shape(seq_len, batch, hidden, dtype, direction)
 
 
-@pytest.fixture
-def calibration_dir(tmp_path, monkeypatch):
-    """Calibration files read from tmp_path (none there unless a test writes one)."""
-    monkeypatch.setattr(costmodel, "CALIBRATION_DIR", tmp_path)
-    costmodel._calibration_for.cache_clear()
-    yield tmp_path
-    costmodel._calibration_for.cache_clear()
-
-
-def _calibration(constants, layout_scale=None) -> dict:
-    return {"schema": costmodel.CALIBRATION_SCHEMA, "constants": constants, "layout_scale": layout_scale or {}}
 
 
 def test_every_standard_cell_gets_a_layout_that_fits():
@@ -62,31 +51,6 @@ def test_a_layout_that_does_not_fit_is_never_chosen():
     res = costmodel.resources("sequence", "bfloat16", 256, "forward", config)
     spilling = costmodel.predict(shape, H100, "sequence", config, dict(res, stack_bytes=8))
     assert not spilling.fits and "spills" in spilling.why
-
-
-def test_a_calibration_file_changes_the_choice(calibration_dir):
-    """bf16 H=256 B=64 takes the sequence layout with the assumed 1 us barrier; a GPU measured at a
-    100 ns barrier and 50 ns L2 latency makes the persistent layout faster, read at run time by
-    dispatch (the interpreter plans for an H100)."""
-    args = (512, 256, torch.bfloat16, 64)
-    assert dispatch.kernel_path(*args) == "sequence"
-    (calibration_dir / "H100.json").write_text(json.dumps(_calibration({"barrier_ns": 100, "l2_latency_ns": 50})))
-    costmodel._calibration_for.cache_clear()
-    choice = dispatch.kernel_choice(*args)
-    assert choice["path"] == "persistent" and "calibrated on H100" in choice["source"]
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("TRITONRNN_CALIBRATION", "0")
-        costmodel._calibration_for.cache_clear()
-        assert dispatch.kernel_path(*args) == "sequence"
-
-
-def test_a_shipped_tuned_config_wins(monkeypatch):
-    entry = {"path": "stepwise", "config": configs.default_config("stepwise", 64, 256)}
-    monkeypatch.setattr(configs, "tuned", lambda *args: entry)
-    choice = dispatch.kernel_choice(512, 256, torch.bfloat16, 64)
-    assert choice["path"] == "stepwise" and choice["source"] == "shipped tuned config"
-    monkeypatch.setattr(configs, "tuned", lambda *args: None)
-    assert dispatch.kernel_choice(512, 256, torch.bfloat16, 64)["path"] == "sequence"
 
 
 def test_the_model_is_cached_per_shape_and_never_compiles(monkeypatch):
@@ -160,11 +124,11 @@ def test_sequence_path_at_h256_in_float16_matches_float64():
     lengths = torch.tensor([3, 2])
     assert dispatch.kernel_path(T, H, torch.float16, B) == "sequence"
     out, h_n = kernels.recurrence_forward(xw.half(), h0.half(), w.half(), lengths=lengths, reverse=True,
-                                          path="sequence")
+                                          layout="sequence")
     ref_out, ref_hn = reference.forward(xw, h0, torch.eye(H, dtype=torch.float64), w, lengths=lengths, reverse=True)
     assert_close(out, ref_out, torch.float16, "out")
     assert_close(h_n, ref_hn, torch.float16, "h_n")
-    dz = kernels.recurrence_backward(go.half(), ref_out.half(), w.half(), path="sequence")
+    dz = kernels.recurrence_backward(go.half(), ref_out.half(), w.half(), layout="sequence")
     ref_dz, _, _ = reference.recurrence_backward(ref_out.half().double(), h0, w, go, torch.zeros_like(h0))
     assert_close(dz, ref_dz, torch.float16, "dz")
 
@@ -343,7 +307,7 @@ def test_calibration_document_from_measured_numbers(calibration_dir):
         document["cells"])
     path.write_text(json.dumps({"schema": 1, "constants": {"warp_speed": 1}}))
     with pytest.raises(ValueError, match="unknown constants"):
-        costmodel.read_calibration(path)
+        costmodel.readcalibration(path)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the refusal without a GPU")
@@ -358,33 +322,6 @@ def test_calibration_barrier_measures_on_a_gpu():
     assert 0 < ns < 50_000
 
 
-# The chosen config reaches the launcher (CUDA); the interpreter keeps the launchers' defaults.
-
-def test_the_models_config_reaches_the_launcher_on_cuda(monkeypatch):
-    """On a (faked) CUDA device without clusters the op's launch arguments carry the cost model's
-    persistent config (bf16 H = 512: 32 columns, K in 4 chains, not the launcher's default 64), and
-    the persistent choice was checked with that config; under the interpreter the launcher's default."""
-    import types
-
-    from tritonrnn import ops
-    from tritonrnn.kernels import cluster
-
-    checked = []
-    monkeypatch.setattr(configs, "tuned", lambda *args: None)  # no shipped table for a fake GPU
-    monkeypatch.setattr(cluster, "cluster_fits", lambda *args, **kwargs: False)
-    monkeypatch.setattr(kernels.recurrence, "persistent_plan",
-                        lambda *args, config=None, **kwargs: checked.append(configs.config_to_dict(config)))
-    cuda = types.SimpleNamespace(shape=(512, 16, 512), dtype=torch.bfloat16, device=torch.device("cuda"))
-    choice = dispatch.kernel_choice(512, 512, torch.bfloat16, 16, torch.device("cuda"))
-    assert choice["path"] == "persistent" and choice["source"].startswith("cost model")
-    assert choice["config"] != configs.config_to_dict(configs.default_config("persistent", 16, 512, torch.bfloat16))
-    launch = ops._launch(cuda, "forward", True)
-    assert launch["path"] == "persistent" and configs.config_to_dict(launch["config"]) == choice["config"]
-    assert checked and checked[-1] == choice["config"]
-    cpu = types.SimpleNamespace(shape=(512, 16, 512), dtype=torch.bfloat16, device=torch.device("cpu"))
-    assert ops._launch(cpu, "forward", True) == {"path": "persistent"}  # the launcher's default config
-
-
 # The cluster layout (issue 17): the persistent kernel's groups as thread-block clusters.
 
 def test_cluster_layout_is_taken_where_predicted_fastest_and_it_fits(calibration_dir):
@@ -395,13 +332,13 @@ def test_cluster_layout_is_taken_where_predicted_fastest_and_it_fits(calibration
     shape = _shape(16, 512)
     chosen = costmodel.choose(shape, H100)
     assert chosen.layout == "cluster" and dict(chosen.terms)["barrier"] == H100.cluster_barrier() == 500
-    assert dict(chosen.plan)["size"] in (2, 3, 4, 5, 6, 7, 8, 16)
+    assert dict(chosen.plan)["programs_per_group"] in (2, 3, 4, 5, 6, 7, 8, 16) and dict(chosen.plan)["cluster"]
     same = costmodel.predict(shape, H100, "persistent", chosen.config)
     assert same.step_ns - chosen.step_ns == pytest.approx(H100.barrier_ns - H100.cluster_barrier())
     assert not [c for c in costmodel.candidates(_shape(16, 2048), H100) if c.layout == "cluster"]
     exact = costmodel.Shape(512, 16, 256, "float32", allow_tf32=False)
     assert not [c for c in costmodel.candidates(exact, H100) if c.layout == "cluster"]
-    (calibration_dir / "H100.json").write_text(json.dumps(_calibration({"cluster_barrier_ns": 2000})))
+    (calibration_dir / "H100.json").write_text(json.dumps(calibration({"cluster_barrier_ns": 2000})))
     costmodel._calibration_for.cache_clear()
     assert costmodel.choose(shape, costmodel.offline_hardware("h100")).layout == "persistent"
 
@@ -410,46 +347,10 @@ def test_unmeasured_cluster_barrier_costs_the_l2_latency_plus_a_handshake():
     """Until a GPU measured it, the cluster barrier is charged at least the L2 latency (the release waits
     for the CTA's stores to reach L2) plus the arrive/wait handshake: with the model's L2 latency, or a
     calibrated one; a measured barrier is charged as measured."""
-    from tritonrnn.kernels import cluster
-
-    assert H100.cluster_barrier() == H100.l2_latency_ns + cluster.ASSUMED_HANDSHAKE_NS == cluster.ASSUMED_BARRIER_NS
-    assert cluster.ASSUMED_HANDSHAKE_NS > 0 and cluster.cluster_plan(16, 512, torch.bfloat16)["barrier_ns"] == 500
+    handshake = costmodel.ASSUMED_CLUSTER_HANDSHAKE_NS
+    assert H100.cluster_barrier() == H100.l2_latency_ns + handshake == 500 and handshake > 0
     slow_l2 = dataclasses.replace(H100, l2_latency_ns=800.0)
-    assert slow_l2.cluster_barrier() == 800.0 + cluster.ASSUMED_HANDSHAKE_NS
+    assert slow_l2.cluster_barrier() == 800.0 + handshake
     chosen = costmodel.predict(_shape(16, 512), slow_l2, "cluster", costmodel.choose(_shape(16, 512), H100).config)
     assert dict(chosen.terms)["barrier"] == 1000.0
     assert dataclasses.replace(H100, cluster_barrier_ns=250.0).cluster_barrier() == 250.0
-
-
-def test_dispatch_takes_the_cluster_only_where_kernels_cluster_fits(monkeypatch):
-    """The interpreter never gets the cluster layout (one program at a time); a (faked) CUDA device
-    where kernels.cluster says it fits does, with the model's config passed to the launcher; where it
-    does not fit (before sm_90) the next layout, persistent."""
-    from tritonrnn.kernels import cluster
-
-    args = (512, 512, torch.bfloat16, 16)
-    assert dispatch.kernel_path(*args) == "persistent"
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(configs, "tuned", lambda *a: None)  # no shipped table for a fake GPU
-    monkeypatch.setattr(kernels.recurrence, "persistent_plan", lambda *a, **k: None)  # resident everywhere
-    monkeypatch.setattr(cluster, "cluster_fits", lambda *a, **k: True)
-    choice = dispatch.kernel_choice(*args, cuda)
-    assert choice["path"] == "cluster" and choice["predicted_us"] < 1.6
-    assert configs.config_to_dict(dispatch.launch_config("cluster", *args, cuda)) == choice["config"]
-    monkeypatch.setattr(cluster, "cluster_fits", lambda *a, **k: False)
-    assert dispatch.kernel_choice(*args, cuda)["path"] == "persistent"
-
-
-def test_a_cluster_choice_runs_both_directions_in_one_cluster_launch(monkeypatch):
-    """The bidirectional op hands the cluster path and its config to the one-launch launcher."""
-    from tritonrnn import ops
-
-    config = configs.default_config("persistent", 16, 32, torch.float64)
-    seen = []
-    monkeypatch.setattr(dispatch, "launch_choice", lambda *args: {"path": "cluster", "config": config})
-    monkeypatch.setattr(kernels, "bidirectional_forward",
-                        lambda xw, h0, w_hh, **kwargs: seen.append(kwargs) or (xw.clone(), h0.clone()))
-    xw, h0, w = torch.zeros(2, 3, 2, 32, dtype=torch.float64), torch.zeros(2, 2, 32, dtype=torch.float64), \
-        torch.zeros(2, 32, 32, dtype=torch.float64)
-    ops.bidirectional_recurrence(xw, h0, w, None, False, True)
-    assert seen and seen[0]["path"] == "cluster" and seen[0]["config"] is config
