@@ -761,13 +761,15 @@ def test_bench_device_under_the_interpreter(monkeypatch):
     interpreter would take hours on are refused before any work; without the interpreter nothing runs."""
     from tritonrnn.perf import UsageError
 
-    cases = grid.select(shapes=["T64-B16-H128", "T8-B2-H16-L2-bidir"])
+    cases = grid.select(shapes=["T64-B16-H128", "T32-B16-H64-L2-bidir"])  # each at the limit, 2 ** 17 states
     assert bench.device_for(cases, "custom").type == "cpu"
     assert bench.device_for(grid.smoke_grid(), "smoke").type == "cpu"
     with pytest.raises(UsageError, match="--grid quick under the interpreter"):
         bench.device_for(grid.quick_grid(), "quick")
-    with pytest.raises(UsageError, match=r"T64-B16-H128 x 2 layer\(s\) x 2 direction\(s\)"):
-        bench.device_for(grid.select(shapes=["T64-B16-H128-L2-bidir"]), "custom")
+    for shape, refused in (("T65-B16-H128", "T65-B16-H128 x 1 layer(s) x 1 direction(s)"),
+                           ("T33-B16-H64-L2-bidir", "T33-B16-H64 x 2 layer(s) x 2 direction(s)")):
+        with pytest.raises(UsageError, match=re.escape(refused)):
+            bench.device_for(grid.select(shapes=[shape]), "custom")
     monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: False)
     with pytest.raises(UsageError, match="needs a CUDA GPU"):
         bench.device_for(cases, "custom")
