@@ -222,7 +222,8 @@ CELLS = Columns(("dtype", "<9"), ("H", ">5"), ("B", ">4"), ("layout", "<10"), ("
 def table(document: dict) -> str:
     """Measured against predicted (defaults, then calibrated), one line per cell: the summary's table."""
     lines = [f"calibration of {document['gpu']}: barrier {document['measured']['barrier_ns']:.0f} ns (assumed "
-             f"{costmodel.Hardware().barrier_ns:.0f}), state round trip {document['measured']['round_trip_ns']:.0f} ns; "
+             f"{costmodel.Hardware().barrier_ns:.0f}), state round trip "
+             f"{document['measured']['round_trip_ns']:.0f} ns; "
              f"layout scale {json.dumps({k: round(v, 2) for k, v in document['layout_scale'].items()})}",
              CELLS.header()]
     for c in document["cells"]:

@@ -798,7 +798,8 @@ def test_results_sources_newest_of_each_kind_cpu_runs_skipped(tmp_path):
     assert grid_file == [tmp_path / "20260101T000000-H100-quick.json"]
     assert layer_file == [tmp_path / "output_layer-H100-20240101-000000.json"]
     assert skipped == [tmp_path / "20270101T000000-cpu-smoke.json"]
-    assert sources.skipped_text(skipped).startswith(f"skipped 1 CPU run(s), not measurements (the newest: {skipped[0]})")
+    assert sources.skipped_text(skipped).startswith(
+        f"skipped 1 CPU run(s), not measurements (the newest: {skipped[0]})")
     assert sources.newest([tmp_path], skip_cpu=False)[0] == [tmp_path / "20270101T000000-cpu-smoke.json"]
     assert sources.newest([tmp_path / "missing"], skip_cpu=True) == ([], [], [])
     assert sources.folders(tmp_path) == [tmp_path]
