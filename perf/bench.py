@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import sys
 import traceback
@@ -23,9 +24,10 @@ import triton
 
 import tritonrnn
 from tritonrnn.numerics import allow_tf32
-from . import RESULTS_DIR, measure
-from .grid import MODES, PROVIDERS
+from . import RESULTS_DIR, Outcome, UsageError, bench_output_dir, measure
+from .grid import MODES, PROVIDERS, select
 from .providers import DTYPES, Run, available, check_reference, compare, output_names
+from .table import Columns
 
 SCHEMA = 2  # 2: rel_error is norm-wise against float64; status unchecked; backend from the profiler
 ROW_FIELDS = (
@@ -46,6 +48,8 @@ OPTIONAL_TYPES = {"gpu": _TEXT, "sm_count": _INT, "driver": _TEXT, "torch": _TEX
                   "tuned_configs": _TEXT, "autotune": _FLAG, "backend": _TEXT, "error": _TEXT, "kernels": (list,),
                   **{f: _NUMBER for f in ("median_ms", "p20_ms", "p80_ms", "peak_memory_bytes", "rel_error",
                                           "floor_ms", "compute_ms", "memory_ms", "chain_ms", "flops")}}
+PROGRESS = Columns(("case", "<40"), ("mode", "<9"), ("provider", "<12"))  # a line on stderr per row measured
+INTERPRETER_MAX_STATES = 1 << 17  # T x B x H x layers x directions the interpreter benchmarks in about a minute
 _TYPE_NAMES = {_NUMBER: "a number", _INT: "an integer", _TEXT: "a string", _FLAG: "true or false",
                (list,): "a list of strings"}
 
@@ -175,7 +179,7 @@ def run_case(case, modes, providers, device, timer, env: dict, ceiling: dict) ->
                     row.update(status="error", error=_error(exc))
                     _check_device(exc, device, rows)
             time_text = f"{row['median_ms']:.3f} ms" if row.get("median_ms") is not None else row["status"]
-            _log(f"  {case.name:40s} {mode:9s} {provider:12s} {time_text}")
+            _log("  " + PROGRESS.line(case.name, mode, provider, time_text))
     del runs, float64
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -292,3 +296,52 @@ def load(paths) -> list:
         check_types(path, data["rows"], REQUIRED_TYPES, OPTIONAL_TYPES)
         rows += data["rows"]
     return rows
+
+
+def no_autotuning() -> None:
+    """Benchmarks measure the shipped tuned configs or the defaults: the autotuner would first
+    tune every shape (slow, and not what a timed call runs)."""
+    os.environ["TRITONRNN_AUTOTUNE"] = "0"
+
+
+def device_for(cases, grid_name: str) -> torch.device:
+    """The device to run `cases` (of the grid `grid_name`, "custom" for named shapes) on: the GPU, else the CPU
+    under the interpreter for cases it gets through in minutes; UsageError saying why there is none that makes
+    sense."""
+    from tritonrnn.dispatch import interpreter_enabled
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not interpreter_enabled():
+        raise UsageError("needs a CUDA GPU; without one, TRITON_INTERPRET=1 with --grid smoke checks the harness "
+                         "on the CPU (not a speed measurement)")
+    if grid_name not in ("custom", "smoke"):
+        raise UsageError(f"--grid {grid_name} under the interpreter (TRITON_INTERPRET=1) would take hours; use "
+                         "--grid smoke (or small --shapes) to check the harness on the CPU")
+    for case in cases:
+        states = case.seq_len * case.batch * case.hidden * case.layers * (1 + case.bidirectional)
+        if states > INTERPRETER_MAX_STATES:
+            raise UsageError(f"T{case.seq_len}-B{case.batch}-H{case.hidden} x {case.layers} layer(s) x "
+                             f"{1 + case.bidirectional} direction(s) under the interpreter would take hours; keep "
+                             f"T x B x H x layers x directions within {INTERPRETER_MAX_STATES} (e.g. T64-B16-H128)")
+    return torch.device("cpu")
+
+
+def command(grid_name: str = "standard", shapes=(), dtypes=None, modes=MODES, providers=PROVIDERS, out_dir=None,
+            command_line: str = "", profile: bool = True, autotune: bool = False) -> Outcome:
+    """`tritonrnn bench`: the cases of `grid_name` (or of `shapes`, a grid named "custom"), restricted to
+    `dtypes`, measured with the shipped or default configs (`autotune`: Triton's autotuner too) and written to
+    out_dir (default: bench_output_dir()); returns an Outcome: where the results went, not ok if a row was
+    wrong or failed or the run was cut short. UsageError for a bad shape or where the cases cannot run here."""
+    cases = select(grid_name, shapes, dtypes)
+    name = "custom" if shapes else grid_name
+    device = device_for(cases, name)
+    if not autotune:
+        no_autotuning()
+    results, path = run_to_file(cases, name, out_dir or bench_output_dir(), device=device, modes=modes,
+                                providers=providers, command=command_line, profile=profile)
+    failed = [r for r in results["rows"] if r["status"] in ("wrong", "error")]
+    errors = [f"stopped early: {results['stopped']}"] if results["stopped"] else []
+    return Outcome([f"results: {path} ({len(results['rows'])} rows, {len(failed)} wrong or failed"
+                    f"{'' if results['complete'] else ', interrupted'})"], errors,
+                   ok=not failed and results["complete"])

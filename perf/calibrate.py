@@ -34,6 +34,8 @@ import torch
 from tritonrnn import costmodel
 from tritonrnn.kernels import config as configs
 
+from .table import Columns
+
 HIDDENS = (256, 1024, 2048)
 BATCHES = (16, 64, 256)
 DTYPES = ("float32", "bfloat16")
@@ -213,16 +215,20 @@ def calibration_document(measured: dict, base: costmodel.Hardware = costmodel.Ha
             "cells": rows}
 
 
+CELLS = Columns(("dtype", "<9"), ("H", ">5"), ("B", ">4"), ("layout", "<10"), ("measured", ">9"),
+                ("predicted", ">9"), ("calibrated", ">10"), rest="(us a step)", gap="  ")
+
+
 def table(document: dict) -> str:
     """Measured against predicted (defaults, then calibrated), one line per cell: the summary's table."""
     lines = [f"calibration of {document['gpu']}: barrier {document['measured']['barrier_ns']:.0f} ns (assumed "
-             f"{costmodel.Hardware().barrier_ns:.0f}), state round trip {document['measured']['round_trip_ns']:.0f} ns; "
+             f"{costmodel.Hardware().barrier_ns:.0f}), state round trip "
+             f"{document['measured']['round_trip_ns']:.0f} ns; "
              f"layout scale {json.dumps({k: round(v, 2) for k, v in document['layout_scale'].items()})}",
-             f"{'dtype':9s} {'H':>5s} {'B':>4s} {'layout':10s} {'measured':>9s} {'predicted':>9s} {'calibrated':>10s}"
-             "  (us a step)"]
+             CELLS.header()]
     for c in document["cells"]:
-        lines.append(f"{c['dtype']:9s} {c['hidden']:5d} {c['batch']:4d} {c['layout']:10s} {c['measured_ns'] / 1e3:9.2f} "
-                     f"{c['predicted_default_ns'] / 1e3:9.2f} {c['predicted_calibrated_ns'] / 1e3:10.2f}")
+        lines.append(CELLS.line(c["dtype"], c["hidden"], c["batch"], c["layout"], *(
+            f"{c[field] / 1e3:.2f}" for field in ("measured_ns", "predicted_default_ns", "predicted_calibrated_ns"))))
     return "\n".join(lines)
 
 

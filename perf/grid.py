@@ -7,6 +7,8 @@ a 4-layer bidirectional case; a PackedSequence batch with lengths spread from T/
 import dataclasses
 import re
 
+from . import UsageError
+
 DTYPES = ("float32", "bfloat16", "float16")
 BATCHES = (1, 16, 64, 256)
 HIDDENS = (128, 256, 512, 1024, 2048)
@@ -76,15 +78,16 @@ _SHAPE = re.compile(r"^T(\d+)-B(\d+)-H(\d+)(?:-I(\d+))?(?:-L(\d+))?(-bidir)?(-pa
 
 
 def parse_shape(text: str, dtype: str) -> Case:
-    """'T512-B16-H256' (optionally -I<input> -L<layers> -bidir -packed) -> Case."""
+    """'T512-B16-H256' (optionally -I<input> -L<layers> -bidir -packed) -> Case; UsageError (a ValueError) for
+    text that is not a shape."""
     match = _SHAPE.match(text.strip())
     if not match:
-        raise ValueError(f"bad shape {text!r}: expected e.g. T512-B16-H256[-I128][-L2][-bidir][-packed]")
+        raise UsageError(f"bad shape {text!r}: expected e.g. T512-B16-H256[-I128][-L2][-bidir][-packed]")
     t, b, h, i, layers, bidir, packed = match.groups()
     if any(int(v) == 0 for v in (t, b, h, i, layers) if v is not None):
-        raise ValueError(f"bad shape {text!r}: T, B, H, I and L must be positive")
+        raise UsageError(f"bad shape {text!r}: T, B, H, I and L must be positive")
     if dtype not in DTYPES + ("float64",):
-        raise ValueError(f"unknown dtype {dtype!r}")
+        raise UsageError(f"unknown dtype {dtype!r}")
     return Case(dtype, int(b), int(h), seq_len=int(t), input_size=int(i or 0), layers=int(layers or 1),
                 bidirectional=bool(bidir), packed=bool(packed), group="custom")
 

@@ -24,7 +24,10 @@ import tritonrnn
 from tritonrnn.functional import linear_cross_entropy
 from . import measure
 from .providers import DTYPES
+from .table import Columns
 
+ROWS = (8192, 16384, 32768)  # the row counts T*B `bench --output-layer` measures by default
+INTERPRETER_MAX_LOGITS = 1 << 22  # rows x vocabulary the interpreter gets through in about a minute
 OUTPUT_PROVIDERS = ("torch", "tritonrnn")  # the first is the reference of max_rel_error
 KIND = "output-layer"  # results files say what they hold: `tritonrnn report` renders this kind in its own section
 REQUIRED_TYPES = {"case": (str,), "dtype": (str,), "provider": (str,), "status": (str,), "rows": (int,),
@@ -107,7 +110,7 @@ def training_step(provider: str, p: dict, chunk_size=None):
     return step
 
 
-def output_layer_rows(rows=(8192, 16384, 32768), vocab: int = 32768, hidden: int = 1024, dtype: str = "bfloat16",
+def output_layer_rows(rows=ROWS, vocab: int = 32768, hidden: int = 1024, dtype: str = "bfloat16",
                       device=None, timer=None, providers=OUTPUT_PROVIDERS) -> list:
     """One result row per (rows, provider): time of forward + backward, peak memory, the loss and
     the largest gradient error relative to torch's (same inputs). Failures (e.g. out of memory)
@@ -186,18 +189,50 @@ def load(paths) -> list:
     return rows
 
 
+def _number(value, spec: str, divisor: float = 1) -> str:
+    return "-" if value is None else format(value / divisor, spec)
+
+
+def step_table(results: list, label: str, width: int, mib: str) -> list:
+    """The lines of a table of timed training steps (this benchmark's, privacy's): case, the rows' field
+    `label` (`width` wide), median ms, peak MiB (format spec `mib`), loss, status."""
+    columns = Columns(("case", "<28"), (label, f"<{width}"), ("median ms", ">10"), ("peak MiB", ">10"),
+                      ("loss", ">8"), rest="status", gap="  ")
+    return [columns.header()] + [
+        columns.line(r["case"], r[label], _number(r.get("median_ms"), ".3f"),
+                     _number(r.get("peak_memory_bytes"), mib, 2 ** 20), _number(r.get("loss"), ".4f"),
+                     f"{r['status']}{': ' + r['error'] if r['error'] else ''}") for r in results]
+
+
 def format_rows(results: list) -> str:
     """A text table of output_layer_rows' results."""
-    lines = [f"{'case':28s} {'provider':10s} {'median ms':>10s} {'peak MiB':>10s} {'loss':>8s}  status"]
-    for r in results:
-        ms = f"{r['median_ms']:.3f}" if r.get("median_ms") is not None else "-"
-        mib = f"{r['peak_memory_bytes'] / 2 ** 20:.1f}" if r.get("peak_memory_bytes") is not None else "-"
-        loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
-        lines.append(f"{r['case']:28s} {r['provider']:10s} {ms:>10s} {mib:>10s} {loss:>8s}  "
-                     f"{r['status']}{': ' + r['error'] if r['error'] else ''}")
+    lines = step_table(results, "provider", 10, ".1f")
     if any(r["backend"] == "triton-interpreter" for r in results):
         lines.append("(CPU: tritonrnn ran in Triton's interpreter; its times are not a speed measurement)")
     return "\n".join(lines)
+
+
+def command(rows=(), vocab: int = 32768, hidden: int = 1024, dtypes=(), out_dir=None, command_line: str = ""):
+    """`tritonrnn bench --output-layer`: output_layer_rows at `rows` (default ROWS) for each of `dtypes` (default
+    bfloat16), written to out_dir (default: where bench writes); returns an Outcome: the table and where the
+    results went, not ok if a row failed. UsageError where it cannot run here (no GPU and no interpreter, or
+    sizes the interpreter would take hours on)."""
+    from tritonrnn.dispatch import interpreter_enabled
+    from . import Outcome, UsageError, bench_output_dir
+
+    rows = tuple(rows) or ROWS
+    if not torch.cuda.is_available():
+        if not interpreter_enabled():
+            raise UsageError("--output-layer needs a CUDA GPU; without one, TRITON_INTERPRET=1 with small sizes "
+                             "(e.g. --output-layer 256 --vocab 2048 --hidden 64) checks it on the CPU")
+        if max(rows) * vocab > INTERPRETER_MAX_LOGITS:
+            raise UsageError(f"{max(rows)} rows x {vocab} classes under the interpreter would take hours; "
+                             f"keep rows x vocabulary within {INTERPRETER_MAX_LOGITS}")
+    results, path = run_to_file(out_dir or bench_output_dir(), command_line, dtypes=tuple(dtypes) or ("bfloat16",),
+                                rows=rows, vocab=vocab, hidden=hidden)
+    failed = [r for r in results if r["status"] != "ok"]
+    return Outcome([format_rows(results), f"results: {path} ({len(results)} rows, {len(failed)} failed)"],
+                   ok=not failed)
 
 
 def compile_for_hopper() -> list:

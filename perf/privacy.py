@@ -25,7 +25,7 @@ from torch import nn
 
 import tritonrnn
 from . import measure
-from .output_layer import peak_memory
+from .output_layer import peak_memory, step_table
 from .providers import DTYPES
 
 MODES = ("non-private", "per-sample", "ghost")
@@ -117,13 +117,7 @@ def privacy_rows(batch: int = 64, hidden: int = 512, seq_len: int = 128, input_s
 
 def format_rows(results: list) -> str:
     """A text table of privacy_rows' results."""
-    lines = [f"{'case':28s} {'mode':12s} {'median ms':>10s} {'peak MiB':>10s} {'loss':>8s}  status"]
-    for r in results:
-        ms = f"{r['median_ms']:.3f}" if r.get("median_ms") is not None else "-"
-        mib = f"{r['peak_memory_bytes'] / 2 ** 20:.2f}" if r.get("peak_memory_bytes") is not None else "-"
-        loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
-        lines.append(f"{r['case']:28s} {r['mode']:12s} {ms:>10s} {mib:>10s} {loss:>8s}  "
-                     f"{r['status']}{': ' + r['error'] if r['error'] else ''}")
+    lines = step_table(results, "mode", 12, ".2f")
     if any(r["backend"] == "triton-interpreter" for r in results):
         lines.append("(CPU: the kernels ran in Triton's interpreter; times are not a speed measurement)")
     elif any(r["backend"] == "torch" for r in results):

@@ -10,7 +10,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .grid import BATCHES, DTYPES, HIDDENS, MODES, PROVIDERS
+from . import Outcome, UsageError, output_dir
+from .grid import BATCHES, DTYPES, HIDDENS, MODES, PROVIDERS, quick_grid
+from .table import Columns
 
 
 def _index(rows):
@@ -80,10 +82,13 @@ def caveat(rows):
     return None
 
 
+SUMMARY = Columns(("dtype", "<9"), ("mode", "<9"))  # a summary line: dtype, mode, then what was found
+
+
 def summary_text(line: dict) -> str:
     """One console line of the summary."""
-    text = (f"{line['dtype']:9s} {line['mode']:9s} {line['cells']} compared, {line['failed']} failed (tritonrnn), "
-            f"{line['cudnn_failed']} failed (cuDNN)")
+    text = SUMMARY.line(line["dtype"], line["mode"], f"{line['cells']} compared, {line['failed']} failed (tritonrnn), "
+                                                    f"{line['cudnn_failed']} failed (cuDNN)")
     if line["unchecked"]:
         text += f", {line['unchecked']} unchecked"
     if line["geomean"] is not None:
@@ -91,6 +96,61 @@ def summary_text(line: dict) -> str:
     if line["fallback"]:
         text += f"; in {line['fallback']} of them cuDNN fell back to torch-native"
     return text
+
+
+def console_summary(rows, layer_rows) -> list:
+    """The lines the command line shows under "rendered": what the rows are not (if not a GPU measurement), the
+    summary of grid rows, a line per output-layer case."""
+    notes = [caveat(rows) if rows else None, output_layer_caveat(layer_rows)]
+    return ([f"  {note.upper()}" for note in dict.fromkeys(n for n in notes if n)] +
+            [f"  {summary_text(line)}" for line in summary(rows)] +
+            [f"  {line}" for line in output_layer_summary(layer_rows)])
+
+
+def command(results=(), results_dir=None, out_dir=None, prediction: bool = False, measure_first: bool = True,
+            command_line: str = "") -> Outcome:
+    """`tritonrnn report`: render REPORT.md and its plots into out_dir (default: output_dir()) from the results
+    files `results`, else (with a GPU and measure_first) a quick bench run just made, else the newest results of
+    each kind in `results_dir` (default: sources.folders()); without any, or with `prediction`, the cost model's
+    prediction (PREDICTION.md). Returns an Outcome: what was rendered from what, and the summary. UsageError for
+    paths of the wrong kind, malformed files, or `prediction` with results."""
+    import torch
+
+    from . import bench, sources
+
+    sources.check_paths(results, results_dir)
+    if prediction:
+        if results or results_dir:
+            raise UsageError("--prediction renders the cost model's plan: no --results or --results-dir with it")
+        return Outcome([render_prediction(out_dir)])
+    dirs = sources.folders(results_dir)
+    skip_cpu = results_dir is None
+    files, lines = list(results), []
+    if not files and torch.cuda.is_available() and measure_first:
+        bench.no_autotuning()
+        _, path = bench.run_to_file(quick_grid(), "quick", output_dir("results"), command=command_line)
+        files = ([path] if path else []) + sources.newest(dirs, skip_cpu)[1]
+    if not files:
+        grid_file, layer_file, cpu = sources.newest(dirs, skip_cpu)
+        lines += [sources.skipped_text(cpu)] if cpu else []
+        files = grid_file + layer_file
+    if not files:
+        return Outcome(lines + [sources.none_found_text(dirs), render_prediction(out_dir)])
+    grid_files, rows, layer_files, layer_rows = sources.load(files)
+    path = render(rows, grid_files, out_dir or output_dir(), (layer_rows, layer_files))
+    lines.append(f"rendered {path} from {', '.join(str(s) for s in files)}")
+    return Outcome(lines + console_summary(rows, layer_rows))
+
+
+def render_prediction(out_dir=None) -> str:
+    """No measured results: render the cost model's offline plan for an H100 into out_dir (default:
+    output_dir()), titled as a prediction; returns the line that says so."""
+    from . import plan
+
+    rows = plan.grid_plan("h100")
+    path = plan.render_prediction(rows, out_dir or output_dir())
+    return (f"rendered {path}: a PREDICTION (cost model, H100, no GPU measured it); "
+            f"{plan.headline_text(plan.headline(rows))} of the standard grid")
 
 
 def _save(fig, path: Path, note=None) -> Path:

@@ -11,6 +11,7 @@ import datetime
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -19,11 +20,15 @@ from tritonrnn import kernels
 from tritonrnn.numerics import allow_tf32
 from tritonrnn.kernels import config as configs
 
+from . import Outcome, UsageError, in_checkout, measure
+from .grid import select
 from .providers import DTYPES, compare
+from .table import Columns
 
 MARGIN = 0.03  # a winner must be at least 3% faster than the default, beyond timing noise
 CONFIRM_ROUNDS = 5  # default and winner re-timed alternately, so drifts (clocks, heat) hit both
 TUNE_SEQ_LEN = 128
+RESULT = Columns(("key", "<32"))  # one line a tuned key: the key, then the verdict
 
 
 def candidates(hidden: int, batch: int, dtype: torch.dtype):
@@ -151,3 +156,28 @@ def tune(shapes, timer, device, command: str = "", directory=None, seq_len: int 
     path.write_text(json.dumps(table, indent=1, sort_keys=True))
     configs._tuned_table.cache_clear()
     return {"path": path, "results": results}
+
+
+def result_line(result: dict) -> str:
+    """One of tune_shape's results in a line: the default's time, the best candidate's, and whether it was written."""
+    best = result["best"]
+    if best is None:
+        return RESULT.line(result["key"], "no candidate ran")
+    return RESULT.line(result["key"], f"default {result['default_ms']:.3f} ms, best {best['time_ms']:.3f} ms "
+                                      f"{best['path']} {best['config']} -> "
+                                      f"{'written' if result['written'] else 'default kept'}")
+
+
+def command(grid_name: str = "standard", shapes=(), dtypes=None, out_dir=None, command_line: str = "") -> Outcome:
+    """`tritonrnn tune`: tune the (dtype, H, batch) shapes of `grid_name`'s cases (or of `shapes`) on this GPU,
+    writing <GPU>.json to out_dir (default: kernels/tuned/ from a checkout, where the launchers read it, else the
+    current directory); returns an Outcome: a line per key and where the file went. UsageError without a GPU or
+    for a bad shape."""
+    if not torch.cuda.is_available():
+        raise UsageError("needs a CUDA GPU (timings under the interpreter mean nothing)")
+    shapes = [(c.dtype, c.hidden, c.batch) for c in select(grid_name, shapes, dtypes)]
+    directory = out_dir or (configs.TUNED_DIR if in_checkout() else Path.cwd())
+    outcome = tune(shapes, measure.cuda_timer, torch.device("cuda"), command=command_line, directory=directory)
+    note = "" if outcome["path"].parent.resolve() == configs.TUNED_DIR.resolve() else \
+        f" (the launchers read {configs.TUNED_DIR}: copy it there to use it)"
+    return Outcome([result_line(r) for r in outcome["results"]] + [f"tuned configs: {outcome['path']}{note}"])

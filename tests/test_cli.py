@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ON_GPU
-from tritonrnn import cli, kernel_path
+from tritonrnn import cli, kernel_path, perf
 
 
 def test_info_reports_versions_backend_and_path(capsys):
@@ -298,13 +298,12 @@ def _command(*argv, interpret=True, cwd=None, timeout=120) -> subprocess.Complet
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's refusal; a GPU runs these shapes")
 def test_bench_under_the_interpreter_refuses_oversize_shapes(tmp_path):
     """One line and status 2 before any work, as --output-layer's refusal (T4096-B256-H2048 was killed by the
-    out-of-memory killer at 23.6 GB); a small shape stays accepted (checked without running it)."""
+    out-of-memory killer at 23.6 GB); test_perf's test_bench_device_under_the_interpreter checks that small
+    shapes stay accepted."""
     result = _command("bench", "--shapes", "T16-B16-H64", "T4096-B16-H64", "--out-dir", str(tmp_path))
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and "T4096-B16-H64" in result.stderr and "within" in result.stderr
     assert not list(tmp_path.iterdir())
-    cases = cli._cases(cli.build_parser().parse_args(["bench", "--shapes", "T64-B16-H128", "T8-B2-H16-L2-bidir"]))
-    assert cli._bench_device(cli.build_parser().parse_args(["bench", "--shapes", "x"]), cases).type == "cpu"
 
 
 @pytest.mark.skipif(ON_GPU, reason="a CPU (interpreter) smoke run")
@@ -319,7 +318,7 @@ def test_report_after_a_cpu_smoke_bench_renders_the_prediction(tmp_path, monkeyp
     assert result.returncode == 0, result.stderr[-2000:]
     assert "USDT" not in result.stdout + result.stderr  # torch's profiler's C++ lines, one pair a row
     (run,) = smoke.glob("*-smoke.json")
-    assert cli._bench_out_dir() == ROOT / "perf" / "smoke"  # this checkout's default for a CPU run
+    assert perf.bench_output_dir() == ROOT / "perf" / "smoke"  # this checkout's default for a CPU run
     work = _installed(monkeypatch, tmp_path)  # report's own folder holds the run (an installed copy's: its cwd)
     shutil.copy(run, work / run.name)
     assert cli.main(["report", "--no-bench"]) == 0

@@ -704,3 +704,128 @@ def test_prediction_plot_has_a_colour_bar_a_layout_legend_and_no_repeated_panels
     titles = [ax.get_title() for ax in fig.axes if ax.images]
     assert len(titles) == 6 and sum("backward" in t for t in titles) == 3
     plt.close(fig)
+
+
+# The commands' handlers (perf's `command` functions, which the CLI shows) and what they are made of.
+
+def test_columns_align_the_header_and_rows_alike():
+    from tritonrnn.perf.table import Columns
+
+    columns = Columns(("case", "<6"), ("ms", ">7"), rest="status", gap="  ")
+    assert columns.header() == "case        ms  status"
+    assert columns.line("a", "1.500", "ok") == "a        1.500  ok"
+    assert columns.line("toolongcase", 3) == "toolongcase       3"  # a long cell is kept whole; no free column
+    assert Columns(("key", "<4")).header() == "key "
+    with pytest.raises(ValueError, match="3 cells for 1 columns"):
+        Columns(("key", "<4")).line("a", "b", "c")
+
+
+def test_output_layer_and_privacy_tables_share_one_layout():
+    from tritonrnn.perf import output_layer, privacy
+
+    row = {"case": "output-N8-V4-H2", "provider": "tritonrnn", "mode": "ghost", "median_ms": 1.5,
+           "peak_memory_bytes": 3 * 2 ** 19, "loss": 2.0, "status": "ok", "error": None, "backend": "triton"}
+    failed = dict(row, median_ms=None, peak_memory_bytes=None, loss=None, status="error", error="RuntimeError: oom")
+    assert output_layer.format_rows([row, failed]).splitlines() == [
+        "case                         provider    median ms   peak MiB     loss  status",
+        "output-N8-V4-H2              tritonrnn       1.500        1.5   2.0000  ok",
+        "output-N8-V4-H2              tritonrnn           -          -        -  error: RuntimeError: oom"]
+    assert privacy.format_rows([row]).splitlines() == [
+        "case                         mode          median ms   peak MiB     loss  status",
+        "output-N8-V4-H2              ghost             1.500       1.50   2.0000  ok"]
+
+
+def test_tune_result_lines():
+    result = {"key": "float32-H256-B16-forward", "default_ms": 1.23456, "written": True,
+              "best": {"time_ms": 0.98765, "path": "persistent", "config": {"BLOCK_B": 16}}}
+    assert tune.result_line(result) == ("float32-H256-B16-forward         default 1.235 ms, best 0.988 ms "
+                                        "persistent {'BLOCK_B': 16} -> written")
+    assert tune.result_line(dict(result, written=False)).endswith("-> default kept")
+    assert tune.result_line(dict(result, best=None)) == "float32-H256-B16-forward         no candidate ran"
+
+
+def test_tune_command_needs_a_gpu_before_reading_its_shapes(monkeypatch):
+    from tritonrnn.perf import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
+        tune.command("standard", ["not-a-shape"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UsageError, match="bad shape 'not-a-shape'"):
+        tune.command("standard", ["not-a-shape"])
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's limits; a GPU runs every case")
+def test_bench_device_under_the_interpreter(monkeypatch):
+    """Small named shapes and the smoke grid run on the CPU under the interpreter; the big grids and shapes the
+    interpreter would take hours on are refused before any work; without the interpreter nothing runs."""
+    from tritonrnn.perf import UsageError
+
+    cases = grid.select(shapes=["T64-B16-H128", "T32-B16-H64-L2-bidir"])  # each at the limit, 2 ** 17 states
+    assert bench.device_for(cases, "custom").type == "cpu"
+    assert bench.device_for(grid.smoke_grid(), "smoke").type == "cpu"
+    with pytest.raises(UsageError, match="--grid quick under the interpreter"):
+        bench.device_for(grid.quick_grid(), "quick")
+    for shape, refused in (("T65-B16-H128", "T65-B16-H128 x 1 layer(s) x 1 direction(s)"),
+                           ("T33-B16-H64-L2-bidir", "T33-B16-H64 x 2 layer(s) x 2 direction(s)")):
+        with pytest.raises(UsageError, match=re.escape(refused)):
+            bench.device_for(grid.select(shapes=[shape]), "custom")
+    monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: False)
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
+        bench.device_for(cases, "custom")
+
+
+def test_results_sources_newest_of_each_kind_cpu_runs_skipped(tmp_path):
+    """The newest by the time stamp in the name (bench's 20260101T000000-..., the output layer's
+    ...-20260101-000000), whatever the files' ages on disk; CPU runs skipped only when asked to."""
+    from tritonrnn.perf import sources
+
+    gpu = json.loads(FIXTURE.read_text())
+    cpu = dict(gpu, rows=[dict(r, gpu="cpu (x86_64)") for r in gpu["rows"]])
+    layer = {"kind": "output-layer", "rows": [{"device": "NVIDIA H100"}]}
+    files = {"20250101T000000-H100-quick.json": gpu, "20260101T000000-H100-quick.json": gpu,
+             "20270101T000000-cpu-smoke.json": cpu, "output_layer-H100-20240101-000000.json": layer,
+             "output_layer-H100-20230101-000000.json": layer}
+    for name, data in reversed(files.items()):  # written newest name first: the names decide, not the times
+        (tmp_path / name).write_text(json.dumps(data))
+    (tmp_path / "notes.txt").write_text("not a results file")
+    assert sources.stamp(tmp_path / "output_layer-H100-20240101-000000.json") == \
+        ("20240101000000", "output_layer-H100-20240101-000000.json")
+    assert sources.is_cpu_run(tmp_path / "20270101T000000-cpu-smoke.json")
+    assert not sources.is_cpu_run(tmp_path / "20260101T000000-H100-quick.json")
+    assert not sources.is_cpu_run(tmp_path / "notes.txt")
+    grid_file, layer_file, skipped = sources.newest([tmp_path], skip_cpu=True)
+    assert grid_file == [tmp_path / "20260101T000000-H100-quick.json"]
+    assert layer_file == [tmp_path / "output_layer-H100-20240101-000000.json"]
+    assert skipped == [tmp_path / "20270101T000000-cpu-smoke.json"]
+    assert sources.skipped_text(skipped).startswith(
+        f"skipped 1 CPU run(s), not measurements (the newest: {skipped[0]})")
+    assert sources.newest([tmp_path], skip_cpu=False)[0] == [tmp_path / "20270101T000000-cpu-smoke.json"]
+    assert sources.newest([tmp_path / "missing"], skip_cpu=True) == ([], [], [])
+    assert sources.folders(tmp_path) == [tmp_path]
+
+
+def test_results_sources_refuse_paths_of_the_wrong_kind(tmp_path):
+    from tritonrnn.perf import UsageError, sources
+
+    sources.check_paths([FIXTURE], tmp_path)
+    sources.check_paths([FIXTURE], tmp_path / "missing")  # files given: a missing folder is not needed
+    for files, folder, message in (([tmp_path], None, "is a folder: --results takes files"),
+                                   ([tmp_path / "x.json"], None, "x.json does not exist"),
+                                   ((), FIXTURE, "is a file: --results-dir takes a folder"),
+                                   ((), tmp_path / "missing", "missing does not exist")):
+        with pytest.raises(UsageError, match=message):
+            sources.check_paths(files, folder)
+
+
+def test_report_command_returns_what_it_rendered(tmp_path):
+    outcome = report.command([FIXTURE], out_dir=tmp_path, measure_first=False)
+    assert outcome.ok and not outcome.errors
+    assert outcome.lines[:2] == [f"rendered {tmp_path / 'REPORT.md'} from {FIXTURE}",
+                                 "  SYNTHETIC ROWS (A TEST FIXTURE), NOT A MEASUREMENT"]
+    assert len(outcome.lines) == 2 + 4 and (tmp_path / "REPORT.md").exists()  # 2 dtypes x 2 modes
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    outcome = report.command(results_dir=empty, out_dir=tmp_path, measure_first=False)
+    assert outcome.lines[0].startswith(f"No results to render in {empty}.")
+    assert outcome.lines[1].startswith(f"rendered {tmp_path / 'PREDICTION.md'}: a PREDICTION")

@@ -1,8 +1,9 @@
 """The tritonrnn command line: info, selftest, bench, tune, report.
 
-Usage errors (bad arguments, missing or malformed files, no device to run on) print one line and
-exit with status 2; any other failure prints one line and exits with 1. `--debug` shows the
-traceback instead.
+It parses and shows: bench, tune and report are handled in tritonrnn.perf (each module's `command`, which
+takes plain arguments and returns what to print and whether all went well). Usage errors (bad arguments,
+missing or malformed files, no device to run on: UsageError, raised here or in perf) print one line and exit
+with status 2; any other failure prints one line and exits with 1. `--debug` shows the traceback instead.
 """
 import argparse
 import os
@@ -12,12 +13,10 @@ from pathlib import Path
 
 import torch
 
+from tritonrnn.perf import UsageError
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
-
-
-class UsageError(Exception):
-    """What the user asked for cannot run as asked: one line, exit status 2."""
 
 
 def _info_offline(args) -> int:
@@ -134,266 +133,43 @@ def _selftest(args) -> int:
     return 0
 
 
-def _no_autotuning() -> None:
-    """Benchmarks measure the shipped tuned configs or the defaults: the autotuner would first
-    tune every shape (slow, and not what a timed call runs)."""
-    os.environ["TRITONRNN_AUTOTUNE"] = "0"
-
-
 def _command(argv) -> str:
     return "tritonrnn " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
-def _cases(args):
-    from tritonrnn.perf import grid
-
-    try:
-        return grid.select(args.grid, args.shapes, args.dtypes)
-    except ValueError as exc:
-        raise UsageError(exc) from None
-
-
-def _bench_device(args, cases) -> torch.device:
-    """The device bench runs `cases` on, or a UsageError saying why there is none that makes sense."""
-    from tritonrnn.dispatch import interpreter_enabled
-
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not interpreter_enabled():
-        raise UsageError("needs a CUDA GPU; without one, TRITON_INTERPRET=1 with --grid smoke checks the harness "
-                         "on the CPU (not a speed measurement)")
-    if not args.shapes and args.grid != "smoke":
-        raise UsageError(f"--grid {args.grid} under the interpreter (TRITON_INTERPRET=1) would take hours; use "
-                         "--grid smoke (or small --shapes) to check the harness on the CPU")
-    for case in cases:
-        states = case.seq_len * case.batch * case.hidden * case.layers * (1 + case.bidirectional)
-        if states > INTERPRETER_MAX_STATES:
-            raise UsageError(f"T{case.seq_len}-B{case.batch}-H{case.hidden} x {case.layers} layer(s) x "
-                             f"{1 + case.bidirectional} direction(s) under the interpreter would take hours; keep "
-                             f"T x B x H x layers x directions within {INTERPRETER_MAX_STATES} (e.g. T64-B16-H128)")
-    return torch.device("cpu")
-
-
-INTERPRETER_MAX_STATES = 1 << 17  # T x B x H x layers x directions the interpreter benchmarks in about a minute
-
-
-OUTPUT_LAYER_ROWS = (8192, 16384, 32768)
-INTERPRETER_MAX_LOGITS = 1 << 22  # rows x vocabulary the interpreter gets through in about a minute
-
-
-def _bench_output_layer(args) -> int:
-    """The fused output layer against F.cross_entropy(F.linear(...)): time and peak memory."""
-    from tritonrnn.dispatch import interpreter_enabled
-    from tritonrnn.perf import output_layer
-
-    rows = args.output_layer or OUTPUT_LAYER_ROWS
-    if not torch.cuda.is_available():
-        if not interpreter_enabled():
-            raise UsageError("--output-layer needs a CUDA GPU; without one, TRITON_INTERPRET=1 with small sizes "
-                             "(e.g. --output-layer 256 --vocab 2048 --hidden 64) checks it on the CPU")
-        if max(rows) * args.vocab > INTERPRETER_MAX_LOGITS:
-            raise UsageError(f"{max(rows)} rows x {args.vocab} classes under the interpreter would take hours; "
-                             f"keep rows x vocabulary within {INTERPRETER_MAX_LOGITS}")
-    out_dir = args.out_dir or _bench_out_dir()
-    results, path = output_layer.run_to_file(out_dir, args.command_line, dtypes=args.dtypes or ("bfloat16",),
-                                             rows=rows, vocab=args.vocab, hidden=args.hidden)
-    print(output_layer.format_rows(results))
-    failed = [r for r in results if r["status"] != "ok"]
-    print(f"results: {path} ({len(results)} rows, {len(failed)} failed)")
-    return 1 if failed else 0
-
-
-def _bench_out_dir() -> Path:
-    """Where bench writes by default: perf/results/ (measured GPU results, committed) from a checkout on a GPU;
-    a CPU run (the interpreter: a check of the harness, not a measurement) goes to perf/smoke/, ignored by git;
-    an installed copy writes into the current directory."""
-    from tritonrnn.perf import output_dir
-
-    return output_dir("results" if torch.cuda.is_available() else "smoke")
+def _show(outcome) -> int:
+    """Print what a perf command returned (its errors first, on stderr); its exit status."""
+    for line in outcome.errors:
+        print(line, file=sys.stderr)
+    for line in outcome.lines:
+        print(line)
+    return 0 if outcome.ok else 1
 
 
 def _bench(args) -> int:
-    from tritonrnn.perf import bench
+    from tritonrnn.perf import bench, output_layer
 
     if args.output_layer is not None:
-        return _bench_output_layer(args)
-    cases = _cases(args)
-    device = _bench_device(args, cases)
-    if not args.autotune:
-        _no_autotuning()
-    out_dir = args.out_dir or _bench_out_dir()
-    results, path = bench.run_to_file(cases, "custom" if args.shapes else args.grid, out_dir, device=device,
-                                      modes=args.modes, providers=args.providers, command=args.command_line,
-                                      profile=not args.no_profile)
-    failed = [r for r in results["rows"] if r["status"] in ("wrong", "error")]
-    if results["stopped"]:
-        print(f"stopped early: {results['stopped']}", file=sys.stderr)
-    print(f"results: {path} ({len(results['rows'])} rows, {len(failed)} wrong or failed"
-          f"{'' if results['complete'] else ', interrupted'})")
-    return 1 if failed or not results["complete"] else 0
+        return _show(output_layer.command(args.output_layer, vocab=args.vocab, hidden=args.hidden,
+                                          dtypes=args.dtypes or (), out_dir=args.out_dir,
+                                          command_line=args.command_line))
+    return _show(bench.command(args.grid, args.shapes, args.dtypes, modes=args.modes, providers=args.providers,
+                               out_dir=args.out_dir, command_line=args.command_line, profile=not args.no_profile,
+                               autotune=args.autotune))
 
 
 def _tune(args) -> int:
-    from tritonrnn.kernels import config as configs
-    from tritonrnn.perf import in_checkout, measure, tune
+    from tritonrnn.perf import tune
 
-    if not torch.cuda.is_available():
-        raise UsageError("needs a CUDA GPU (timings under the interpreter mean nothing)")
-    shapes = [(c.dtype, c.hidden, c.batch) for c in _cases(args)]
-    directory = args.out_dir or (configs.TUNED_DIR if in_checkout() else Path.cwd())
-    outcome = tune.tune(shapes, measure.cuda_timer, torch.device("cuda"), command=args.command_line,
-                        directory=directory)
-    for r in outcome["results"]:
-        best = r["best"]
-        verdict = "written" if r["written"] else "default kept"
-        print(f"{r['key']:32s} default {r['default_ms']:.3f} ms, best "
-              f"{best['time_ms']:.3f} ms {best['path']} {best['config']} -> {verdict}" if best else
-              f"{r['key']:32s} no candidate ran")
-    note = "" if outcome["path"].parent.resolve() == configs.TUNED_DIR.resolve() else \
-        f" (the launchers read {configs.TUNED_DIR}: copy it there to use it)"
-    print(f"tuned configs: {outcome['path']}{note}")
-    return 0
-
-
-def _load_results(sources) -> list:
-    from tritonrnn.perf import bench
-
-    try:
-        return bench.load(sources)
-    except ValueError as exc:
-        raise UsageError(f"{exc}; pass a file that `tritonrnn bench` wrote") from None
-
-
-def _load_output_layer(sources) -> list:
-    from tritonrnn.perf import output_layer
-
-    try:
-        return output_layer.load(sources)
-    except ValueError as exc:
-        raise UsageError(f"{exc}; pass a file that `tritonrnn bench --output-layer` wrote") from None
-
-
-def _check_results_paths(args) -> None:
-    """--results takes files, --results-dir a folder: say which kind of path is wanted."""
-    for source in args.results:
-        if source.is_dir():
-            raise UsageError(f"results file {source} is a folder: --results takes files (a folder goes to "
-                             f"--results-dir)")
-        if not source.is_file():
-            raise UsageError(f"results file {source} does not exist")
-    folder = args.results_dir
-    if folder is not None and folder.exists() and not folder.is_dir():
-        raise UsageError(f"results directory {folder} is a file: --results-dir takes a folder (a file goes to "
-                         f"--results)")
-    if folder is not None and not args.results and not folder.is_dir():
-        raise UsageError(f"results directory {folder} does not exist")
-
-
-def _results_dirs(args) -> list:
-    """Where report looks for results: --results-dir, else where bench writes (the checkout's
-    perf/results/, or the current directory for an installed copy) and the package's own results."""
-    from tritonrnn.perf import RESULTS_DIR, output_dir
-
-    if args.results_dir is not None:
-        return [args.results_dir]
-    return list(dict.fromkeys([output_dir("results"), RESULTS_DIR]))
-
-
-def _stamp(path: Path) -> tuple:
-    """Sort key of a results file: the time stamp in its name (bench's and --output-layer's files
-    both carry one, at different places), then the name."""
-    import re
-
-    match = re.search(r"(\d{8})T?-?(\d{6})", path.name)
-    return ("".join(match.groups()) if match else "", path.name)
-
-
-def _cpu_run(path: Path) -> bool:
-    """Whether a results file is a CPU run (the interpreter's check of the harness, not a measurement)."""
-    import json
-
-    try:
-        rows = json.loads(path.read_text()).get("rows") or []
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return False
-    return any(isinstance(r, dict) and str(r.get("gpu") or r.get("device") or "").startswith("cpu") for r in rows)
-
-
-def _newest_results(dirs, skip_cpu: bool, quiet: bool = False) -> tuple[list, list]:
-    """([the newest grid results file], [the newest output-layer results file]) in these folders. With
-    skip_cpu (report's own folders, not an --results-dir asked for) CPU runs are skipped, with a note: they
-    are no report's source unless asked for."""
-    from tritonrnn.perf import output_layer
-
-    files = [p for d in dirs if d.is_dir() for p in d.glob("*.json")]
-    cpu = [p for p in files if skip_cpu and _cpu_run(p)]
-    if cpu and not quiet:
-        print(f"skipped {len(cpu)} CPU run(s), not measurements (the newest: {max(cpu, key=_stamp)}); "
-              f"--results FILE (or --results-dir DIR) renders one")
-    files = [p for p in files if p not in cpu]
-    layer = [p for p in files if output_layer.is_results_file(p)]
-    grid_files = [p for p in files if p not in layer]
-    return sorted(grid_files, key=_stamp)[-1:], sorted(layer, key=_stamp)[-1:]
-
-
-def _no_results(dirs) -> None:
-    from tritonrnn.perf import in_checkout, output_dir
-
-    device_check = " (or perf/device_check.sh)" if in_checkout() else ""
-    print(f"No results to render in {' or '.join(str(d) for d in dirs)}. Measure on a GPU with `tritonrnn bench`"
-          f"{device_check}, which writes to {output_dir('results')}, or pass --results FILE.")
-
-
-def _print_report_summary(rows: list, layer_rows: list) -> None:
-    from tritonrnn.perf import report
-
-    notes = [report.caveat(rows) if rows else None, report.output_layer_caveat(layer_rows)]
-    for note in dict.fromkeys(n for n in notes if n):
-        print(f"  {note.upper()}")
-    for line in report.summary(rows):
-        print(f"  {report.summary_text(line)}")
-    for line in report.output_layer_summary(layer_rows):
-        print(f"  {line}")
+    return _show(tune.command(args.grid, args.shapes, args.dtypes, out_dir=args.out_dir,
+                              command_line=args.command_line))
 
 
 def _report(args) -> int:
-    from tritonrnn.perf import bench, grid, output_dir, output_layer, report
+    from tritonrnn.perf import report
 
-    _check_results_paths(args)
-    if args.prediction:
-        if args.results or args.results_dir:
-            raise UsageError("--prediction renders the cost model's plan: no --results or --results-dir with it")
-        return _report_prediction(args)
-    dirs = _results_dirs(args)
-    sources = list(args.results)
-    if not sources and torch.cuda.is_available() and not args.no_bench:
-        _no_autotuning()
-        _, path = bench.run_to_file(grid.quick_grid(), "quick", output_dir("results"), command=args.command_line)
-        sources = ([path] if path else []) + _newest_results(dirs, args.results_dir is None, quiet=True)[1]
-    if not sources:
-        sources = [path for newest in _newest_results(dirs, args.results_dir is None) for path in newest]
-    if not sources:
-        _no_results(dirs)
-        return _report_prediction(args)
-    layer_files = [s for s in sources if output_layer.is_results_file(s)]
-    grid_files = [s for s in sources if s not in layer_files]
-    rows = _load_results(grid_files) if grid_files else []
-    layer_rows = _load_output_layer(layer_files) if layer_files else []
-    path = report.render(rows, grid_files, args.out_dir or output_dir(), (layer_rows, layer_files))
-    print(f"rendered {path} from {', '.join(str(s) for s in sources)}")
-    _print_report_summary(rows, layer_rows)
-    return 0
-
-
-def _report_prediction(args) -> int:
-    """No measured results: render the cost model's offline plan, titled as a prediction."""
-    from tritonrnn.perf import output_dir, plan
-
-    rows = plan.grid_plan("h100")
-    path = plan.render_prediction(rows, args.out_dir or output_dir())
-    print(f"rendered {path}: a PREDICTION (cost model, H100, no GPU measured it); "
-          f"{plan.headline_text(plan.headline(rows))} of the standard grid")
-    return 0
+    return _show(report.command(args.results, args.results_dir, out_dir=args.out_dir, prediction=args.prediction,
+                                measure_first=not args.no_bench, command_line=args.command_line))
 
 
 def _check_out_dir(path) -> None:
