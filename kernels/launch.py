@@ -486,11 +486,11 @@ def cluster_refusal(device: torch.device):
     """Why no cluster launch runs on `device` (None: one may be tried): a device that is not an sm_90+
     GPU, or a Triton whose launcher was not checked."""
     if device.type != "cuda":
-        return f"thread-block clusters run on CUDA GPUs, not on {device.type}"
+        return f"thread-block clusters run on CUDA GPUs of sm_90 or later, not on {device.type}"
     capability = torch.cuda.get_device_capability(device)
     if capability[0] < 9:
         return f"thread-block clusters need sm_90 or later; {device} is sm_{''.join(map(str, capability))}"
-    return toolchain.cluster_launch_refusal()
+    return toolchain.cluster_launch_refusal() or None
 
 
 def _launch_clusters_of(args: dict, device: torch.device, timeout_s: float) -> Plan:

@@ -8,7 +8,7 @@ launch and setup cancel):
   counter barrier the persistent path uses (release add, acquire poll);
 - the state round trip: the same, each step also reading the whole state the others wrote (.cg,
   from L2) and writing its slice: minus the barrier, the dependent L2 latency;
-- the cluster barrier (sm_90+): empty steps of one 16-CTA cluster (kernels.cluster.probe_barrier);
+- the cluster barrier (sm_90+): empty steps of one 16-CTA cluster (kernels.launch.probe_barrier);
 - one step of each layout the model weighs (the launchers' configs) at H = 256/1024/2048 x
   B = 16/64/256 in float32 (TF32) and bfloat16, and cuDNN's (torch.nn.RNN) at the same cells.
 
@@ -94,11 +94,11 @@ def measure_barrier(device, round_trip: bool, hidden: int = 1024) -> float:
 
 
 def measure_cluster_barrier(device) -> float:
-    """ns a step of empty steps at the hardware cluster barrier (kernels.cluster.probe_barrier: one
+    """ns a step of empty steps at the hardware cluster barrier (kernels.launch.probe_barrier: one
     cluster of 16 CTAs, the cluster layout's largest). Raises ClusterUnavailable before sm_90."""
-    from tritonrnn.kernels import cluster
+    from tritonrnn.kernels import launch
 
-    return _slope(lambda t: _bench(lambda: cluster.probe_barrier("cluster", t, device=device)))
+    return _slope(lambda t: _bench(lambda: launch.probe_barrier("cluster", t, device=device)))
 
 
 def measure_layout(device, layout: str, dtype: str, batch: int, hidden: int) -> float:
@@ -110,7 +110,7 @@ def measure_layout(device, layout: str, dtype: str, batch: int, hidden: int) -> 
 
     def time_ms(steps):
         xw = torch.randn(steps, batch, hidden, device=device).to(torch_dtype)
-        return _bench(lambda: kernels.recurrence_forward(xw, h0, w, path=layout, allow_tf32=True))
+        return _bench(lambda: kernels.recurrence_forward(xw, h0, w, layout=layout, allow_tf32=True))
     return _slope(time_ms)
 
 
@@ -130,8 +130,7 @@ def _layouts(dtype: str, hidden: int, device=None) -> list:
     self-test on `device` (TF32: the calibration's fp32)."""
     from tritonrnn import selftest
 
-    shape = costmodel.Shape(STEPS[1], 16, hidden, dtype)
-    return [layout for layout in costmodel.LAYOUTS if costmodel._layout_allowed(layout, shape)
+    return [layout for layout in configs.LAYOUTS if configs.layout_allowed(layout, hidden, getattr(torch, dtype))
             and (device is None or selftest.usable(layout, getattr(torch, dtype), device, allow_tf32=True))]
 
 

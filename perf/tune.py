@@ -32,15 +32,16 @@ RESULT = Columns(("key", "<32"))  # one line a tuned key: the key, then the verd
 
 
 def candidates(hidden: int, batch: int, dtype: torch.dtype):
-    """(path, config) pairs to try for this shape: only those that load at the layers' precision."""
+    """(layout, config) pairs to try for this shape: only those that load at the layers' precision."""
     tf32 = allow_tf32()
-    paths = [p for p in configs.PATHS if configs.path_fits(p, hidden, dtype, tf32)]
-    return [(path, config) for path in paths for config in configs.tuning_space(path, batch, hidden, dtype, tf32)]
+    layouts = [layout for layout in configs.TUNED_LAYOUTS if configs.layout_fits(layout, hidden, dtype, tf32)]
+    return [(layout, config) for layout in layouts
+            for config in configs.tuning_space(layout, batch, hidden, dtype, tf32)]
 
 
 def default_choice(hidden: int, batch: int, dtype: torch.dtype):
-    path = configs.default_path(hidden, dtype, allow_tf32())  # the layers' default at their precision
-    return path, configs.default_config(path, batch, hidden)
+    layout = configs.default_layout(hidden, dtype, allow_tf32())  # the layers' default at their precision
+    return layout, configs.default_config(layout, batch, hidden)
 
 
 def _problem(dtype, batch, hidden, device, seq_len=TUNE_SEQ_LEN):
@@ -50,14 +51,14 @@ def _problem(dtype, batch, hidden, device, seq_len=TUNE_SEQ_LEN):
             "w_hh": rand(hidden, hidden) / hidden ** 0.5, "grad": rand(seq_len, batch, hidden)}
 
 
-def recurrence_fn(problem, direction: str, path: str, config):
+def recurrence_fn(problem, direction: str, layout: str, config):
     """The call a candidate is timed on: the forward or backward recurrence alone."""
     tf32 = allow_tf32()  # the precision the layers run fp32 at
     if direction == "forward":
-        return lambda: kernels.recurrence_forward(problem["xw"], problem["h0"], problem["w_hh"], path=path,
+        return lambda: kernels.recurrence_forward(problem["xw"], problem["h0"], problem["w_hh"], layout=layout,
                                                   config=config, allow_tf32=tf32)
     out = torch.tanh(problem["xw"])
-    return lambda: kernels.recurrence_backward(problem["grad"], out, problem["w_hh"], path=path, config=config,
+    return lambda: kernels.recurrence_backward(problem["grad"], out, problem["w_hh"], layout=layout, config=config,
                                                allow_tf32=tf32)
 
 

@@ -198,7 +198,7 @@ def test_barrier_probe_counts_every_arrival():
     with concurrent_programs(seed=5):
         arrivals = launch.probe_barrier("counter", steps=6, size=4, groups=2, device=DEVICE)
     assert arrivals.tolist() == [24, 24]
-    with pytest.raises(ClusterUnavailable, match="run on CUDA GPUs"):
+    with pytest.raises(ClusterUnavailable, match="run on CUDA GPUs of sm_90 or later"):
         launch.probe_barrier("cluster", steps=6, device=DEVICE)
 
 

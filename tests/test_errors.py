@@ -187,7 +187,7 @@ def test_interpreter_switched_on_after_import_says_so_in_one_line():
     import sys
     from pathlib import Path
 
-    from tritonrnn.functional import INTERPRET_TOO_LATE
+    from tritonrnn.dispatch import INTERPRET_TOO_LATE
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True,

@@ -153,9 +153,8 @@ def test_second_derivative_under_torch_func():
 def test_samples_share_one_kernel_launch(monkeypatch):
     """vmap folds the samples into the kernels' batch: as many launches as for a single sample."""
     launches = []
-    for name in ("rnn_sequence_kernel", "rnn_step_kernel"):
-        kernel = getattr(kernels.recurrence, name)
-        monkeypatch.setattr(kernels.recurrence, name, _Counted(kernel, launches))
+    for layout in ("sequence", "stepwise"):
+        monkeypatch.setitem(kernels.launch.KERNELS, layout, _Counted(kernels.launch.KERNELS[layout], launches))
     ours, _ = _pair(nn.RNN, tritonrnn.RNN)
     params = {name: p.detach() for name, p in ours.named_parameters()}
     x = torch.randn(N, T, I, dtype=F64, device=DEVICE)

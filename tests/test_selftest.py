@@ -18,11 +18,11 @@ from torch import nn
 import tritonrnn
 from conftest import DEVICE, ON_GPU, assert_close
 from tritonrnn import cli, dispatch, selftest
-from tritonrnn.kernels import persistent, recurrence
+from tritonrnn.kernels import launch, occupancy
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="plants broken layouts in the interpreter")
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCHERS_EMPTY_LIKE = recurrence._empty_like  # before conftest's fixture poisons every output itself
+LAUNCHERS_EMPTY_LIKE = launch._empty_like  # before conftest's fixture poisons every output itself
 
 
 @pytest.fixture(autouse=True)
@@ -36,14 +36,14 @@ def gate(monkeypatch, tmp_path):
 
 
 class Garbage:
-    """A stand-in for a @triton.jit kernel that writes 7 into its output (argument 4) and nothing else."""
+    """A stand-in for a @triton.jit kernel that writes 7 into its output (p_out) and nothing else."""
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: args[4].fill_(7.0)
+        return lambda **kwargs: kwargs["p_out"].fill_(7.0)
 
 
 def _plant_garbage_sequence(monkeypatch):
-    monkeypatch.setattr(recurrence, "rnn_sequence_kernel", Garbage())
+    monkeypatch.setitem(launch.KERNELS, "sequence", Garbage())
 
 
 def _cached(device=DEVICE) -> dict:
@@ -54,7 +54,7 @@ def test_a_layout_that_writes_garbage_is_refused_once_and_the_layer_stays_right(
     """H = 16 in fp32 takes the sequence layout here; planted broken, its self-test fails at the first
     call, one warning names it and why, and the layer runs the next layout (stepwise: exact fp32 has no
     persistent one), forward and backward right against float64; later calls warn no more."""
-    kernel = recurrence.rnn_sequence_kernel
+    kernel = launch.KERNELS["sequence"]
     _plant_garbage_sequence(monkeypatch)
     shape = (5, 16, torch.float32, 3)
     oracle = nn.RNN(4, 16).double()
@@ -78,35 +78,35 @@ def test_a_layout_that_writes_garbage_is_refused_once_and_the_layer_stays_right(
     for name, param in ours.named_parameters():
         assert_close(param.grad, dict(oracle.named_parameters())[name].grad, torch.float32, name)
     assert _cached()["verdicts"]["sequence/float32"]["status"] == "failed"
-    monkeypatch.setattr(recurrence, "rnn_sequence_kernel", kernel)  # repaired, but the verdict stands here
+    monkeypatch.setitem(launch.KERNELS, "sequence", kernel)  # repaired, but the verdict stands here
     assert dispatch.kernel_path(*shape, allow_tf32=False) == "stepwise"
 
 
 def test_the_selftest_poisons_the_outputs_itself(monkeypatch):
     """A kernel that writes nothing leaves NaN, the self-test's own poison (the launchers' outputs are
     plain torch.empty_like outside it), and is refused for it."""
-    monkeypatch.setattr(recurrence, "_empty_like", LAUNCHERS_EMPTY_LIKE)
-    monkeypatch.setattr(recurrence, "rnn_sequence_kernel", type("Idle", (), {"__getitem__": lambda self, grid: (
+    monkeypatch.setattr(launch, "_empty_like", LAUNCHERS_EMPTY_LIKE)
+    monkeypatch.setitem(launch.KERNELS, "sequence", type("Idle", (), {"__getitem__": lambda self, grid: (
         lambda *args, **kwargs: None)})())
     with pytest.warns(RuntimeWarning, match=r"failed: out at T=4 B=3 H=16 with lengths: NaN \(an element never"):
         assert not selftest.usable("sequence", torch.float64, DEVICE, allow_tf32=False)
-    with recurrence.checking(1.0):
-        assert recurrence._empty_like(torch.zeros(3)).isnan().all()
+    with launch.checking(1.0):
+        assert launch._empty_like(torch.zeros(3)).isnan().all()
 
 
 @pytest.mark.parametrize("raised, status", [(RuntimeError("planted"), "failed"),
-                                            (persistent.BarrierTimeout("planted wait"), "timed out"),
-                                            (persistent.LaunchRefused("planted refusal"), "refused")])
+                                            (occupancy.BarrierTimeout("planted wait"), "timed out"),
+                                            (occupancy.LaunchRefused("planted refusal"), "refused")])
 def test_a_launcher_that_raises_is_refused_with_its_reason(monkeypatch, raised, status):
-    """The persistent launch raising: its verdict says how (a refusal is not the next layout's success:
-    inside the self-test the launchers do not fall back), and the self-test's wait limit reached it."""
+    """The persistent launch raising: its verdict says how (a refusal is not the next layout's success: the
+    launchers never fall back), and the self-test's wait limit reached it."""
     seen = []
 
-    def launch(*args, **kwargs):
-        seen.append(kwargs.get("timeout_s"))
+    def refuse(args, device, timeout_s):
+        seen.append(timeout_s)
         raise raised
 
-    monkeypatch.setattr(persistent, "launch", launch)
+    monkeypatch.setattr(launch, "_launch_persistent", refuse)
     reason = f"{status}: (RuntimeError: )?planted"
     with pytest.warns(RuntimeWarning, match=f"the persistent layout did not pass its self-test .*{reason}"):
         assert not selftest.usable("persistent", torch.float64, DEVICE, allow_tf32=False)
@@ -211,7 +211,7 @@ def test_selftest_command_prints_every_layout_and_exits_0(monkeypatch, capsys):
     """`tritonrnn selftest --interpreter`: a broken layout is a result (exit 0); no cluster runs under the
     interpreter (one program at a time), which the table says."""
     _plant_garbage_sequence(monkeypatch)
-    monkeypatch.setattr(persistent, "launch", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("planted")))
+    monkeypatch.setattr(launch, "_launch_persistent", lambda *args: (_ for _ in ()).throw(RuntimeError("planted")))
     assert cli.main(["selftest", "--interpreter", "--json"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {(r["layout"], r["dtype"]): r for r in map(json.loads, (line for line in lines if line.startswith("{")))}

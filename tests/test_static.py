@@ -14,9 +14,8 @@ import torch
 import triton
 
 from tritonrnn import costmodel
-from tritonrnn.kernels import cluster
 from tritonrnn.kernels import config as configs
-from tritonrnn.kernels.persistent import SMLimits, programs_per_sm
+from tritonrnn.kernels.occupancy import SMLimits, programs_per_sm
 from tritonrnn.perf import static
 
 MAX_STACK_BYTES = 32  # a few spilled registers (3xTF32 at H=128 spills 24 bytes), not a spill loop
@@ -78,7 +77,7 @@ def test_path_fits_answers_what_the_compiler_says_loads(compiled):
     edges = [v for v in compiled if v["role"] == "edge"]
     assert len(edges) == len(static.edge_variants())
     def admitted(v):
-        return configs.path_fits("sequence", int(v["hidden"]), getattr(torch, v["dtype"]), v["allow_tf32"] == "True")
+        return configs.layout_fits("sequence", int(v["hidden"]), getattr(torch, v["dtype"]), v["allow_tf32"] == "True")
 
     wrong = [v for v in edges if admitted(v) != (v["shared_bytes"] <= configs.SHARED_MEMORY_BUDGET)]
     assert not wrong, "path_fits disagrees with the compiled shared memory:\n" + _table(wrong)
@@ -105,7 +104,7 @@ COUNTER_BARRIERS = [sorted([f"{op}.global.gpu.release.add", "ld.global.gpu.acqui
 
 
 def test_cluster_variants_wait_at_the_cluster_barrier_in_the_step_loop(compiled):
-    """The cluster form's defaults (kernels/cluster.py): spill-free, on the tensor cores, launched in
+    """The cluster form's defaults (kernels/launch.py): spill-free, on the tensor cores, launched in
     clusters of 4 to 16 CTAs, and their PTX holds the release arrival then the acquire wait,
     unpredicated (every thread: `.aligned`), in a block on the step loop's cycle, and no counter.
     The persistent path's variants keep the counter barrier, one CTA a cluster."""
@@ -114,7 +113,11 @@ def test_cluster_variants_wait_at_the_cluster_barrier_in_the_step_loop(compiled)
     assert {v["dtype"] for v in clusters} == {"float16", "bfloat16", "float32", "float64"}
     assert all(_spill_free(v) and v["mma"] for v in clusters), "spills or FMA-only:\n" + _table(clusters)
     for v in clusters:
-        figure = cluster.REGISTERS[(v["dtype"], int(v["hidden"]))]  # cluster_plan's, compiled by the table's Triton
+        # The cost model's figure for this variant (the resource table's persistent entry: a cluster's CTA is a
+        # persistent program with the cheaper barrier), compiled by the table's Triton.
+        figure = costmodel.resources("cluster", v["dtype"], int(v["hidden"]),
+                                     "backward" if v.get("backward") == "True" else "forward", v["config"],
+                                     allow_tf32=v["allow_tf32"] == "True")["registers"]
         if triton.__version__ == costmodel.resource_table_triton():
             assert v["registers"] <= figure, v
         else:  # another release may allocate a few registers more or less: the CTAs an SM holds must not drop

@@ -11,7 +11,8 @@ import torch
 import triton
 
 import tritonrnn
-from tritonrnn.kernels import cluster, persistent, toolchain
+from tritonrnn.kernels import launch, persistent, toolchain
+from tritonrnn.kernels.occupancy import ClusterUnavailable, Plan
 
 
 def test_versions_parse_as_pip_and_local_builds_write_them():
@@ -38,13 +39,13 @@ def test_old_interpreter_with_new_numpy_is_one_line_naming_the_fix():
 def test_layers_refuse_an_interpreter_that_cannot_run(monkeypatch):
     """Triton 3.6's interpreter with numpy 2.4 fails inside every kernel with "only 0-dimensional
     arrays can be converted to Python scalars": the layer says why first."""
-    from tritonrnn import functional
+    from tritonrnn import dispatch
 
-    if functional.backend(torch.device("cpu")) != "triton-interpreter":
+    if dispatch.backend(torch.device("cpu")) != "triton-interpreter":
         pytest.skip("the kernels run compiled here")
-    assert functional._INTERPRETER_PROBLEM == toolchain.interpreter_problem()  # read at import
+    assert dispatch._INTERPRETER_PROBLEM == toolchain.interpreter_problem()  # read at import
     message = toolchain.interpreter_problem((3, 6, 0), (2, 4, 6))
-    monkeypatch.setattr(functional, "_INTERPRETER_PROBLEM", message)
+    monkeypatch.setattr(dispatch, "_INTERPRETER_PROBLEM", message)
     with pytest.raises(RuntimeError, match=r"pip install 'numpy<2\.4'"):
         tritonrnn.RNN(3, 4)(torch.randn(2, 1, 3))
 
@@ -101,11 +102,11 @@ def test_cluster_launch_runs_the_programs_the_counter_form_runs(monkeypatch, siz
     against float64), grouped in clusters of the plan's size along x, with every argument in order.
     A permuted grid (say (clusters, 1, directions)) fails here."""
     monkeypatch.setattr(triton.runtime.driver, "_active", FakeDriver())
-    chosen = cluster.Plan(size, clusters, batch_tiles=1, resident_clusters=clusters * directions,
-                          directions=directions)
+    chosen = Plan(size, clusters, batch_tiles=1, resident_capacity=clusters * directions * size,
+                  directions=directions, cluster=True)
     compiled = RecordingLaunch(num_warps=8)
     values = [f"argument {i}" for i in range(len(persistent.rnn_persistent_kernel.fn.arg_names))]
-    cluster._launch_clusters(compiled, chosen, values)
+    launch.launch_clusters(compiled, chosen, values)
     (call,) = compiled.calls
     ctas, cluster_dims = _launched_ctas(call)
     assert ctas == chosen.grid and cluster_dims == chosen.cluster_dims
@@ -117,25 +118,25 @@ def test_cluster_launch_refuses_a_kernel_with_global_scratch(monkeypatch):
     """Triton's launcher sizes global scratch by the compiled num_ctas (1), not by the cluster."""
     monkeypatch.setattr(triton.runtime.driver, "_active", FakeDriver())
     compiled = RecordingLaunch(global_scratch_size=256)
-    with pytest.raises(cluster.ClusterUnavailable, match="global scratch"):
-        cluster._launch_clusters(compiled, cluster.Plan(4, 1, 1, 1), [])
+    with pytest.raises(ClusterUnavailable, match="global scratch"):
+        launch.launch_clusters(compiled, Plan(4, 1, 1, 4, cluster=True), [])
     assert compiled.calls == []
 
 
 def test_an_unchecked_triton_refuses_the_cluster_launch_and_the_layout(monkeypatch):
     """On a release whose launcher was not checked the cluster launch is refused before it runs
-    (ClusterUnavailable, which the launchers answer with the persistent layout), and cluster_fits says
-    no, so the dispatcher names the layout that runs."""
+    (ClusterUnavailable, which the op answers with the dispatcher's next layout), and cluster_refusal says
+    why, so the dispatcher never takes the cluster layout there and names the layout that runs."""
     monkeypatch.setattr(triton.runtime.driver, "_active", FakeDriver())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     gpu = torch.device("cuda", 0)
-    assert cluster.cluster_fits(512, torch.bfloat16, True, gpu)
+    assert launch.cluster_refusal(gpu) is None
     monkeypatch.setattr(triton, "__version__", "3.10.0")
     assert "Triton's launcher" in toolchain.layouts()["cluster"]
-    assert not cluster.cluster_fits(512, torch.bfloat16, True, gpu)
+    assert "this is 3.10.0" in launch.cluster_refusal(gpu)
     compiled = RecordingLaunch()
-    with pytest.raises(cluster.ClusterUnavailable, match="checked on Triton 3.6, 3.7, 3.8, 3.9; this is 3.10.0"):
-        cluster._launch_clusters(compiled, cluster.Plan(4, 1, 1, 1), [])
+    with pytest.raises(ClusterUnavailable, match="checked on Triton 3.6, 3.7, 3.8, 3.9; this is 3.10.0"):
+        launch.launch_clusters(compiled, Plan(4, 1, 1, 4, cluster=True), [])
     assert compiled.calls == []
 
 

@@ -226,7 +226,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     if h.dim() > 2:
         raise ValueError(f"linear_cross_entropy takes h of shape [N, H] (or [H]), got {tuple(h.shape)}: flatten "
                          f"time and batch first (h.reshape(-1, H), target.reshape(-1))")
-    autocast = torch.is_autocast_enabled(h.device.type)
+    autocasting = torch.is_autocast_enabled(h.device.type)
     h, weight, bias = autocast(h.device.type, h, weight, bias)
     if not _fused_takes(h, weight, bias, target):
         return F.cross_entropy(F.linear(h, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
@@ -249,5 +249,5 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Optional[Tensor], targ
                                        compute_grad, chunk)
     if unbatched and reduction == "none":
         loss = loss.squeeze(0)
-    return loss.float() if autocast else loss
+    return loss.float() if autocasting else loss
 
