@@ -34,7 +34,7 @@ def rnn_sequence_kernel(
     stride_wn,
     B_BUCKET,  # the batch size rounded up to a power of two: the autotuning key (unused here)
     BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # H padded to a power of two: all of W_hh in one tile
     BACKWARD: tl.constexpr,
     REVERSE: tl.constexpr,
     CELL: tl.constexpr,  # the cell (kernels/cells.py): "tanh" or "relu"

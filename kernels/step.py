@@ -28,9 +28,9 @@ def rnn_step_kernel(
     p_out,  # [B, H] forward: h_t; backward: dz_t (0 in inactive rows)
     p_state,  # [B, H] state carried to the next step (forward with lengths), or None
     p_len,  # [B] int32 sequence lengths, or None
-    t,
+    t,  # the step this launch runs: rows whose length it reaches are inactive
     B,
-    H,
+    H,  # also the reduction's K: the programs loop over it in BLOCK_K chunks, so any H runs
     stride_wk,
     stride_wn,
     B_BUCKET,  # the batch size rounded up to a power of two: the autotuning key (unused here)
