@@ -5,7 +5,7 @@ config.py says what a launch may vary, occupancy.py what a GPU holds at once, la
 cells.py names the cells, toolchain.py the Triton releases.
 """
 from . import toolchain
-from .config import LAYOUTS, default_layout
+from .configs import LAYOUTS, default_layout
 from .launch import recurrence_backward, recurrence_forward
 
 __all__ = ["LAYOUTS", "default_layout", "recurrence_backward", "recurrence_forward"]

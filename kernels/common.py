@@ -73,7 +73,7 @@ def streamed_product(acc, p_s, o_row, m_b, p_w, o_n, m_n, H, stride_wk, stride_w
         o_k = k + tl.arange(0, BLOCK_K)
         m_k = o_k < H
         b_s = tl.load(p_s + o_row + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
-        # int64: H * H passes 2^31 from H = 46,341 (the stepwise path runs any H).
+        # int64: H * H passes 2^31 from H = 46,341 (the stepwise layout runs any H).
         b_w = tl.load(p_w + o_k[:, None].to(tl.int64) * stride_wk + o_n[None, :].to(tl.int64) * stride_wn,
                       mask=m_k[:, None] & m_n[None, :], other=0.0)
         acc = recurrent_dot(b_s.to(acc.dtype), b_w.to(acc.dtype), acc, DOT_DTYPE, INPUT_PRECISION)

@@ -9,7 +9,7 @@ Dimensions: D directions, T steps, B batch, H hidden. Every tensor is one direct
     recurrence_forward(xw, h0, w_hh)       -> out (every h_t), h_n
     recurrence_backward(grad, out, w_hh)   -> dz
 
-The layouts (kernels/config.py, LAYOUTS):
+The layouts (kernels/configs.py, LAYOUTS):
 - "sequence": rnn_sequence_kernel, one launch for all T steps, W_hh held on chip by each program;
 - "persistent": rnn_persistent_kernel, one launch for all T steps (and both directions), W_hh split
   by columns over programs that stay resident and meet at a counter barrier each step;
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import cells, occupancy, toolchain
-from . import config as configs
+from . import configs
 from .occupancy import BarrierTimeout, ClusterUnavailable, LaunchRefused, Plan
 from .persistent import COUNTER, GAVE_UP, STATUS, SYNC_LINE, barrier_probe_kernel, rnn_persistent_kernel
 from .sequence import rnn_sequence_kernel

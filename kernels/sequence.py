@@ -2,7 +2,7 @@
 
 Dimensions: T steps, B batch, H hidden. Each program owns BLOCK_B rows of the batch and all of H,
 keeps the state in registers and walks the sequence; W_hh is loaded once and held on chip
-(Triton keeps it in shared memory, within the budget of kernels/config.py). The same kernel runs
+(Triton keeps it in shared memory, within the budget of kernels/configs.py). The same kernel runs
 the forward (state h, writes every h_t) and the backward (state dz, writes every dz_t):
 
     forward:   h_t  = act(xw_t + h_{t-1} @ W_hh^T)               M = W_hh^T

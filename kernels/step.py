@@ -6,7 +6,7 @@ Dimensions: B batch, H hidden (the reduction dimension K is H too).
     backward:  dz_t = (g_t + dz_{t+1} @ W_hh) * act'(h_t)          M = W_hh
 
 Programs tile [B, H] and loop over K, so any H fits; one launch per step. Used by RNNCell, for
-T = 1, and for the hidden sizes one program cannot hold (the stepwise path).
+T = 1, and for the hidden sizes one program cannot hold (the stepwise layout).
 """
 import triton
 import triton.language as tl

@@ -83,7 +83,7 @@ def environment(device: torch.device, command: str) -> dict:
             driver = None
     else:
         gpu, sms, driver = f"cpu ({platform.processor() or platform.machine()})", None, None
-    from tritonrnn.kernels import config as configs
+    from tritonrnn.kernels import configs
 
     tuned = configs.TUNED_DIR / f"{configs.gpu_slug(gpu)}.json"
     return {"gpu": gpu, "sm_count": sms, "driver": driver, "torch": torch.__version__, "triton": triton.__version__,
@@ -252,7 +252,7 @@ def run(cases, modes=MODES, providers=PROVIDERS, device=None, timer=None, comman
 
 def results_path(env: dict, grid_name: str, directory: Path = RESULTS_DIR) -> Path:
     """perf/results/<date>-<gpu>-<grid>.json"""
-    from tritonrnn.kernels.config import gpu_slug
+    from tritonrnn.kernels.configs import gpu_slug
 
     stamp = env["date"].replace(":", "").replace("-", "")
     return directory / f"{stamp}-{gpu_slug(env['gpu'])}-{grid_name}.json"

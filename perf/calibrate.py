@@ -5,7 +5,7 @@
 What it measures (each a per-step slope: the time at T2 steps minus the time at T1, over T2 - T1, so
 launch and setup cancel):
 - the group barrier: a persistent kernel of 32 programs whose steps do nothing but meet at the
-  counter barrier the persistent path uses (release add, acquire poll);
+  counter barrier the persistent layout uses (release add, acquire poll);
 - the state round trip: the same, each step also reading the whole state the others wrote (.cg,
   from L2) and writing its slice: minus the barrier, the dependent L2 latency;
 - the cluster barrier (sm_90+): empty steps of one 16-CTA cluster (kernels.launch.probe_barrier);
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from tritonrnn import costmodel
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 
 from .table import Columns
 

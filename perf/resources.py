@@ -20,7 +20,7 @@ import torch
 import triton
 
 from tritonrnn import costmodel
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 
 from . import grid, static
 

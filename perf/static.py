@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import triton
 
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.kernels import launch, occupancy, persistent
 
 from . import grid

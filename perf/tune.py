@@ -1,7 +1,7 @@
 """`tritonrnn tune`: search the kernels' tuning space (paths and configs) on this GPU.
 
 For each shape (dtype, H, batch bucket) and direction (forward, backward) every candidate of the
-space declared in kernels/config.py is timed once on the recurrence alone. The fastest is then
+space declared in kernels/configs.py is timed once on the recurrence alone. The fastest is then
 re-timed against the untuned default (default path, default config), the two interleaved over
 CONFIRM_ROUNDS rounds, and written to <directory>/<GPU>.json (the launchers read kernels/tuned/)
 only if its median beats the default's by at least MARGIN: one lucky timing among dozens of
@@ -18,7 +18,7 @@ import triton
 
 from tritonrnn import kernels
 from tritonrnn.numerics import allow_tf32
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 
 from . import Outcome, UsageError, in_checkout, measure
 from .grid import select

@@ -73,7 +73,7 @@ def mutated_checkout(tmp_path: Path, path: str, old: str, new: str) -> Path:
 def force_layout(monkeypatch, layout: str, config=None) -> None:
     """Pin the ops' run-time choice (dispatch.choose) to `layout` with `config` (None: its default; both
     directions in one launch where the layout runs them so)."""
-    from tritonrnn.kernels.config import GROUPED
+    from tritonrnn.kernels.configs import GROUPED
 
     def forced(shape, device=None):
         return dispatch.Choice(layout, config, "forced by the test",

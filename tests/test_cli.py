@@ -196,7 +196,7 @@ def test_installed_copy_writes_to_the_current_directory_not_site_packages(tmp_pa
 
 
 def test_tune_writes_where_asked_and_into_the_checkout_by_default(monkeypatch, tmp_path, capsys):
-    from tritonrnn.kernels import config as configs
+    from tritonrnn.kernels import configs
     from tritonrnn.perf import tune
 
     asked = []

@@ -160,17 +160,17 @@ def test_plan_takes_the_clusters_the_device_holds():
 def test_fits_follows_cluster_sizes_and_shared_memory():
     # The persistent path's default config: 64 columns a CTA where the slice takes <= 128 KB, else 32
     # (K in 4 parts). 16-bit: 4, 8, 16 CTAs at H = 256-1024; 2048: 64 CTAs; H = 64: one CTA, no cluster.
-    fits = lambda hidden, dtype, allow_tf32=True: kernels.config.layout_fits("cluster", hidden, dtype, allow_tf32)  # noqa
+    fits = lambda hidden, dtype, allow_tf32=True: kernels.configs.layout_fits("cluster", hidden, dtype, allow_tf32)  # noqa
     assert [h for h in (64, 128, 256, 512, 1024, 2048) if fits(h, torch.bfloat16)] == [128, 256, 512, 1024]
     assert [h for h in (256, 512, 1024) if fits(h, torch.float32)] == [256, 512]  # 1024: 32 CTAs
     assert [h for h in (256, 512, 1024) if fits(h, torch.float64)] == [256, 512]  # 512: 16 of 32 columns
     assert not any(fits(h, torch.float32, allow_tf32=False) for h in (256, 512))  # 3xTF32 spills
     assert launch.cluster_refusal(DEVICE)  # the interpreter: no cluster launch is tried
-    config = kernels.config.default_config("cluster", 64, 1024, torch.bfloat16)
+    config = kernels.configs.default_config("cluster", 64, 1024, torch.bfloat16)
     assert (config.kwargs["BLOCK_N"], config.kwargs["K_SPLIT"], config.num_warps) == (64, 1, 8)  # 16 CTAs, wgmma
-    config = kernels.config.default_config("cluster", 64, 512, torch.float64)
+    config = kernels.configs.default_config("cluster", 64, 512, torch.float64)
     assert (config.kwargs["BLOCK_N"], config.kwargs["K_SPLIT"], config.num_warps) == (32, 4, 4)  # a part a warp
-    config = kernels.config.default_config("cluster", 64, 256, torch.float32)
+    config = kernels.configs.default_config("cluster", 64, 256, torch.float32)
     assert occupancy.cluster_size(256, config.kwargs["BLOCK_N"]) == 4
 
 
@@ -209,9 +209,9 @@ def test_cluster_plan_for_the_model():
     hw = costmodel.Hardware()
 
     def plan(batch, hidden, dtype, directions=1, allow_tf32=True):
-        if not kernels.config.layout_fits("cluster", hidden, getattr(torch, dtype), allow_tf32):
+        if not kernels.configs.layout_fits("cluster", hidden, getattr(torch, dtype), allow_tf32):
             return None
-        config = kernels.config.default_config("cluster", batch, hidden, getattr(torch, dtype))
+        config = kernels.configs.default_config("cluster", batch, hidden, getattr(torch, dtype))
         shape = costmodel.Shape(32, batch, hidden, dtype, allow_tf32=allow_tf32, directions=directions)
         return costmodel.predict(shape, hw, "cluster", config)
 
@@ -241,9 +241,9 @@ def test_cluster_layout_falls_back_to_the_persistent_layout_with_one_warning(mon
     and takes its next layout (persistent) for this shape from then on, with the same results (float64
     reference, NaN-poisoned outputs); the next call does not try the cluster launch again."""
     monkeypatch.setattr(launch, "cluster_refusal", lambda device: None)  # as if clusters could run here
-    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
-    default = kernels.config.default_config  # groups of 3 programs of 16 columns
-    monkeypatch.setattr(kernels.config, "default_config", lambda layout, batch, hidden, dtype=None: _config()
+    monkeypatch.setitem(kernels.configs.SEQUENCE_MAX_H, 8, 0)
+    default = kernels.configs.default_config  # groups of 3 programs of 16 columns
+    monkeypatch.setattr(kernels.configs, "default_config", lambda layout, batch, hidden, dtype=None: _config()
                         if layout in ("persistent", "cluster") else default(layout, batch, hidden, dtype))
     tries, run = [], launch._launch_clusters_of
     monkeypatch.setattr(launch, "_launch_clusters_of", lambda *a, **k: tries.append(1) or run(*a, **k))

@@ -15,7 +15,7 @@ import triton
 
 from conftest import DEVICE, ON_GPU, assert_close, calibration
 from tritonrnn import cli, costmodel, dispatch, kernels, reference
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.perf import calibrate, plan
 
 H100 = costmodel.OFFLINE_GPUS["h100"]
@@ -145,7 +145,7 @@ def test_resource_table_matches_a_recompile():
     picks = [("sequence", "bfloat16", 256, "backward", configs.default_config("sequence", 16, 256)),
              ("persistent", "float32", 1024, "forward", configs.default_config("persistent", 16, 1024, torch.float32)),
              ("persistent", "bfloat16", 1024, "backward", costmodel.candidate_configs("persistent", 1024, "bfloat16")[-1])]
-    script = ("import json, sys; from tritonrnn.perf import resources; from tritonrnn.kernels import config as c; "
+    script = ("import json, sys; from tritonrnn.perf import resources; from tritonrnn.kernels import configs as c; "
               "picks = json.loads(sys.argv[1]); "
               "print(json.dumps([resources.compile_entry(l, d, h, r, c.config_from_dict(k)) for l, d, h, r, k in picks]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -8,7 +8,7 @@ import torch
 
 from conftest import DEVICE, calibration
 from tritonrnn import costmodel, dispatch, kernels, ops, selftest
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.kernels import launch
 from tritonrnn.kernels.occupancy import ClusterUnavailable, LaunchRefused
 

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations
 import tritonrnn
 from conftest import DEVICE, EXAMPLES, ON_GPU, assert_close, force_layout, load_example
 from tritonrnn import functional, numerics, ops
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.kernels import toolchain
 
 I, H = 5, 12
@@ -85,7 +85,7 @@ def test_compile_fullgraph_matches_eager(backend):
 
 def test_compile_traces_no_device_query_and_no_file_read(monkeypatch):
     """The kernel path is chosen inside the custom op when it runs, never while Dynamo traces: the
-    shipped tuned configs (a device-name query and a file read on a GPU, kernels.config.tuned) are
+    shipped tuned configs (a device-name query and a file read on a GPU, kernels.configs.tuned) are
     looked up at run time only, so the traced code is the same on a GPU and here."""
     torch._dynamo.reset()
     lookups = []

@@ -79,6 +79,6 @@ def test_char_rnn_labels_a_cpu_run_by_its_backend(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert char_rnn.device_label(cpu) == "cpu (torch's own RNN)"
-    if tritonrnn.functional._INTERPRETED_KERNELS:
+    if tritonrnn.dispatch._INTERPRETED_KERNELS:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert char_rnn.device_label(cpu) == "cpu (interpreter)"

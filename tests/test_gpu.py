@@ -13,7 +13,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("B", [16, 64])
-@pytest.mark.parametrize("path", kernels.config.TUNED_LAYOUTS)
+@pytest.mark.parametrize("path", kernels.configs.TUNED_LAYOUTS)
 def test_tf32_recurrence_within_tf32_tolerance(path, B):
     """TF32 (cuDNN's default for fp32 RNNs): forward and backward against float64."""
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def test_autotuner_fallback_runs_and_matches(monkeypatch):
     w = torch.randn(96, 96, device="cuda") / 10
     ref_out, _ = reference.forward(xw.double(), h0.double(), torch.eye(96, device="cuda", dtype=torch.float64),
                                    w.double())
-    for path in kernels.config.TUNED_LAYOUTS:
+    for path in kernels.configs.TUNED_LAYOUTS:
         out, _ = kernels.recurrence_forward(xw, h0, w, layout=path, allow_tf32=False)
         assert_close(out, ref_out, torch.float32, path)
 
@@ -68,7 +68,7 @@ def test_rnn_realistic_sizes_match_torch_float64(H, B, dtype):
         assert_close(results[0][name], results[1][name], dtype, name)
 
 
-@pytest.mark.parametrize("path", kernels.config.TUNED_LAYOUTS)
+@pytest.mark.parametrize("path", kernels.configs.TUNED_LAYOUTS)
 def test_offsets_past_2_31_elements(path):
     """T*B*H > 2^31: the last rows must match a run of those rows alone (small offsets), at the
     steps past 2^31 elements (the forward's last, the backward's first) and at the other end."""
@@ -158,7 +158,7 @@ def test_persistent_wait_times_out_instead_of_hanging(monkeypatch):
     outputs = []  # out and h_n, allocated as zeros: the kernel must write the NaN
     monkeypatch.setattr(launch, "_empty_like", lambda t: outputs.append(torch.zeros_like(t)) or outputs[-1])
     monkeypatch.setattr(launch, "WAIT_TIMEOUT_S", 0.5)
-    default = kernels.config.default_config("persistent", B, H, torch.bfloat16)
+    default = kernels.configs.default_config("persistent", B, H, torch.bfloat16)
     config = triton.Config({**default.kwargs, "DEBUG_ABSENT": 1}, num_warps=default.num_warps,
                            num_stages=default.num_stages)
     start = time.monotonic()
@@ -193,7 +193,7 @@ def test_refused_cooperative_launch_runs_the_next_layout(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("path", kernels.config.TUNED_LAYOUTS)
+@pytest.mark.parametrize("path", kernels.configs.TUNED_LAYOUTS)
 def test_relu_keeps_nan_on_the_gpu(path, dtype):
     """relu(NaN) is NaN as in torch (max.f32 without NaN propagation would give 0), and the backward
     passes the gradient through it as torch's relu backward does."""
@@ -266,7 +266,7 @@ def test_cluster_path_with_lengths_matches_reference(H, B, dtype, monkeypatch):
     backward, both directions, against float64 (NaN-poisoned outputs). Where this GPU holds no such
     cluster the launch must say so (ClusterUnavailable), not hang."""
     from tritonrnn.kernels import launch
-    if not kernels.config.layout_fits("cluster", H, dtype):
+    if not kernels.configs.layout_fits("cluster", H, dtype):
         pytest.skip(f"the cluster form does not run H = {H} in {dtype}")
     torch.manual_seed(H + B)
     T = 48

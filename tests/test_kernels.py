@@ -9,7 +9,7 @@ import torch
 
 from conftest import DEVICE, DTYPES, assert_close, dtype_id, force_layout
 from tritonrnn import dispatch, functional, kernels, ops, reference
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.kernels import launch
 
 # (T, B, H): T = 1, B % 16 != 0, H not 2^k; the last two launch several programs (batch tiles of

@@ -156,8 +156,8 @@ def test_rnn_packed_sequence(config, enforce_sorted, dtype):
 
 def test_rnn_stepwise_path_matches_torch(monkeypatch):
     """Hidden sizes too large for one program take the per-step kernel: force it at a small H."""
-    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
-    monkeypatch.setitem(kernels.config.PERSISTENT_MAX_H, 8, 0)
+    monkeypatch.setitem(kernels.configs.SEQUENCE_MAX_H, 8, 0)
+    monkeypatch.setitem(kernels.configs.PERSISTENT_MAX_H, 8, 0)
     assert tritonrnn.kernel_path(6, H, torch.float64) == "stepwise"
     kwargs = CONFIGS["3layers-bidir-relu-batch_first"]
     ours, oracle = _pair(torch.float64, **kwargs)
@@ -389,9 +389,9 @@ class _LaunchCounter:
 @pytest.fixture
 def counted_kernels(monkeypatch):
     counters = {}
-    for name in ("rnn_sequence_kernel", "rnn_step_kernel"):
-        counters[name] = _LaunchCounter(getattr(kernels.recurrence, name))
-        monkeypatch.setattr(kernels.recurrence, name, counters[name])
+    for layout, name in (("sequence", "rnn_sequence_kernel"), ("stepwise", "rnn_step_kernel")):
+        counters[name] = _LaunchCounter(kernels.launch.KERNELS[layout])
+        monkeypatch.setitem(kernels.launch.KERNELS, layout, counters[name])
     for name in ("rnn_tanh", "rnn_relu", "rnn_tanh_cell", "rnn_relu_cell"):
         def refuse(*args, _name=name, **kwargs):
             raise AssertionError(f"torch._VF.{_name} ran instead of the Triton kernels")
@@ -415,8 +415,8 @@ def test_plain_cpu_runs_torch(monkeypatch):
     """Without the interpreter, CPU tensors run torch's own RNN (as `tritonrnn info` says)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert tritonrnn.backend(torch.device("cpu")) == "torch"
-    counter = _LaunchCounter(kernels.recurrence.rnn_sequence_kernel)
-    monkeypatch.setattr(kernels.recurrence, "rnn_sequence_kernel", counter)
+    counter = _LaunchCounter(kernels.launch.KERNELS["sequence"])
+    monkeypatch.setitem(kernels.launch.KERNELS, "sequence", counter)
     ours, oracle = _pair(torch.float64, num_layers=2)
     x = torch.randn(4, 2, I, dtype=torch.float64)
     assert torch.equal(ours(x)[0], oracle(x)[0])

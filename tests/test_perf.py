@@ -18,7 +18,7 @@ import torch
 
 from conftest import ON_GPU
 from tritonrnn import cli, dispatch
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.perf import bench, grid, measure, providers, report, tune
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results_fixture.json"
@@ -424,9 +424,9 @@ def test_tune_runs_every_candidate_for_real(tmp_path):
     results = {r["key"].rsplit("/", 1)[1]: r for r in outcome["results"]}
     assert set(results) == {"forward", "backward"}
     for r in results.values():
-        assert r["best"] is not None and r["best"]["path"] in configs.PATHS
+        assert r["best"] is not None and r["best"]["path"] in configs.TUNED_LAYOUTS
     candidates = len(tune.candidates(20, 3, torch.float32))
-    assert {p for p, _ in tune.candidates(20, 3, torch.float32)} == set(configs.PATHS)
+    assert {p for p, _ in tune.candidates(20, 3, torch.float32)} == set(configs.TUNED_LAYOUTS)
     # every candidate agreed with the default and was timed; a would-be winner was then confirmed
     assert len(timed) - 2 * (1 + candidates) in {2 * tune.CONFIRM_ROUNDS * k for k in range(3)}
     assert json.loads(outcome["path"].read_text())["entries"].keys() <= {r["key"] for r in results.values()}
@@ -441,8 +441,8 @@ def test_tuned_configs_are_used_for_their_gpu(monkeypatch, tmp_path):
     configs._tuned_table.cache_clear()
     try:
         cuda = torch.device("cuda")
-        choice = configs.tuned(torch.float32, 64, 13, "forward", cuda)
-        assert choice["path"] == "stepwise" and choice["config"].num_warps == 8
+        layout, config = configs.tuned(torch.float32, 64, 13, "forward", cuda)
+        assert layout == "stepwise" and config.num_warps == 8
         assert dispatch.kernel_path(100, 64, torch.float32, 13, cuda, "forward") == "stepwise"
         assert dispatch.kernel_path(100, 64, torch.float32, 13, cuda, "backward") == "sequence"  # no entry
         assert configs.tuned(torch.float32, 64, 13, "forward", torch.device("cpu")) is None
@@ -453,7 +453,7 @@ def test_tuned_configs_are_used_for_their_gpu(monkeypatch, tmp_path):
 def test_tuning_space_fits_the_shape():
     assert configs.gpu_slug("NVIDIA H100 80GB HBM3") == "H100"
     assert configs.gpu_slug("NVIDIA H200") == "H200"
-    for path in configs.PATHS:
+    for path in configs.TUNED_LAYOUTS:
         for batch, hidden in ((1, 16), (256, 2048), (17, 100)):
             space = configs.tuning_space(path, batch, hidden)
             assert space

@@ -203,9 +203,9 @@ def test_module_on_the_persistent_path_matches_torch(monkeypatch, plans):
     import tritonrnn
     from torch import nn
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
-    default = kernels.config.default_config  # the cost model reads the other paths' defaults too
-    monkeypatch.setattr(kernels.config, "default_config",
+    monkeypatch.setitem(kernels.configs.SEQUENCE_MAX_H, 8, 0)
+    default = kernels.configs.default_config  # the cost model reads the other paths' defaults too
+    monkeypatch.setattr(kernels.configs, "default_config",
                         lambda layout, batch, hidden, dtype=None: _config(2) if layout == "persistent"
                         else default(layout, batch, hidden, dtype))
     assert tritonrnn.kernel_path(T, H, torch.float64) == "persistent"
@@ -236,9 +236,9 @@ def test_module_falls_back_where_the_device_cannot_hold_every_program(monkeypatc
     that holds 2 takes the stepwise path. Outputs and gradients against torch.nn.RNN either way."""
     import tritonrnn
     from torch import nn
-    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
-    default = kernels.config.default_config
-    monkeypatch.setattr(kernels.config, "default_config",
+    monkeypatch.setitem(kernels.configs.SEQUENCE_MAX_H, 8, 0)
+    default = kernels.configs.default_config
+    monkeypatch.setattr(kernels.configs, "default_config",
                         lambda layout, batch, hidden, dtype=None: _config(2) if layout == "persistent"
                         else default(layout, batch, hidden, dtype))
     torch.manual_seed(0)
@@ -324,7 +324,7 @@ def test_per_sample_gradients_of_bidirectional_layers_on_the_persistent_path(mon
     """Under torch.func transforms a bidirectional layer runs both directions through the op's vmap rule
     (its batch axis after the directions): test_per_sample_grad's bidirectional case on this layout."""
     import test_per_sample_grad
-    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
+    monkeypatch.setitem(kernels.configs.SEQUENCE_MAX_H, 8, 0)
     assert kernels.default_layout(test_per_sample_grad.H, torch.float64) == "persistent"
     test_per_sample_grad.test_rnn_per_sample_grads_match_torch("B2-h0-batch_first-2layers-bidir-relu")
 
@@ -444,16 +444,16 @@ def test_a_refused_cooperative_launch_runs_the_stepwise_path_with_one_warning(mo
             return refuse
 
     monkeypatch.setattr(launch, "rnn_persistent_kernel", Refusing())
-    monkeypatch.setitem(kernels.config.SEQUENCE_MAX_H, 8, 0)
-    default = kernels.config.default_config  # groups of 3 programs: a cooperative launch
-    monkeypatch.setattr(kernels.config, "default_config",
+    monkeypatch.setitem(kernels.configs.SEQUENCE_MAX_H, 8, 0)
+    default = kernels.configs.default_config  # groups of 3 programs: a cooperative launch
+    monkeypatch.setattr(kernels.configs, "default_config",
                         lambda layout, batch, hidden, dtype=None: _config(1) if layout == "persistent"
                         else default(layout, batch, hidden, dtype))
     p = _problem(True, seed=25)
     ref_out, ref_hn = _reference_forward(p, "tanh", False)
     args = (p["xw"][None], p["h0"][None], p["w_hh"][None], p["lengths"].to(torch.int32), False, "tanh", False)
     with concurrent_programs():
-        assert kernels.config.default_layout(H, torch.float64) == "persistent"
+        assert kernels.configs.default_layout(H, torch.float64) == "persistent"
         assert dispatch.choose(dispatch.shape_of(p["xw"], "forward", False), DEVICE).layout == "persistent"
         with pytest.warns(RuntimeWarning, match="refused a cooperative launch.*persistent layout is not taken") as seen:
             out, h_n = ops.recurrence(*args)
@@ -528,7 +528,7 @@ from tritonrnn import kernels
 from tritonrnn.perf import static
 
 def compile(variant):
-    config = kernels.config.default_config("persistent", 64, 256, torch.float16)
+    config = kernels.configs.default_config("persistent", 64, 256, torch.float16)
     config = triton.Config({**config.kwargs, "K_SPLIT": variant["k_split"]}, num_warps=config.num_warps,
                            num_stages=config.num_stages)
     r = static.compile_kernel("persistent", torch.float16, 64, 256, backward=variant["backward"],

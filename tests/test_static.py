@@ -14,7 +14,7 @@ import torch
 import triton
 
 from tritonrnn import costmodel
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.kernels.occupancy import SMLimits, programs_per_sm
 from tritonrnn.perf import static
 

@@ -33,7 +33,7 @@ the GPU replaces them, kernels/calibration/<GPU>.json, `Calibration`):
 Resources come from a table of offline sm_90 compiles shipped in the package
 (kernels/offline/sm_90.json, written by `python -m tritonrnn.perf.resources --write`, the table's
 only source); shapes and GPUs the table lacks get an estimate (shared memory from
-kernels.config.shared_memory_bytes). Nothing here compiles: dispatch checks the chosen persistent
+kernels.configs.shared_memory_bytes). Nothing here compiles: dispatch checks the chosen persistent
 layout against the compiled kernel's capacity on a GPU (tritonrnn.dispatch.choose).
 
 cuDNN's side (`cudnn_algorithm`, `cudnn_step_ns`) follows PyTorch's choice of algorithm (its
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import triton
 
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.kernels import occupancy
 from tritonrnn.kernels.persistent import GAVE_UP
 
@@ -217,7 +217,7 @@ def candidate_configs(layout: str, hidden: int, dtype: str, allow_tf32: bool = T
     whose shared memory (configs.shared_memory_bytes) fits the sm_90 budget. The resource table
     compiles exactly these (one source).
 
-    Persistent: the kernel's own rules, kernels.config's default for this dtype first (what the
+    Persistent: the kernel's own rules, kernels.configs's default for this dtype first (what the
     launcher runs without a choice), then its tuning space (K_SPLIT 1 or equal to the warps, parts of
     >= 64 rows), trimmed to what can win: K_SPLIT 1 from 64 columns (wgmma takes no 3D operand and
     pipelines its K steps itself); at 32 columns the split where one exists (one chain of BLOCK_H / 16
@@ -533,14 +533,14 @@ def candidates(shape: Shape, hw: Hardware) -> list:
 
 
 def limits_key() -> tuple:
-    """The path limits of kernels/config.py the choice depends on (tests change them): part of the cache key."""
+    """The layout size limits of kernels/configs.py the choice depends on (tests change them): part of the cache key."""
     return tuple(tuple(sorted(table.items())) for table in (
         configs.SEQUENCE_MAX_H, configs.SEQUENCE_CANDIDATE_MAX_H, configs.PERSISTENT_MAX_H)) + (
         configs.PERSISTENT_EXACT_FP32_MAX_H,)
 
 
 def choose(shape: Shape, hw: Hardware, exclude: tuple = ()) -> Candidate:
-    """The fitting candidate predicted fastest (cached per shape, hardware and path limits); layouts
+    """The fitting candidate predicted fastest (cached per shape, hardware and layout limits); layouts
     in `exclude` are skipped. A single step is always the step kernel."""
     return _choose(shape, hw, tuple(exclude), limits_key())
 
@@ -548,7 +548,7 @@ def choose(shape: Shape, hw: Hardware, exclude: tuple = ()) -> Candidate:
 @functools.lru_cache(maxsize=4096)
 def _choose(shape: Shape, hw: Hardware, exclude: tuple, limits: tuple) -> Candidate:
     fitting = [c for c in candidates(shape, hw) if c.fits and c.layout not in exclude]
-    if shape.seq_len == 1 or not fitting:  # the stepwise path runs any shape
+    if shape.seq_len == 1 or not fitting:  # the stepwise layout runs any shape
         return predict(shape, hw, "stepwise", candidate_configs("stepwise", shape.hidden, shape.dtype)[0])
     return fitting[0]
 

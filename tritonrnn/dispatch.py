@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from tritonrnn import costmodel, numerics, selftest
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.kernels import launch, toolchain
 
 CPU = torch.device("cpu")

@@ -3,7 +3,7 @@
 Before the dispatcher first takes a layout (sequence, persistent, cluster; stepwise is the reference
 and always trusted) for a dtype on a device, `usable` runs it once at a few small shapes, forward and
 backward (one and both directions for the persistent kernel's layouts), its outputs poisoned with
-NaN, against the stepwise path and a float64 reference, under a time limit. A layout that fails,
+NaN, against the stepwise layout and a float64 reference, under a time limit. A layout that fails,
 exceeds the limit or is refused by the driver is unusable on that device: one warning names it and
 the reason, and the dispatcher (tritonrnn.dispatch.choose) takes its next layout.
 
@@ -35,7 +35,7 @@ import torch
 import triton
 
 from tritonrnn import kernels, reference
-from tritonrnn.kernels import config as configs
+from tritonrnn.kernels import configs
 from tritonrnn.kernels import launch, occupancy
 
 GATED = ("sequence", "persistent", "cluster")  # stepwise is the reference: always trusted
@@ -49,7 +49,7 @@ INTERPRETED_TIME_LIMIT_S = 120.0
 WAIT_LIMIT_S = 2.0
 # The checks (T, B, H, lengths, both directions): the persistent kernel's layouts at H > BLOCK_N (several
 # programs or CTAs a group meet at the barrier: clusters of 4, and of 8 and 16 where the dtype makes them
-# at H = 512 and 1024), H not a multiple of 16 (padded slices), several batch tiles; the sequence path
+# at H = 512 and 1024), H not a multiple of 16 (padded slices), several batch tiles; the sequence layout
 # at sizes it takes. The interpreter's are smaller (its programs run one at a time: a group is one
 # program there whatever H). A case the layout does not run in a dtype is left out (`cases`).
 CASES = {"cuda": {"sequence": ((6, 5, 64, True, False), (4, 20, 40, False, False)),
@@ -59,7 +59,7 @@ CASES = {"cuda": {"sequence": ((6, 5, 64, True, False), (4, 20, 40, False, False
                  "grouped": ((4, 3, 40, True, False), (3, 5, 24, False, True))}}
 # Errors against the float64 reference, relative to its largest magnitude (tests/conftest.py's table;
 # TF32 multiplies with a 10-bit mantissa, like fp16); a layout may also be as far off as the stepwise
-# path, twice over.
+# layout, twice over.
 TOLERANCE = {"float64": (1e-10, 1e-10), "float32": (2e-5, 2e-5), "float32/tf32": (5e-3, 1e-2),
              "float16": (5e-3, 1e-2), "bfloat16": (3e-2, 5e-2)}
 
@@ -249,7 +249,7 @@ def _verdict(status: str, reason: str, seconds: float) -> dict:
 
 def cases(layout: str, dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> list:
     """The (T, B, H, lengths, both directions) checks of `layout` in `dtype` on `device`: the shapes
-    the dispatcher could give it (kernels.config's size rules and cluster sizes) whose config loads on
+    the dispatcher could give it (kernels.configs's size rules and cluster sizes) whose config loads on
     this device (its shared memory)."""
     # Clusters of several CTAs (the GPU's shapes) also elsewhere, which check() says refuses them.
     kind = "cuda" if device.type == "cuda" or layout == "cluster" else "cpu"
@@ -325,7 +325,7 @@ def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _compare(layout: str, got: tuple, stepwise: tuple, refs: tuple, name: str, case: tuple) -> str:
-    """'' where every output is within the tolerance of `name` (or within twice the stepwise path's
+    """'' where every output is within the tolerance of `name` (or within twice the stepwise layout's
     error), else what is wrong."""
     atol, rtol = TOLERANCE[name]
     for what, actual, trusted, expected in zip(("out", "h_n", "dz"), got, stepwise, refs, strict=True):
