@@ -20,7 +20,6 @@ import torch
 import triton
 
 from tritonrnn import costmodel
-from tritonrnn.kernels import configs
 
 from . import grid, static
 

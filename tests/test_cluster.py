@@ -160,7 +160,9 @@ def test_plan_takes_the_clusters_the_device_holds():
 def test_fits_follows_cluster_sizes_and_shared_memory():
     # The persistent path's default config: 64 columns a CTA where the slice takes <= 128 KB, else 32
     # (K in 4 parts). 16-bit: 4, 8, 16 CTAs at H = 256-1024; 2048: 64 CTAs; H = 64: one CTA, no cluster.
-    fits = lambda hidden, dtype, allow_tf32=True: kernels.configs.layout_fits("cluster", hidden, dtype, allow_tf32)  # noqa
+    def fits(hidden, dtype, allow_tf32=True):
+        return kernels.configs.layout_fits("cluster", hidden, dtype, allow_tf32)
+
     assert [h for h in (64, 128, 256, 512, 1024, 2048) if fits(h, torch.bfloat16)] == [128, 256, 512, 1024]
     assert [h for h in (256, 512, 1024) if fits(h, torch.float32)] == [256, 512]  # 1024: 32 CTAs
     assert [h for h in (256, 512, 1024) if fits(h, torch.float64)] == [256, 512]  # 512: 16 of 32 columns

@@ -190,7 +190,8 @@ def test_a_cluster_choice_runs_both_directions_in_one_cluster_launch(monkeypatch
 def test_describe_names_the_choice_once_per_direction(monkeypatch):
     calls = []
     real = dispatch.choose
-    monkeypatch.setattr(dispatch, "choose", lambda shape, device=dispatch.CPU: calls.append(shape) or real(shape, device))
+    monkeypatch.setattr(dispatch, "choose",
+                        lambda shape, device=dispatch.CPU: calls.append(shape) or real(shape, device))
     text = dispatch.describe(512, 256, torch.bfloat16, DEVICE, 64)
     assert [s.direction for s in calls] == ["forward", "backward"]
     assert text.startswith("forward: sequence path (rnn_sequence_kernel") and "\n  backward: " in text

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrizations
 
 import tritonrnn
 from conftest import DEVICE, EXAMPLES, ON_GPU, assert_close, force_layout, load_example
-from tritonrnn import functional, numerics, ops
+from tritonrnn import numerics, ops
 from tritonrnn.kernels import configs
 from tritonrnn.kernels import toolchain
 

@@ -92,7 +92,9 @@ def _info(args) -> int:
         print("GPU       none")
         device = torch.device("cpu")
     print(f"interpreter (TRITON_INTERPRET=1): {'on' if interpreter_enabled() else 'off'}")
-    print(f"backend on {device.type}: {backend(device)}")
+    cannot_run = problem and device.type == "cpu"
+    which = "triton-interpreter (it cannot run here: see above)" if cannot_run else backend(device)
+    print(f"backend on {device.type}: {which}")
     dtype = _DTYPES[args.dtype]
     print(f"layer T={args.seq_len} B={args.batch} H={args.hidden_size} {args.dtype}:\n  "
           f"{describe(args.seq_len, args.hidden_size, dtype, device, args.batch)}")

@@ -34,15 +34,20 @@ def backend(device: torch.device) -> str:
     Raises where the interpreter is asked for but cannot run: TRITON_INTERPRET=1 set after import (the
     kernels were built for a GPU then: Triton would fail with "0 active drivers"), or an interpreter
     that fails with the installed numpy (kernels.toolchain says which, and the fix)."""
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu" and interpreter_enabled():
+    which = _kind(device)
+    if which == "triton-interpreter":
         if not _INTERPRETED_KERNELS:
             raise RuntimeError(INTERPRET_TOO_LATE)
         if _INTERPRETER_PROBLEM:
             raise RuntimeError(_INTERPRETER_PROBLEM)
-        return "triton-interpreter"
-    return "torch"
+    return which
+
+
+def _kind(device: torch.device) -> str:
+    """backend's answer, whether or not the interpreter can run (what `describe` reports)."""
+    if device.type == "cuda":
+        return "triton"
+    return "triton-interpreter" if device.type == "cpu" and interpreter_enabled() else "torch"
 
 
 def hardware(device: torch.device) -> costmodel.Hardware:
@@ -199,7 +204,7 @@ _KERNEL_WORDS = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_h
 
 def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> str:
     """What a layer of this shape runs on this device, forward and backward."""
-    which = backend(device)
+    which = _kind(device)
     if which == "torch":
         return f"torch's own RNN implementation on {device.type} (Triton kernels need CUDA or TRITON_INTERPRET=1)"
     mode = "compiled" if which == "triton" else "interpreted"
