@@ -27,7 +27,7 @@ from . import occupancy
 
 # Largest H at which the sequence layout is the default: W_hh is held across the loop by each
 # program, in shared memory (Triton hoists its copy there) and in registers (its dot-operand
-# fragments); these are the sizes that compile spill-free on sm_90 (perf/NOTES.md).
+# fragments); these are the sizes that compile spill-free on sm_90 (docs/DESIGN.md D6).
 SEQUENCE_MAX_H = {8: 64, 4: 128, 2: 128}
 # Up to where the cost model (tritonrnn.costmodel) also weighs the sequence layout: all of a 16-bit
 # W_hh at H = 256 (128 KB) fits one program's shared memory, and its 4-warp default (BLOCK_B 16)
@@ -37,7 +37,7 @@ SEQUENCE_CANDIDATE_MAX_H = {2: 256}
 # Largest H of the persistent layout, by element size: W_hh split over programs of 32 to 64 columns
 # (a slice of up to 128 KB each, on chip), every one resident on an SM of an H100/H200. fp32 stops at
 # 1024: at 2048 a 32-column slice is 256 KB (over 227 KB) and 16 columns leave a 16-row MMA tile
-# whose staged operands spill kilobytes (perf/NOTES.md, v0.5). fp64 runs only in tests (gradcheck),
+# whose staged operands spill kilobytes (docs/DESIGN.md D8). fp64 runs only in tests (gradcheck),
 # where its slices must stay small. Exact fp32 (TF32 off) multiplies in 3xTF32: its three chained
 # dots make Triton lay every warp along M and spill hundreds of bytes at every slice width (v0.5), so
 # it takes the stepwise layout by default (an explicit layout="persistent" still runs it).
@@ -125,20 +125,15 @@ def shared_memory_bytes(layout: str, config: triton.Config, hidden: int, dtype: 
     """The dynamic shared memory a launch of `layout` with `config` needs (an upper bound).
 
     Triton stages tl.dot operands through shared memory. Fitted to `compiled.metadata.shared` of
-    offline sm_90 compiles (triton 3.6, aligned launches; perf/NOTES.md, v0.3), with e the element
-    size of the dot operands and a that of the accumulator:
+    offline sm_90 compiles (docs/DESIGN.md D5; tests/perf/test_static.py holds every default and
+    edge variant to it under each Triton release), with e the element size of the dot operands and a
+    that of the accumulator:
     - sequence: all of W_hh [BLOCK_H, BLOCK_H], hoisted out of the loop, twice in 3xTF32 (high and
       low parts), plus the state tile [BLOCK_B, BLOCK_H] up to twice:
-      e * BLOCK_H * (w * BLOCK_H + 2 * BLOCK_B), w = 2 in 3xTF32 else 1. Measured: H = 200
-      (BLOCK_H 256), BLOCK_B 16: fp32 TF32 278,528 B, 3xTF32 and fp64 557,056 B, bf16 139,264 B;
-      H = 128: TF32 73,728 B (BLOCK_B 16), 131,072 B (64, wgmma), 3xTF32 147,456 B (16).
-    - persistent: the transposed W_hh slice [BLOCK_N, BLOCK_H], hoisted (twice in 3xTF32), the
-      state tile [BLOCK_H, BLOCK_B] (whole, in K_SPLIT parts too) and the accumulator's layout
-      change [BLOCK_N, BLOCK_B]: e * BLOCK_H * w * (BLOCK_N + BLOCK_B) + a * BLOCK_B * BLOCK_N.
-      Measured (v0.5 kernel, lengths, forward, BLOCK_B 16): bf16 H = 256 (BLOCK_N 64) 45,056 B, 512
-      (64) 86,016 B, 1024 (64) 167,936 B, fp64 512 (32) 200,704 B (exact); K_SPLIT 4: bf16 2048 (32)
-      and fp32 TF32 1024 (32) 196,608 B (the model: 198,656 B); 3xTF32 H = 256 (64) 163,840 B
-      (167,936 B).
+      e * BLOCK_H * (w * BLOCK_H + 2 * BLOCK_B), w = 2 in 3xTF32 else 1.
+    - persistent (and cluster): the transposed W_hh slice [BLOCK_N, BLOCK_H], hoisted (twice in
+      3xTF32), the state tile [BLOCK_H, BLOCK_B] (whole, in K_SPLIT parts too) and the accumulator's
+      layout change [BLOCK_N, BLOCK_B]: e * BLOCK_H * w * (BLOCK_N + BLOCK_B) + a * BLOCK_B * BLOCK_N.
     - stepwise: num_stages pipelined copies of both operand tiles, in 3xTF32 one more of the
       batch tile: e * BLOCK_K * (num_stages * (BLOCK_B + BLOCK_N) + BLOCK_B if 3xTF32).
     """

@@ -471,7 +471,7 @@ def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.de
 #
 # Each CTA is its own Triton program, compiled with num_ctas = 1: with num_ctas = N, Triton makes one
 # program span the cluster and splits every tensor over the CTAs by its own layout choice, so a
-# program could not pick its W_hh slice by rank (perf/NOTES.md, v0.5). The launch instead tells
+# program could not pick its W_hh slice by rank (docs/DESIGN.md D14). The launch instead tells
 # Triton's launcher num_ctas = N for a kernel compiled with num_ctas = 1 (the launcher multiplies grid
 # x by it and sets the cluster dimension; at 16 it allows the non-portable size): the releases whose
 # launcher was read (kernels/toolchain.py) only.

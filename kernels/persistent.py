@@ -12,7 +12,7 @@ model uses):
   rows in the forward), once; Triton keeps it in shared memory for all steps (BLOCK_N x BLOCK_H x
   element bytes: 64 x 1024 x 2 = 128 KB). The slice is the MMA's M side: 64 columns give wgmma
   m64nN on sm_90 (N = BLOCK_B over the warpgroups: 8 warps = [4, 2], m64n8 each); 32 columns give
-  mma.sync m16n8 with K in 4 parts, one a warp ([4, 1, 1]), none repeated (perf/NOTES.md, v0.5).
+  mma.sync m16n8 with K in 4 parts, one a warp ([4, 1, 1]), none repeated (docs/DESIGN.md D7).
 - Each step, per batch tile: it reads state^T [BLOCK_H, BLOCK_B] (all H columns of the tile's rows,
   which every program of the group wrote) from L2 (.cg, 16-byte vectors: the ring's rows are
   HP-padded), stages it through shared memory (BLOCK_H x BLOCK_B x element bytes), computes

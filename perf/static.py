@@ -144,7 +144,7 @@ def barrier_order_problems(ptx: str, ring_param: str) -> list:
     global store of the step); one acquire read on the wait, its broadcast value followed by a CTA
     barrier in its block before any global access; and what state_load_problems and
     clock_branch_problems report. A text check of the kernel's one barrier, written against Triton
-    3.6's lowering (perf/NOTES.md, v0.5). `ring_param`: the PTX name of the ring's pointer (compile_kernel's
+    3.6's lowering (docs/DESIGN.md D9, D20). `ring_param`: the PTX name of the ring's pointer (compile_kernel's
     "ring_param")."""
     lines = ptx.splitlines()
     problems = []

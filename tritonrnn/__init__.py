@@ -1,13 +1,16 @@
 """tritonrnn: Triton GPU kernels for Elman RNNs, behind drop-in torch.nn.RNN / RNNCell modules."""
 from pathlib import Path as _Path
 
-# In a checkout, tritonrnn.kernels and tritonrnn.perf live beside this folder (kernels/, perf/), where an
-# install maps them in (pyproject.toml's package-dir). Searching the checkout's root for subpackages lets
-# Python started there import the checkout as it stands, with or without an install.
 _ROOT = _Path(__file__).resolve().parent.parent
-if not (_Path(__file__).parent / "kernels").is_dir() and (_ROOT / "kernels" / "__init__.py").is_file() \
-        and (_ROOT / "pyproject.toml").is_file():
-    __path__.append(str(_ROOT))
+# kernels/ and perf/ sit beside this folder in a checkout and install as tritonrnn.kernels and tritonrnn.perf
+# (pyproject.toml's package-dir; docs/DESIGN.md D24): a checkout runs installed.
+try:
+    import tritonrnn.kernels  # noqa: F401
+except ModuleNotFoundError as missing:
+    if missing.name != "tritonrnn.kernels":
+        raise
+    raise ModuleNotFoundError("tritonrnn.kernels is not installed: kernels/ installs with the package; in a checkout "
+                              "run `pip install -e .` first", name=missing.name) from None
 from tritonrnn import functional, onnx, reference
 from tritonrnn.dispatch import backend, kernel_path
 from tritonrnn.modules import RNN, RNNCell, convert, unconvert

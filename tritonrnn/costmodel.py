@@ -97,7 +97,7 @@ class Hardware:
     # 2023), plus the ramp of a tile's requests: assumed 300 ns; the calibration's state round trip measures it.
     l2_latency_ns: float = 300.0
     # The group barrier: release add + acquire polls through L2 + the skew of the last arrival.
-    # Assumed 1 us (perf/NOTES.md v0.4); the calibration's empty-step kernel measures it.
+    # Assumed 1 us (docs/DESIGN.md D9, D17); the calibration's empty-step kernel measures it.
     barrier_ns: float = 1000.0
     # The cluster layout's barrier: barrier.cluster.arrive.release + wait.acquire among the CTAs of one
     # thread-block cluster (hardware, inside a GPC). None until the calibration's cluster probe
