@@ -163,12 +163,7 @@ def recurrence_forward(xw, h0, w_hh, *, lengths=None, reverse=False, cell="tanh"
     out, h_n = _empty_like(r.first), _empty_like(h0)
     if r.B == 0:
         return r.unstack(out), r.unstack(h0.clone())
-    if r.grouped:
-        r.launch_grouped(allow_tf32, config, p_in=r.first, p_h0=h0, p_act=None, p_out=out, p_hn=h_n)
-    else:
-        for d in range(r.D):
-            r.launch_direction(d, allow_tf32, config, p_in=r.first[d], p_h0=h0[d], p_act=None, p_out=out[d],
-                               p_hn=h_n[d])
+    r.run(allow_tf32, config, p_in=r.first, p_h0=h0, p_act=None, p_out=out, p_hn=h_n)
     return r.unstack(out), r.unstack(h_n)
 
 
@@ -190,12 +185,7 @@ def recurrence_backward(grad, out, w_hh, *, lengths=None, reverse=False, cell="t
     dz = _empty_like(r.first)
     if r.B == 0:
         return r.unstack(dz)
-    if r.grouped:
-        r.launch_grouped(allow_tf32, config, p_in=r.first, p_h0=None, p_act=out, p_out=dz, p_hn=None)
-    else:
-        for d in range(r.D):
-            r.launch_direction(d, allow_tf32, config, p_in=r.first[d], p_h0=None, p_act=out[d], p_out=dz[d],
-                               p_hn=None)
+    r.run(allow_tf32, config, p_in=r.first, p_h0=None, p_act=out, p_out=dz, p_hn=None)
     return r.unstack(dz)
 
 
@@ -263,6 +253,15 @@ class _Recurrence:
         """M = W_hh^T in the forward (W_hh read with its strides swapped), W_hh in the backward."""
         H = self.H
         return {"stride_wk": H, "stride_wn": 1} if self.backward else {"stride_wk": 1, "stride_wn": H}
+
+    def run(self, allow_tf32: bool, config, **tensors) -> None:
+        """Launch on the layout: every direction at once on the persistent kernel's layouts, else one
+        direction after the other. `tensors`: the kernel's tensors with their directions first (or None)."""
+        if self.grouped:
+            self.launch_grouped(allow_tf32, config, **tensors)
+            return
+        for d in range(self.D):
+            self.launch_direction(d, allow_tf32, config, **{k: None if t is None else t[d] for k, t in tensors.items()})
 
     def launch_direction(self, d: int, allow_tf32: bool, config, *, p_in, p_h0, p_act, p_out, p_hn) -> None:
         """Direction d on the sequence layout (one launch) or the stepwise one (T launches)."""
