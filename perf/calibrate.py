@@ -34,7 +34,7 @@ import torch
 from tritonrnn import costmodel
 from tritonrnn.kernels import configs
 
-from .table import Columns
+from .table import Columns, verdicts
 
 HIDDENS = (256, 1024, 2048)
 BATCHES = (16, 64, 256)
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     versions = {"torch": torch.__version__, "triton": triton.__version__, "cudnn": torch.backends.cudnn.version()}
     checks = selftest.run_all(device)  # first: a layout that fails or hangs is not measured
-    checked = selftest.table(checks)
+    checked = verdicts(checks)
     print(checked, flush=True)
     measured = {}
     try:

@@ -22,3 +22,12 @@ class Columns:
     def header(self) -> str:
         """The titles, aligned as the rows are."""
         return self.line(*self.titles, *([self.rest] if self.rest else []))
+
+
+VERDICTS = Columns(("layout", "<10"), ("dtype", "<13"), ("verdict", "<15"), ("seconds", ">7"), rest="reason", gap="  ")
+
+
+def verdicts(rows: list) -> str:
+    """The self-test's rows (tritonrnn.selftest.run_all) as text, one line a layout and dtype."""
+    return "\n".join([VERDICTS.header()] + [VERDICTS.line(r["layout"], r["dtype"], r["status"], f"{r['seconds']:.2f}",
+                                                          r["reason"]) for r in rows])

@@ -130,7 +130,9 @@ def _selftest(args) -> int:
         for row in rows:
             print(json.dumps(row))
     else:
-        print(selftest.table(rows))
+        from tritonrnn.perf.table import verdicts
+
+        print(verdicts(rows))
     print(f"verdicts cached in {selftest.cache_path(device)}")
     return 0
 

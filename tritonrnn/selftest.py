@@ -16,7 +16,7 @@ barrier cannot be timed out) or crashes it leaves a verdict the next process rea
 On by default on CUDA; TRITONRNN_SELFTEST=0 turns it off (every layout trusted), TRITONRNN_SELFTEST=1
 turns it on under Triton's interpreter too (off there by default: the CPU tests would pay for it).
 While a CUDA graph is captured nothing may run: an untested layout is then not taken.
-`tritonrnn selftest` runs every layout and prints the table (`run_all`, `table`).
+`tritonrnn selftest` runs every layout and prints the table (`run_all`; perf.table.verdicts).
 """
 import contextlib
 import ctypes
@@ -447,11 +447,3 @@ def run_all(device: torch.device, variants: list = None) -> list:
                 _VERDICTS[(cache_path(device), f"{layout}/{variant(dtype, allow_tf32)}")] = verdict
             rows.append({"layout": layout, "dtype": variant(dtype, allow_tf32), **verdict})
     return rows
-
-
-def table(rows: list) -> str:
-    """The self-test's rows as text, one line a layout and dtype."""
-    lines = [f"{'layout':10s} {'dtype':13s} {'verdict':15s} {'seconds':>7s}  reason"]
-    for r in rows:
-        lines.append(f"{r['layout']:10s} {r['dtype']:13s} {r['status']:15s} {r['seconds']:7.2f}  {r['reason']}")
-    return "\n".join(lines)
