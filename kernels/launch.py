@@ -212,13 +212,13 @@ class _Recurrence:
             raise ValueError("expected at least one timestep, got T = 0")
         if layout not in configs.LAYOUTS:
             raise ValueError(f"layout must be one of {configs.LAYOUTS}, got {layout!r}")
-        cells.get(cell)
+        gates = cells.get(cell).gates
         budget = configs.shared_memory_budget(first.device)
         if not configs.layout_fits(configs.kernel_layout(layout), H, first.dtype, allow_tf32, budget=budget):
             raise ValueError(f"the {layout} layout does not run H = {H} in {first.dtype}: its smallest tile needs more "
                              f"than the {budget} B of shared memory a program may use")
         r = cls(first.contiguous(), None, None, layout, cell, backward, reverse, stacked)
-        r.w_hh = r.check("w_hh", w_hh, (H, H))
+        r.w_hh = r.check("w_hh", w_hh, (gates * H, H))
         if lengths is not None:
             if lengths.shape != (B,) or lengths.device != first.device:
                 raise ValueError(f"lengths must be a [{B}] tensor on {first.device}")
