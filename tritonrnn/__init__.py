@@ -1,16 +1,22 @@
 """tritonrnn: Triton GPU kernels for Elman RNNs, behind drop-in torch.nn.RNN / RNNCell modules."""
+from importlib import import_module as _import_module
 from pathlib import Path as _Path
 
 _ROOT = _Path(__file__).resolve().parent.parent
 # kernels/ and perf/ sit beside this folder in a checkout and install as tritonrnn.kernels and tritonrnn.perf
 # (pyproject.toml's package-dir; docs/DESIGN.md D24): a checkout runs installed.
 try:
-    import tritonrnn.kernels  # noqa: F401
+    _kernels = _import_module("tritonrnn.kernels")
 except ModuleNotFoundError as missing:
     if missing.name != "tritonrnn.kernels":
         raise
     raise ModuleNotFoundError("tritonrnn.kernels is not installed: kernels/ installs with the package; in a checkout "
                               "run `pip install -e .` first", name=missing.name) from None
+if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "kernels" / "__init__.py").is_file() and \
+        _Path(_kernels.__file__).resolve().parent != (_ROOT / "kernels").resolve():
+    raise ImportError(f"tritonrnn comes from the checkout {_ROOT} but tritonrnn.kernels from "
+                      f"{_Path(_kernels.__file__).parent}, another install: run `pip install -e .` in this "
+                      f"checkout (or run Python outside it)")
 from tritonrnn import functional, onnx, reference
 from tritonrnn.dispatch import backend, kernel_path
 from tritonrnn.modules import RNN, RNNCell, convert, unconvert
