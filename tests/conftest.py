@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     # The self-test gate (tritonrnn.selftest) is off under the interpreter unless asked; tests that fake
-    # a CUDA device trust every layout too (tests/test_selftest.py turns it on where it tests it).
+    # a CUDA device trust every layout too (tests/dispatch/test_selftest.py turns it on where it tests it).
     os.environ.setdefault("TRITONRNN_SELFTEST", "0")
 # Triton's autotuner would tune every new shape of the suite; one GPU test turns it back on.
 os.environ.setdefault("TRITONRNN_AUTOTUNE", "0")
@@ -18,6 +18,9 @@ os.environ.setdefault("TRITONRNN_AUTOTUNE", "0")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import importlib.util  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -98,6 +101,9 @@ def calibration(constants, layout_scale=None) -> dict:
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TESTS = Path(__file__).resolve().parent
+# A results file of every provider and mode (tests/fixtures/make_results_fixture.py writes it).
+RESULTS_FIXTURE = TESTS / "fixtures" / "results_fixture.json"
 
 
 def load_example(name: str):
@@ -108,8 +114,50 @@ def load_example(name: str):
     return module
 
 
+def load_test_module(relative: str):
+    """The test module tests/<relative> under its file name, the name pytest's default import mode gives it:
+    the one pytest imported if it collected it, else imported here (whichever folder was collected first)."""
+    path = TESTS / relative
+    if path.stem not in sys.modules:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    module = sys.modules[path.stem]
+    assert Path(module.__file__).resolve() == path, f"another module is named {path.stem}: {module.__file__}"
+    return module
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """A wheel of this checkout, built into tmp_path (skips the test without setuptools)."""
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed")
+    source = tmp_path / "src"  # build from a copy: setuptools leaves build/ in the tree it builds
+    source.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md", "tritonrnn", "kernels", "perf"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                            if (ROOT / name).is_dir() else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("tritonrnn-*.whl")
+    return wheel
+
+
 def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu (pyproject.toml's markers) skip where no CUDA GPU is: `-m gpu` selects them all. On a
+    GPU they run first, in their order, so that a run cut short (perf/device_check.sh's time limit) has them."""
+    if ON_GPU:
+        items.sort(key=lambda item: item.get_closest_marker("gpu") is None)
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

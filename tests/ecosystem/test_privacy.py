@@ -23,7 +23,7 @@ from opacus.validators import ModuleValidator  # noqa: E402
 import tritonrnn  # noqa: E402
 from conftest import DEVICE, assert_close  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 B, T, I, H = 3, 4, 3, 5
 F64 = torch.float64
 

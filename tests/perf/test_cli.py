@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ON_GPU
+from conftest import ON_GPU, build_wheel
+from conftest import RESULTS_FIXTURE as FIXTURE
 from tritonrnn import cli, kernel_path, perf
 
 
@@ -40,8 +41,7 @@ def test_console_script_entry_point():
 
 # The command line's conventions: one line and exit status 2 for a usage error, no traceback unless
 # --debug; help for every option; output where the user can write it.
-FIXTURE = Path(__file__).parent / "fixtures" / "results_fixture.json"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fails_with(argv, capsys, expected: str, status: int = 2) -> str:
@@ -162,8 +162,6 @@ def test_output_goes_to_the_checkout_from_a_checkout_else_the_current_directory(
 def test_installed_copy_writes_to_the_current_directory_not_site_packages(tmp_path):
     """A regular (non-editable) install: report and bench write into the current directory and say so;
     nothing is written into the installed package."""
-    from test_packaging import build_wheel
-
     wheel = build_wheel(tmp_path / "wheel")
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
@@ -282,7 +280,7 @@ def test_results_field_of_the_wrong_type_names_the_file_and_field(field, value, 
     assert not (tmp_path / "REPORT.md").exists()
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _command(*argv, interpret=True, cwd=None, timeout=120) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import torch
 import triton
 
 from concurrent_interpreter import CONCURRENT_CAPACITY, concurrent_programs
-from conftest import DEVICE, ROOT, assert_close, dtype_id, force_layout, mutated_checkout
+from conftest import DEVICE, ROOT, assert_close, dtype_id, force_layout, load_test_module, mutated_checkout
 from tritonrnn import dispatch, kernels, ops, reference
 from tritonrnn.kernels import launch, occupancy, persistent
 from tritonrnn.kernels.occupancy import Plan
@@ -323,7 +323,7 @@ def test_bidirectional_ops_pass_opcheck(lengths):
 def test_per_sample_gradients_of_bidirectional_layers_on_the_persistent_path(monkeypatch):
     """Under torch.func transforms a bidirectional layer runs both directions through the op's vmap rule
     (its batch axis after the directions): test_per_sample_grad's bidirectional case on this layout."""
-    import test_per_sample_grad
+    test_per_sample_grad = load_test_module("ecosystem/test_per_sample_grad.py")
     monkeypatch.setitem(kernels.configs.SEQUENCE_MAX_H, 8, 0)
     assert kernels.default_layout(test_per_sample_grad.H, torch.float64) == "persistent"
     test_per_sample_grad.test_rnn_per_sample_grads_match_torch("B2-h0-batch_first-2layers-bidir-relu")
@@ -478,7 +478,7 @@ def compiled_for_hopper():
             "print(json.dumps({k: r[k] for k in ('ptx', 'ring_param', 'registers', 'stack_bytes', 'mma')}))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 

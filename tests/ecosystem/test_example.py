@@ -11,7 +11,7 @@ import torch
 import tritonrnn
 from conftest import DEVICE, load_example
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_char_rnn_backends_coincide(tmp_path):

@@ -278,7 +278,7 @@ def test_relu_propagates_nan_as_torch_does():
 def test_lengths_checked_on_the_host_only_where_they_live(monkeypatch):
     """CPU lengths (a PackedSequence's): checked on the host, a ValueError with the values. Device
     lengths: torch._assert_async, never a host sync (it fires at the device's next sync;
-    tests/test_gpu.py checks that valid CUDA lengths do not synchronise)."""
+    tests/nn/test_modules_gpu.py checks that valid CUDA lengths do not synchronise)."""
     with pytest.raises(ValueError, match=r"values in \[1, 3\], got \[0, 3\]"):
         functional._check_lengths(torch.tensor([0, 3]), 3, 2)
     functional._check_lengths(torch.tensor([1, 3]), 3, 2)

@@ -191,7 +191,7 @@ def test_interpreter_switched_on_after_import_says_so_in_one_line():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], timeout=300)
+                            cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert result.stdout.splitlines() == [INTERPRET_TOO_LATE] * 4, result.stdout + result.stderr[-2000:]
     assert "TRITON_INTERPRET=1 was set after tritonrnn was imported" in INTERPRET_TOO_LATE
 

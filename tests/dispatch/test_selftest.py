@@ -21,7 +21,7 @@ from tritonrnn import cli, dispatch, selftest
 from tritonrnn.kernels import launch, occupancy
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="plants broken layouts in the interpreter")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS_EMPTY_LIKE = launch._empty_like  # before conftest's fixture poisons every output itself
 
 

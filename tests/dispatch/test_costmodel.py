@@ -19,7 +19,7 @@ from tritonrnn.kernels import configs
 from tritonrnn.perf import calibrate, plan
 
 H100 = costmodel.OFFLINE_GPUS["h100"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _shape(batch, hidden, dtype="bfloat16", direction="forward", seq_len=512):
@@ -113,7 +113,7 @@ def test_sequence_h256_16bit_is_a_spill_free_candidate():
         assert any(c.layout == "sequence" and c.fits for c in costmodel.candidates(_shape(16, 256, dtype), H100))
 
 
-@pytest.mark.skipif(ON_GPU, reason="the interpreter's fp16; a GPU runs the 16-bit kernels in tests/test_gpu.py")
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's fp16; on a GPU: the 16-bit kernels in test_kernels_gpu.py")
 def test_sequence_path_at_h256_in_float16_matches_float64():
     """The H = 256 sequence layout (the model's choice for 16-bit H = 256) against the float64
     reference: forward (reverse, lengths) and backward, fp16 in the interpreter (one program, 3 steps)."""
@@ -316,7 +316,7 @@ def test_calibrate_refuses_without_a_gpu(tmp_path, capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(not ON_GPU, reason="measures a GPU")
+@pytest.mark.gpu
 def test_calibration_barrier_measures_on_a_gpu():
     ns = calibrate.measure_barrier(DEVICE, round_trip=False)
     assert 0 < ns < 50_000

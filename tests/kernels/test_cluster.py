@@ -5,7 +5,7 @@ interpreter cannot run (inline PTX). Here the same programs run with the counter
 (BARRIER="counter"), every program of a launch at once (tests/concurrent_interpreter.py): several
 CTAs a cluster, several clusters, one or two directions, forward and backward, against float64,
 outputs NaN-poisoned. That checks the cluster launch's tiling (rank, slices, clusters, batch tiles),
-not the cluster barrier: tests/test_static.py checks the barrier's compiled PTX.
+not the cluster barrier: tests/perf/test_static.py checks the barrier's compiled PTX.
 """
 from collections import namedtuple
 
@@ -326,7 +326,7 @@ def _barrier_counts(root) -> list:
 def test_the_cluster_barrier_is_taken_at_every_step(tmp_path):
     """Issue 24 item 2: every program of the cluster form waits at the cluster barrier once a step, every
     step but the last (nothing reads the last state), forward and backward: counted in the interpreter,
-    where the barrier is replaced by a counter. (tests/test_static.py checks that the compiled barrier
+    where the barrier is replaced by a counter. (tests/perf/test_static.py checks that the compiled barrier
     sits in the step loop, unpredicated; not that each step takes it.) A mutated copy that skips every
     other step's barrier is caught."""
     assert all(seen == expected > 0 for seen, expected in _barrier_counts(ROOT))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LONG_RUNNING = "# long-running"
 # Never run from a test, marker or not: they would change the environment or run the suite again.
 NEVER = ("pip install", "-m venv", "pytest")

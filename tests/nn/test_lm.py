@@ -140,7 +140,7 @@ def test_char_rnn_example_trains_elman_lm():
         assert torch.equal(ours.state_dict()[key], value), key
 
 
-README = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+README = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
 
 
 def test_logits_return_the_logits_and_the_state_as_the_readme_says():

@@ -133,7 +133,7 @@ def test_cluster_variants_wait_at_the_cluster_barrier_in_the_step_loop(compiled)
 def test_every_waiting_variant_orders_its_barrier_and_state_loads(compiled):
     """Issue 24 item 2, on every persistent and cluster variant a launch may ask for: the counter barrier's
     order (persistent), every load of the state other programs wrote .cg, and no branch on a thread's own
-    %globaltimer (static.barrier_order_problems; tests/test_persistent.py holds the checks' mutations)."""
+    %globaltimer (static.barrier_order_problems; tests/kernels/test_persistent.py holds the checks' mutations)."""
     waiting = [v for v in compiled if v["role"] in ("default", "limit") and v["path"] in ("persistent", "cluster")]
     assert waiting and all(v["barrier_problems"] == [] for v in waiting), [
         (v["path"], v["dtype"], v["hidden"], v.get("backward"), v["barrier_problems"]) for v in waiting

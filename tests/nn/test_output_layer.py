@@ -308,7 +308,7 @@ def test_default_chunk_size():
     assert fused.default_chunk_size(0, 5, 3) == 1
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 def test_gpu_realistic_size_and_memory(dtype):
     """N = 4096 rows, V = 32000: the loss and gradients against float64, and the peak memory of

@@ -177,7 +177,7 @@ def test_autocast_cpu_behaves_as_torch():
         torch.testing.assert_close(a.grad.cpu(), b.grad, atol=0.05 * b.grad.abs().max().item(), rtol=0)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_autocast_cuda_runs_kernels_in_autocast_dtype(dtype):
     ours, oracle = _pair(num_layers=2)

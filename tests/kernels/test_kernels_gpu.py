@@ -1,13 +1,12 @@
-"""What only a GPU can show: TF32 numerics, realistic sizes on both kernel paths, 64-bit offsets."""
+"""What only a GPU can show of the kernels: TF32 numerics, 64-bit offsets, the persistent and cluster
+layouts at realistic sizes (their plans, barriers and time-outs), relu's NaN, the barrier probe."""
 import pytest
 import torch
-from torch import nn
 
-import tritonrnn
-from conftest import ON_GPU, TOLERANCE, assert_close, dtype_id
-from tritonrnn import functional, kernels, reference
+from conftest import TOLERANCE, assert_close, dtype_id
+from tritonrnn import kernels, reference
 
-pytestmark = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -30,42 +29,6 @@ def test_tf32_recurrence_within_tf32_tolerance(path, B):
     for name, actual, expected in (("out", out, ref_out), ("dz", dz, ref.dz)):
         error = (actual.double() - expected).abs().max().item() / expected.abs().max().item()
         assert error < 1e-2, (name, error)
-
-
-def test_autotuner_fallback_runs_and_matches(monkeypatch):
-    """With no shipped config, Triton's autotuner picks one (the suite otherwise turns it off)."""
-    monkeypatch.setenv("TRITONRNN_AUTOTUNE", "1")
-    monkeypatch.setenv("TRITONRNN_TUNED", "0")
-    torch.manual_seed(0)
-    xw = torch.randn(16, 40, 96, device="cuda")
-    h0 = torch.randn(40, 96, device="cuda")
-    w = torch.randn(96, 96, device="cuda") / 10
-    ref_out, _ = reference.forward(xw.double(), h0.double(), torch.eye(96, device="cuda", dtype=torch.float64),
-                                   w.double())
-    for path in kernels.configs.TUNED_LAYOUTS:
-        out, _ = kernels.recurrence_forward(xw, h0, w, layout=path, allow_tf32=False)
-        assert_close(out, ref_out, torch.float32, path)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("B", [1, 64, 130])
-@pytest.mark.parametrize("H", [64, 128, 256, 512])
-def test_rnn_realistic_sizes_match_torch_float64(H, B, dtype):
-    torch.manual_seed(H + B)
-    oracle = nn.RNN(H, H, num_layers=2, bidirectional=True).double().cuda()
-    ours = tritonrnn.RNN(H, H, num_layers=2, bidirectional=True, device="cuda", dtype=dtype)
-    ours.load_state_dict(oracle.state_dict())
-    x = torch.randn(64, B, H, device="cuda", dtype=torch.float64)
-    g = torch.randn(64, B, 2 * H, device="cuda", dtype=torch.float64)
-    results = []
-    for module, run_dtype in ((ours, dtype), (oracle, torch.float64)):
-        xin = x.to(run_dtype).requires_grad_()
-        out, h_n = module(xin)
-        (out * g.to(run_dtype)).sum().backward()
-        results.append({"out": out, "h_n": h_n, "dx": xin.grad,
-                        **{n: p.grad for n, p in module.named_parameters()}})
-    for name in results[1]:
-        assert_close(results[0][name], results[1][name], dtype, name)
 
 
 @pytest.mark.parametrize("path", kernels.configs.TUNED_LAYOUTS)
@@ -169,29 +132,6 @@ def test_persistent_wait_times_out_instead_of_hanging(monkeypatch):
     assert out.isnan().all() and h_n.isnan().all()
 
 
-def test_refused_cooperative_launch_runs_the_next_layout(monkeypatch):
-    """A plan the GPU cannot hold (the capacity faked large: far more groups than fit) is refused by
-    the driver at the cooperative launch: the launcher raises LaunchRefused, and the op (through the
-    dispatcher, forced to the persistent layout first) warns once and runs the next layout."""
-    from tritonrnn import dispatch, ops
-    from tritonrnn.kernels import occupancy
-    monkeypatch.setattr(occupancy, "resident_capacity", lambda compiled, device: 1 << 20)
-    T, B, H = 4, 4096, 1024
-    xw = torch.randn(T, B, H, device="cuda", dtype=torch.float64)
-    h0 = torch.randn(B, H, device="cuda", dtype=torch.float64)
-    w = torch.randn(H, H, device="cuda", dtype=torch.float64) / H ** 0.5
-    ref_out, ref_hn = reference.forward(xw, h0, torch.eye(H, device="cuda", dtype=torch.float64), w)
-    half = lambda t: t.to(torch.bfloat16)[None]  # noqa: E731
-    with pytest.raises(occupancy.LaunchRefused, match="refused a cooperative launch"):
-        kernels.recurrence_forward(half(xw)[0], half(h0)[0], half(w)[0], layout="persistent")
-    choices = iter([dispatch.Choice("persistent", None, "test"), dispatch.Choice("stepwise", None, "test")])
-    monkeypatch.setattr(dispatch, "choose", lambda shape, device: next(choices))
-    with pytest.warns(RuntimeWarning, match="refused a cooperative launch"):
-        out, h_n = ops.recurrence(half(xw), half(h0), half(w), None, False, "tanh", False)
-    assert_close(out[0], ref_out, torch.bfloat16, "out")
-    assert_close(h_n[0], ref_hn, torch.bfloat16, "h_n")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("path", kernels.configs.TUNED_LAYOUTS)
 def test_relu_keeps_nan_on_the_gpu(path, dtype):
@@ -213,25 +153,6 @@ def test_relu_keeps_nan_on_the_gpu(path, dtype):
         assert torch.equal(actual.isnan(), expected.isnan()), name
         finite = ~expected.isnan()
         assert_close(actual[finite], expected[finite], dtype, name)
-
-
-def test_device_lengths_are_checked_without_a_host_sync():
-    """CUDA lengths are checked by an asynchronous device assertion: no host sync (which would block,
-    and break CUDA-graph capture and compiled graphs); CPU lengths (PackedSequence's) on the host."""
-    torch.manual_seed(0)
-    T, B, I, H = 5, 3, 4, 8
-    x, h0 = torch.randn(T, B, I, device="cuda"), torch.randn(B, H, device="cuda")
-    w_ih, w_hh = torch.randn(H, I, device="cuda"), torch.randn(H, H, device="cuda") / H ** 0.5
-    lengths = torch.tensor([5, 2, 3], device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, h_n = functional.rnn_layer(x, h0, w_ih, w_hh, lengths=lengths)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    ref_out, ref_hn = reference.forward(x.double(), h0.double(), w_ih.double(), w_hh.double(), lengths=lengths)
-    assert_close(out, ref_out, torch.float32, "out")
-    assert_close(h_n, ref_hn, torch.float32, "h_n")
 
 
 def test_w_hh_offsets_past_2_31_elements():
@@ -326,49 +247,3 @@ def test_cluster_path_runs_without_falling_back():
                                    ("out2", out2, ref_out2)):
         assert_close(actual.double(), expected.double(), torch.bfloat16, name)
     assert launch.cluster_refusal(xw.device) is None
-
-
-# The self-test gate (tritonrnn.selftest) on a real device: written before any GPU ran it.
-
-def test_every_layout_passes_its_selftest_here(monkeypatch, tmp_path):
-    """`tritonrnn selftest`'s checks on this GPU: every layout passes in every dtype it serves (the
-    cluster only from sm_90: refused before), and once compiled a layout's checks take well under a
-    second."""
-    from tritonrnn import selftest
-
-    monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path))
-    selftest.reset()
-    try:
-        for run in range(2):  # the first compiles
-            rows = selftest.run_all(torch.device("cuda"))
-            for row in rows[1:]:
-                sm90 = torch.cuda.get_device_capability()[0] >= 9
-                expected = ("passed", "not run") if row["layout"] != "cluster" or sm90 else ("refused", "not run")
-                assert row["status"] in expected, row
-                assert run == 0 or row["seconds"] < 1.0, row
-    finally:
-        selftest.reset()
-
-
-def test_no_selftest_runs_during_graph_capture(monkeypatch, tmp_path):
-    """While a CUDA graph is captured an untested layout is not taken (one warning) and nothing runs;
-    after a check outside the capture, its verdict is used inside one."""
-    from tritonrnn import selftest
-
-    monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(selftest, "check", lambda *args: pytest.fail("no self-test during capture"))
-    selftest.reset()
-    graph, x = torch.cuda.CUDAGraph(), torch.zeros(4, device="cuda")
-    try:
-        with pytest.warns(RuntimeWarning, match="no self-test can run while a CUDA graph is captured"):
-            with torch.cuda.graph(graph):
-                assert not selftest.usable("sequence", torch.float32, torch.device("cuda"), allow_tf32=True)
-                x += 1
-        monkeypatch.undo()
-        monkeypatch.setenv("TRITONRNN_CACHE_DIR", str(tmp_path))
-        assert selftest.usable("sequence", torch.float32, torch.device("cuda"), allow_tf32=True)
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            assert selftest.usable("sequence", torch.float32, torch.device("cuda"), allow_tf32=True)
-            x += 1
-    finally:
-        selftest.reset()
