@@ -202,7 +202,7 @@ def default_config(layout: str, batch: int, hidden: int, dtype: torch.dtype = No
     """The untuned launch config of `layout` (`dtype`: the persistent layout's slice width depends on it;
     None gives one that loads for every dtype).
 
-    Chosen so that no variant spills registers on sm_90 (checked offline by tests/test_static.py):
+    Chosen so that no variant spills registers on sm_90 (checked offline by tests/perf/test_static.py):
     the sequence layout holds W_hh on chip, so its batch tile shrinks as H grows.
     """
     bb = max(MIN_DOT, batch_bucket(batch))

@@ -6,7 +6,7 @@ and backward, with its registers, spilled bytes, shared memory and matmul instru
     python -m tritonrnn.perf.resources             # prints the table's rows as JSON lines
 
 This is the table's only source: tritonrnn.costmodel.candidate_configs says what to compile, and
-tests/test_costmodel.py recompiles a few entries and checks that they match. Run it without
+tests/dispatch/test_costmodel.py recompiles a few entries and checks that they match. Run it without
 TRITON_INTERPRET (the compiler needs the real @triton.jit objects), again whenever a kernel changes.
 """
 import argparse

@@ -60,16 +60,26 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mutated_checkout(tmp_path: Path, path: str, old: str, new: str) -> Path:
-    """A copy of the checkout's packages in tmp_path with `old` replaced by `new` in `path` (once): a mutant
-    for tests that a check catches a planted bug (run Python there with cwd=tmp_path)."""
+def installed_copy(tmp_path: Path) -> Path:
+    """The package as an install lays it out (tritonrnn/ with kernels/ and perf/ inside, pyproject's
+    package-dir), copied into tmp_path: Python started there imports this copy."""
     import shutil
-    for folder in ("tritonrnn", "kernels", "perf"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    text = (tmp_path / path).read_text()
+    ignore = shutil.ignore_patterns("__pycache__", "results", "smoke")
+    shutil.copytree(ROOT / "tritonrnn", tmp_path / "tritonrnn", ignore=ignore)
+    for folder in ("kernels", "perf"):
+        shutil.copytree(ROOT / folder, tmp_path / "tritonrnn" / folder, ignore=ignore)
+    return tmp_path
+
+
+def mutated_checkout(tmp_path: Path, path: str, old: str, new: str) -> Path:
+    """installed_copy with `old` replaced by `new` (once) in the checkout's file `path` (e.g.
+    "kernels/persistent.py"): a mutant for tests that a check catches a planted bug (run Python there with
+    cwd=tmp_path)."""
+    installed_copy(tmp_path)
+    target = tmp_path / (path if path.startswith("tritonrnn/") else f"tritonrnn/{path}")
+    text = target.read_text()
     assert text.count(old) == 1, f"the mutation's anchor is not once in {path}: {old!r}"
-    (tmp_path / path).write_text(text.replace(old, new))
+    target.write_text(text.replace(old, new))
     return tmp_path
 
 

@@ -585,7 +585,7 @@ def cudnn_step_ns(dtype: str, batch: int, hidden: int, hw: Hardware, direction: 
 
 # DeepBench (baidu-research/DeepBench, cuDNN 7, V100), vanilla RNN forward H=2048 B=16: 85 us a step fp32,
 # 60 fp16. Scaled to an H100 by the ratio of HBM bandwidths (0.9 -> 3.35 TB/s), an upper bound
-# that cudnn_step_ns stays below (tests/test_costmodel.py): the model does not flatter us.
+# that cudnn_step_ns stays below (tests/dispatch/test_costmodel.py): the model does not flatter us.
 DEEPBENCH_V100_NS = {"float32": 85_000.0, "float16": 60_000.0}
 V100_TO_H100 = 3.35 / 0.9
 

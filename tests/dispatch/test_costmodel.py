@@ -307,7 +307,7 @@ def test_calibration_document_from_measured_numbers(calibration_dir):
         document["cells"])
     path.write_text(json.dumps({"schema": 1, "constants": {"warp_speed": 1}}))
     with pytest.raises(ValueError, match="unknown constants"):
-        costmodel.readcalibration(path)
+        costmodel.read_calibration(path)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the refusal without a GPU")

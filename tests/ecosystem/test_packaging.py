@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import tritonrnn.kernels
-from conftest import build_wheel
+from conftest import build_wheel, installed_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,21 +33,42 @@ def test_wheel_contains_kernels_under_tritonrnn(tmp_path):
     assert f"\nVersion: {tritonrnn.__version__}\n" in wheel.read(metadata).decode()
 
 
-def test_a_checkout_imports_as_it_stands(tmp_path):
-    """Python started in a checkout's root imports that checkout, kernels and perf included, whatever is
-    installed (a non-editable install's tritonrnn would otherwise be shadowed by a tritonrnn/ without kernels)."""
-    for name in ("pyproject.toml", "tritonrnn", "kernels", "perf"):
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        copy(ROOT / name, tmp_path / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                              if (ROOT / name).is_dir() else {}))
+def test_an_installed_layout_imports_as_it_stands(tmp_path):
+    """The package laid out as an install lays it out (kernels/ and perf/ inside tritonrnn/) imports from where
+    it stands, whatever else is installed: what the mutation tests run (conftest.installed_copy)."""
+    installed_copy(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = ("import tritonrnn, tritonrnn.kernels.output, tritonrnn.perf.report\n"
             "for m in (tritonrnn, tritonrnn.kernels, tritonrnn.perf): print(m.__file__)")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [Path(p) for p in result.stdout.split()] == [tmp_path / "tritonrnn" / "__init__.py",
-                                                         tmp_path / "kernels" / "__init__.py",
-                                                         tmp_path / "perf" / "__init__.py"]
+                                                         tmp_path / "tritonrnn" / "kernels" / "__init__.py",
+                                                         tmp_path / "tritonrnn" / "perf" / "__init__.py"]
+
+
+def test_a_checkout_runs_installed_and_says_so_otherwise(tmp_path):
+    """A checkout's kernels/ and perf/ are found only by installing it (docs/DESIGN.md D24: no trick). A copy
+    of this checkout run from its root, while this one is installed, imports its own tritonrnn/ but would
+    get the installed kernels: it refuses with one line naming both and the fix, instead of running a mix.
+    Without any install of the kernels it says to install them."""
+    if Path(tritonrnn.kernels.__file__).resolve().parent != (ROOT / "kernels").resolve():
+        pytest.skip("the tests run from another install than this checkout's own")
+    for name in ("pyproject.toml", "tritonrnn", "kernels", "perf"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, tmp_path / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                              if (ROOT / name).is_dir() else {}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", "import tritonrnn"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    assert f"tritonrnn comes from the checkout {tmp_path}" in result.stderr and "pip install -e ." in result.stderr
+    assert "(most likely due to a circular import)" not in result.stderr
+    isolated = ("import sys; sys.path.insert(0, '.'); "
+                "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; import tritonrnn")
+    result = subprocess.run([sys.executable, "-I", "-c", isolated], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "tritonrnn.kernels is not installed" in result.stderr, result.stderr[-2000:]
 
 
 def _imports(path: Path) -> set:
