@@ -80,6 +80,10 @@ def _pessimistic_layout(row: dict) -> str:
     return f" [pessimistic: {row['path_pessimistic']} ({_config_text(row['config_pessimistic'])})]"
 
 
+def _layout_text(row: dict) -> str:
+    return f"{row['path']} ({_config_text(row['config'])}){_pessimistic_layout(row)}"
+
+
 def _speedups(row: dict) -> str:
     return f"{row['predicted_speedup']:.2f}x .. {row['predicted_speedup_pessimistic']:.2f}x"
 
@@ -101,10 +105,11 @@ def markdown_table(rows: list) -> str:
         f, b = pair["forward"], pair["backward"]
         algorithm = f["cudnn_algorithm"] + ("" if b["cudnn_algorithm"] == f["cudnn_algorithm"]
                                             else f" / {b['cudnn_algorithm']}")
-        cudnn = _steps(f, "cudnn_") + ("" if _steps(b, "cudnn_") == _steps(f, "cudnn_") else f" / {_steps(b, 'cudnn_')}")
-        lines.append(f"| {dtype} | {hidden} | {batch} | {f['path']} ({_config_text(f['config'])}){_pessimistic_layout(f)} "
-                     f"| {_steps(f)} | {b['path']} ({_config_text(b['config'])}){_pessimistic_layout(b)} | {_steps(b)} | "
-                     f"{algorithm} | {cudnn} | {_speedups(f)} / {_speedups(b)} | {f['verdict']} / {b['verdict']} |")
+        cudnn = _steps(f, "cudnn_") + ("" if _steps(b, "cudnn_") == _steps(f, "cudnn_")
+                                       else f" / {_steps(b, 'cudnn_')}")
+        lines.append(f"| {dtype} | {hidden} | {batch} | {_layout_text(f)} | {_steps(f)} | {_layout_text(b)} | "
+                     f"{_steps(b)} | {algorithm} | {cudnn} | {_speedups(f)} / {_speedups(b)} | "
+                     f"{f['verdict']} / {b['verdict']} |")
     return "\n".join(lines)
 
 
@@ -168,8 +173,9 @@ SPEEDUP_TICKS = (-2, -1, 0, 1, 2)  # log2 of the speedup: 0.25x .. 4x, the colou
 
 def predicted_speedup_figure(rows: list):
     """The heatmaps of the predicted speedup (B x H) per dtype and direction, labelled a prediction, with a
-    colour bar and the layouts' abbreviations; one panel per dtype for both directions where the backward's
-    predictions are the forward's in every cell (the model's case today)."""
+    colour bar (the baseline's speedup), each cell's range, layout and verdict, and the layouts' abbreviations;
+    one panel per dtype for both directions where the backward's predictions are the forward's in every cell
+    (the model's case today)."""
     import matplotlib.pyplot as plt
 
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
@@ -198,13 +204,14 @@ def predicted_speedup_figure(rows: list):
             ax.set_ylabel("B")
             which = "forward and backward (the same predictions)" if same else direction
             ax.set_title(f"{dtype} {which}: PREDICTED speedup over cuDNN", fontsize=9)
-            ax.set_title("colour: baseline; text: baseline..pessimistic", fontsize=7, loc="right", y=-0.3)
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
     bar.set_ticks(SPEEDUP_TICKS, labels=[f"{2.0 ** t:g}x" for t in SPEEDUP_TICKS])
     bar.set_label("predicted speedup (cuDNN step / tritonrnn step), log scale")
     gpu = rows[0]["gpu"]
-    fig.suptitle(f"PREDICTION (cost model, {gpu}, no GPU measured it): cuDNN step / tritonrnn step\nlayouts: "
-                 + ", ".join(f"{short} = {name}" for name, short in LAYOUT_ABBREVIATIONS.items()), fontsize=10)
+    fig.suptitle(f"PREDICTION (cost model, {gpu}, no GPU measured it): cuDNN step / tritonrnn step\neach cell: the "
+                 f"speedup under the baseline .. the pessimistic constants (colour: baseline), layout, verdict"
+                 f"\nlayouts: " + ", ".join(f"{short} = {name}" for name, short in LAYOUT_ABBREVIATIONS.items()),
+                 fontsize=10)
     return fig
 
 
@@ -233,7 +240,8 @@ def render_prediction(rows: list, out_dir: Path) -> Path:
     lines = ["# tritonrnn: PREDICTED performance (no GPU measured this)", "",
              f"**This is a prediction of the cost model (tritonrnn/costmodel.py) for {rows[0]['gpu']}, not a "
              f"measurement**: no results from `tritonrnn bench` were found. Constants: "
-             f"{'a calibration file measured on that GPU' if calibrated else 'the uncalibrated defaults (sources in tritonrnn/costmodel.py)'}; "
+             f"{'a calibration file measured on that GPU' if calibrated else 'the uncalibrated defaults'} (listed "
+             "below with their sources); "
              "resources: the offline sm_90 compile shipped in kernels/offline/sm_90.json. Measure with "
              "`tritonrnn bench` on a GPU (or perf/device_check.sh) and `tritonrnn report` renders the measurement "
              "instead.", "",
@@ -247,8 +255,8 @@ def render_prediction(rows: list, out_dir: Path) -> Path:
              "## The plan (what each cell would run)", "", markdown_table(rows), ""]
     if head["short_of_a_win"]:
         lines += ["## Cells short of a win (speedup baseline .. pessimistic)", ""]
-        lines += [f"- {d} H={h} B={b} {direction}: {verdict}, {speedup:.2f}x .. {worst:.2f}x against cuDNN's {algorithm}"
-                  for d, h, b, direction, algorithm, speedup, worst, verdict in head["short_of_a_win"]]
+        lines += [f"- {d} H={h} B={b} {direction}: {verdict}, {speedup:.2f}x .. {worst:.2f}x against cuDNN's "
+                  f"{algorithm}" for d, h, b, direction, algorithm, speedup, worst, verdict in head["short_of_a_win"]]
         lines.append("")
     lines += [f"## The constants (Triton {basis['triton']} installed when this was computed)", "",
               "| constant | baseline | pessimistic | source |", "|---|---|---|---|"]

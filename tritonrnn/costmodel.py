@@ -17,8 +17,9 @@ recurrence of one layer and direction:
 - "stepwise": one launch of rnn_step_kernel per step.
 
 Per step, from the compiled kernel's resources (registers, warps, shared memory, the matmul
-instruction) and the constants of `Hardware` (each with its source; a calibration file measured on
-the GPU replaces them, kernels/calibration/<GPU>.json, `Calibration`):
+instruction) and the constants of `Hardware` (CONSTANTS: each with a baseline, a pessimistic value and its
+source; `Hardware.pessimistic()` the set that moves every one against us, plan_cell predicts under both;
+a calibration file measured on the GPU replaces them in both, kernels/calibration/<GPU>.json):
 
     sequence   = waves * (shared(W + state staging) + max(mma, chain) + epilogue
                           + the input's latency beyond them: it is loaded one step ahead)
@@ -304,6 +305,10 @@ def read_calibration(path: Path) -> dict:
     unknown = set(data["constants"]) - set(CALIBRATED_CONSTANTS) - set(CALIBRATION_ALIASES)
     if unknown:
         raise ValueError(f"{path}: unknown constants {sorted(unknown)}")
+    twice = [f"{alias} and {name}" for alias, name in CALIBRATION_ALIASES.items()
+             if {alias, name} <= set(data["constants"])]
+    if twice:
+        raise ValueError(f"{path}: one constant under two names: {', '.join(twice)}")
     return data
 
 
