@@ -264,7 +264,7 @@ class Hardware:
             worst = (max if c.worse == "higher" else min)(self.value(name) * c.unit, c.pessimistic)
             if c.dtypes:
                 table = dict(values.get(c.field, getattr(self, c.field)))
-                values[c.field] = tuple(sorted({**table, **{d: worst for d in c.dtypes}}.items()))
+                values[c.field] = tuple({**table, **{d: worst for d in c.dtypes}}.items())  # its order kept
             else:
                 values[c.field] = worst
         return dataclasses.replace(self, **values)
