@@ -177,6 +177,13 @@ def test_prediction_shows_the_range_and_the_verdicts(rows, tmp_path):
             f"{loss['predicted_speedup']:.2f}x .. {loss['predicted_speedup_pessimistic']:.2f}x") in text
 
 
+def test_report_prediction_says_the_range_and_the_verdicts(tmp_path, capsys):
+    assert cli.main(["report", "--prediction", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "under the pessimistic set" in out and "verdicts of 120 cell-directions: " in out
+    assert " .. " in (tmp_path / "PREDICTION.md").read_text()
+
+
 def test_a_measured_constant_is_its_own_pessimistic_value(calibration_dir):
     (calibration_dir / "H100.json").write_text(json.dumps(calibration(
         {"counter_barrier_ns": 700, "launch_ns": 5000, "cudnn_small_h_ns": {"float32": 900.0}})))
