@@ -3,9 +3,12 @@
     tritonrnn info --offline h100 --grid standard [--json]     # every standard-grid cell, both directions
     tritonrnn info --offline h200 --hidden-size 1024 --batch 64 --dtype bfloat16
 
-Rows come from tritonrnn.costmodel.plan_cell (resources from the shipped offline sm_90 table). Without
-measured results, `tritonrnn report` renders this plan as a prediction (`render_prediction`): a report
-titled as such and a heatmap of the predicted speedup over cuDNN per cell.
+Rows come from tritonrnn.costmodel.plan_cell (resources from the shipped offline sm_90 table), each a range:
+the baseline constants and the pessimistic set (costmodel.CONSTANTS), and a verdict (win, likely, tie, loss;
+costmodel.verdict). The JSON output starts with one object of the constants, both values and their sources,
+and the Triton the plan was computed for (`constants_object`). Without measured results, `tritonrnn report`
+renders this plan as a prediction (`render_prediction`): a report titled as such and a heatmap of the
+predicted speedup over cuDNN per cell.
 """
 import math
 from pathlib import Path
@@ -15,7 +18,9 @@ from tritonrnn import costmodel
 from .grid import BATCHES, DTYPES, HIDDENS, SEQ_LEN
 
 DIRECTIONS = ("forward", "backward")
-JSON_KEYS = ("dtype", "batch", "hidden", "direction", "path", "predicted_us", "cudnn_algorithm", "cudnn_predicted_us")
+JSON_KEYS = ("dtype", "batch", "hidden", "direction", "path", "predicted_us", "cudnn_algorithm", "cudnn_predicted_us",
+             "predicted_speedup", "path_pessimistic", "config_pessimistic", "predicted_us_pessimistic",
+             "cudnn_predicted_us_pessimistic", "predicted_speedup_pessimistic", "verdict")
 
 
 def cells(gpu: str, shapes) -> list:
@@ -30,28 +35,69 @@ def grid_plan(gpu: str) -> list:
     return cells(gpu, [(SEQ_LEN, b, h, d) for d in DTYPES for h in HIDDENS for b in BATCHES])
 
 
+def constants_object(gpu: str) -> dict:
+    """What the plan's numbers rest on: every constant of the model, baseline and pessimistic with its source,
+    and the Triton installed here (the layouts that exist depend on it; `info --offline` plans for it)."""
+    import triton
+
+    hw = costmodel.offline_hardware(gpu)
+    return {"constants": hw.constants(), "triton": triton.__version__, "gpu": hw.name, "calibrated": hw.calibrated}
+
+
+def read_json(lines) -> tuple:
+    """The JSON lines `show` prints: (the constants object, the rows)."""
+    import json
+
+    objects = [json.loads(line) for line in lines if line.strip()]
+    return objects[0], objects[1:]
+
+
 def _config_text(config: dict) -> str:
     short = {"BLOCK_B": "B", "BLOCK_N": "N", "BLOCK_K": "K", "K_SPLIT": "ks", "num_warps": "w"}
     return " ".join(f"{short[k]}{v}" for k, v in config.items() if k in short)
 
 
 def text(rows: list) -> str:
-    """Each cell and direction: the chosen layout and every candidate's predicted step."""
+    """Each cell and direction: the chosen layout, the range of its predicted step (baseline .. pessimistic),
+    cuDNN's, the speedups and the verdict; every candidate's predicted step under the baseline."""
     out = []
     for r in rows:
         out.append(f"{r['dtype']} T={r['seq_len']} B={r['batch']} H={r['hidden']} {r['direction']}: {r['path']} "
-                   f"({_config_text(r['config'])}) {r['predicted_us']:.2f} us a step; cuDNN {r['cudnn_algorithm']} "
-                   f"{r['cudnn_predicted_us']:.2f} us; predicted speedup {r['predicted_speedup']:.2f}x")
+                   f"({_config_text(r['config'])}){_pessimistic_layout(r)} {r['predicted_us']:.2f} .. "
+                   f"{r['predicted_us_pessimistic']:.2f} us a step; cuDNN {r['cudnn_algorithm']} "
+                   f"{r['cudnn_predicted_us']:.2f} .. {r['cudnn_predicted_us_pessimistic']:.2f} us; predicted speedup "
+                   f"{_speedups(r)}: {r['verdict']}")
         for c in r["candidates"]:
             verdict = f"{c['predicted_us']:.2f} us" if c["fits"] else f"not taken: {c['why']}"
             out.append(f"    {c['layout']:10s} {_config_text(c['config']):24s} {verdict}")
     return "\n".join(out)
 
 
+def _pessimistic_layout(row: dict) -> str:
+    """' [pessimistic: LAYOUT (CONFIG)]' where the pessimistic set chooses another layout or config, else ''."""
+    if (row["path_pessimistic"], row["config_pessimistic"]) == (row["path"], row["config"]):
+        return ""
+    return f" [pessimistic: {row['path_pessimistic']} ({_config_text(row['config_pessimistic'])})]"
+
+
+def _layout_text(row: dict) -> str:
+    return f"{row['path']} ({_config_text(row['config'])}){_pessimistic_layout(row)}"
+
+
+def _speedups(row: dict) -> str:
+    return f"{row['predicted_speedup']:.2f}x .. {row['predicted_speedup_pessimistic']:.2f}x"
+
+
+def _steps(row: dict, prefix: str = "") -> str:
+    return f"{row[prefix + 'predicted_us']:.2f} .. {row[prefix + 'predicted_us_pessimistic']:.2f}"
+
+
 def markdown_table(rows: list) -> str:
-    """The plan as the table of perf/NOTES.md: one row per cell, forward and backward side by side."""
+    """The plan as the table of perf/NOTES.md: one row per cell, forward and backward side by side, every
+    figure a range (baseline .. pessimistic), and the verdicts."""
     lines = ["| dtype | H | B | forward: layout (config) | step (us) | backward: layout (config) | step (us) "
-             "| cuDNN algorithm | cuDNN step (us) | predicted speedup fwd / bwd |", "|" + "---|" * 10]
+             "| cuDNN algorithm | cuDNN step (us) | predicted speedup fwd / bwd | verdict fwd / bwd |",
+             "|" + "---|" * 11]
     by_cell = {}
     for r in rows:
         by_cell.setdefault((r["dtype"], r["hidden"], r["batch"]), {})[r["direction"]] = r
@@ -59,20 +105,22 @@ def markdown_table(rows: list) -> str:
         f, b = pair["forward"], pair["backward"]
         algorithm = f["cudnn_algorithm"] + ("" if b["cudnn_algorithm"] == f["cudnn_algorithm"]
                                             else f" / {b['cudnn_algorithm']}")
-        cudnn = f"{f['cudnn_predicted_us']:.2f}" + ("" if b["cudnn_predicted_us"] == f["cudnn_predicted_us"]
-                                                     else f" / {b['cudnn_predicted_us']:.2f}")
-        lines.append(f"| {dtype} | {hidden} | {batch} | {f['path']} ({_config_text(f['config'])}) | "
-                     f"{f['predicted_us']:.2f} | {b['path']} ({_config_text(b['config'])}) | {b['predicted_us']:.2f} | "
-                     f"{algorithm} | {cudnn} | {f['predicted_speedup']:.2f}x / {b['predicted_speedup']:.2f}x |")
+        cudnn = _steps(f, "cudnn_") + ("" if _steps(b, "cudnn_") == _steps(f, "cudnn_")
+                                       else f" / {_steps(b, 'cudnn_')}")
+        lines.append(f"| {dtype} | {hidden} | {batch} | {_layout_text(f)} | {_steps(f)} | {_layout_text(b)} | "
+                     f"{_steps(b)} | {algorithm} | {cudnn} | {_speedups(f)} / {_speedups(b)} | "
+                     f"{f['verdict']} / {b['verdict']} |")
     return "\n".join(lines)
 
 
-PREDICTED = ("predicted_us", "cudnn_predicted_us")  # the step times (configs may tie-break apart)
+# The step times (configs may tie-break apart), baseline and pessimistic.
+PREDICTED = ("predicted_us", "cudnn_predicted_us", "predicted_us_pessimistic", "cudnn_predicted_us_pessimistic")
 
 
 def headline(rows: list) -> dict:
-    """How many cell-directions the chosen layout is predicted to win (speedup >= 1), and which lose; how
-    many cells (shapes) they are, and in how many the backward's prediction is the forward's."""
+    """How many cell-directions the chosen layout is predicted to win (speedup >= 1) under the baseline and
+    under the pessimistic set, and which lose (under the baseline); the verdicts counted, and the rows short
+    of a win; how many cells (shapes) they are, and in how many the backward's prediction is the forward's."""
     losing = [r for r in rows if r["predicted_speedup"] < 1.0]
     by_cell = {}
     for r in rows:
@@ -80,22 +128,43 @@ def headline(rows: list) -> dict:
     identical = [pair for pair in by_cell.values()
                  if len(pair) == 2 and all(pair[0][key] == pair[1][key] for key in PREDICTED)]
     return {"cells": len(rows), "winning": len(rows) - len(losing),
+            "winning_pessimistic": sum(r["predicted_speedup_pessimistic"] >= 1.0 for r in rows),
+            "verdicts": {v: sum(r["verdict"] == v for r in rows) for v in costmodel.VERDICTS},
+            "short_of_a_win": [(r["dtype"], r["hidden"], r["batch"], r["direction"], r["cudnn_algorithm"],
+                                r["predicted_speedup"], r["predicted_speedup_pessimistic"], r["verdict"])
+                               for r in rows if r["verdict"] != "win"],
             "losing": [(r["dtype"], r["hidden"], r["batch"], r["direction"], r["cudnn_algorithm"],
                         r["predicted_speedup"]) for r in losing],
             "shapes": len(by_cell), "identical_directions": len(identical),
-            "winning_shapes": sum(all(r["predicted_speedup"] >= 1.0 for r in cell) for cell in by_cell.values())}
+            "winning_shapes": sum(all(r["predicted_speedup"] >= 1.0 for r in cell) for cell in by_cell.values()),
+            "winning_shapes_pessimistic": sum(all(r["predicted_speedup_pessimistic"] >= 1.0 for r in cell)
+                                              for cell in by_cell.values())}
 
 
 def headline_text(head: dict) -> str:
-    """The headline in words: cell-directions, and what they are where each cell counts twice."""
-    text = f"predicted speedup >= 1.0 in {head['winning']} of {head['cells']} cell-directions"
+    """The headline in words: cell-directions under either set, and what they are where each cell counts twice."""
+    text = (f"predicted speedup >= 1.0 in {head['winning']} of {head['cells']} cell-directions under the baseline "
+            f"constants, {head['winning_pessimistic']} under the pessimistic set")
     if head["cells"] != 2 * head["shapes"]:
         return text
     text += f" ({head['shapes']} cells x forward/backward"
     if head["identical_directions"] == head["shapes"]:
         return (text + f"; the model predicts each cell's backward step as its forward step, so this is "
-                       f"{head['winning_shapes']} of {head['shapes']} cells counted twice)")
+                       f"{head['winning_shapes']} and {head['winning_shapes_pessimistic']} of {head['shapes']} cells "
+                       f"counted twice)")
     return text + ")"
+
+
+VERDICT_RULES = {"win": f">= {costmodel.WIN_AT}x under the pessimistic set",
+                 "likely": f">= {costmodel.LIKELY_AT}x under the baseline",
+                 "tie": f"{costmodel.TIE_FROM}x to {costmodel.LIKELY_AT}x under the baseline",
+                 "loss": f"< {costmodel.TIE_FROM}x under the baseline"}
+
+
+def verdicts_text(head: dict) -> str:
+    """The verdicts counted, each with its rule."""
+    return (f"verdicts of {head['cells']} cell-directions: "
+            + ", ".join(f"{head['verdicts'][v]} {v} ({VERDICT_RULES[v]})" for v in costmodel.VERDICTS))
 
 
 LAYOUT_ABBREVIATIONS = {"sequence": "seq", "persistent": "pers", "cluster": "clus", "stepwise": "step"}
@@ -104,8 +173,9 @@ SPEEDUP_TICKS = (-2, -1, 0, 1, 2)  # log2 of the speedup: 0.25x .. 4x, the colou
 
 def predicted_speedup_figure(rows: list):
     """The heatmaps of the predicted speedup (B x H) per dtype and direction, labelled a prediction, with a
-    colour bar and the layouts' abbreviations; one panel per dtype for both directions where the backward's
-    predictions are the forward's in every cell (the model's case today)."""
+    colour bar (the baseline's speedup), each cell's range, layout and verdict, and the layouts' abbreviations;
+    one panel per dtype for both directions where the backward's predictions are the forward's in every cell
+    (the model's case today)."""
     import matplotlib.pyplot as plt
 
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
@@ -125,8 +195,9 @@ def predicted_speedup_figure(rows: list):
                 for hi, h in enumerate(HIDDENS):
                     r = index.get((dtype, direction, b, h))
                     if r:
-                        ax.text(hi, bi, f"{r['predicted_speedup']:.2f}x\n{LAYOUT_ABBREVIATIONS[r['path']]}",
-                                ha="center", va="center", fontsize=7)
+                        ax.text(hi, bi, f"{r['predicted_speedup']:.2f}x..{r['predicted_speedup_pessimistic']:.2f}x\n"
+                                        f"{LAYOUT_ABBREVIATIONS[r['path']]} {r['verdict']}",
+                                ha="center", va="center", fontsize=6)
             ax.set_xticks(range(len(HIDDENS)), [str(h) for h in HIDDENS])
             ax.set_yticks(range(len(BATCHES)), [str(b) for b in BATCHES])
             ax.set_xlabel("H")
@@ -137,8 +208,10 @@ def predicted_speedup_figure(rows: list):
     bar.set_ticks(SPEEDUP_TICKS, labels=[f"{2.0 ** t:g}x" for t in SPEEDUP_TICKS])
     bar.set_label("predicted speedup (cuDNN step / tritonrnn step), log scale")
     gpu = rows[0]["gpu"]
-    fig.suptitle(f"PREDICTION (cost model, {gpu}, no GPU measured it): cuDNN step / tritonrnn step\nlayouts: "
-                 + ", ".join(f"{short} = {name}" for name, short in LAYOUT_ABBREVIATIONS.items()), fontsize=10)
+    fig.suptitle(f"PREDICTION (cost model, {gpu}, no GPU measured it): cuDNN step / tritonrnn step\neach cell: the "
+                 f"speedup under the baseline .. the pessimistic constants (colour: baseline), layout, verdict"
+                 f"\nlayouts: " + ", ".join(f"{short} = {name}" for name, short in LAYOUT_ABBREVIATIONS.items()),
+                 fontsize=10)
     return fig
 
 
@@ -163,22 +236,33 @@ def render_prediction(rows: list, out_dir: Path) -> Path:
     plot = plot_predicted_speedup(rows, out_dir / "plots" / "predicted_speedup.png")
     head = headline(rows)
     calibrated = rows[0]["calibrated"]
+    basis = constants_object(rows[0]["gpu"])
     lines = ["# tritonrnn: PREDICTED performance (no GPU measured this)", "",
              f"**This is a prediction of the cost model (tritonrnn/costmodel.py) for {rows[0]['gpu']}, not a "
              f"measurement**: no results from `tritonrnn bench` were found. Constants: "
-             f"{'a calibration file measured on that GPU' if calibrated else 'the uncalibrated defaults (sources in tritonrnn/costmodel.py)'}; "
+             f"{'a calibration file measured on that GPU' if calibrated else 'the uncalibrated defaults'} (listed "
+             "below with their sources); "
              "resources: the offline sm_90 compile shipped in kernels/offline/sm_90.json. Measure with "
              "`tritonrnn bench` on a GPU (or perf/device_check.sh) and `tritonrnn report` renders the measurement "
              "instead.", "",
+             "Every figure is a range, baseline .. pessimistic: the baseline constants, and the pessimistic set "
+             "that moves each constant against tritonrnn within its published spread (the constants below); the "
+             "layout the pessimistic set would choose is named where it differs. A cell's verdict is the first that "
+             "holds of: " + "; ".join(f"{v}, {rule}" for v, rule in VERDICT_RULES.items()) + ".", "",
              f"{headline_text(head).replace('predicted speedup', 'Predicted speedup (cuDNN step / tritonrnn step)')}"
-             " of the standard grid (T = 512, one layer).", "",
+             " of the standard grid (T = 512, one layer).", "", f"{verdicts_text(head).capitalize()}.", "",
              f"![predicted speedup]({plot.relative_to(out_dir).as_posix()})", "",
              "## The plan (what each cell would run)", "", markdown_table(rows), ""]
-    if head["losing"]:
-        lines += ["## Cells no layout is predicted to win", ""]
-        lines += [f"- {d} H={h} B={b} {direction}: {speedup:.2f}x against cuDNN's {algorithm}"
-                  for d, h, b, direction, algorithm, speedup in head["losing"]]
+    if head["short_of_a_win"]:
+        lines += ["## Cells short of a win (speedup baseline .. pessimistic)", ""]
+        lines += [f"- {d} H={h} B={b} {direction}: {verdict}, {speedup:.2f}x .. {worst:.2f}x against cuDNN's "
+                  f"{algorithm}" for d, h, b, direction, algorithm, speedup, worst, verdict in head["short_of_a_win"]]
         lines.append("")
+    lines += [f"## The constants (Triton {basis['triton']} installed when this was computed)", "",
+              "| constant | baseline | pessimistic | source |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {c['baseline']:g} | {c['pessimistic']:g} | {c['source']} |"
+              for name, c in basis["constants"].items()]
+    lines.append("")
     path = out_dir / "PREDICTION.md"
     path.write_text("\n".join(lines))
     return path
@@ -188,8 +272,8 @@ def show(rows: list, gpu: str, as_json: bool = False) -> None:
     """Print the plan's rows: one JSON object each, or the text `tritonrnn info --offline` shows."""
     import json
 
-    if as_json:
-        for row in rows:
+    if as_json:  # the constants first, then a row each
+        for row in [constants_object(gpu), *rows]:
             print(json.dumps(row))
         return
     print(f"offline plan for {rows[0]['gpu']} (cost model, {'calibrated' if rows[0]['calibrated'] else 'uncalibrated'} "
@@ -197,9 +281,15 @@ def show(rows: list, gpu: str, as_json: bool = False) -> None:
           f"measured this)")
     if gpu.lower() in costmodel.OFFLINE_NOTES:
         print(costmodel.OFFLINE_NOTES[gpu.lower()])
+    import triton
+
+    print(f"each step and speedup: baseline .. pessimistic constants (the JSON lists both with their sources); "
+          f"candidates under the baseline; planned with Triton {triton.__version__}")
     print(text(rows))
     if len(rows) > 2:
-        print(headline_text(headline(rows)))
+        head = headline(rows)
+        print(verdicts_text(head))
+        print(headline_text(head))
 
 
 def main(argv=None) -> int:
@@ -209,7 +299,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m tritonrnn.perf.plan", description=__doc__.split("\n")[0])
     parser.add_argument("gpu", nargs="?", default="h100", choices=sorted(costmodel.OFFLINE_GPUS))
-    parser.add_argument("--json", action="store_true", help="one JSON object per cell and direction")
+    parser.add_argument("--json", action="store_true",
+                        help="the constants' JSON object, then one JSON object per cell and direction")
     args = parser.parse_args(argv)
     show(grid_plan(args.gpu), args.gpu, args.json)
     return 0

@@ -149,8 +149,9 @@ def render_prediction(out_dir=None) -> str:
 
     rows = plan.grid_plan("h100")
     path = plan.render_prediction(rows, out_dir or output_dir())
+    head = plan.headline(rows)
     return (f"rendered {path}: a PREDICTION (cost model, H100, no GPU measured it); "
-            f"{plan.headline_text(plan.headline(rows))} of the standard grid")
+            f"{plan.headline_text(head)} of the standard grid; {plan.verdicts_text(head)}")
 
 
 def _save(fig, path: Path, note=None) -> Path:

@@ -215,12 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="data type (default float32)")
     info.add_argument("--offline", metavar="GPU", type=str.lower, default=None,
                       help="what that GPU (h100 or h200) would run, predicted by the cost model from the shipped "
-                           "offline sm_90 compile, with no GPU here: the chosen layout and every candidate's step")
+                           "offline sm_90 compile, with no GPU here: the chosen layout, its step under the baseline "
+                           ".. the pessimistic constants, the verdict, and every candidate's step")
     info.add_argument("--grid", choices=["standard"], default=None,
                       help="with --offline: every standard-grid cell (3 dtypes x 4 B x 5 H, T=512), both directions; "
                            "--hidden-size, --batch, --dtype keep only the cells with that value")
     info.add_argument("--json", action="store_true",
-                      help="with --offline: one JSON object per cell and direction")
+                      help="with --offline: one JSON object of the constants (baseline, pessimistic, source) and "
+                           "the installed Triton, then one per cell and direction")
     info.set_defaults(run=_info)
 
     check = commands.add_parser("selftest", parents=[debug],

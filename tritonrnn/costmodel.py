@@ -17,8 +17,9 @@ recurrence of one layer and direction:
 - "stepwise": one launch of rnn_step_kernel per step.
 
 Per step, from the compiled kernel's resources (registers, warps, shared memory, the matmul
-instruction) and the constants of `Hardware` (each with its source; a calibration file measured on
-the GPU replaces them, kernels/calibration/<GPU>.json, `Calibration`):
+instruction) and the constants of `Hardware` (CONSTANTS: each with a baseline, a pessimistic value and its
+source; `Hardware.pessimistic()` the set that moves every one against us, plan_cell predicts under both;
+a calibration file measured on the GPU replaces them in both, kernels/calibration/<GPU>.json):
 
     sequence   = waves * (shared(W + state staging) + max(mma, chain) + epilogue
                           + the input's latency beyond them: it is loaded one step ahead)
@@ -68,63 +69,172 @@ SPILL_FREE = 0  # a candidate must compile without spilling (stack bytes)
 # model's dependent L2 latency, Hardware.l2_latency_ns: 300 ns); then the handshake, the arrival carried to
 # every CTA of the cluster over the GPC's SM-to-SM network and the wait's release back, two one-way trips
 # assumed about 200 cycles each (a remote access inside the GPC: of the order of an L2 hit) = 200 ns at
-# 1.98 GHz. So L2 latency + handshake = 500 ns; the counter barrier's assumed figure: 1,000 ns.
-ASSUMED_CLUSTER_HANDSHAKE_NS = 200
+# 1.98 GHz. So L2 latency + handshake = 500 ns; the counter barrier's assumed figure: 1,000 ns. The pessimistic
+# set (CONSTANTS) doubles the handshake: with its L2 latency of 600 ns, a cluster barrier of 1,000 ns.
+ASSUMED_CLUSTER_HANDSHAKE_NS = 200.0
+# An A100's boost clock over an H100 SXM5's: a figure measured on an A100 (PR 62143 names no GPU), scaled
+# to an H100's clock, is what the pessimistic set takes for cuDNN's small-H step.
+A100_TO_H100_CLOCK = 1.41 / 1.98
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant:
+    """One constant the model charges: its baseline, its pessimistic value (moved against tritonrnn within
+    its published spread; where none is published the source says so) and where both come from. `field`
+    is Hardware's field, the values in its unit (ns; `unit` 1e3 where the name says us), `dtypes` the
+    entries of a per-dtype field it is; `worse` "higher" or "lower": which way a value moves against us
+    (for cuDNN's figures: lower, cuDNN faster). A derived constant (values None) follows from others."""
+
+    field: str
+    baseline: float
+    pessimistic: float
+    worse: str
+    source: str
+    dtypes: tuple = ()
+    unit: float = 1.0
+
+
+_16BIT = ("bfloat16", "float16")
+_NOT_MOVED = "; not moved in the pessimistic set"
+# Every constant of Hardware the model charges, by the name the plan's JSON gives it (the issue's names;
+# `counter_barrier_ns` is the field barrier_ns, the calibration file's key). The SM limits (occupancy.SMLimits)
+# are the chip's, read from the device on a GPU: they decide what fits, not what it costs.
+CONSTANTS = {
+    "clock_ghz": Constant("clock_ghz", 1.98, 1.98, "lower", "H100 SXM5 boost clock (NVIDIA datasheet)" + _NOT_MOVED
+                          + " (no published spread; a sustained clock below boost lengthens every cycle term)"),
+    "peak_tflops_16bit": Constant("peak_tflops", 989.0, 989.0, "lower", "dense 16-bit tensor-core peak, H100 SXM5 "
+                                  "datasheet (read by both sides: our MMA and cuDNN's GEMM)" + _NOT_MOVED, _16BIT),
+    "peak_tflops_tf32": Constant("peak_tflops", 495.0, 495.0, "lower", "dense TF32 tensor-core peak, H100 SXM5 "
+                                 "datasheet" + _NOT_MOVED, ("float32",)),
+    "peak_tflops_fp64": Constant("peak_tflops", 67.0, 67.0, "lower", "fp64 tensor-core peak, H100 SXM5 datasheet"
+                                 + _NOT_MOVED, ("float64",)),
+    "wgmma_efficiency": Constant("wgmma_efficiency", 0.7, 0.35, "lower",
+                                 "assumed, no source: cuBLAS-class wgmma kernels at these small N; pessimistic "
+                                 "halved (an independent review's count: 25-45% of peak at N = 8-16 with the W "
+                                 "slice read from shared memory)"),
+    "mma_sync_efficiency": Constant("mma_sync_efficiency", 0.5, 0.25, "lower",
+                                    "mma.sync at about half of wgmma's peak on Hopper (Luo et al., 2024, "
+                                    "\"Benchmarking and Dissecting the Nvidia Hopper GPU Architecture\"); "
+                                    "pessimistic halved, as wgmma's"),
+    "cudnn_gemm_efficiency": Constant("cudnn_gemm_efficiency", 0.7, 0.7, "higher",
+                                      "cuDNN's GEMM work a step (cudnn_step_ns): the wgmma baseline's assumption"
+                                      + _NOT_MOVED + " (halving it with ours would speed us up against cuDNN)"),
+    "mma_latency_cycles": Constant("mma_latency_cycles", 33.0, 35.0, "higher",
+                                   "one dependent mma.sync m16n8k16, ~30-35 cycles (Luo et al., 2024); pessimistic "
+                                   "the range's top"),
+    "shared_bytes_per_cycle": Constant("shared_bytes_per_cycle", 128.0, 128.0, "lower",
+                                       "per SM: 32 banks x 4 B a clock (CUDA C Programming Guide)" + _NOT_MOVED),
+    "l2_bytes_per_cycle_per_sm": Constant("l2_bytes_per_cycle_per_sm", 64.0, 64.0, "lower",
+                                          "one SM's port to L2, 64 B a clock (NVIDIA Hopper tuning guide)"
+                                          + _NOT_MOVED),
+    "l2_total_bytes_per_ns": Constant("l2_total_bytes_per_ns", 5500.0, 5500.0, "lower",
+                                      "aggregate L2 read bandwidth ~5.5 TB/s (Chips and Cheese, \"Nvidia's H100: "
+                                      "Funny L2, and Tons of Bandwidth\", 2023; read by both sides: our stepwise "
+                                      "W reads and cuDNN STANDARD's)" + _NOT_MOVED + " (one measurement, no spread)"),
+    "l2_latency_ns": Constant("l2_latency_ns", 300.0, 600.0, "higher",
+                              "assumed: a dependent load served by L2, ~260 cycles near, more from the far "
+                              "partition (Chips and Cheese, 2023), plus a tile's ramp; pessimistic 600 ns (the "
+                              "review's bound); calibrated: the state round trip"),
+    "counter_barrier_ns": Constant("barrier_ns", 1000.0, 1500.0, "higher",
+                                   "assumed: the group barrier's release add, acquire polls through L2 and the last "
+                                   "arrival's skew (docs/DESIGN.md D9, D17); pessimistic 1.5 us (the review's "
+                                   "bound); calibrated: the empty-step barrier"),
+    "cluster_handshake_ns": Constant("cluster_handshake_ns", ASSUMED_CLUSTER_HANDSHAKE_NS, 400.0, "higher",
+                                     "assumed, no published figure: the cluster barrier's arrival carried to every "
+                                     "CTA over the GPC's SM-to-SM network and the wait's release back, two one-way "
+                                     "trips of ~200 cycles (an L2 hit's order); pessimistic doubled"),
+    "cluster_barrier_ns": Constant("cluster_barrier_ns", None, None, "higher",
+                                   "no published barrier.cluster latency: the L2 latency (the release waits for the "
+                                   "CTA's stores to reach L2) plus the handshake, l2_latency_ns + "
+                                   "cluster_handshake_ns in either set; calibrated: launch.probe_barrier"),
+    "launch_ns": Constant("launch_ns", 8000.0, 10000.0, "higher",
+                          "host cost of one Triton launch from Python, 4.5-18 us a call in public reports of Triton "
+                          "3.x (a bare CUDA launch ~3 us); pessimistic 10 us (the review's bound); calibrated: "
+                          "the fastest stepwise step"),
+    "epilogue_ns": Constant("epilogue_ns", 100.0, 200.0, "higher",
+                            "no source: assumed (activation, store and loop bookkeeping a step); pessimistic "
+                            "doubled, also assumed"),
+    "cudnn_small_h_fp32_us": Constant("cudnn_small_h_ns", 780.0, 780.0 * A100_TO_H100_CLOCK, "lower",
+                                      "cuDNN's small-H persistent step, PyTorch PR 62143's benchmark (xwang233/"
+                                      "code-snippet, Elman tanh I = H = 120, B = 34, no GPU named); pessimistic: "
+                                      "scaled by an A100-to-H100 clock ratio (1.41 / 1.98); calibrated",
+                                      ("float32",), 1e3),
+    "cudnn_small_h_16bit_us": Constant("cudnn_small_h_ns", 620.0, 620.0 * A100_TO_H100_CLOCK, "lower",
+                                       "as cudnn_small_h_fp32_us, its fp16 figure", _16BIT, 1e3),
+    "cudnn_standard_floor_fp32_us": Constant("cudnn_standard_floor_ns", 8960.0, 6100.0, "lower",
+                                             "cuDNN STANDARD (a GEMM and a pointwise kernel a step), the same "
+                                             "benchmark; pessimistic 6.1 us, the same PR's other figure; "
+                                             "calibrated", ("float32",), 1e3),
+    "cudnn_standard_floor_16bit_us": Constant("cudnn_standard_floor_ns", 7900.0, 6100.0, "lower",
+                                              "as cudnn_standard_floor_fp32_us, its fp16 figure", _16BIT, 1e3),
+    "cudnn_lstm768_ns": Constant("cudnn_lstm768_ns", 1960.0, 1960.0, "lower",
+                                 "cuDNN's persistent LSTM H = 768, B = 16, fp16 on an H100 (NX-AI/flashrnn's "
+                                 "published figures): PERSIST_STATIC for Elman scaled from it by W's size (one gate, "
+                                 "not four); measured on the target GPU" + _NOT_MOVED + "; calibrated"),
+    "cudnn_boundaries_ns": Constant("cudnn_boundaries_ns", 2000.0, 1000.0, "lower",
+                                    "no source: assumed, two kernel boundaries a STANDARD step (GEMM, pointwise); "
+                                    "pessimistic halved, also assumed"),
+}
+DERIVED = {"cluster_barrier_ns": "cluster_barrier"}  # Hardware's method that gives the value where none is measured
+
+
+def _baseline(field: str):
+    """Hardware's default for `field`: the baselines of CONSTANTS, per dtype where the field is a table."""
+    named = [c for c in CONSTANTS.values() if c.field == field]
+    if named[0].dtypes:
+        return tuple((d, c.baseline) for c in named for d in c.dtypes)
+    return named[0].baseline
+
+
+def _per_dtype(table: tuple, dtype: str) -> float:
+    """A per-dtype figure; a dtype the table lacks (a calibration measured some) takes the largest."""
+    values = dict(table)
+    return values.get(dtype, max(values.values()))
 
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
-    """What the model needs of a GPU. Defaults: H100 SXM5 (sm_90). Times in ns, rates per ns."""
+    """What the model needs of a GPU. Defaults: H100 SXM5 (sm_90), the baselines of CONSTANTS (each
+    with its source). Times in ns, rates per ns."""
 
     name: str = "H100"
     target: str = "sm_90"
     # 132 SMs, 65536 registers, 2048 threads, 228 KB shared memory, 32 programs an SM (NVIDIA H100
     # datasheet / CUDA C Programming Guide, compute capability 9.0 table).
     limits: occupancy.SMLimits = occupancy.SMLimits()
-    clock_ghz: float = 1.98  # boost clock of the H100 SXM5 (datasheet)
-    # Dense tensor-core peak per dtype, TFLOP/s (H100 SXM5 datasheet, without sparsity): 989 16-bit,
-    # 495 TF32; fp64 tensor 67.
-    peak_tflops: tuple = (("bfloat16", 989.0), ("float16", 989.0), ("float32", 495.0), ("float64", 67.0))
-    mma_sync_efficiency: float = 0.5  # mma.sync reaches about half of wgmma's peak on Hopper (Luo et al., 2024,
-    # "Benchmarking and Dissecting the Nvidia Hopper GPU Architecture", Table of mma throughput)
-    wgmma_efficiency: float = 0.7  # cuBLAS-class wgmma kernels reach ~70% of peak at these small N
-    mma_latency_cycles: float = 33.0  # one dependent mma.sync m16n8k16 (Luo et al., 2024: ~30-35 cycles)
-    shared_bytes_per_cycle: float = 128.0  # per SM: 32 banks x 4 B a clock (CUDA Programming Guide)
-    l2_bytes_per_cycle_per_sm: float = 64.0  # one SM's port to L2 (NVIDIA Hopper tuning guide: 64 B/clk/SM)
-    l2_total_bytes_per_ns: float = 5500.0  # aggregate L2 read bandwidth, ~5.5 TB/s (Chips and Cheese, "Nvidia's
-    # H100: Funny L2, and Tons of Bandwidth", 2023)
-    # A dependent load served by L2: ~260 cycles near, more from the far partition (Chips and Cheese,
-    # 2023), plus the ramp of a tile's requests: assumed 300 ns; the calibration's state round trip measures it.
-    l2_latency_ns: float = 300.0
-    # The group barrier: release add + acquire polls through L2 + the skew of the last arrival.
-    # Assumed 1 us (docs/DESIGN.md D9, D17); the calibration's empty-step kernel measures it.
-    barrier_ns: float = 1000.0
+    clock_ghz: float = _baseline("clock_ghz")
+    peak_tflops: tuple = _baseline("peak_tflops")  # dense tensor-core TFLOP/s per dtype
+    mma_sync_efficiency: float = _baseline("mma_sync_efficiency")
+    wgmma_efficiency: float = _baseline("wgmma_efficiency")
+    cudnn_gemm_efficiency: float = _baseline("cudnn_gemm_efficiency")
+    mma_latency_cycles: float = _baseline("mma_latency_cycles")
+    shared_bytes_per_cycle: float = _baseline("shared_bytes_per_cycle")  # per SM
+    l2_bytes_per_cycle_per_sm: float = _baseline("l2_bytes_per_cycle_per_sm")
+    l2_total_bytes_per_ns: float = _baseline("l2_total_bytes_per_ns")
+    l2_latency_ns: float = _baseline("l2_latency_ns")  # a dependent load served by L2
+    barrier_ns: float = _baseline("barrier_ns")  # the counter group barrier ("counter_barrier_ns")
     # The cluster layout's barrier: barrier.cluster.arrive.release + wait.acquire among the CTAs of one
     # thread-block cluster (hardware, inside a GPC). None until the calibration's cluster probe
-    # (kernels.launch.probe_barrier) measures it: then cluster_barrier() assumes the L2 latency plus
-    # a handshake (ASSUMED_CLUSTER_HANDSHAKE_NS below: no published figure).
+    # (kernels.launch.probe_barrier) measures it: then cluster_barrier() charges the L2 latency plus
+    # the handshake (no published figure).
     cluster_barrier_ns: float = None
-    # Host cost of one Triton launch from Python: 4.5-18 us a call (public reports of Triton 3.x; a bare CUDA
-    # launch ~3 us); the calibration's stepwise steps measure it.
-    launch_ns: float = 8000.0
-    epilogue_ns: float = 100.0  # activation, store and loop bookkeeping per step (assumed)
-    # cuDNN (PyTorch PR 62143's benchmark, xwang233/code-snippet, Elman tanh I=H=120, B=34): the small-H
-    # persistent kernel 0.78 us a step fp32, 0.62 fp16; STANDARD (a GEMM + a pointwise kernel a step)
-    # 8.96 fp32, 7.9 fp16. cuDNN's persistent LSTM H=768 B=16 fp16 on H100: 1.96 us a step (NX-AI
-    # flashrnn figures): PERSIST_STATIC for Elman is scaled from it by W's size (one gate, not four).
-    cudnn_small_h_ns: tuple = (("float32", 780.0), ("bfloat16", 620.0), ("float16", 620.0))
-    cudnn_standard_floor_ns: tuple = (("float32", 8960.0), ("bfloat16", 7900.0), ("float16", 7900.0))
-    cudnn_lstm768_ns: float = 1960.0
-    cudnn_boundaries_ns: float = 2000.0  # two kernel boundaries a STANDARD step (GEMM, pointwise)
+    cluster_handshake_ns: float = _baseline("cluster_handshake_ns")
+    launch_ns: float = _baseline("launch_ns")  # host cost of one Triton launch from Python
+    epilogue_ns: float = _baseline("epilogue_ns")  # activation, store and loop bookkeeping per step
+    cudnn_small_h_ns: tuple = _baseline("cudnn_small_h_ns")  # per dtype
+    cudnn_standard_floor_ns: tuple = _baseline("cudnn_standard_floor_ns")  # per dtype
+    cudnn_lstm768_ns: float = _baseline("cudnn_lstm768_ns")
+    cudnn_boundaries_ns: float = _baseline("cudnn_boundaries_ns")
     calibrated: bool = False  # constants from a calibration file, not the defaults above
     layout_scale: tuple = ()  # (layout, measured / predicted) from a calibration file
+    measured: tuple = ()  # the fields a calibration file set: baseline = pessimistic = the measurement
 
     def cluster_barrier(self) -> float:
         """The cluster barrier a step: measured, else at least the L2 latency (the release waits for the
-        CTA's stores to reach L2) plus the arrive/wait handshake (ASSUMED_CLUSTER_HANDSHAKE_NS)."""
+        CTA's stores to reach L2) plus the arrive/wait handshake."""
         if self.cluster_barrier_ns is not None:
             return self.cluster_barrier_ns
-        return self.l2_latency_ns + ASSUMED_CLUSTER_HANDSHAKE_NS
+        return self.l2_latency_ns + self.cluster_handshake_ns
 
     def peak_per_sm(self, dtype: str) -> float:
         """Dense tensor-core flop/ns of one SM."""
@@ -136,6 +246,37 @@ class Hardware:
     def scale(self, layout: str) -> float:
         return dict(self.layout_scale).get(layout, 1.0)
 
+    def value(self, name: str) -> float:
+        """The constant `name` of CONSTANTS, in its name's unit."""
+        c = CONSTANTS[name]
+        if name in DERIVED:
+            return getattr(self, DERIVED[name])() / c.unit
+        held = getattr(self, c.field)
+        return (_per_dtype(held, c.dtypes[0]) if c.dtypes else held) / c.unit
+
+    def pessimistic(self) -> "Hardware":
+        """This hardware with every constant at its pessimistic value, or this one's where that is already
+        worse; a measured constant (`measured`, from a calibration file) stays as measured."""
+        values = {}
+        for name, c in CONSTANTS.items():
+            if c.field in self.measured or c.pessimistic is None:
+                continue
+            worst = (max if c.worse == "higher" else min)(self.value(name) * c.unit, c.pessimistic)
+            if c.dtypes:
+                table = dict(values.get(c.field, getattr(self, c.field)))
+                values[c.field] = tuple({**table, **{d: worst for d in c.dtypes}}.items())  # its order kept
+            else:
+                values[c.field] = worst
+        return dataclasses.replace(self, **values)
+
+    def constants(self) -> dict:
+        """{name: {"baseline", "pessimistic", "source"}} of every constant charged (the plan's JSON)."""
+        worst = self.pessimistic()
+        return {name: {"baseline": round(self.value(name), 6), "pessimistic": round(worst.value(name), 6),
+                       "source": ("measured by this GPU's calibration file (both sets); default: " + c.source
+                                  if c.field in self.measured else c.source)}
+                for name, c in CONSTANTS.items()}
+
 
 # The GPUs `tritonrnn info --offline` knows: H100 SXM5 and H200 (same GH100 die, 132 SMs, same
 # clocks, L2 and shared memory; the H200's HBM3e is faster, which no term here reads).
@@ -145,9 +286,11 @@ OFFLINE_NOTES = {"h200": "H200: the H100's chip (132 SMs, same clocks, L2 and sh
                          "no term of a step reads HBM (W_hh stays on chip, the state goes through L2), so every "
                          "prediction equals the H100's"}
 
-# Constants a calibration file may replace (their names in Hardware).
+# Constants a calibration file may replace (their names in Hardware), and the other names a file may give them
+# (the plan's: CONSTANTS).
 CALIBRATED_CONSTANTS = ("barrier_ns", "cluster_barrier_ns", "l2_latency_ns", "launch_ns", "cudnn_small_h_ns",
                         "cudnn_standard_floor_ns", "cudnn_lstm768_ns")
+CALIBRATION_ALIASES = {"counter_barrier_ns": "barrier_ns"}
 
 
 def calibration_path(slug: str, directory: Path = None) -> Path:
@@ -159,19 +302,25 @@ def read_calibration(path: Path) -> dict:
     data = json.loads(Path(path).read_text())
     if data.get("schema") != CALIBRATION_SCHEMA or not isinstance(data.get("constants"), dict):
         raise ValueError(f"{path} is not a tritonrnn calibration file of schema {CALIBRATION_SCHEMA}")
-    unknown = set(data["constants"]) - set(CALIBRATED_CONSTANTS)
+    unknown = set(data["constants"]) - set(CALIBRATED_CONSTANTS) - set(CALIBRATION_ALIASES)
     if unknown:
         raise ValueError(f"{path}: unknown constants {sorted(unknown)}")
+    twice = [f"{alias} and {name}" for alias, name in CALIBRATION_ALIASES.items()
+             if {alias, name} <= set(data["constants"])]
+    if twice:
+        raise ValueError(f"{path}: one constant under two names: {', '.join(twice)}")
     return data
 
 
 def calibrated(hardware: Hardware, data: dict) -> Hardware:
-    """`hardware` with the constants of a calibration document in place of its defaults."""
+    """`hardware` with the constants of a calibration document in place of its defaults: measured, so
+    the pessimistic set keeps them."""
     values = {}
     for name, value in data["constants"].items():
+        name = CALIBRATION_ALIASES.get(name, name)
         values[name] = tuple(sorted(value.items())) if isinstance(value, dict) else float(value)
     scale = tuple(sorted((k, float(v)) for k, v in data.get("layout_scale", {}).items()))
-    return dataclasses.replace(hardware, calibrated=True, layout_scale=scale, **values)
+    return dataclasses.replace(hardware, calibrated=True, layout_scale=scale, measured=tuple(sorted(values)), **values)
 
 
 @functools.lru_cache(maxsize=None)
@@ -572,13 +721,13 @@ def cudnn_step_ns(dtype: str, batch: int, hidden: int, hw: Hardware, direction: 
     """cuDNN's predicted step: the published figures, grown by the work they did not include."""
     algorithm = cudnn_algorithm(dtype, batch, hidden, direction)
     e = ELEMENT[dtype]
-    work = 2 * batch * hidden * hidden / (hw.peak_per_sm(dtype) * hw.wgmma_efficiency * hw.limits.sms)
-    small_h = dict(hw.cudnn_small_h_ns).get(dtype, max(dict(hw.cudnn_small_h_ns).values()))
+    work = 2 * batch * hidden * hidden / (hw.peak_per_sm(dtype) * hw.cudnn_gemm_efficiency * hw.limits.sms)
+    small_h = _per_dtype(hw.cudnn_small_h_ns, dtype)
     if algorithm == "PERSIST_STATIC_SMALL_H":
         return small_h + work
     if algorithm == "PERSIST_STATIC":  # the LSTM's 4 gates of 768: one gate of H
         return max(small_h, hw.cudnn_lstm768_ns * hidden * hidden / (4 * 768 * 768)) + work
-    floor = dict(hw.cudnn_standard_floor_ns).get(dtype, max(dict(hw.cudnn_standard_floor_ns).values()))
+    floor = _per_dtype(hw.cudnn_standard_floor_ns, dtype)
     gemm = max(work, hidden * hidden * e / hw.l2_total_bytes_per_ns)  # W_hh read from L2 once a step
     return max(floor, gemm + hw.cudnn_boundaries_ns)
 
@@ -590,16 +739,44 @@ DEEPBENCH_V100_NS = {"float32": 85_000.0, "float16": 60_000.0}
 V100_TO_H100 = 3.35 / 0.9
 
 
+# A cell's verdict (plan_cell) from its predicted speedups over cuDNN, baseline and pessimistic: a win holds under
+# the pessimistic set; short of that, likely from 1.25x under the baseline; a tie within the band of 1.25x either
+# side of 1 (0.8x <= baseline < 1.25x); a loss below it.
+WIN_AT = 1.0  # pessimistic speedup
+LIKELY_AT = 1.25  # baseline speedup
+TIE_FROM = 0.8  # baseline speedup: 1 / LIKELY_AT
+VERDICTS = ("win", "likely", "tie", "loss")
+
+
+def verdict(speedup: float, speedup_pessimistic: float) -> str:
+    """"win", "likely", "tie" or "loss" of a cell whose predicted speedups these are."""
+    if speedup_pessimistic >= WIN_AT:
+        return "win"
+    if speedup >= LIKELY_AT:
+        return "likely"
+    return "tie" if speedup >= TIE_FROM else "loss"
+
+
 def plan_cell(shape: Shape, hw: Hardware) -> dict:
-    """One row of the offline plan: the chosen layout, its predicted step, cuDNN's, every candidate."""
+    """One row of the offline plan: the chosen layout, its predicted step, cuDNN's, every candidate; the
+    same under the pessimistic constants (Hardware.pessimistic: the layout chosen there, which may differ),
+    and the cell's verdict."""
     chosen = choose(shape, hw)
     theirs = cudnn_step_ns(shape.dtype, shape.batch, shape.hidden, hw, shape.direction)
+    worst = hw.pessimistic()
+    chosen_worst = choose(shape, worst)
+    theirs_worst = cudnn_step_ns(shape.dtype, shape.batch, shape.hidden, worst, shape.direction)
+    speedup, speedup_worst = round(theirs / chosen.step_ns, 3), round(theirs_worst / chosen_worst.step_ns, 3)
     return {"dtype": shape.dtype, "batch": shape.batch, "hidden": shape.hidden, "seq_len": shape.seq_len,
             "direction": shape.direction, "gpu": hw.name, "calibrated": hw.calibrated,
             "resources_triton": resource_table_triton(),
             "path": chosen.layout, "config": chosen.config, "predicted_us": round(chosen.step_us, 3),
             "cudnn_algorithm": cudnn_algorithm(shape.dtype, shape.batch, shape.hidden, shape.direction),
-            "cudnn_predicted_us": round(theirs / 1e3, 3), "predicted_speedup": round(theirs / chosen.step_ns, 3),
+            "cudnn_predicted_us": round(theirs / 1e3, 3), "predicted_speedup": speedup,
+            "path_pessimistic": chosen_worst.layout, "config_pessimistic": chosen_worst.config,
+            "predicted_us_pessimistic": round(chosen_worst.step_us, 3),
+            "cudnn_predicted_us_pessimistic": round(theirs_worst / 1e3, 3),
+            "predicted_speedup_pessimistic": speedup_worst, "verdict": verdict(speedup, speedup_worst),
             "candidates": [{"layout": c.layout, "config": c.config, "fits": c.fits,
                             "predicted_us": round(c.step_us, 3) if c.fits else None, "why": c.why or None,
                             "terms_us": {k: round(v / 1e3, 3) for k, v in c.terms}}

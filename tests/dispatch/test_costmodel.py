@@ -165,8 +165,7 @@ def _run(argv, capsys):
 
 
 def test_info_offline_grid_json_has_every_cell_and_direction(capsys):
-    rows = [json.loads(line) for line in _run(["info", "--offline", "h100", "--grid", "standard", "--json"],
-                                              capsys).splitlines()]
+    _, rows = plan.read_json(_run(["info", "--offline", "h100", "--grid", "standard", "--json"], capsys).splitlines())
     assert len(rows) == 3 * 4 * 5 * 2
     assert all(set(plan.JSON_KEYS) <= set(r) for r in rows)
     assert {(r["dtype"], r["batch"], r["hidden"], r["direction"]) for r in rows} == {
@@ -180,8 +179,8 @@ def test_info_offline_shape_lists_every_candidate(capsys):
     assert out.startswith("offline plan for H200")
     assert "bfloat16 T=512 B=64 H=1024 forward:" in out and "bfloat16 T=512 B=64 H=1024 backward:" in out
     assert "cuDNN STANDARD" in out and "stepwise" in out and "persistent" in out and "cluster" in out
-    rows = [json.loads(line) for line in _run(["info", "--offline", "h200", "--hidden-size", "1024", "--batch", "64",
-                                               "--dtype", "bfloat16", "--json"], capsys).splitlines()]
+    _, rows = plan.read_json(_run(["info", "--offline", "h200", "--hidden-size", "1024", "--batch", "64",
+                                   "--dtype", "bfloat16", "--json"], capsys).splitlines())
     assert [r["direction"] for r in rows] == ["forward", "backward"] and rows[0]["hidden"] == 1024
 
 
@@ -190,7 +189,7 @@ def test_info_offline_needs_no_interpreter_and_no_gpu():
     result = subprocess.run([sys.executable, "-m", "tritonrnn.cli", "info", "--offline", "h100", "--json"], env=env,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)  # this checkout's tritonrnn
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 2
+    assert len(result.stdout.splitlines()) == 1 + 2  # the constants, then forward and backward
 
 
 def test_info_offline_bad_gpu_and_stray_options_are_usage_errors(capsys):
@@ -230,7 +229,7 @@ def test_info_offline_single_step_says_only_the_step_kernel_runs(capsys):
 def test_info_offline_grid_standard_honours_shape_options():
     result = _offline("h100", "--grid", "standard", "--dtype", "bfloat16", "--hidden-size", "1024", "--json")
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    _, rows = plan.read_json(result.stdout.splitlines())
     assert len(rows) == 4 * 2 and {(r["dtype"], r["hidden"]) for r in rows} == {("bfloat16", 1024)}
     result = _offline("h100", "--grid", "standard", "--batch", "8")
     assert result.returncode == 2 and result.stderr.strip() == (
@@ -254,14 +253,16 @@ def test_every_candidates_terms_add_up_to_its_prediction(scale):
 
 def test_headline_says_each_cell_counts_twice(capsys):
     rows = plan.grid_plan("h100")
-    out = _run(["info", "--offline", "h100", "--grid", "standard"], capsys).splitlines()[-1]
+    out = _run(["info", "--offline", "h100", "--grid", "standard"], capsys).splitlines()[-1]  # after the verdicts
     cells = {(r["dtype"], r["batch"], r["hidden"]) for r in rows}
-    both = sum(all(r["predicted_speedup"] >= 1 for r in rows if (r["dtype"], r["batch"], r["hidden"]) == cell)
-               for cell in cells)
-    winning = sum(r["predicted_speedup"] >= 1 for r in rows)
-    assert out == (f"predicted speedup >= 1.0 in {winning} of 120 cell-directions (60 cells x forward/backward; "
-                   f"the model predicts each cell's backward step as its forward step, so this is {both} of 60 "
-                   f"cells counted twice)")
+    keys = ("predicted_speedup", "predicted_speedup_pessimistic")
+    both = [sum(all(r[key] >= 1 for r in rows if (r["dtype"], r["batch"], r["hidden"]) == cell) for cell in cells)
+            for key in keys]
+    winning = [sum(r[key] >= 1 for r in rows) for key in keys]
+    assert out == (f"predicted speedup >= 1.0 in {winning[0]} of 120 cell-directions under the baseline constants, "
+                   f"{winning[1]} under the pessimistic set (60 cells x forward/backward; the model predicts each "
+                   f"cell's backward step as its forward step, so this is {both[0]} and {both[1]} of 60 cells counted "
+                   f"twice)")
 
 
 def test_report_without_results_renders_the_prediction(tmp_path, capsys):
