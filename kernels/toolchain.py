@@ -10,7 +10,7 @@ What differs between them, and where it is handled (nothing else in the package 
   `interpreter_problem` names the fix; the layers raise it before the first interpreted kernel.
 - Every release's interpreter types a block mask and'ed with a scalar condition as int32, and 3.9's
   refuses such a mask ("mask has unsupported dtype"): kernels.common.below_while builds those masks.
-- The cluster launch (kernels/cluster.py) calls Triton's launcher below `CompiledKernel.run` with
+- The cluster launch (kernels/launch.py) calls Triton's launcher below `CompiledKernel.run` with
   the packed metadata (num_warps, num_ctas, shared memory) and num_ctas set to the cluster size;
   3.6.0, 3.7.1, 3.8.0 and 3.9.0 take the same arguments and set the cluster dimension from that
   num_ctas (read from their launchers). A release outside them is not known to: there
