@@ -114,6 +114,46 @@ def test_cluster_launch_runs_the_programs_the_counter_form_runs(monkeypatch, siz
     assert list(call[2]) == values
 
 
+@pytest.mark.parametrize("directions, lengths", [(1, False), (2, True)])
+def test_a_cluster_recurrence_hands_the_launcher_the_plan_and_every_argument(monkeypatch, directions, lengths):
+    """The GPU branch of the cluster layout's launch (kernels.launch._launch_clusters_of: compile, resident
+    clusters, plan, launch), which no CPU runs, against a recording launcher: the kernel compiled with the
+    cluster barrier and no sync words, the CTAs launched are the plan's (clusters of cdiv(H, BLOCK_N) along x,
+    groups, directions) and every kernel argument reaches the launcher in parameter order, the heuristics'
+    flag and the plan's batch tiles included."""
+    monkeypatch.setattr(triton.runtime.driver, "_active", FakeDriver())
+    monkeypatch.setattr(launch, "cluster_refusal", lambda device: None)
+    monkeypatch.setattr(launch.occupancy, "resident_clusters", lambda compiled, size, device: 2)
+    compiled, compiles = RecordingLaunch(num_warps=4), []
+    monkeypatch.setattr(launch.rnn_persistent_kernel, "warmup",
+                        lambda **kwargs: compiles.append(kwargs) or compiled, raising=False)
+    T, B, H = 3, 40, 48  # BLOCK_N 16: clusters of 3 CTAs; 3 batch tiles of 16 rows
+    xw = torch.randn(directions, T, B, H)
+    out = torch.empty_like(xw)
+    p_len = torch.full((B,), T, dtype=torch.int32) if lengths else None
+    meta = {"BLOCK_B": 16, "BLOCK_N": 16, "K_SPLIT": 1, "num_warps": 4, "num_stages": 1}
+    args = launch.kernel_arguments(p_in=xw, p_w=torch.randn(directions, H, H), p_act=None, p_out=out,
+                                   p_ring=torch.zeros(directions, 2, B, H), p_hn=out[:, 0], p_len=p_len, T=T, B=B,
+                                   H=H, backward=False, reverse=False, cell="tanh",
+                                   numerics=launch.numerics(torch.float32, torch.device("cuda"), True), meta=meta,
+                                   timer=True)
+    chosen = launch._launch_clusters_of(args, torch.device("cuda"), 1.0)
+    (compile_args,) = compiles
+    assert compile_args["BARRIER"] == "cluster" and compile_args["p_sync"] is None
+    groups, batch_tiles = {1: (2, 2), 2: (1, 3)}[directions]  # 2 resident clusters for 3 batch tiles
+    assert chosen == Plan(3, groups, batch_tiles, 6, directions, cluster=True)
+    (call,) = compiled.calls
+    ctas, cluster_dims = _launched_ctas(call)
+    assert ctas == chosen.grid == (3, chosen.groups, directions) and cluster_dims == (3, 1, 1)
+    assert call[1] == (4, 3, 49152)
+    names = persistent.rnn_persistent_kernel.fn.arg_names
+    values = dict(zip(names, call[2], strict=True))
+    assert values["p_in"] is xw and values["p_out"] is out and values["p_len"] is p_len and values["p_sync"] is None
+    assert values["BATCH_TILES"] == chosen.batch_tiles and values["HAS_LENGTHS"] == lengths
+    assert values["BARRIER"] == "cluster" and values["BLOCK_N"] == 16 and values["H"] == H and values["T"] == T
+    assert values["DEBUG_WAIT_SLACK"] == 0 and values["DEBUG_ABSENT"] == -1  # the defaults, in their places
+
+
 def test_cluster_launch_refuses_a_kernel_with_global_scratch(monkeypatch):
     """Triton's launcher sizes global scratch by the compiled num_ctas (1), not by the cluster."""
     monkeypatch.setattr(triton.runtime.driver, "_active", FakeDriver())
