@@ -96,17 +96,16 @@ def numerics(dtype: torch.dtype, device: torch.device, allow_tf32: bool) -> dict
 def variant_flags(layout: str) -> list:
     """The constexpr arguments a launch sets besides the config's own (direction, cell, optional
     inputs, numerics): each compiles a different variant, so each is in the autotuning key."""
-    annotations = inspect.unwrap(_jit_function(layout)).__annotations__
+    annotations = python_function(KERNELS[layout]).__annotations__
     tuned = {name for config in configs.full_space(layout) for name in config.kwargs}
     return [name for name, kind in annotations.items() if kind is tl.constexpr and name not in tuned]
 
 
-def _jit_function(layout: str):
-    """The Python function below the layout's @triton.heuristics and @triton.jit."""
-    fn = KERNELS[layout]
-    while not inspect.isfunction(fn):
-        fn = fn.fn
-    return fn
+def python_function(kernel):
+    """The Python function below a kernel's @triton.heuristics, @triton.autotune and @triton.jit."""
+    while not inspect.isfunction(kernel):
+        kernel = kernel.fn
+    return kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -523,11 +522,8 @@ def _launch_clusters_of(args: dict, device: torch.device, timeout_s: float) -> P
 def bound_arguments(kernel, kwargs: dict) -> list:
     """Every argument of the @triton.jit function below `kernel` (heuristics included in kwargs),
     in its parameter order, defaults filled in: what Triton's launcher takes after the metadata."""
-    fn = kernel
-    while not inspect.isfunction(fn):  # below @triton.heuristics and @triton.jit
-        fn = fn.fn
-    bound = inspect.signature(fn).bind(**{k: v for k, v in kwargs.items()
-                                          if k in inspect.signature(fn).parameters})
+    signature = inspect.signature(python_function(kernel))
+    bound = signature.bind(**{k: v for k, v in kwargs.items() if k in signature.parameters})
     bound.apply_defaults()
     return list(bound.arguments.values())
 

@@ -14,18 +14,19 @@ from tritonrnn.kernels import launch, toolchain
 
 CPU = torch.device("cpu")
 
-# Triton decides when a @triton.jit function is defined, i.e. when tritonrnn is imported, whether it is
-# interpreted: the kernels follow TRITON_INTERPRET as it was then.
-_INTERPRETED_KERNELS = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-# Read once: the installed Triton and numpy do not change under a running process (nor under torch.compile's tracing).
-_INTERPRETER_PROBLEM = toolchain.interpreter_problem() if _INTERPRETED_KERNELS else ""
-INTERPRET_TOO_LATE = ("TRITON_INTERPRET=1 was set after tritonrnn was imported: set it before importing tritonrnn "
-                      "and triton (in a notebook: restart the kernel, set it first)")
-
 
 def interpreter_enabled() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1, set before tritonrnn is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+# Triton decides when a @triton.jit function is defined, i.e. when tritonrnn is imported, whether it is
+# interpreted: the kernels follow TRITON_INTERPRET as it was then.
+_INTERPRETED_KERNELS = interpreter_enabled()
+# Read once: the installed Triton and numpy do not change under a running process (nor under torch.compile's tracing).
+_INTERPRETER_PROBLEM = toolchain.interpreter_problem() if _INTERPRETED_KERNELS else ""
+INTERPRET_TOO_LATE = ("TRITON_INTERPRET=1 was set after tritonrnn was imported: set it before importing tritonrnn "
+                      "and triton (in a notebook: restart the kernel, set it first)")
 
 
 def backend(device: torch.device) -> str:
