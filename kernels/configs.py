@@ -3,8 +3,10 @@
 Dimensions: B batch, H hidden. Everything a launch may vary is declared here once:
 - the layouts: "sequence" (rnn_sequence_kernel, W_hh held on chip), "persistent"
   (rnn_persistent_kernel, W_hh in column slices over programs that stay resident), "cluster" (the
-  persistent kernel, each group one thread-block cluster: its configs are the persistent kernel's)
-  and "stepwise" (rnn_step_kernel, one launch per step);
+  persistent kernel, each group one thread-block cluster: its configs are the persistent kernel's),
+  "streamed" (the persistent kernel with nothing held: each step reads its slice and the state from
+  L2 in STREAM_K-row chunks; one launch where a slice does not fit on chip) and "stepwise"
+  (rnn_step_kernel, one launch per step);
 - the size rules: up to which H each layout runs and is weighed (layout_allowed, default_layout),
   and the shared-memory budget every launch must fit (layout_fits, config_fits: what a layout can
   run; they prune the tuning spaces);
@@ -43,6 +45,10 @@ SEQUENCE_CANDIDATE_MAX_H = {2: 256}
 # it takes the stepwise layout by default (an explicit layout="persistent" still runs it).
 PERSISTENT_MAX_H = {8: 512, 4: 1024, 2: 2048}
 PERSISTENT_EXACT_FP32_MAX_H = 0
+# From where the cost model weighs the streamed layout: below, a held slice fits on chip (the persistent and
+# cluster layouts), and streaming it from L2 every step only adds L2 traffic. It runs any H a resident group
+# holds (kernels.occupancy.plan); exact fp32 (3xTF32) nowhere, as the persistent layout (D8).
+STREAMED_MIN_H = 1024
 
 # Dynamic shared memory one program may use on sm_90 (H100, H200): the opt-in maximum
 # (CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, 227 KB). Above it a kernel compiles but
@@ -51,12 +57,15 @@ SHARED_MEMORY_BUDGET = 232_448
 
 # tl.dot on a GPU needs every dimension >= 16, so batch tiles are padded up to it.
 MIN_DOT = 16
-LAYOUTS = ("sequence", "persistent", "cluster", "stepwise")
+LAYOUTS = ("sequence", "persistent", "cluster", "streamed", "stepwise")
 # The layouts whose groups of programs meet at a barrier every step (the persistent kernel): both
 # directions of a layer run in one launch there.
-GROUPED = ("persistent", "cluster")
+GROUPED = ("persistent", "cluster", "streamed")
+# The grouped layouts whose groups meet at the counter barrier: a cooperative launch within the compiled
+# kernel's resident capacity (kernels.launch.persistent_plan).
+COUNTER_GROUPED = ("persistent", "streamed")
 # The layouts with a tuning space of their own (the cluster's CTA is a persistent program).
-TUNED_LAYOUTS = ("sequence", "persistent", "stepwise")
+TUNED_LAYOUTS = ("sequence", "persistent", "streamed", "stepwise")
 # The layouts Triton's autotuner may launch (the persistent kernel's grid depends on its compiled resources).
 AUTOTUNED = ("sequence", "stepwise")
 TUNED_DIR = Path(__file__).parent / "tuned"
@@ -70,12 +79,15 @@ def kernel_layout(layout: str) -> str:
 def max_hidden(layout: str, dtype: torch.dtype, allow_tf32: bool = True, weighed: bool = False) -> float:
     """The largest H `layout` takes by default (`weighed`: the largest the cost model weighs it at).
     sequence: SEQUENCE_MAX_H (weighed: SEQUENCE_CANDIDATE_MAX_H too); persistent and cluster:
-    PERSISTENT_MAX_H, exact fp32 (TF32 off) PERSISTENT_EXACT_FP32_MAX_H; stepwise: any."""
+    PERSISTENT_MAX_H, exact fp32 (TF32 off) PERSISTENT_EXACT_FP32_MAX_H; streamed: any (the plan checks
+    that a group is resident) but exact fp32; stepwise: any."""
     if layout == "sequence":
         limit = SEQUENCE_MAX_H[dtype.itemsize]
         return max(limit, SEQUENCE_CANDIDATE_MAX_H.get(dtype.itemsize, 0)) if weighed else limit
+    exact_fp32 = dtype == torch.float32 and not allow_tf32
+    if layout == "streamed":
+        return PERSISTENT_EXACT_FP32_MAX_H if exact_fp32 else float("inf")
     if layout in GROUPED:
-        exact_fp32 = dtype == torch.float32 and not allow_tf32
         return PERSISTENT_EXACT_FP32_MAX_H if exact_fp32 else PERSISTENT_MAX_H[dtype.itemsize]
     return float("inf")
 
@@ -93,8 +105,11 @@ def default_layout(hidden_size: int, dtype: torch.dtype, allow_tf32: bool = True
 
 def layout_allowed(layout: str, hidden: int, dtype: torch.dtype, allow_tf32: bool = True) -> bool:
     """Whether the cost model weighs `layout` at this H and dtype: within its size limit (max_hidden,
-    weighed) and, for the sequence layout, with its default tile in shared memory."""
+    weighed), the streamed layout from STREAMED_MIN_H, and, for the sequence layout, with its default
+    tile in shared memory."""
     if hidden > max_hidden(layout, dtype, allow_tf32, weighed=True):
+        return False
+    if layout == "streamed" and hidden < STREAMED_MIN_H:
         return False
     return layout != "sequence" or layout_fits("sequence", hidden, dtype, allow_tf32)
 
@@ -136,6 +151,8 @@ def shared_memory_bytes(layout: str, config: triton.Config, hidden: int, dtype: 
       layout change [BLOCK_N, BLOCK_B]: e * BLOCK_H * w * (BLOCK_N + BLOCK_B) + a * BLOCK_B * BLOCK_N.
     - stepwise: num_stages pipelined copies of both operand tiles, in 3xTF32 one more of the
       batch tile: e * BLOCK_K * (num_stages * (BLOCK_B + BLOCK_N) + BLOCK_B if 3xTF32).
+    - streamed: the slice's and the state's chunks, num_stages pipelined copies (the mma.sync variants
+      take num_stages - 1): e * STREAM_K * num_stages * (BLOCK_N + BLOCK_B).
     """
     kwargs = config.kwargs
     tf32x3 = dtype == torch.float32 and not allow_tf32
@@ -148,6 +165,8 @@ def shared_memory_bytes(layout: str, config: triton.Config, hidden: int, dtype: 
         width, block_n, block_b = block_h(hidden), kwargs["BLOCK_N"], kwargs["BLOCK_B"]
         return dtype.itemsize * width * (2 if tf32x3 else 1) * (block_n + block_b) + acc_bytes * block_b * block_n
     stages = max(config.num_stages, 1)
+    if layout == "streamed":
+        return dtype.itemsize * kwargs["STREAM_K"] * stages * (kwargs["BLOCK_N"] + kwargs["BLOCK_B"])
     tiles = stages * (kwargs["BLOCK_B"] + kwargs["BLOCK_N"]) + (kwargs["BLOCK_B"] if tf32x3 else 0)
     return dtype.itemsize * kwargs["BLOCK_K"] * tiles
 
@@ -173,7 +192,7 @@ def layout_fits(layout: str, hidden: int, dtype: torch.dtype = None, allow_tf32:
     PERSISTENT_EXACT_FP32_MAX_H (nowhere: it spills at every slice width)."""
     if layout == "stepwise":
         return True
-    if layout in GROUPED and hidden > max(PERSISTENT_MAX_H.values()):
+    if layout in ("persistent", "cluster") and hidden > max(PERSISTENT_MAX_H.values()):
         return False
     config = config or default_config(layout, 1, hidden, dtype)
     if layout == "cluster":
@@ -198,6 +217,18 @@ def _persistent_default(hidden: int, dtype: torch.dtype = None) -> triton.Config
                          num_warps=8 if wide and width >= 512 else 4, num_stages=1)
 
 
+def _streamed_default(batch: int, dtype: torch.dtype = None) -> triton.Config:
+    """32 columns a program (a group's L2 traffic a step is its slices plus programs x state: fewer programs
+    re-read the state less), the batch tile growing with the batch to 64 rows (each tile re-reads the
+    slice), chunks of K pipelined over 3 stages, 128 bytes of a state row each (32 fp32 or 64 16-bit
+    elements): the pipeliner then copies the state in 16-byte cp.async.cg, which bypasses L1 (narrower
+    copies are .ca, which may read a stale line of the state other programs wrote; tests/perf/test_static.py
+    reads the PTX), and fp32 stays spill-free. `dtype` None: fp64's (tests)."""
+    element = 8 if dtype is None else dtype.itemsize
+    return triton.Config({"BLOCK_B": min(max(MIN_DOT, batch_bucket(batch)), 64), "BLOCK_N": 32, "K_SPLIT": 1,
+                          "STREAM_K": max(MIN_DOT, 128 // element)}, num_warps=4, num_stages=3)
+
+
 def default_config(layout: str, batch: int, hidden: int, dtype: torch.dtype = None) -> triton.Config:
     """The untuned launch config of `layout` (`dtype`: the persistent layout's slice width depends on it;
     None gives one that loads for every dtype).
@@ -215,6 +246,8 @@ def default_config(layout: str, batch: int, hidden: int, dtype: torch.dtype = No
                              num_warps=8 if 64 <= block_h(hidden) <= 128 else 4, num_stages=1)
     if layout == "persistent":
         return _persistent_default(hidden, dtype)
+    if layout == "streamed":
+        return _streamed_default(batch, dtype)
     block_n = min(64, block_h(hidden))
     return triton.Config({"BLOCK_B": min(bb, 64), "BLOCK_N": block_n, "BLOCK_K": min(block_n, 32)}, num_warps=8,
                          num_stages=3)
@@ -233,6 +266,12 @@ def tuning_space(layout: str, batch: int, hidden: int, dtype: torch.dtype = None
         space = [triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb and bb * block_h(hidden) <= 64 * 128
                  for w in (4, 8, 16)]
+    elif layout == "streamed":
+        space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": 1, "STREAM_K": sk}, num_warps=w, num_stages=3)
+                 for bb in (16, 32, 64) if bb <= max_bb
+                 for bn in (32, 64) if bn <= max_n
+                 for sk in (32, 64)
+                 for w in (4, 8)]
     elif layout == "persistent":
         space = [triton.Config({"BLOCK_B": bb, "BLOCK_N": bn, "K_SPLIT": ks}, num_warps=w, num_stages=1)
                  for bb in (16, 32, 64) if bb <= max_bb

@@ -15,6 +15,9 @@ The layouts (kernels/configs.py, LAYOUTS):
   by columns over programs that stay resident and meet at a counter barrier each step;
 - "cluster": the same kernel with each group one Hopper thread-block cluster meeting at the hardware
   cluster barrier (launched through Triton's launcher with num_ctas = the cluster size; below);
+- "streamed": the persistent kernel's counter groups with nothing held on chip: each step reads
+  the program's W slice and its group's state from L2 in STREAM_K-row chunks (H whose slice does
+  not fit on chip);
 - "stepwise": one launch of rnn_step_kernel per timestep (any H).
 The cell (kernels/cells.py) is a parameter of every layout: its name is the kernels' CELL.
 
@@ -43,7 +46,7 @@ __all__ = ["BarrierTimeout", "ClusterUnavailable", "LaunchRefused", "recurrence_
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
              torch.float64: tl.float64}
 KERNELS = {"sequence": rnn_sequence_kernel, "persistent": rnn_persistent_kernel, "cluster": rnn_persistent_kernel,
-           "stepwise": rnn_step_kernel}
+           "streamed": rnn_persistent_kernel, "stepwise": rnn_step_kernel}
 
 # How long a program waits at a step's barrier before it gives up (a program of its group is not
 # running: not resident, preempted, or a fault). Steps take microseconds; a wait of seconds is a hang.
@@ -442,11 +445,12 @@ def _launch_persistent(args: dict, device: torch.device, timeout_s: float) -> Pl
 
 
 def persistent_plan(T: int, B: int, H: int, dtype: torch.dtype, device: torch.device, direction: str,
-                    allow_tf32: bool = True, config=None, directions: int = 1) -> Plan:
-    """The tiling the persistent layout runs for this shape: programs per group, groups, batch tiles
-    and the resident capacity (on a GPU this compiles the kernel). Raises LaunchRefused where the
-    layout cannot run it on this device (resident programs, arrival counters)."""
-    _, meta = _kernel_and_meta("persistent", B, H, dtype, device, config, allow_tf32)
+                    allow_tf32: bool = True, config=None, directions: int = 1, layout: str = "persistent") -> Plan:
+    """The tiling a counter-grouped layout (configs.COUNTER_GROUPED: persistent, streamed) runs for this
+    shape: programs per group, groups, batch tiles and the resident capacity (on a GPU this compiles the
+    kernel). Raises LaunchRefused where the layout cannot run it on this device (resident programs,
+    arrival counters)."""
+    _, meta = _kernel_and_meta(layout, B, H, dtype, device, config, allow_tf32)
     backward = direction == "backward"
     args = kernel_arguments(p_in=dtype, p_w=dtype, p_act=dtype if backward else None, p_out=dtype, p_ring=dtype,
                             p_hn=None if backward else dtype, p_len=None, T=T, B=B, H=H, backward=backward,

@@ -38,6 +38,9 @@ model uses):
   BATCH_TILES dots, one arrival, polls, one acquire read. With BARRIER="cluster" a group is one
   Hopper thread-block cluster and _group_barrier is the cluster's hardware barrier instead (no
   counters, no timeout: a cluster's CTAs are gang-scheduled; kernels/launch.py launches that form).
+- With STREAM_K > 0 (the streamed layout) nothing is held: each step, per tile, the program reads its
+  slice and the state^T tile from L2 in STREAM_K-row chunks of K, one dot a chunk, in a loop Triton
+  pipelines (num_stages: cp.async copies, .cg for the state), for the H whose slice does not fit on chip.
 - The ring [D, 2, B, HP] holds the state: slot i % 2 written at step i, slot 1 the initial state
   (h0 forward, 0 backward), columns H..HP-1 zero. Two slots suffice: slot i % 2, read at step
   i + 1, is written again at step i + 2, which a program starts only after the barrier of step
@@ -107,6 +110,24 @@ def _product(b_w, p_s, o_srow, m_b, acc, HP, K_SPLIT: tl.constexpr, BLOCK_K: tl.
                       cache_modifier=".cg")
         b_parts = tl.dot(b_w, b_s.to(DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
         acc += tl.sum(b_parts, axis=0)
+    return acc
+
+
+@triton.jit
+def _streamed_product(p_w, o_n, p_s, o_srow, m_b, acc, H, HP, stride_wk, stride_wn, STREAM_K: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + slice^T @ state^T with neither held: the slice [BLOCK_N, STREAM_K] and the state
+    [STREAM_K, BLOCK_B] (from the ring, .cg: other programs wrote it) read from L2 chunk by chunk along
+    K, the loop pipelined by Triton (num_stages): the streamed layout, for slices that do not fit on chip."""
+    m_n = o_n < H
+    for k in range(0, HP, STREAM_K):
+        o_k = k + tl.arange(0, STREAM_K)
+        m_k = o_k < HP
+        b_w = tl.load(p_w + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :] * stride_wk,
+                      mask=m_n[:, None] & m_k[None, :], other=0.0)
+        b_s = tl.load(p_s + o_srow[None, :] + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0,
+                      cache_modifier=".cg")
+        acc = recurrent_dot(b_w, b_s, acc, DOT_DTYPE, INPUT_PRECISION)
     return acc
 
 
@@ -254,6 +275,9 @@ def rnn_persistent_kernel(
     # "counter": the group barrier through global atomics (p_sync); "cluster": a group is one
     # thread-block cluster waiting at its hardware barrier (GPU only, p_sync None; kernels/launch.py).
     BARRIER: tl.constexpr = "counter",
+    # 0: the slice held on chip (or reloaded whole per column block); else the streamed layout (its configs
+    # set it): the slice and the state read from L2 in STREAM_K-row chunks every step, nothing held.
+    STREAM_K: tl.constexpr = 0,
 ):
     direction = tl.program_id(2)
     group = tl.program_id(1)
@@ -277,7 +301,7 @@ def rnn_persistent_kernel(
     BLOCK_K: tl.constexpr = BLOCK_H // K_SPLIT
     first_block = tl.program_id(0) * COLUMN_BLOCKS
     first_row = group * BATCH_TILES * BLOCK_B
-    if COLUMN_BLOCKS == 1:  # loaded once: the slice stays on chip (shared memory) for all steps
+    if (COLUMN_BLOCKS == 1) & (STREAM_K == 0):  # loaded once: the slice stays on chip (shared memory) for all steps
         o_n = first_block * BLOCK_N + tl.arange(0, BLOCK_N)
         b_wr = _slice(p_w, o_n, H, HP, stride_wk, stride_wn, K_SPLIT, BLOCK_K, DOT_DTYPE)
     b_in, b_act = _step_inputs(p_in, p_act, 0, T, first_row, first_block, B, H, n_bh, reverse, BLOCK_B, BLOCK_N,
@@ -293,10 +317,14 @@ def rnn_persistent_kernel(
             for c in tl.static_range(COLUMN_BLOCKS):
                 o_n = (first_block + c) * BLOCK_N + tl.arange(0, BLOCK_N)
                 m_n = o_n < H
-                b_ws = b_wr if COLUMN_BLOCKS == 1 else _slice(p_w, o_n, H, HP, stride_wk, stride_wn, K_SPLIT,
-                                                              BLOCK_K, DOT_DTYPE)
                 # acc^T [BLOCK_N, BLOCK_B] = slice^T @ state^T + in^T: the slice is the MMA's M side.
-                b_z = _product(b_ws, p_prev, o_srow, m_b, b_in, HP, K_SPLIT, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
+                if STREAM_K > 0:
+                    b_z = _streamed_product(p_w, o_n, p_prev, o_srow, m_b, b_in, H, HP, stride_wk, stride_wn, STREAM_K,
+                                            DOT_DTYPE, INPUT_PRECISION)
+                else:
+                    b_ws = b_wr if COLUMN_BLOCKS == 1 else _slice(p_w, o_n, H, HP, stride_wk, stride_wn, K_SPLIT,
+                                                                  BLOCK_K, DOT_DTYPE)
+                    b_z = _product(b_ws, p_prev, o_srow, m_b, b_in, HP, K_SPLIT, BLOCK_K, DOT_DTYPE, INPUT_PRECISION)
                 b_new = activate(b_z, b_act, BACKWARD, CELL)
                 b_state = b_new
                 m_nb = m_n[:, None] & m_b[None, :]

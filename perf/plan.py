@@ -53,7 +53,7 @@ def read_json(lines) -> tuple:
 
 
 def _config_text(config: dict) -> str:
-    short = {"BLOCK_B": "B", "BLOCK_N": "N", "BLOCK_K": "K", "K_SPLIT": "ks", "num_warps": "w"}
+    short = {"BLOCK_B": "B", "BLOCK_N": "N", "BLOCK_K": "K", "K_SPLIT": "ks", "STREAM_K": "sk", "num_warps": "w"}
     return " ".join(f"{short[k]}{v}" for k, v in config.items() if k in short)
 
 
@@ -167,7 +167,7 @@ def verdicts_text(head: dict) -> str:
             + ", ".join(f"{head['verdicts'][v]} {v} ({VERDICT_RULES[v]})" for v in costmodel.VERDICTS))
 
 
-LAYOUT_ABBREVIATIONS = {"sequence": "seq", "persistent": "pers", "cluster": "clus", "stepwise": "step"}
+LAYOUT_ABBREVIATIONS = {"sequence": "seq", "persistent": "pers", "cluster": "clus", "streamed": "strm", "stepwise": "step"}
 SPEEDUP_TICKS = (-2, -1, 0, 1, 2)  # log2 of the speedup: 0.25x .. 4x, the colour scale's ends
 
 

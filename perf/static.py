@@ -374,7 +374,8 @@ NUMERICS = ((torch.float32, True), (torch.float32, False), (torch.bfloat16, Fals
 def default_variants() -> list:
     """The variants with default configs: every dtype and fp32 precision; the sequence path at the
     largest and a small H, the stepwise path at H = 1024, the persistent path at every standard-grid
-    H it takes by default; forward (and packed) and backward."""
+    H it takes by default, the cluster and streamed paths where the model weighs them; forward (and
+    packed) and backward."""
     variants = []
     for dtype, tf32 in NUMERICS:
         shapes = [("sequence", h) for h in sorted({configs.SEQUENCE_MAX_H[dtype.itemsize], 32})]
@@ -382,6 +383,7 @@ def default_variants() -> list:
         shapes += [("persistent", h) for h in PERSISTENT_HIDDENS
                    if configs.default_layout(h, dtype, tf32) == "persistent"]
         shapes += [("cluster", h) for h in CLUSTER_HIDDENS if configs.layout_fits("cluster", h, dtype, tf32)]
+        shapes += [("streamed", h) for h in STREAMED_HIDDENS if h <= configs.max_hidden("streamed", dtype, tf32)]
         for path, hidden in shapes:
             common = dict(path=path, dtype=dtype, batch=256, hidden=hidden, allow_tf32=tf32)
             variants += [dict(common, lengths=True), dict(common, backward=True, lengths=path != "stepwise")]
@@ -391,6 +393,7 @@ def default_variants() -> list:
 
 
 CLUSTER_HIDDENS = (256, 512, 1024)  # where the cluster form fits: 4 to 16 CTAs a cluster
+STREAMED_HIDDENS = (1024, 2048)  # where the model weighs the streamed layout (configs.STREAMED_MIN_H)
 
 
 PERSISTENT_HIDDENS = tuple(h for h in grid.HIDDENS if h > 128)  # H = 128 takes the sequence path

@@ -83,6 +83,21 @@ def mutated_checkout(tmp_path: Path, path: str, old: str, new: str) -> Path:
     return tmp_path
 
 
+def offline_compile(script: str, argument, cwd: Path = ROOT):
+    """What `script` prints (JSON), run with `argument` as JSON in a subprocess without TRITON_INTERPRET (the
+    compiler needs the real @triton.jit objects) in the checkout at `cwd`; skips where this Triton has no
+    bundled NVIDIA toolchain."""
+    import json
+    from tritonrnn.perf import static
+    if not static.available():
+        pytest.skip("this triton has no bundled NVIDIA toolchain")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(argument)], env=env, capture_output=True,
+                            text=True, timeout=600, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
 def force_layout(monkeypatch, layout: str, config=None) -> None:
     """Pin the ops' run-time choice (dispatch.choose) to `layout` with `config` (None: its default; both
     directions in one launch where the layout runs them so)."""

@@ -14,6 +14,9 @@ recurrence of one layer and direction:
   thread-block cluster of H / BLOCK_N CTAs (2-8, or 16), meeting at the hardware cluster barrier
   instead of the counter barrier; the state still goes through L2; no cooperative launch (clusters
   are gang-scheduled and never wait for each other).
+- "streamed": the persistent kernel with nothing held (STREAM_K): every step each program reads its
+  W slice and its group's state from L2 in K chunks, pipelined; counter groups as "persistent". For
+  the H whose slice does not fit on chip (fp32 H = 2048): one launch instead of a launch a step.
 - "stepwise": one launch of rnn_step_kernel per step.
 
 Per step, from the compiled kernel's resources (registers, warps, shared memory, the matmul
@@ -29,6 +32,9 @@ a calibration file measured on the GPU replaces them in both, kernels/calibratio
                  (the next tile's input is loaded before the wait: off the chain)
     cluster    = persistent with the cluster barrier (Hardware.cluster_barrier()) and clusters
                  resident per GPC (kernels.occupancy's assumed sm_90 GPCs)
+    streamed   = barrier + tiles * (dependent L2 latency + epilogue)
+                 + max(slice and state bytes over the SM's L2 share, shared staging, mma)
+                 (the chunks' loads are pipelined under the MMAs: the slowest of the three, not their sum)
     stepwise   = max(host launch, device step)
 
 Resources come from a table of offline sm_90 compiles shipped in the package
@@ -379,6 +385,8 @@ def candidate_configs(layout: str, hidden: int, dtype: str, allow_tf32: bool = T
         return [configs.default_config("stepwise", 16, hidden)]
     if layout == "cluster":
         return _cluster_configs(hidden, dtype, allow_tf32)
+    if layout == "streamed":
+        return _streamed_configs(hidden, torch_dtype, allow_tf32)
     space = [configs.default_config(layout, 16, hidden, torch_dtype)]
     if layout == "sequence":
         if width > 256:  # all of W_hh on chip: beyond 256 not even 16-bit fits
@@ -410,6 +418,18 @@ def _cluster_configs(hidden: int, dtype: str, allow_tf32: bool) -> list:
             seen.add(config_key(c))
             out.append(c)
     return out
+
+
+def _streamed_configs(hidden: int, dtype: torch.dtype, allow_tf32: bool) -> list:
+    """The streamed layout's configs: its default per batch tile (16, 32, 64 rows: kernels.configs, chunks of
+    128 bytes a state row) and the same at 64 columns a program (wgmma m64; half the programs re-read the
+    state, each reads twice the slice)."""
+    out = []
+    for batch in (16, 32, 64):
+        default = configs.default_config("streamed", batch, hidden, dtype)
+        out += [default, triton.Config({**default.kwargs, "BLOCK_N": 64}, num_warps=default.num_warps,
+                                       num_stages=default.num_stages)]
+    return [c for c in out if configs.config_fits("streamed", c, hidden, dtype, allow_tf32)]
 
 
 PERSISTENT_MAX_BATCH = 256  # the tuning space's batch bucket the candidates come from (BLOCK_B up to 64)
@@ -457,7 +477,7 @@ def resources(layout: str, dtype: str, hidden: int, direction: str, config, targ
     if entry is not None:
         return {**entry, "source": f"offline {target} compile"}
     shared = configs.shared_memory_bytes(compiled, config, hidden, getattr(torch, dtype), allow_tf32)
-    m_side = config.kwargs.get("BLOCK_N", 0) if compiled == "persistent" else config.kwargs.get("BLOCK_B", 0)
+    m_side = config.kwargs.get("BLOCK_N", 0) if compiled in configs.GROUPED else config.kwargs.get("BLOCK_B", 0)
     wgmma = m_side >= 64 and config.kwargs.get("K_SPLIT", 1) == 1 and target == "sm_90"  # no 3D wgmma
     return {"registers": 255, "stack_bytes": 0, "shared_bytes": shared, "num_warps": config.num_warps,
             "mma": "wgmma" if wgmma else "mma.sync", "source": "estimate"}
@@ -567,20 +587,38 @@ def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
                      resources=tuple(sorted(res.items())), plan=(("programs", programs), ("waves", waves)))
 
 
-def _persistent(shape: Shape, hw: Hardware, config, res) -> Candidate:
+def _persistent(shape: Shape, hw: Hardware, config, res, layout: str = "persistent") -> Candidate:
+    """The counter groups' layouts: the persistent one (its slice held) and the streamed one."""
     bb, bn = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"]
     per_sm = occupancy.programs_per_sm(res["registers"], res["num_warps"], res["shared_bytes"], hw.limits)
     try:
         chosen = occupancy.plan(shape.batch, shape.hidden, bb, bn, per_sm * hw.limits.sms, shape.directions)
     except ValueError as exc:
-        return _unfit("persistent", config, str(exc), res)
+        return _unfit(layout, config, str(exc), res)
     if T_COUNTER_LIMIT <= shape.seq_len * chosen.programs_per_group:
-        return _unfit("persistent", config, "the arrival counters would overflow", res)
+        return _unfit(layout, config, "the arrival counters would overflow", res)
     terms = _group_step(shape, hw, config, res, per_sm, chosen.programs, chosen.batch_tiles, chosen.groups,
                         hw.barrier_ns if chosen.waits else 0.0)
-    step, terms = _step(terms, hw, "persistent")
-    return Candidate("persistent", configs.config_to_dict(config), True, step, terms,
+    if layout == "streamed":
+        terms = _streamed_terms(terms, shape, hw, config, per_sm, chosen.programs, chosen.batch_tiles)
+    step, terms = _step(terms, hw, layout)
+    return Candidate(layout, configs.config_to_dict(config), True, step, terms,
                      resources=tuple(sorted(res.items())), plan=tuple(sorted(dataclasses.asdict(chosen).items())))
+
+
+def _streamed_terms(terms: dict, shape: Shape, hw: Hardware, config, per_sm: int, programs: int, tiles: int) -> dict:
+    """The persistent step's terms (_group_step) for the streamed layout: each tile also reads the program's
+    W slice [BLOCK_N, BLOCK_H] from L2 (with the state, over the SM's share of L2), and the chunks' loads are
+    pipelined under the MMAs (num_stages): the transfer, the shared-memory staging (slice and state chunks
+    written and read once) and the MMA overlap, the slowest of them counts. The barrier, the dependent
+    latency of the first chunk and the epilogue stay on the chain."""
+    e, width, bn = ELEMENT[shape.dtype], configs.block_h(shape.hidden), config.kwargs["BLOCK_N"]
+    sharing = min(per_sm, triton.cdiv(programs, hw.limits.sms))
+    l2_rate = min(hw.l2_bytes_per_cycle_per_sm * hw.clock_ghz, hw.l2_total_bytes_per_ns * sharing / programs)
+    slice_bytes = sharing * tiles * bn * width * e
+    chunks = {"l2": terms.pop("l2") + slice_bytes / l2_rate, "shared": terms.pop("shared"), "mma": terms.pop("mma")}
+    slowest = max(chunks, key=chunks.get)
+    return {**terms, f"pipelined ({slowest})": chunks[slowest]}
 
 
 def _group_step(shape: Shape, hw: Hardware, config, res, per_sm: int, programs: int, tiles: int, groups: int,
@@ -651,7 +689,8 @@ def _stepwise(shape: Shape, hw: Hardware, config, res) -> Candidate:
                      resources=tuple(sorted(res.items())))
 
 
-_LAYOUT_COST = {"sequence": _sequence, "persistent": _persistent, "cluster": _cluster, "stepwise": _stepwise}
+_LAYOUT_COST = {"sequence": _sequence, "persistent": _persistent, "cluster": _cluster,
+                "streamed": functools.partial(_persistent, layout="streamed"), "stepwise": _stepwise}
 
 
 def predict(shape: Shape, hw: Hardware, layout: str, config, res: dict = None) -> Candidate:

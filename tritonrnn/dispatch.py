@@ -145,10 +145,10 @@ def _runs(best: costmodel.Candidate, shape: costmodel.Shape, device: torch.devic
     if best.layout == "cluster":
         return launch.cluster_refusal(device) is None and configs.layout_fits(
             "cluster", shape.hidden, dtype, shape.allow_tf32, config=config)
-    if best.layout == "persistent":
+    if best.layout in configs.COUNTER_GROUPED:
         try:
             launch.persistent_plan(shape.seq_len, shape.batch, shape.hidden, dtype, device, shape.direction,
-                                   shape.allow_tf32, config=config, directions=shape.directions)
+                                   shape.allow_tf32, config=config, directions=shape.directions, layout=best.layout)
         except ValueError:
             return False
     return True
@@ -200,7 +200,9 @@ def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int =
 _KERNEL_WORDS = {"sequence": "rnn_sequence_kernel, one launch for all steps, W_hh held on chip",
                  "persistent": "rnn_persistent_kernel, one launch for all steps, W_hh in column slices on chip",
                  "cluster": "rnn_persistent_kernel in thread-block clusters, one launch for all steps, W_hh in "
-                            "column slices over a cluster's CTAs, the hardware cluster barrier"}
+                            "column slices over a cluster's CTAs, the hardware cluster barrier",
+                 "streamed": "rnn_persistent_kernel streaming W_hh, one launch for all steps, each step's column "
+                             "slices and state read from L2 in chunks"}
 
 
 def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device, batch: int = 1) -> str:
@@ -217,10 +219,10 @@ def describe(seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.d
         layout = choice.layout
         kernel = _KERNEL_WORDS.get(layout, f"rnn_step_kernel, one launch per step ({seq_len} per layer and "
                                            f"direction)")
-        if layout == "persistent":
+        if layout in configs.COUNTER_GROUPED:
             config = choice.config if not isinstance(choice.config, str) else None
             plan = launch.persistent_plan(seq_len, batch, hidden_size, dtype, device, direction, allow_tf32,
-                                          config=config)
+                                          config=config, layout=layout)
             kernel += (f": {plan.groups} group(s) of {plan.programs_per_group} program(s), {plan.batch_tiles} "
                        f"batch tile(s) a group, " + (f"{plan.programs} of a resident capacity of "
                                                      f"{plan.resident_capacity}" if plan.waits else

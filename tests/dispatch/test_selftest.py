@@ -139,7 +139,7 @@ def test_kernels_that_never_finish_are_a_saved_verdict_and_a_clear_error(monkeyp
     monkeypatch.setattr(selftest, "_wait", hang)
     rows = selftest.run_all(DEVICE, [(torch.float64, False)])
     assert [(r["layout"], r["status"]) for r in rows[1:]] == [
-        ("sequence", "timed out"), ("persistent", "not run"), ("cluster", "not run")]
+        ("sequence", "timed out"), ("persistent", "not run"), ("streamed", "not run"), ("cluster", "not run")]
     assert "an earlier check hung: stuck" in rows[2]["reason"]
     assert _cached()["verdicts"]["sequence/float64"] == {**_cached()["verdicts"]["sequence/float64"],
                                                          "status": "timed out", "reason": "stuck"}
@@ -250,7 +250,7 @@ def test_calibration_runs_the_selftest_first_and_skips_what_failed(monkeypatch, 
     assert "cluster    bfloat16      failed" in text and "cluster    bfloat16      failed" in capsys.readouterr().out
     assert json.loads((tmp_path / "H100.json").read_text())["selftest"] == rows
     monkeypatch.setattr(selftest, "usable", lambda layout, *args, **kwargs: layout != "cluster")
-    assert calibrate._layouts("bfloat16", 1024, torch.device("cuda")) == ["persistent", "stepwise"]
+    assert calibrate._layouts("bfloat16", 1024, torch.device("cuda")) == ["persistent", "streamed", "stepwise"]
     assert "cluster" in calibrate._layouts("bfloat16", 1024)
 
 

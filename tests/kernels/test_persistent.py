@@ -23,7 +23,8 @@ import torch
 import triton
 
 from concurrent_interpreter import CONCURRENT_CAPACITY, concurrent_programs
-from conftest import DEVICE, ROOT, assert_close, dtype_id, force_layout, load_test_module, mutated_checkout
+from conftest import (DEVICE, ROOT, assert_close, dtype_id, force_layout, load_test_module, mutated_checkout,
+                      offline_compile)
 from tritonrnn import dispatch, kernels, ops, reference
 from tritonrnn.kernels import launch, occupancy, persistent
 from tritonrnn.kernels.occupancy import Plan
@@ -182,7 +183,8 @@ def test_info_says_how_the_persistent_path_tiles(capsys, monkeypatch):
     assert kernel_path(1, 512, torch.float32) == "stepwise"  # one step (RNNCell): the step kernel
     assert kernel_path(32, 512, torch.float32, allow_tf32=False) == "stepwise"  # 3xTF32 spills there
     assert kernel_path(32, 2048, torch.bfloat16) == "persistent"
-    assert kernel_path(32, 4096, torch.bfloat16) == "stepwise"
+    assert kernel_path(32, 4096, torch.bfloat16) == "streamed"  # no slice on chip: streamed from L2 each step
+    assert kernel_path(32, 8192, torch.bfloat16) == "stepwise"  # a group of 256 programs is not resident
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # fp32 as cuDNN runs it: TF32
     cli.main(["info", "--hidden-size", "512", "--seq-len", "32", "--batch", "40"])
     # The plain interpreter runs one program at a time: a group is one program, one per tile.
@@ -470,17 +472,10 @@ def compiled_for_hopper():
     """The persistent kernel compiled offline for sm_90 (bf16, H = 1001: not a multiple of 16; the
     forward with lengths): its PTX and resources, from a subprocess without TRITON_INTERPRET (the
     compiler needs the real @triton.jit objects)."""
-    from tritonrnn.perf import static
-    if not static.available():
-        pytest.skip("this triton has no bundled NVIDIA toolchain")
     code = ("import json, torch; from tritonrnn.perf import static; "
             "r = static.compile_kernel('persistent', torch.bfloat16, 256, 1001, lengths=True, asm=True); "
             "print(json.dumps({k: r[k] for k in ('ptx', 'ring_param', 'registers', 'stack_bytes', 'mma')}))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=Path(__file__).resolve().parents[2])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    return offline_compile(code, None)
 
 
 def _without_group_barrier_syncs(ptx: str) -> str:
@@ -544,14 +539,7 @@ if __name__ == "__main__":
 def _compile_variants(root: Path, variants: list) -> list:
     """static.compile_kernel of the persistent kernel in the checkout at `root`, per variant of BRANCH_VARIANTS'
     form: its PTX, ring_param and barrier_problems (a subprocess without TRITON_INTERPRET)."""
-    from tritonrnn.perf import static
-    if not static.available():
-        pytest.skip("this triton has no bundled NVIDIA toolchain")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(variants)], env=env, capture_output=True,
-                            text=True, timeout=600, cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    return offline_compile(_COMPILE, variants, cwd=root)
 
 
 @pytest.fixture(scope="module")
