@@ -152,7 +152,9 @@ def headline_text(head: dict) -> str:
         return (text + f"; the model predicts each cell's backward step as its forward step, so this is "
                        f"{head['winning_shapes']} and {head['winning_shapes_pessimistic']} of {head['shapes']} cells "
                        f"counted twice)")
-    return text + ")"
+    return (text + f"; {head['winning_shapes']} and {head['winning_shapes_pessimistic']} of {head['shapes']} cells in "
+                   f"both directions; each cell's backward step is predicted on its own, differing from its forward "
+                   f"step in {head['shapes'] - head['identical_directions']} cells)")
 
 
 VERDICT_RULES = {"win": f">= {costmodel.WIN_AT}x under the pessimistic set",

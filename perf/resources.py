@@ -44,11 +44,14 @@ def variants(dtypes=grid.DTYPES, hiddens=grid.HIDDENS) -> list:
 def compile_entry(layout: str, dtype: str, hidden: int, direction: str, config) -> dict:
     """One table entry: the compiled variant's resources (unpacked input, TF32 for fp32, as the grid runs)."""
     result = static.compile_kernel(layout, getattr(torch, dtype), 256, hidden, backward=direction == "backward",
-                                   lengths=False, allow_tf32=True, config=config)
+                                   lengths=False, allow_tf32=True, config=config, asm=True)
     kinds = result["mma"]
     kind = "wgmma" if any(m.startswith("wgmma") for m in kinds) else "mma.sync" if kinds else "fma"
+    # The dot's warp layout (TTGIR warpsPerCTA): how many times a step reads each operand from shared memory.
+    warps = [[int(n) for n in layout.split(",")] for layout in result["warps_per_cta"]]
     return {"registers": result["registers"], "stack_bytes": result["stack_bytes"],
-            "shared_bytes": result["shared_bytes"], "num_warps": result["num_warps"], "mma": kind}
+            "shared_bytes": result["shared_bytes"], "num_warps": result["num_warps"], "mma": kind,
+            "warps_per_cta": warps}
 
 
 def _compile(variant) -> dict:

@@ -543,6 +543,19 @@ def _chain_ns(hw: Hardware, hidden: int, kind: str, dtype: str = "bfloat16", k_s
     return hw.cycles(steps * hw.mma_latency_cycles)
 
 
+def _operand_reads(res: dict) -> tuple:
+    """(M side, N side): how many times a step's dot reads each operand from shared memory, from the compiled
+    warp layout (TTGIR warpsPerCTA [wm, wn], the resource table's `warps_per_cta`). Each warp reads its rows
+    of the M side for every column block: the M side is read wn times, the N side wm times (wgmma: each
+    warpgroup along N reads the whole M side). A batched dot ([K_SPLIT, 1, 1]: a K part a warp) reads each
+    once; so does an estimate without a compiled layout."""
+    layouts = [layout for layout in res.get("warps_per_cta") or () if len(layout) == 2]
+    if not layouts:
+        return 1, 1
+    wm, wn = max(layouts, key=lambda layout: layout[0] * layout[1])
+    return wn, wm
+
+
 def _kind(res: dict) -> str:
     mma = res["mma"]
     if isinstance(mma, list):
@@ -575,7 +588,10 @@ def _sequence(shape: Shape, hw: Hardware, config, res) -> Candidate:
     waves = triton.cdiv(programs, capacity)  # programs that are not resident run after the others
     sharing = min(per_sm, triton.cdiv(programs, hw.limits.sms))  # programs an SM runs at once
     kind = _kind(res)
-    shared = sharing * e * width * (width + 2 * bb) / hw.shared_bytes_per_cycle
+    # The dot state [BLOCK_B, BLOCK_H] @ W_hh^T [BLOCK_H, BLOCK_H]: W_hh is its N side (read once per warp row),
+    # the state its M side (staged once, read once per warp column).
+    w_reads, state_reads = _operand_reads(res)[::-1]
+    shared = sharing * e * width * (w_reads * width + (1 + state_reads) * bb) / hw.shared_bytes_per_cycle
     terms = {"shared": hw.cycles(shared),
              "mma": max(sharing * _mma_ns(hw, shape.dtype, 2 * bb * width * width, kind),
                         _chain_ns(hw, shape.hidden, kind, shape.dtype)),
@@ -628,17 +644,26 @@ def _group_step(shape: Shape, hw: Hardware, config, res, per_sm: int, programs: 
     group's state^T [BLOCK_H, BLOCK_B] read from L2 (a dependent load after the barrier; every program
     of the group reads all of it, so the group re-reads it H / BLOCK_N times) and staged through
     shared memory; the W slice [BLOCK_N, BLOCK_H] read by the MMA from shared memory (wgmma or
-    mma.sync, from the compile); the dot's chain, K_SPLIT independent chains in parallel, then their
-    sum across warps through shared memory; the epilogue. The next tile's input is loaded before the
-    wait: its latency is off the chain (no term). Then the barrier."""
+    mma.sync, from the compile), as many times as the compiled warp layout reads it (_operand_reads);
+    the dot's chain, K_SPLIT independent chains in parallel, then their sum across warps through shared
+    memory; the epilogue. The next tile's inputs are loaded before the wait: their latency is off the
+    chain, their bytes (one input tile forward, two backward: dL/dh_t and h_t) share the L2 term. Then
+    the barrier. The backward's step differs from the forward's by those bytes and its compiled
+    resources (registers, warp layout)."""
     e, width = ELEMENT[shape.dtype], configs.block_h(shape.hidden)
     bb, bn, ks = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"], config.kwargs.get("K_SPLIT", 1)
     kind = _kind(res)
     sharing = min(per_sm, triton.cdiv(programs, hw.limits.sms))  # programs an SM runs at once
     rows = min(tiles * bb, triton.cdiv(shape.batch, groups))  # masked rows of a short tile are not read
-    state_bytes = sharing * rows * width * e  # every program reads its group's whole state
+    # Every program reads its group's whole state, and its own columns of the step's inputs (loaded before the
+    # wait: off the chain, but through the same port): x W_ih^T in the forward; dL/dh_t and h_t in the backward.
+    inputs = 2 if shape.direction == "backward" else 1
+    state_bytes = sharing * rows * (width + inputs * bn) * e
     l2_rate = min(hw.l2_bytes_per_cycle_per_sm * hw.clock_ghz, hw.l2_total_bytes_per_ns * sharing / programs)
-    shared = sharing * tiles * e * width * (bn + 2 * bb) / hw.shared_bytes_per_cycle  # W slice; state staged
+    # The dot slice^T [BLOCK_N, BLOCK_H] @ state^T [BLOCK_H, BLOCK_B]: the slice is its M side (read once per warp
+    # column), the state its N side (staged once, read once per warp row).
+    slice_reads, state_reads = _operand_reads(res)
+    shared = sharing * tiles * e * width * (slice_reads * bn + (1 + state_reads) * bb) / hw.shared_bytes_per_cycle
     terms = {"barrier": barrier_ns,
              "latency": tiles * hw.l2_latency_ns,
              "l2": state_bytes / l2_rate,

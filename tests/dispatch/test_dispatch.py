@@ -126,7 +126,7 @@ def test_a_refused_layout_is_not_offered_again_for_that_shape(fake_gpu, monkeypa
         dispatch.refuse(chosen, shape, fake_gpu, ClusterUnavailable("planted"))
     assert len(seen) == 1
     assert dispatch.choose(shape, fake_gpu).layout == "persistent"
-    assert dispatch.choose(dataclasses.replace(shape, hidden=1024), fake_gpu).layout == "cluster"
+    assert dispatch.choose(dataclasses.replace(shape, hidden=256), fake_gpu).layout == "cluster"
     assert dispatch.choose(shape, torch.device("cuda", 1)).layout == "cluster"
     dispatch.forget_refusals()
     assert dispatch.choose(shape, fake_gpu).layout == "cluster"

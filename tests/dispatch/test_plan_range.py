@@ -59,7 +59,8 @@ def test_each_pessimistic_value_is_at_least_as_adverse_as_the_issues_bound():
     assert table["cudnn_small_h_fp32_us"]["pessimistic"] == pytest.approx(0.78 * 1.41 / 1.98, abs=1e-6)
 
 
-# The baseline as it was before the pessimistic set (Hardware's defaults and five standard-grid rows).
+# The baseline constants as they were before the pessimistic set (Hardware's defaults), and five standard-grid
+# rows of the plan as shipped (perf/NOTES.md v0.7.1: the streamed layout, the warp layout's operand reads).
 OLD_DEFAULTS = {"clock_ghz": 1.98, "mma_sync_efficiency": 0.5, "wgmma_efficiency": 0.7, "mma_latency_cycles": 33.0,
                 "shared_bytes_per_cycle": 128.0, "l2_bytes_per_cycle_per_sm": 64.0, "l2_total_bytes_per_ns": 5500.0,
                 "l2_latency_ns": 300.0, "barrier_ns": 1000.0, "cluster_barrier_ns": None, "launch_ns": 8000.0,
@@ -67,11 +68,11 @@ OLD_DEFAULTS = {"clock_ghz": 1.98, "mma_sync_efficiency": 0.5, "wgmma_efficiency
                 "peak_tflops": (("bfloat16", 989.0), ("float16", 989.0), ("float32", 495.0), ("float64", 67.0)),
                 "cudnn_small_h_ns": (("float32", 780.0), ("bfloat16", 620.0), ("float16", 620.0)),
                 "cudnn_standard_floor_ns": (("float32", 8960.0), ("bfloat16", 7900.0), ("float16", 7900.0))}
-KNOWN = [(("float32", 1, 128, "forward"), "sequence", 0.703, "PERSIST_STATIC_SMALL_H", 0.78, 1.11),
-         (("bfloat16", 16, 256, "forward"), "sequence", 1.242, "PERSIST_STATIC_SMALL_H", 0.623, 0.502),
-         (("float16", 64, 1024, "forward"), "cluster", 2.457, "PERSIST_STATIC", 1.065, 0.433),
+KNOWN = [(("float32", 1, 128, "forward"), "sequence", 0.8, "PERSIST_STATIC_SMALL_H", 0.78, 0.975),
+         (("bfloat16", 16, 256, "forward"), "cluster", 1.253, "PERSIST_STATIC_SMALL_H", 0.623, 0.497),
+         (("float16", 64, 1024, "forward"), "streamed", 2.949, "PERSIST_STATIC", 1.065, 0.361),
          (("float32", 256, 2048, "backward"), "stepwise", 21.278, "STANDARD", 8.96, 0.421),
-         (("bfloat16", 64, 512, "forward"), "cluster", 1.571, "STANDARD", 7.9, 5.03)]
+         (("bfloat16", 64, 512, "forward"), "cluster", 1.582, "STANDARD", 7.9, 4.992)]
 
 
 def test_the_baseline_plan_is_unchanged(rows):
@@ -82,7 +83,7 @@ def test_the_baseline_plan_is_unchanged(rows):
         r = index[key]
         got = (r["path"], r["predicted_us"], r["cudnn_algorithm"], r["cudnn_predicted_us"], r["predicted_speedup"])
         assert got == (path, ours, algorithm, theirs, speedup), key
-    assert sum(r["predicted_speedup"] >= 1.0 for r in rows) == 82  # the plan as shipped (perf/NOTES.md v0.7.1)
+    assert sum(r["predicted_speedup"] >= 1.0 for r in rows) == 76  # the plan as shipped (perf/NOTES.md v0.7.1)
 
 
 def test_the_pessimistic_set_never_speeds_us_up_nor_slows_cudnn_down(rows):
@@ -142,7 +143,7 @@ def test_info_offline_json_has_the_range_and_the_constants_object(capsys):
     for r in rows:
         assert set(plan.JSON_KEYS) <= set(r) and set(NEW_KEYS) <= set(r)
         assert r["predicted_speedup_pessimistic"] == pytest.approx(
-            r["cudnn_predicted_us_pessimistic"] / r["predicted_us_pessimistic"], rel=2e-3)
+            r["cudnn_predicted_us_pessimistic"] / r["predicted_us_pessimistic"], rel=2e-3, abs=1e-3)  # 3 decimals
 
 
 def test_text_and_markdown_show_the_range(rows, capsys):
