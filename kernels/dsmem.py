@@ -12,9 +12,9 @@ columns a CTA, BLOCK_B batch rows a cluster (a multiple of 16: the MMA's M), e t
   ([BLOCK_N, H], BLOCK_N x H x e bytes), into its shared memory, where it stays for all steps.
 - Every CTA keeps the whole state of its tile, h [BLOCK_B, H], in its own shared memory, twice: the
   state buffer [2, BLOCK_B, H] (2 x BLOCK_B x H x e bytes), slot i % 2 read at step i (read_slot),
-  slot (i + 1) % 2 written during step i for step i + 1 (write_slot). Slot 0 holds h0 at the start
-  (each CTA loads all of it from global memory).
-- Step i of CTA r: wait until slot i % 2 is full (step 0: h0 is local); z = xw_t + h_{t-1} @ slice^T
+  slot (i + 1) % 2 written during step i for step i + 1 (write_slot). h0 arrives as a step's output
+  does: before the loop each CTA loads its columns of h0 and pushes them into slot 0 of every CTA.
+- Step i of CTA r: wait until slot i % 2 is full; z = xw_t + h_{t-1} @ slice^T
   ([BLOCK_B, BLOCK_N], the MMA: mma.sync m16n8k16 (bf16/fp16) or m16n8k8 (TF32), A = the state from
   shared memory, B = the slice from shared memory, both read each step in BLOCK_K-column chunks);
   h = act(z); store h into out[t]; unless this is the last step, push h into columns
@@ -23,10 +23,11 @@ columns a CTA, BLOCK_B batch rows a cluster (a multiple of 16: the MMA's M), e t
   `st.async.shared::cluster.mbarrier::complete_tx::bytes` per pair of elements a thread holds:
   BLOCK_B x BLOCK_N x e bytes to each of the S CTAs, S x BLOCK_B x BLOCK_N x e = BLOCK_B x H x e
   bytes received by each).
-- The wait: each CTA has one mbarrier per slot (count 1). At step i >= 1 it arms the slot's mbarrier
-  with the bytes all S CTAs send into the slot (`expect`: arrive + expect_tx of BLOCK_B x H x e) and
-  waits for the phase to complete (try_wait with parity wait_phase(i) = ((i - 1) // 2) % 2: slot 1's
-  mbarrier completes at steps 1, 3, 5, ..., slot 0's at 2, 4, ...; each completion flips its phase).
+- The wait: each CTA has one mbarrier per slot (count 1). At every step it arms the slot's mbarrier
+  with the bytes all S CTAs send into the slot (`expect`: one thread's arrive + expect_tx of
+  BLOCK_B x H x e) and waits for the phase to complete (every thread: try_wait with parity
+  wait_phase(i) = (i // 2) % 2: slot 0's mbarrier completes at steps 0, 2, 4, ..., slot 1's at 1, 3,
+  5, ...; each completion flips its phase).
   A push may land before the arming: the transaction count goes negative, and the phase still needs
   the arrival of the arming, so it cannot complete early.
 - Why two slots suffice: CTA r writes slot (i + 1) % 2 of CTA q during step i. CTA q last read that
@@ -37,8 +38,8 @@ columns a CTA, BLOCK_B batch rows a cluster (a multiple of 16: the MMA's M), e t
   need r's own push of the step between them, which comes after r's wait on phase k.
 - Before the first push, every CTA's mbarriers must be initialised: init, `fence.mbarrier_init`
   (release, cluster scope), then the cluster barrier (arrive.release / wait.acquire, every thread).
-- Global memory on the step's dependency chain: none but the load of xw_{t+1} (issued before the
-  wait) and the store of h_t. No barrier after the last step: nothing is pushed at step T - 1, and a
+- Global memory on the step's dependency chain: none but the load of xw_{t+1} (issued after the
+  push, before the wait) and the store of h_t. No barrier after the last step: nothing is pushed at step T - 1, and a
   CTA's own last wait covers every push into its memory, so no CTA exits while another writes to it.
 
 The shared state buffer is swizzled (16-byte vectors XOR-ed by row % 8: the MMA's ldmatrix reads are
@@ -67,7 +68,7 @@ GLUON_MIN_VERSION = (3, 9)
 
 @triton.jit
 def read_slot(i):
-    """The state slot step i reads (slot 0 holds h0 for step 0)."""
+    """The state slot step i reads (slot 0: h0, pushed before the loop, for step 0)."""
     return i % 2
 
 
@@ -79,9 +80,9 @@ def write_slot(i):
 
 @triton.jit
 def wait_phase(i):
-    """The parity of the phase the mbarrier of read_slot(i) completes for step i (i >= 1): slot 1's
-    completes for steps 1, 3, 5, ... (phases 0, 1, 0, ...), slot 0's for steps 2, 4, ... (0, 1, ...)."""
-    return ((i - 1) // 2) % 2
+    """The parity of the phase the mbarrier of read_slot(i) completes for step i: slot 0's completes for
+    steps 0 (h0), 2, 4, ... (phases 0, 1, 0, ...), slot 1's for steps 1, 3, 5, ... (0, 1, 0, ...)."""
+    return (i // 2) % 2
 
 
 @triton.jit
@@ -97,14 +98,32 @@ def column_block(rank, BLOCK_N: tl.constexpr):
     return rank * BLOCK_N
 
 
-def swizzle(element_bytes: int) -> tuple:
-    """(VEC, PHASES) of the state buffer: 16-byte vectors, 8 phases (a 128-byte period)."""
-    return 16 // element_bytes, 8
+CLUSTER_SIZES = (2, 4, 8, 16)  # 16: non-portable, what Hopper allows beyond the portable 8
+
+
+def default_config(hidden: int, cluster: int, element_bytes: int) -> dict:
+    """The Gluon kernel's config: one 16-row batch tile a cluster (the mma.sync's M), K read in chunks of
+    two swizzle periods (64 bf16 / 32 fp32 columns: 128 bytes a row), warps side by side on the columns,
+    8 columns each (a warp per mma.sync n8 tile, none replicated: each element pushed by one thread)."""
+    block_n = hidden // cluster
+    return {"BLOCK_B": 16, "BLOCK_K": min(hidden, 128 // element_bytes), "num_warps": max(1, min(4, block_n // 8))}
 
 
 def state_slot_bytes(block_b: int, hidden: int, element_bytes: int) -> int:
     """The bytes a CTA receives each step (all S CTAs' pushes): one slot, BLOCK_B x H x e."""
     return block_b * hidden * element_bytes
+
+
+@triton.jit
+def _twin_push(values, p_state, p_barrier, slot, o_lb, o_c, H: tl.constexpr, CLUSTER: tl.constexpr,
+               SLOT: tl.constexpr, ELEMENT_BYTES: tl.constexpr, VEC: tl.constexpr, PHASES: tl.constexpr):
+    """A rank's push of `values` [BLOCK_B, BLOCK_N] (columns o_c) into `slot` of every CTA of the cluster,
+    and the bytes it completes on each CTA's mbarrier of that slot (st.async's complete_tx)."""
+    for peer in tl.static_range(CLUSTER):
+        tl.store(p_state + (peer * 2 + slot) * SLOT + state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES),
+                 values.to(p_state.dtype.element_ty))
+        p_peer_bar = p_barrier + (peer * 2 + slot) * 2
+        tl.store(p_peer_bar, tl.load(p_peer_bar) + ELEMENT_BYTES * values.numel)
 
 
 @triton.jit
@@ -140,28 +159,29 @@ def dsmem_twin_kernel(
     o_n = tl.arange(0, BLOCK_N)
     p_state += cluster * CLUSTER * 2 * SLOT
     p_barrier += cluster * CLUSTER * 4
-    # Slot 0 of every CTA: h0, loaded by the CTA itself (rows past B zero).
-    b_h0 = tl.load(p_h0 + o_b[:, None] * H + o_k[None, :], mask=m_b[:, None], other=0.0)
+    # h0 into slot 0 of every CTA: each rank pushes its columns (rows past B zero), as after a step.
     for rank in tl.static_range(CLUSTER):
-        tl.store(p_state + (rank * 2 + 0) * SLOT + state_offset(o_lb[:, None], o_k[None, :], H, VEC, PHASES), b_h0)
+        o_c = column_block(rank, BLOCK_N) + o_n
+        b_h0 = tl.load(p_h0 + o_b[:, None] * H + o_c[None, :], mask=m_b[:, None], other=0.0)
+        _twin_push(b_h0, p_state, p_barrier, read_slot(0), o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC, PHASES)
     failed = 0
     for i in range(T):
         slot = read_slot(i)
         for rank in tl.static_range(CLUSTER):
             p_own = p_state + (rank * 2 + slot) * SLOT
             p_bar = p_barrier + (rank * 2 + slot) * 2
-            if i > 0:  # the wait: every CTA's push into this slot landed, the phase the Gluon kernel waits for
-                pushed = tl.load(p_bar)
-                completed = tl.load(p_bar + 1)
-                failed |= (pushed != ELEMENT_BYTES * SLOT).to(tl.int32)
-                phase = wait_phase(i)
-                if DEBUG_MUTATION == "parity":
-                    phase = 1 - phase
-                # The pushes complete phase number `completed` (0, 1, 2, ...): try_wait.parity(phase) returns
-                # once the phase of that parity completed, so the kernel must wait for its parity.
-                failed |= (completed % 2 != phase).to(tl.int32)
-                tl.store(p_bar, 0)  # the completion resets the count, the phase flips
-                tl.store(p_bar + 1, completed + 1)
+            # The wait: every CTA's push into this slot landed, and it is the phase the Gluon kernel waits for.
+            pushed = tl.load(p_bar)
+            completed = tl.load(p_bar + 1)
+            failed |= (pushed != ELEMENT_BYTES * SLOT).to(tl.int32)
+            phase = wait_phase(i)
+            if DEBUG_MUTATION == "parity":
+                phase = 1 - phase
+            # The pushes complete phase number `completed` (0, 1, 2, ...): try_wait.parity(phase) returns
+            # once the phase of that parity completed, so the kernel must wait for its parity.
+            failed |= (completed % 2 != phase).to(tl.int32)
+            tl.store(p_bar, 0)  # the completion resets the count, the phase flips
+            tl.store(p_bar + 1, completed + 1)
             b_h = tl.load(p_own + state_offset(o_lb[:, None], o_k[None, :], H, VEC, PHASES))
             first = column_block(rank, BLOCK_N)
             o_c = first + o_n
@@ -177,13 +197,8 @@ def dsmem_twin_kernel(
                     target = slot
                 if DEBUG_MUTATION == "columns":
                     o_c = column_block((rank + 1) % CLUSTER, BLOCK_N) + o_n
-                for peer in tl.static_range(CLUSTER):
-                    p_peer = p_state + (peer * 2 + target) * SLOT
-                    tl.store(p_peer + state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES),
-                             b_new.to(p_state.dtype.element_ty))
-                    # complete_tx on the peer's mbarrier of that slot: the bytes of this push
-                    p_peer_bar = p_barrier + (peer * 2 + target) * 2
-                    tl.store(p_peer_bar, tl.load(p_peer_bar) + ELEMENT_BYTES * BLOCK_B * BLOCK_N)
+                _twin_push(b_new, p_state, p_barrier, target, o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC,
+                           PHASES)
     if failed != 0:  # a wait the Gluon kernel would not pass as modelled: poison the tile's outputs
         b_nan = tl.full([BLOCK_B, H], float("nan"), tl.float64)
         for i in range(T):
@@ -326,7 +341,8 @@ def elman_dsmem_kernel(
     BLOCK_K: tl.constexpr,  # the MMA's K chunk: the state and the slice are read from shared memory in chunks
     CELL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr = None,  # "tf32" for fp32
-    # Tests only: "no_wait" drops the step's mbarrier wait, "one_slot" pushes into the slot being read.
+    # Tests only (the PTX checks must reject them): "no_wait" drops the step's mbarrier wait, "fixed_phase"
+    # waits for parity 0 at every step. "" in every real compile.
     DEBUG_MUTATION: tl.constexpr = "",
 ):
     dtype: tl.constexpr = p_w.dtype.element_ty
@@ -353,11 +369,9 @@ def elman_dsmem_kernel(
     first_row = (gl.program_id(0) // CLUSTER) * BLOCK_B
     # The slice W_hh[rank's columns, :] and h0 [BLOCK_B, H], into shared memory once.
     o_wn = column_block(rank, BLOCK_N) + gl.arange(0, BLOCK_N, gl.SliceLayout(1, LOAD))
-    o_hb = first_row + gl.arange(0, BLOCK_B, gl.SliceLayout(1, LOAD))
     o_k = gl.arange(0, H, gl.SliceLayout(0, LOAD))
     w_slice = gl.allocate_shared_memory(dtype, [BLOCK_N, H], SLICE_SMEM, gl.load(p_w + o_wn[:, None] * H + o_k[None, :]))
     state = gl.allocate_shared_memory(dtype, [2, BLOCK_B, H], STATE_SMEM)
-    state.index(0).store(gl.load(p_h0 + o_hb[:, None] * H + o_k[None, :], mask=(o_hb < B)[:, None], other=0.0))
     full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # one mbarrier a slot
     mbarrier.init(full.index(0), count=1)
     mbarrier.init(full.index(1), count=1)
@@ -371,13 +385,15 @@ def elman_dsmem_kernel(
     o_io = o_b[:, None] * H + o_c[None, :]
     m_io = (o_b < B)[:, None] & (o_c < H)[None, :]
     push_offsets = state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES) * ELEMENT_BYTES
+    # h0 reaches every CTA as a step's output does: each CTA pushes its columns into slot 0.
+    b_h0 = gl.load(p_h0 + o_io, mask=m_io, other=0.0)
+    _push(b_h0, push_offsets, state.index(read_slot(0)), full.index(read_slot(0)), CLUSTER, ELEMENT_BYTES)
     b_xw = gl.load(p_xw + o_io, mask=m_io, other=0.0)
     for i in range(T):
         slot = read_slot(i)
         if DEBUG_MUTATION != "no_wait":
-            if i > 0:
-                mbarrier.expect(full.index(slot), BLOCK_B * H * ELEMENT_BYTES)
-                mbarrier.wait(full.index(slot), wait_phase(i))
+            mbarrier.expect(full.index(slot), BLOCK_B * H * ELEMENT_BYTES)
+            mbarrier.wait(full.index(slot), 0 if DEBUG_MUTATION == "fixed_phase" else wait_phase(i))
         b_state = state.index(slot)
         acc = b_xw.to(gl.float32)
         for k in gl.static_range(0, H, BLOCK_K):
@@ -389,8 +405,6 @@ def elman_dsmem_kernel(
         p_out += B * H
         if i + 1 < T:
             target = write_slot(i)
-            if DEBUG_MUTATION == "one_slot":
-                target = slot
             _push(b_h, push_offsets, state.index(target), full.index(target), CLUSTER, ELEMENT_BYTES)
             p_xw += B * H
             b_xw = gl.load(p_xw + o_io, mask=m_io, other=0.0)  # after the push (on the chain), before the wait

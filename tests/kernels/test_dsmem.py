@@ -1,0 +1,223 @@
+"""The hidden state in distributed shared memory (kernels/dsmem.py), as far as a CPU can check it.
+
+(a) The protocol's twin (dsmem_twin_kernel) in the interpreter against float64: the ranks' columns,
+    the double buffer's slots, the mbarriers' byte counts and phases; outputs NaN-poisoned. Each
+    planted protocol bug (wrong slot, parity or columns) must fail.
+(b) The Gluon kernel compiled offline for sm_90a (Triton >= 3.9): spill-free at its default configs,
+    on mma.sync, within a CTA's shared memory, and its exchange as perf/dsmem_static.exchange_problems
+    checks it in the PTX. Each check must reject a kernel or a PTX text with that bug planted.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import DEVICE, assert_close
+from tritonrnn import reference
+from tritonrnn.kernels import dsmem
+
+SHARED_MEMORY_LIMIT = 232448  # bytes a CTA may use on sm_90 (227 KB)
+
+
+def _problem(hidden, batch, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    xw = torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64)
+    h0 = torch.randn(batch, hidden, generator=g, dtype=torch.float64)
+    w_hh = torch.randn(hidden, hidden, generator=g, dtype=torch.float64) * (1.5 / hidden ** 0.5)
+    return xw, h0, w_hh
+
+
+def _reference(xw, h0, w_hh, cell):
+    eye = torch.eye(xw.shape[-1], dtype=torch.float64)  # xw is already projected: x = xw, W_ih = I
+    out, _ = reference.forward(xw, h0, eye, w_hh, None, None, cell, None, False)
+    return out
+
+
+twin = pytest.mark.skipif(DEVICE.type == "cuda", reason="the twin is the interpreter's stand-in for the Gluon kernel")
+
+
+# (H, S, B, T, cell, e): B = 33 spans three clusters; e = 4 takes the fp32 swizzle (4-element vectors).
+TWIN_CASES = [(64, 2, 1, 1, "tanh", 2), (64, 4, 5, 3, "relu", 2), (128, 4, 16, 7, "tanh", 2),
+              (256, 8, 5, 3, "relu", 2), (256, 16, 16, 7, "tanh", 2), (128, 8, 16, 3, "tanh", 4),
+              (64, 2, 33, 3, "relu", 4)]
+
+
+@twin
+@pytest.mark.parametrize("case", TWIN_CASES, ids=lambda c: "H{}-S{}-B{}-T{}-{}-e{}".format(*c))
+def test_twin_matches_float64(case):
+    hidden, cluster, batch, steps, cell, element_bytes = case
+    xw, h0, w_hh = _problem(hidden, batch, steps, seed=((hidden * 31 + cluster) * 37 + batch) * 41 + steps)
+    out = dsmem.twin_forward(xw, w_hh, h0, cluster, cell=cell, element_bytes=element_bytes)
+    assert_close(out, _reference(xw, h0, w_hh, cell), torch.float64, "out")
+
+
+@twin
+@pytest.mark.parametrize("mutation", ["slot", "parity", "columns"])
+def test_twin_rejects_a_planted_protocol_bug(mutation):
+    """Pushing into the slot being read, waiting for the other phase, or pushing into the next rank's
+    columns: each gives NaN (a wait the mbarrier model does not pass) or wrong values."""
+    xw, h0, w_hh = _problem(64, 5, 4, seed=7)
+    out = dsmem.twin_forward(xw, w_hh, h0, 4, cell="tanh", debug_mutation=mutation)
+    ref = _reference(xw, h0, w_hh, "tanh")
+    assert out.isnan().any() or not torch.allclose(out, ref, rtol=1e-10, atol=1e-10)
+
+
+# ---- (b) the Gluon kernel, compiled offline ----
+
+gluon = pytest.mark.skipif(not dsmem.available(), reason=f"no Gluon kernel here: {dsmem.GLUON_PROBLEM}")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Every default variant and kernel mutant (perf/dsmem_static.py), compiled in one process without
+    the interpreter; keyed by (dtype, H, S, mutation)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "tritonrnn.perf.dsmem_static"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    variants = [json.loads(line) for line in result.stdout.splitlines()]
+    return {(v["dtype"], v["hidden"], v["cluster"], v["mutation"]): v for v in variants}
+
+
+def _problems(variant, ptx=None):
+    from tritonrnn.perf import dsmem_static
+    return dsmem_static.exchange_problems(variant["ptx"] if ptx is None else ptx, variant["cluster"],
+                                          variant["num_warps"] * 32, variant["expect_bytes"])
+
+
+@gluon
+def test_default_variants_compile_spill_free_on_mma_with_a_sound_exchange(compiled):
+    from tritonrnn.perf import dsmem_static
+    defaults = [v for v in compiled.values() if not v["mutation"]]
+    assert len(defaults) == len(dsmem_static.DEFAULT_VARIANTS)
+    for v in defaults:
+        name = f"{v['dtype']} H={v['hidden']} S={v['cluster']}"
+        assert v["arch"] == "sm_90a", name
+        assert v["stack_bytes"] == 0 and v["local_bytes"] == 0, f"{name} spills: {v['stack_bytes']} B"
+        assert v["shared_bytes"] <= SHARED_MEMORY_LIMIT, f"{name}: {v['shared_bytes']} B of shared memory"
+        kind = "m16n8k8.row.col.f32.tf32" if v["dtype"] == "fp32" else "m16n8k16.row.col.f32.bf16"
+        assert any(kind in m for m in v["mma"]), f"{name}: {v['mma']}"
+        assert _problems(v) == [], name
+
+
+@pytest.fixture
+def base(compiled):
+    return compiled[("bf16", 256, 4, "")]
+
+
+def _mutate(ptx, pattern, replacement, count=None):
+    mutated, done = re.subn(pattern, replacement, ptx, flags=re.M)
+    assert done and (count is None or done == count), f"the mutation's anchor {pattern!r} matched {done} times"
+    return mutated
+
+
+def _assert_rejected(variant, ptx, expected):
+    problems = _problems(variant, ptx)
+    assert any(expected in p for p in problems), f"expected {expected!r} among {problems}"
+
+
+@gluon
+@pytest.mark.parametrize("mutation, expected", [("no_wait", "try_wait.parity in the step loop"),
+                                                ("fixed_phase", "wait's parity")])
+def test_check_rejects_a_mutated_kernel(compiled, mutation, expected):
+    """The kernel compiled without its wait, or waiting for parity 0 every step."""
+    variant = compiled[("bf16", 256, 4, mutation)]
+    _assert_rejected(variant, variant["ptx"], expected)
+
+
+@gluon
+def test_check_rejects_a_push_onto_the_local_mbarrier(base):
+    ptx = _mutate(base["ptx"], r"mapa\.shared::cluster\.u32 peer_barrier, (%r\d+), %r\d+;", r"mov.u32 peer_barrier, \1;")
+    _assert_rejected(base, ptx, "mbarrier is not a mapa")
+
+
+@gluon
+def test_check_rejects_a_push_into_the_local_slot(base):
+    ptx = _mutate(base["ptx"], r"mapa\.shared::cluster\.u32 peer_slot, (%r\d+), %r\d+;", r"mov.u32 peer_slot, \1;")
+    _assert_rejected(base, ptx, "not in a mapa'd peer window")
+
+
+@gluon
+def test_check_rejects_stores_that_complete_no_bytes(base):
+    ptx = _mutate(base["ptx"], r"st\.async\.shared::cluster\.mbarrier::complete_tx::bytes\.b32 \[address\], word, "
+                  r"\[peer_barrier\];", "st.shared::cluster.b32 [address], word;")
+    _assert_rejected(base, ptx, "pushes in the step loop")
+
+
+@gluon
+def test_check_rejects_a_push_short_of_what_the_mbarrier_expects(base):
+    lines = base["ptx"].splitlines()
+    last = max(n for n, line in enumerate(lines) if line.startswith("st.async"))
+    _assert_rejected(base, "\n".join(lines[:last] + lines[last + 1:]), "bytes a CTA")
+
+
+@gluon
+def test_check_rejects_an_mbarrier_armed_for_other_bytes(base):
+    ptx = _mutate(base["ptx"], r"(mbarrier\.arrive\.expect_tx\.shared::cta\.b64 _, \[%r\d+\]), 8192;", r"\1, 4096;", 1)
+    _assert_rejected(base, ptx, "arms its mbarrier [4096] bytes")
+
+
+@gluon
+def test_check_rejects_a_constant_parity(base):
+    ptx = _mutate(base["ptx"], r"(mbarrier\.try_wait\.parity\.shared::cta\.b64 complete, \[%r\d+\]), %r\d+;",
+                  r"\1, 0;", 1)
+    _assert_rejected(base, ptx, "wait's parity (0)")
+
+
+@gluon
+def test_check_rejects_one_mbarrier_for_both_slots(base):
+    """The wait always on the mbarrier the h0 push (before the loop) completes: slot 0's."""
+    slot0 = re.search(r"mapa\.shared::cluster\.u32 peer_barrier, (%r\d+),", base["ptx"]).group(1)
+    ptx = _mutate(base["ptx"], r"(mbarrier\.try_wait\.parity\.shared::cta\.b64 complete, )\[%r\d+\]", rf"\1[{slot0}]", 1)
+    _assert_rejected(base, ptx, "one buffer, not two")
+
+
+@gluon
+def test_check_rejects_a_wait_that_does_not_spin(base):
+    ptx = _mutate(base["ptx"], r"^\s*@!complete bra\.uni waitLoop;\n", "", 1)
+    _assert_rejected(base, ptx, "does not spin")
+
+
+@gluon
+def test_check_rejects_a_shared_read_before_the_wait(base):
+    lines = base["ptx"].splitlines()
+    expect = next(n for n, line in enumerate(lines) if "mbarrier.arrive.expect_tx" in line and "8192" in line)
+    read = next(line for line in lines[expect:] if "ldmatrix" in line)
+    _assert_rejected(base, "\n".join(lines[:expect] + [read] + lines[expect:]), "read in the step loop before the wait")
+
+
+@gluon
+def test_check_rejects_global_memory_after_the_wait(base):
+    ptx = _mutate(base["ptx"], r"^(\s*@!complete bra\.uni waitLoop;)$", r"\1\nld.global.b32 %r1, [%rd1];", 1)
+    _assert_rejected(base, ptx, "global memory between the arming, the wait and the MMA")
+
+
+@gluon
+def test_check_rejects_a_global_atomic_in_a_push(base):
+    lines = base["ptx"].splitlines()
+    last_mapa = max(n for n, line in enumerate(lines) if line.startswith("mapa.shared::cluster.u32 peer_slot"))
+    ptx = "\n".join(lines[:last_mapa + 1] + ["atom.global.add.u32 %r1, [%rd1], 1;"] + lines[last_mapa + 1:])
+    _assert_rejected(base, ptx, "global memory within a push")
+    _assert_rejected(base, ptx, "a global synchronisation in the kernel")
+
+
+@gluon
+def test_check_rejects_pushes_before_the_mbarrier_init_fence(base):
+    ptx = _mutate(base["ptx"], r"^\s*fence\.mbarrier_init\.release\.cluster;\n", "", 1)
+    _assert_rejected(base, ptx, "fence.mbarrier_init")
+
+
+def test_module_imports_without_gluon():
+    """On a Triton older than 3.9 (its version string faked: CI's 3.6 to 3.8 runs test the real ones),
+    kernels/dsmem.py still imports, says why the Gluon kernel is unavailable, and the twin is there."""
+    code = ("import sys, triton; triton.__version__ = '3.6.0'\n"
+            "from tritonrnn.kernels import dsmem\n"
+            "assert callable(dsmem.twin_forward)\n"
+            "assert not dsmem.available() and '3.6.0' in dsmem.GLUON_PROBLEM, dsmem.GLUON_PROBLEM\n"
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
