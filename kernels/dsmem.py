@@ -25,8 +25,8 @@ columns a CTA, BLOCK_B batch rows a cluster (a multiple of 16: the MMA's M), e t
   bytes received by each).
 - The wait: each CTA has one mbarrier per slot (count 1). At every step it arms the slot's mbarrier
   with the bytes all S CTAs send into the slot (`expect`: one thread's arrive + expect_tx of
-  BLOCK_B x H x e) and waits for the phase to complete (every thread: try_wait with parity
-  wait_phase(i) = (i // 2) % 2: slot 0's mbarrier completes at steps 0, 2, 4, ..., slot 1's at 1, 3,
+  BLOCK_B x H x e) and waits for the phase to complete (every thread: try_wait.parity, acquire at
+  cluster scope, with parity wait_phase(i) = (i // 2) % 2: slot 0's mbarrier completes at steps 0, 2, 4, ..., slot 1's at 1, 3,
   5, ...; each completion flips its phase).
   A push may land before the arming: the transaction count goes negative, and the phase still needs
   the arrival of the arming, so it cannot complete early.
@@ -317,6 +317,16 @@ def _cluster_rank():
 
 
 @_gluon_jit
+def _wait(barrier, phase):
+    """Every thread spins until the phase of parity `phase` of its CTA's `barrier` completed, acquiring at
+    cluster scope: the pushes that complete it are other CTAs' st.async (their complete_tx releases at
+    cluster scope; Gluon's mbarrier.wait acquires at CTA scope only)."""
+    gl.inline_asm("{\n.reg .pred complete;\nwait_for_phase:\n"
+                  "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [$0], $1;\n"
+                  "@!complete bra.uni wait_for_phase;\n}", "r,r", [barrier, phase], ())
+
+
+@_gluon_jit
 def _push(values, byte_offsets, slot, barrier, CLUSTER: tl.constexpr, ELEMENT_BYTES: tl.constexpr):
     """Every thread sends its elements of `values` (their byte offsets in a slot) into `slot` of each CTA
     of the cluster, itself included, completing the bytes on that CTA's `barrier`."""
@@ -393,7 +403,7 @@ def elman_dsmem_kernel(
         slot = read_slot(i)
         if DEBUG_MUTATION != "no_wait":
             mbarrier.expect(full.index(slot), BLOCK_B * H * ELEMENT_BYTES)
-            mbarrier.wait(full.index(slot), 0 if DEBUG_MUTATION == "fixed_phase" else wait_phase(i))
+            _wait(full.index(slot), 0 if DEBUG_MUTATION == "fixed_phase" else wait_phase(i))
         b_state = state.index(slot)
         acc = b_xw.to(gl.float32)
         for k in gl.static_range(0, H, BLOCK_K):

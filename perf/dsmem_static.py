@@ -8,8 +8,9 @@ exchange_problems(ptx, ...) lists what is wrong with the exchange (empty: nothin
   address an offset from a `mapa.shared::cluster` result (the peer's slot) and its mbarrier a `mapa`
   result (the peer's mbarrier); S pushes (one a peer), and the bytes they send (st.async's width x
   threads x S) are what each CTA's mbarrier is armed to expect (the expect_tx immediate);
-- wait: a try_wait.parity spin on a local mbarrier in the step loop, before every shared-memory read
-  of the loop (no path from the loop's entry to an ldmatrix / ld.shared avoids it);
+- wait: a try_wait.parity spin (acquire, cluster scope) on a local mbarrier in the step loop, the one
+  the loop arms, before every shared-memory read of the loop (no path from the loop's entry to an
+  ldmatrix / ld.shared avoids it);
 - parity: the wait's parity and its mbarrier's address change with the step (both computed from the
   loop's counter: two mbarriers, each phase awaited in turn), not constants;
 - global: no global access on the exchange path (the pushes, the arming and wait, the wait to the
@@ -70,7 +71,7 @@ _ST_ASYNC = re.compile(r"^\s*(@!?%p\d+\s+)?st\.async\.([\w:.]+)\s+\[(\S+?)\],\s*
 _ST_ASYNC_ANY = re.compile(r"\bst\.async\b")
 _MAPA = re.compile(r"^\s*mapa\.shared::cluster\.u32\s+(\S+),")
 _EXPECT = re.compile(r"mbarrier\.arrive\.expect_tx\.shared::cta\.b64\s+_,\s*\[(\S+?)\],\s*(\d+);")
-_TRY_WAIT = re.compile(r"^\s*mbarrier\.try_wait\.parity(?:\.\w+)*\.shared::cta\.b64\s+(\w+),\s*\[(\S+?)\],\s*(\S+);")
+_TRY_WAIT = re.compile(r"^\s*mbarrier\.try_wait\.parity((?:\.\w+)*)\.shared::cta\.b64\s+(\w+),\s*\[(\S+?)\],\s*(\S+);")
 _SHARED_READ = re.compile(r"\b(ldmatrix\.|ld\.shared\b)")
 _GLOBAL = re.compile(r"\b(ld|st|atom|red)\.global\b|\b(atom|red)\.|\bmembar\.|\bcp\.async\.bulk\.global\b")
 _SYNC_ANYWHERE = re.compile(r"\b(atom|red)\.global\b|\bmembar\.|\bfence\.(acq_rel|sc)\b|\bld\.\S*acquire\b|"
@@ -136,6 +137,26 @@ def _induction_registers(blocks: list, loop: set) -> set:
             if match and match.group(1) == match.group(2):
                 found.add(match.group(1))
     return found
+
+
+def _expression(block: list, end: int, register: str, depth: int = 0) -> str:
+    """How the block computes `register` read at block[end], as a nested expression over the registers
+    it does not define (two names for the same address compare equal)."""
+    found = None if depth > 20 else _definition(block, end, register)
+    if found is None:
+        return register
+    index, line = found
+    opcode = re.match(r"^\s*(?:@!?%p\d+\s+)?([\w:.]+)", line).group(1)
+    body = re.sub(r"^\s*(@!?%?\w+\s+)?[\w:.]+", "", line.split("//")[0], count=1)
+    sources = [s.strip() for s in body.strip().rstrip(";").split(",")[1:]]
+    return f"{opcode}({', '.join(_expression(block, index, s, depth + 1) if s.startswith('%') else s for s in sources)})"
+
+
+def _unmasked(expression: str) -> str:
+    """An address without the mask Gluon applies when it passes a shared-memory descriptor to inline
+    asm (and.b32 with a constant: the 24-bit, 8-byte aligned shared address)."""
+    match = re.fullmatch(r"and\.b32\((.*), \d+\)", expression)
+    return match.group(1) if match else expression
 
 
 def _depends_on_counter(block: list, end: int, register: str, counters: set, depth: int = 0) -> bool:
@@ -204,8 +225,11 @@ def exchange_problems(ptx: str, cluster: int, threads: int, expect_bytes: int) -
     else:
         wait_block, wait_line, match = waits[0]
         block = blocks[wait_block]
+        if match.group(1) != ".acquire.cluster":
+            problems.append(f"the wait acquires with '{match.group(1) or 'the default (.acquire.cta)'}', not "
+                            ".acquire.cluster: other CTAs' st.async release at cluster scope")
         spin = block[wait_line + 1].strip() if wait_line + 1 < len(block) else ""
-        label = re.match(rf"^@!{match.group(1)}\s+bra(?:\.uni)?\s+(\w+);", spin)
+        label = re.match(rf"^@!{match.group(2)}\s+bra(?:\.uni)?\s+(\w+);", spin)
         if not label or not any(line.strip() == f"{label.group(1)}:" for line in block[:wait_line]):
             problems.append("the try_wait does not spin until its phase completes")
         # No shared read on a path from the loop's entry that does not pass the wait.
@@ -223,13 +247,14 @@ def exchange_problems(ptx: str, cluster: int, threads: int, expect_bytes: int) -
 
         # parity: the wait's parity and mbarrier follow the step counter
         counters = _induction_registers(blocks, loop)
-        parity, barrier = match.group(3), match.group(2)
+        parity, barrier = match.group(4), match.group(3)
         if not parity.startswith("%") or not _depends_on_counter(block, wait_line, parity, counters):
             problems.append(f"the wait's parity ({parity}) does not follow the step: the same phase every step")
         if not _depends_on_counter(block, wait_line, barrier, counters):
             problems.append(f"the wait's mbarrier ({barrier}) does not follow the step: one buffer, not two")
         armed = [e for e in expects if e[0] == wait_block and e[1] < wait_line]
-        if expects and (not armed or armed[0][2].group(1) != barrier):
+        if expects and (not armed or _unmasked(_expression(block, armed[0][1], armed[0][2].group(1)))
+                        != _unmasked(_expression(block, wait_line, barrier))):
             problems.append("the mbarrier the loop arms is not the one it waits on (or is armed after the wait)")
 
         # global: nothing global from the arming to the first MMA after the wait

@@ -109,6 +109,10 @@ def base(compiled):
     return compiled[("bf16", 256, 4, "")]
 
 
+# The wait's try_wait line: (opcode and predicate) ([mbarrier], ) (parity;)
+_TRY_WAIT = r"(mbarrier\.try_wait\.parity\.acquire\.cluster\.shared::cta\.b64 complete, )(\[%r\d+\], )"
+
+
 def _mutate(ptx, pattern, replacement, count=None):
     mutated, done = re.subn(pattern, replacement, ptx, flags=re.M)
     assert done and (count is None or done == count), f"the mutation's anchor {pattern!r} matched {done} times"
@@ -163,8 +167,7 @@ def test_check_rejects_an_mbarrier_armed_for_other_bytes(base):
 
 @gluon
 def test_check_rejects_a_constant_parity(base):
-    ptx = _mutate(base["ptx"], r"(mbarrier\.try_wait\.parity\.shared::cta\.b64 complete, \[%r\d+\]), %r\d+;",
-                  r"\1, 0;", 1)
+    ptx = _mutate(base["ptx"], _TRY_WAIT + r"%r\d+;", r"\1\g<2>0;", 1)
     _assert_rejected(base, ptx, "wait's parity (0)")
 
 
@@ -172,13 +175,21 @@ def test_check_rejects_a_constant_parity(base):
 def test_check_rejects_one_mbarrier_for_both_slots(base):
     """The wait always on the mbarrier the h0 push (before the loop) completes: slot 0's."""
     slot0 = re.search(r"mapa\.shared::cluster\.u32 peer_barrier, (%r\d+),", base["ptx"]).group(1)
-    ptx = _mutate(base["ptx"], r"(mbarrier\.try_wait\.parity\.shared::cta\.b64 complete, )\[%r\d+\]", rf"\1[{slot0}]", 1)
+    ptx = _mutate(base["ptx"], _TRY_WAIT + r"(%r\d+;)", rf"\1[{slot0}], \3", 1)
     _assert_rejected(base, ptx, "one buffer, not two")
+    _assert_rejected(base, ptx, "the mbarrier the loop arms is not the one it waits on")
+
+
+@gluon
+def test_check_rejects_a_wait_that_acquires_at_cta_scope(base):
+    """Gluon's own mbarrier.wait: try_wait.parity with the default .acquire.cta."""
+    ptx = _mutate(base["ptx"], r"mbarrier\.try_wait\.parity\.acquire\.cluster\.", "mbarrier.try_wait.parity.", 1)
+    _assert_rejected(base, ptx, "not .acquire.cluster")
 
 
 @gluon
 def test_check_rejects_a_wait_that_does_not_spin(base):
-    ptx = _mutate(base["ptx"], r"^\s*@!complete bra\.uni waitLoop;\n", "", 1)
+    ptx = _mutate(base["ptx"], r"^\s*@!complete bra\.uni wait_for_phase;\n", "", 1)
     _assert_rejected(base, ptx, "does not spin")
 
 
@@ -192,7 +203,7 @@ def test_check_rejects_a_shared_read_before_the_wait(base):
 
 @gluon
 def test_check_rejects_global_memory_after_the_wait(base):
-    ptx = _mutate(base["ptx"], r"^(\s*@!complete bra\.uni waitLoop;)$", r"\1\nld.global.b32 %r1, [%rd1];", 1)
+    ptx = _mutate(base["ptx"], r"^(\s*@!complete bra\.uni wait_for_phase;)$", r"\1\nld.global.b32 %r1, [%rd1];", 1)
     _assert_rejected(base, ptx, "global memory between the arming, the wait and the MMA")
 
 
