@@ -105,6 +105,9 @@ def default_config(hidden: int, cluster: int, element_bytes: int) -> dict:
     """The Gluon kernel's config: one 16-row batch tile a cluster (the mma.sync's M), K read in chunks of
     two swizzle periods (64 bf16 / 32 fp32 columns: 128 bytes a row), warps side by side on the columns,
     8 columns each (a warp per mma.sync n8 tile, none replicated: each element pushed by one thread)."""
+    if cluster not in CLUSTER_SIZES or hidden % cluster or (hidden // cluster) % 8:
+        raise ValueError(f"H = {hidden} does not split into {cluster} CTAs of a multiple of 8 columns "
+                         f"(cluster sizes {CLUSTER_SIZES})")
     block_n = hidden // cluster
     return {"BLOCK_B": 16, "BLOCK_K": min(hidden, 128 // element_bytes), "num_warps": max(1, min(4, block_n // 8))}
 

@@ -38,14 +38,16 @@ MUTANTS = ("no_wait", "fixed_phase")  # kernels/dsmem.py's DEBUG_MUTATION, on bf
 
 
 def compile_variant(dtype: str = "bf16", hidden: int = 256, cluster: int = 4, cell: str = "tanh",
-                    mutation: str = "", target=HOPPER) -> dict:
-    """Compile elman_dsmem_kernel at its default config for `target` (sm_90: the cubin is sm_90a's, the
-    arch Triton picks for Hopper); its resources, MMA instructions and PTX."""
+                    mutation: str = "", target=HOPPER, num_warps: int = None) -> dict:
+    """Compile elman_dsmem_kernel at its default config (`num_warps` overrides its warps) for `target`
+    (sm_90: the cubin is sm_90a's, the arch Triton picks for Hopper); its resources, MMA instructions
+    and PTX."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     element_bytes = _DTYPES[dtype]
     config = dsmem.default_config(hidden, cluster, element_bytes)
+    config["num_warps"] = num_warps or config["num_warps"]
     pointers = ("p_xw", "p_w", "p_h0", "p_out")
     signature = {**{name: f"*{dtype}" for name in pointers}, "T": "i32", "B": "i32"}
     constants = {"H": hidden, "CLUSTER": cluster, "BLOCK_B": config["BLOCK_B"], "BLOCK_K": config["BLOCK_K"],

@@ -222,6 +222,38 @@ def test_check_rejects_pushes_before_the_mbarrier_init_fence(base):
     _assert_rejected(base, ptx, "fence.mbarrier_init")
 
 
+@gluon
+def test_layout_checks_reject_other_layouts():
+    """The kernel's compile-time checks (gl.static_assert on Triton's linear layouts), fed layouts as
+    to_linear_layout gives them: the state slot of H = 256 bf16 (offset bit -> (row, col)) and the
+    accumulator of 16 x 64 on 4 warps; then each with one thing changed."""
+    from types import SimpleNamespace
+    slot = [[0, 1 << b] for b in range(8)] + [[1, 8], [2, 16], [4, 32], [8, 0]]
+    assert dsmem._state_layout_problem(SimpleNamespace(offset_bases=slot), 16, 256, 8, 8) == ""
+    unswizzled = slot[:8] + [[1, 0], [2, 0], [4, 0], [8, 0]]
+    assert "state_offset puts at 264" in dsmem._state_layout_problem(SimpleNamespace(offset_bases=unswizzled), 16,
+                                                                     256, 8, 8)
+    acc = dict(reg_bases=[[0, 1], [8, 0], [0, 32]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+               warp_bases=[[0, 8], [0, 16]])
+    assert dsmem._accumulator_layout_problem(SimpleNamespace(**acc)) == ""
+    swapped = dict(acc, reg_bases=[[8, 0], [0, 1], [0, 32]])
+    assert "not the next column" in dsmem._accumulator_layout_problem(SimpleNamespace(**swapped))
+    replicated = dict(acc, warp_bases=[[0, 8], [0, 0]])
+    assert "replicated" in dsmem._accumulator_layout_problem(SimpleNamespace(**replicated))
+
+
+@gluon
+def test_kernel_refuses_warps_that_would_push_an_element_twice():
+    """H = 256 over 16 CTAs is 16 columns a CTA: 4 warps of 8 columns would hold each element twice (and
+    push it twice: bytes the mbarrier does not expect); the compile must fail, 2 warps (the default) pass."""
+    code = ("from tritonrnn.perf.dsmem_static import compile_variant\n"
+            "try:\n    compile_variant('bf16', 256, 16, num_warps=4)\n    print('compiled')\n"
+            "except Exception as error:\n    print('refused', error)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "refused" in result.stdout and "does not suit the push" in result.stdout, result.stdout[-2000:]
+
+
 def test_module_imports_without_gluon():
     """On a Triton older than 3.9 (its version string faked: CI's 3.6 to 3.8 runs test the real ones),
     kernels/dsmem.py still imports, says why the Gluon kernel is unavailable, and the twin is there."""
