@@ -6,9 +6,10 @@ of S CTAs per batch tile, the state exchanged CTA to CTA, never through global m
 Dimensions: T steps, B batch, H hidden, S = CLUSTER CTAs a cluster (2..8 or 16), BLOCK_N = H / S
 columns a CTA, BLOCK_B batch rows a cluster (a multiple of 16: the MMA's M), e the element size.
 
-- Cluster c serves batch rows c*BLOCK_B ... (BLOCK_B of them, rows past B computed on zeros and never
-  stored). Its CTA of rank r (%cluster_ctarank) owns output columns [r*BLOCK_N, (r+1)*BLOCK_N) for
-  every step. Before the time loop it loads its W_hh slice, W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :]
+- The launch (`forward`, through kernels/launch.py's cluster launch): grid (S, tiles) CTAs in
+  clusters of (S, 1, 1). Cluster c (program_id(1)) serves batch rows c*BLOCK_B ... (BLOCK_B of them,
+  rows past B computed on zeros and never stored). Its CTA of rank r (%cluster_ctarank) owns output
+  columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the time loop it loads its W_hh slice, W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :]
   ([BLOCK_N, H], BLOCK_N x H x e bytes), into its shared memory, where it stays for all steps.
 - Every CTA keeps the whole state of its tile, h [BLOCK_B, H], in its own shared memory, twice: the
   state buffer [2, BLOCK_B, H] (2 x BLOCK_B x H x e bytes), slot i % 2 read at step i (read_slot),
@@ -54,8 +55,9 @@ and models each CTA's two mbarriers (`p_barrier`: the bytes pushed into each slo
 has completed), so a wrong slot, parity, column block or byte count fails on the CPU.
 
 The Gluon kernel needs Triton >= 3.9 (shared-memory descriptors as inline-asm operands); on an older
-Triton this module imports and `available()` is False. It is not launched by the package yet: it is
-compiled offline (tests/kernels/test_dsmem.py) until a GPU checks it.
+Triton this module imports and `available()` is False. No layout of the package launches it yet:
+`forward` runs it on an sm_90 GPU (never run so far: it is compiled offline by the tests, and its
+launch checked against a recording launcher).
 """
 import triton
 import triton.language as tl
@@ -349,7 +351,7 @@ def elman_dsmem_kernel(
     T,
     B,
     H: tl.constexpr,
-    CLUSTER: tl.constexpr,  # S: CTAs a cluster; launched in clusters of (CLUSTER, 1, 1), grid (CLUSTER * tiles,)
+    CLUSTER: tl.constexpr,  # S: CTAs a cluster; grid (CLUSTER, tiles) CTAs in clusters of (CLUSTER, 1, 1)
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,  # the MMA's K chunk: the state and the slice are read from shared memory in chunks
     CELL: tl.constexpr,
@@ -379,7 +381,7 @@ def elman_dsmem_kernel(
                      "the accumulator's layout does not suit the push (BLOCK_N >= 8 * num_warps)")
 
     rank = _cluster_rank()
-    first_row = (gl.program_id(0) // CLUSTER) * BLOCK_B
+    first_row = gl.program_id(1) * BLOCK_B  # the cluster's batch tile (program_id(0) is the rank)
     # The slice W_hh[rank's columns, :] and h0 [BLOCK_B, H], into shared memory once.
     o_wn = column_block(rank, BLOCK_N) + gl.arange(0, BLOCK_N, gl.SliceLayout(1, LOAD))
     o_k = gl.arange(0, H, gl.SliceLayout(0, LOAD))
@@ -421,3 +423,35 @@ def elman_dsmem_kernel(
             _push(b_h, push_offsets, state.index(target), full.index(target), CLUSTER, ELEMENT_BYTES)
             p_xw += B * H
             b_xw = gl.load(p_xw + o_io, mask=m_io, other=0.0)  # after the push (on the chain), before the wait
+
+
+def forward(xw, w_hh, h0, cluster: int, cell: str = "tanh"):
+    """h_t for t = 0 .. T-1 ([T, B, H], xw's dtype: bf16, fp16 or fp32 in TF32) by elman_dsmem_kernel on
+    an sm_90 GPU: clusters of `cluster` CTAs, one a 16-row batch tile (kernels/launch.py's cluster launch:
+    compiled with num_ctas = 1, launched with num_ctas = the cluster size). Raises ClusterUnavailable
+    where no cluster launch runs (no sm_90 GPU, a Triton whose launcher was not checked, no Gluon)."""
+    import torch
+
+    from . import launch
+    from .occupancy import ClusterUnavailable, Plan
+
+    refusal = launch.cluster_refusal(xw.device) or (None if available() else GLUON_PROBLEM)
+    if refusal:
+        raise ClusterUnavailable(refusal)
+    steps, batch, hidden = xw.shape
+    if steps < 1:  # every CTA must wait for the h0 pushes into it before it exits
+        raise ValueError("forward needs T >= 1")
+    if w_hh.shape != (hidden, hidden) or h0.shape != (batch, hidden) or not (xw.dtype == w_hh.dtype == h0.dtype):
+        raise ValueError(f"shapes/dtypes: xw {tuple(xw.shape)} {xw.dtype}, w_hh {tuple(w_hh.shape)} {w_hh.dtype}, "
+                         f"h0 {tuple(h0.shape)} {h0.dtype}")
+    config = default_config(hidden, cluster, xw.element_size())
+    out = torch.empty_like(xw)
+    args = dict(p_xw=xw.contiguous(), p_w=w_hh.contiguous(), p_h0=h0.contiguous(), p_out=out, T=steps, B=batch,
+                H=hidden, CLUSTER=cluster, BLOCK_B=config["BLOCK_B"], BLOCK_K=config["BLOCK_K"], CELL=cell,
+                INPUT_PRECISION="tf32" if xw.dtype == torch.float32 else None)
+    compiled = elman_dsmem_kernel.warmup(**args, grid=(cluster, 1), num_warps=config["num_warps"])
+    tiles = triton.cdiv(batch, config["BLOCK_B"])
+    # Clusters never wait for each other: more than the device holds at once simply run later.
+    chosen = Plan(cluster, tiles, batch_tiles=1, resident_capacity=cluster * tiles, cluster=True)
+    launch.launch_clusters(compiled, chosen, launch.bound_arguments(elman_dsmem_kernel, args))
+    return out

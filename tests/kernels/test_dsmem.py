@@ -254,6 +254,31 @@ def test_kernel_refuses_warps_that_would_push_an_element_twice():
     assert "refused" in result.stdout and "does not suit the push" in result.stdout, result.stdout[-2000:]
 
 
+@gluon
+def test_gpu_launch_against_a_recording_launcher(monkeypatch):
+    """forward's GPU branch, the compiler and the driver replaced by recorders: 33 rows over clusters of 4
+    CTAs are 3 clusters along y of 4 CTAs (the launcher's grid (1, 3, 1) times num_ctas 4), and the
+    launcher gets every kernel argument in the kernel's order. On this CPU, unpatched, it is refused."""
+    from tritonrnn.kernels import launch
+    from tritonrnn.kernels.occupancy import ClusterUnavailable, Plan
+    xw, h0, w_hh = (t.to(torch.bfloat16) for t in _problem(256, 33, 3, seed=3))
+    with pytest.raises(ClusterUnavailable, match="CUDA GPUs"):
+        dsmem.forward(xw, w_hh, h0, 4)
+    compiles, launches = [], []
+    monkeypatch.setattr(launch, "cluster_refusal", lambda device: None)
+    monkeypatch.setattr(dsmem.elman_dsmem_kernel, "warmup", lambda **kwargs: compiles.append(kwargs) or "compiled")
+    monkeypatch.setattr(launch, "launch_clusters", lambda *args: launches.append(args))
+    out = dsmem.forward(xw, w_hh, h0, 4, cell="relu")
+    (compiled, plan, values), = launches
+    assert compiled == "compiled" and compiles[0]["num_warps"] == 4 and compiles[0]["grid"] == (4, 1)
+    assert plan == Plan(4, 3, 1, 12, cluster=True) and launch.launch_grid(plan) == (1, 3, 1)
+    assert plan.cluster_dims == (4, 1, 1)
+    assert len(values) == 13 and all(a is b for a, b in zip(values, (xw, w_hh, h0, out)))
+    assert values[4:] == [3, 33, 256, 4, 16, 64, "relu", None, ""]
+    with pytest.raises(ValueError, match="T >= 1"):
+        dsmem.forward(xw[:0], w_hh, h0, 4)
+
+
 def test_module_imports_without_gluon():
     """On a Triton older than 3.9 (its version string faked: CI's 3.6 to 3.8 runs test the real ones),
     kernels/dsmem.py still imports, says why the Gluon kernel is unavailable, and the twin is there."""
