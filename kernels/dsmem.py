@@ -1,36 +1,36 @@
 """The Elman forward with the hidden state in distributed shared memory: one thread-block cluster
 of S CTAs per batch tile, the state exchanged CTA to CTA, never through global memory.
 
-    h_t = act(xw_t + h_{t-1} @ W_hh^T),  act = CELL ("tanh" or "relu"),  t = 0 .. T-1
+    h_t = act(xw_t + h_{t-1} @ W_hh^T),  act = CELL ("tanh" or "relu"),  t = 0 .. T-1 (T >= 1)
 
-Dimensions: T steps, B batch, H hidden, S = CLUSTER CTAs a cluster (2..8 or 16), BLOCK_N = H / S
-columns a CTA, BLOCK_B batch rows a cluster (a multiple of 16: the MMA's M), e the element size.
+Dimensions: T steps, B batch, H hidden, S = CLUSTER CTAs a cluster (2, 4, 8 or 16), BLOCK_N = H / S
+columns a CTA, BLOCK_B batch rows a cluster (16: the MMA's M), e the element size.
 
 - The launch (`forward`, through kernels/launch.py's cluster launch): grid (S, tiles) CTAs in
   clusters of (S, 1, 1). Cluster c (program_id(1)) serves batch rows c*BLOCK_B ... (BLOCK_B of them,
   rows past B computed on zeros and never stored). Its CTA of rank r (%cluster_ctarank) owns output
-  columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the time loop it loads its W_hh slice, W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :]
-  ([BLOCK_N, H], BLOCK_N x H x e bytes), into its shared memory, where it stays for all steps.
+  columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the time loop it loads its W_hh slice,
+  W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :] ([BLOCK_N, H], BLOCK_N x H x e bytes), into its shared memory,
+  where it stays for all steps.
 - Every CTA keeps the whole state of its tile, h [BLOCK_B, H], in its own shared memory, twice: the
   state buffer [2, BLOCK_B, H] (2 x BLOCK_B x H x e bytes), slot i % 2 read at step i (read_slot),
   slot (i + 1) % 2 written during step i for step i + 1 (write_slot). h0 arrives as a step's output
   does: before the loop each CTA loads its columns of h0 and pushes them into slot 0 of every CTA.
-- Step i of CTA r: wait until slot i % 2 is full; z = xw_t + h_{t-1} @ slice^T
-  ([BLOCK_B, BLOCK_N], the MMA: mma.sync m16n8k16 (bf16/fp16) or m16n8k8 (TF32), A = the state from
-  shared memory, B = the slice from shared memory, both read each step in BLOCK_K-column chunks);
+- Step i of CTA r: wait until slot i % 2 is full; z = xw_t + h_{t-1} @ slice^T ([BLOCK_B, BLOCK_N],
+  the MMA: mma.sync m16n8k16 (bf16/fp16) or m16n8k8 (TF32), A = the state, B = the slice, both read
+  from shared memory each step in BLOCK_K-column chunks; warps side by side on the columns);
   h = act(z); store h into out[t]; unless this is the last step, push h into columns
   [r*BLOCK_N, (r+1)*BLOCK_N) of slot (i + 1) % 2 of EVERY CTA of the cluster, itself included
   (`mapa` of the slot's and the mbarrier's shared addresses to the peer's rank, then one
   `st.async.shared::cluster.mbarrier::complete_tx::bytes` per pair of elements a thread holds:
-  BLOCK_B x BLOCK_N x e bytes to each of the S CTAs, S x BLOCK_B x BLOCK_N x e = BLOCK_B x H x e
-  bytes received by each).
+  BLOCK_B x BLOCK_N x e bytes to each of the S CTAs; each CTA receives S x BLOCK_B x BLOCK_N x e =
+  BLOCK_B x H x e bytes a step).
 - The wait: each CTA has one mbarrier per slot (count 1). At every step it arms the slot's mbarrier
   with the bytes all S CTAs send into the slot (`expect`: one thread's arrive + expect_tx of
-  BLOCK_B x H x e) and waits for the phase to complete (every thread: try_wait.parity, acquire at
-  cluster scope, with parity wait_phase(i) = (i // 2) % 2: slot 0's mbarrier completes at steps 0, 2, 4, ..., slot 1's at 1, 3,
-  5, ...; each completion flips its phase).
-  A push may land before the arming: the transaction count goes negative, and the phase still needs
-  the arrival of the arming, so it cannot complete early.
+  BLOCK_B x H x e), and every thread spins on try_wait.parity (acquire, cluster scope) with parity
+  wait_phase(i) = (i // 2) % 2: slot 0's mbarrier completes at steps 0, 2, 4, ..., slot 1's at
+  1, 3, 5, ...; each completion flips its phase. A push may land before the arming: the transaction
+  count goes negative, and the phase still needs the arming's arrival, so it cannot complete early.
 - Why two slots suffice: CTA r writes slot (i + 1) % 2 of CTA q during step i. CTA q last read that
   slot during step i - 1, and pushed its step i - 1 result only after that read (the push's data come
   from the MMA that read it, in every thread: no element is replicated across threads). CTA r passed
@@ -40,8 +40,9 @@ columns a CTA, BLOCK_B batch rows a cluster (a multiple of 16: the MMA's M), e t
 - Before the first push, every CTA's mbarriers must be initialised: init, `fence.mbarrier_init`
   (release, cluster scope), then the cluster barrier (arrive.release / wait.acquire, every thread).
 - Global memory on the step's dependency chain: none but the load of xw_{t+1} (issued after the
-  push, before the wait) and the store of h_t. No barrier after the last step: nothing is pushed at step T - 1, and a
-  CTA's own last wait covers every push into its memory, so no CTA exits while another writes to it.
+  push, before the wait) and the store of h_t. No barrier after the last step: nothing is pushed at
+  step T - 1, and a CTA's own last wait covers every push into its memory, so no CTA exits while
+  another writes to it (hence T >= 1: with T = 0 the h0 pushes would outlive their targets).
 
 The shared state buffer is swizzled (16-byte vectors XOR-ed by row % 8: the MMA's ldmatrix reads are
 free of bank conflicts); the push computes each element's address with the same formula
@@ -50,9 +51,9 @@ free of bank conflicts); the push computes each element's address with the same 
 `dsmem_twin_kernel` is the same protocol in plain Triton for the CPU interpreter, which runs one
 program at a time: one program per cluster runs the ranks of its cluster in turn at each step, and
 the CTAs' state buffers are a global buffer laid out as the shared ones (`p_state`: [clusters, S,
-2, BLOCK_B x H], state_offset). It shares the slot, parity and offset helpers with the Gluon kernel
-and models each CTA's two mbarriers (`p_barrier`: the bytes pushed into each slot, the phase each
-has completed), so a wrong slot, parity, column block or byte count fails on the CPU.
+2, BLOCK_B x H], state_offset). It shares the slot, parity, column and offset helpers with the Gluon
+kernel and models each CTA's two mbarriers (`p_barrier`: the bytes pushed into each slot, the phases
+each has completed), so a wrong slot, parity, column block or byte count fails on the CPU.
 
 The Gluon kernel needs Triton >= 3.9 (shared-memory descriptors as inline-asm operands); on an older
 Triton this module imports and `available()` is False. No layout of the package launches it yet:
@@ -385,7 +386,8 @@ def elman_dsmem_kernel(
     # The slice W_hh[rank's columns, :] and h0 [BLOCK_B, H], into shared memory once.
     o_wn = column_block(rank, BLOCK_N) + gl.arange(0, BLOCK_N, gl.SliceLayout(1, LOAD))
     o_k = gl.arange(0, H, gl.SliceLayout(0, LOAD))
-    w_slice = gl.allocate_shared_memory(dtype, [BLOCK_N, H], SLICE_SMEM, gl.load(p_w + o_wn[:, None] * H + o_k[None, :]))
+    b_w = gl.load(p_w + o_wn[:, None] * H + o_k[None, :])
+    w_slice = gl.allocate_shared_memory(dtype, [BLOCK_N, H], SLICE_SMEM, b_w)
     state = gl.allocate_shared_memory(dtype, [2, BLOCK_B, H], STATE_SMEM)
     full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # one mbarrier a slot
     mbarrier.init(full.index(0), count=1)

@@ -151,7 +151,8 @@ def _expression(block: list, end: int, register: str, depth: int = 0) -> str:
     opcode = re.match(r"^\s*(?:@!?%p\d+\s+)?([\w:.]+)", line).group(1)
     body = re.sub(r"^\s*(@!?%?\w+\s+)?[\w:.]+", "", line.split("//")[0], count=1)
     sources = [s.strip() for s in body.strip().rstrip(";").split(",")[1:]]
-    return f"{opcode}({', '.join(_expression(block, index, s, depth + 1) if s.startswith('%') else s for s in sources)})"
+    operands = [_expression(block, index, s, depth + 1) if s.startswith("%") else s for s in sources]
+    return f"{opcode}({', '.join(operands)})"
 
 
 def _unmasked(expression: str) -> str:
@@ -280,14 +281,12 @@ def exchange_problems(ptx: str, cluster: int, threads: int, expect_bytes: int) -
     if anywhere:
         problems.append(f"a global synchronisation in the kernel: {anywhere[0]}")
 
-    # init: fence.mbarrier_init and the cluster barrier before the first push
+    # init: fence.mbarrier_init, then the cluster barrier's arrive and wait, before the first push (in the
+    # text: the kernel's prologue is straight-line code)
     first_push = next((n for n, line in enumerate(lines) if _ST_ASYNC_ANY.search(line)), len(lines))
-    order = [n for n, line in enumerate(lines[:first_push]) for pattern in
-             ("fence.mbarrier_init.release.cluster", "barrier.cluster.arrive.release", "barrier.cluster.wait.acquire")
-             if pattern in line]
-    marks = [next((n for n in range(first_push) if p in lines[n]), None) for p in
+    marks = [next((n for n in range(first_push) if mark in lines[n]), None) for mark in
              ("fence.mbarrier_init.release.cluster", "barrier.cluster.arrive.release", "barrier.cluster.wait.acquire")]
-    if None in marks or marks != sorted(marks) or not order:
+    if None in marks or marks != sorted(marks):
         problems.append("no fence.mbarrier_init then cluster barrier (arrive, wait) before the first push")
     return problems
 

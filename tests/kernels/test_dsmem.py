@@ -135,7 +135,8 @@ def test_check_rejects_a_mutated_kernel(compiled, mutation, expected):
 
 @gluon
 def test_check_rejects_a_push_onto_the_local_mbarrier(base):
-    ptx = _mutate(base["ptx"], r"mapa\.shared::cluster\.u32 peer_barrier, (%r\d+), %r\d+;", r"mov.u32 peer_barrier, \1;")
+    ptx = _mutate(base["ptx"], r"mapa\.shared::cluster\.u32 peer_barrier, (%r\d+), %r\d+;",
+                  r"mov.u32 peer_barrier, \1;")
     _assert_rejected(base, ptx, "mbarrier is not a mapa")
 
 
