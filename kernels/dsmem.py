@@ -194,7 +194,7 @@ def dsmem_twin_kernel(
             b_w = tl.load(p_w + o_c[None, :] * H + o_k[:, None])  # slice^T [H, BLOCK_N]
             o_io = o_b[:, None] * H + o_c[None, :]
             b_z = tl.load(p_xw + i * B * H + o_io, mask=m_b[:, None], other=0.0).to(tl.float64)
-            b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z)
+            b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
             b_new = activate(b_z, b_z, False, CELL)
             tl.store(p_out + i * B * H + o_io, b_new.to(p_out.dtype.element_ty), mask=m_b[:, None])
             if i + 1 < T:
