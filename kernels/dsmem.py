@@ -293,11 +293,12 @@ def _push32_asm(outputs, inputs):
 
 @_asm_builder
 def _state_layout_problem(layout, block_b, hidden, vec, phases):
-    """Why Triton's linear layout of a state slot [BLOCK_B, H] is not state_offset's formula (row * H +
-    (col ^ (row % phases) * vec)), or '' where it is: each offset bit's coordinates must be where the
-    formula puts that offset. (The slots of [2, BLOCK_B, H] follow each other: slot * BLOCK_B * H.)"""
+    """Why Triton's linear layout of a state slot [BLOCK_B, H] is not state_offset's, or '' where it is:
+    each offset bit's coordinates must be where state_offset (its Python function, on integers) puts
+    that offset. (The slots of [2, BLOCK_B, H] follow each other: slot * BLOCK_B * H.)"""
+    formula = getattr(state_offset, "fn")  # its Python function (Triton's dependency scan refuses `.fn`)
     for bit, (row, col) in enumerate(layout.offset_bases):
-        where = row * hidden + (col ^ ((row % phases) * vec))
+        where = formula(row, col, hidden, vec, phases)
         if where != 1 << bit:
             return f"offset {1 << bit} holds element {(row, col)}, which state_offset puts at {where}"
     if len(layout.offset_bases) != (block_b * hidden).bit_length() - 1:

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICE, assert_close
+from conftest import DEVICE, ROOT, assert_close, mutated_checkout
 from tritonrnn import reference
 from tritonrnn.kernels import dsmem
 
@@ -64,6 +64,36 @@ def test_twin_rejects_a_planted_protocol_bug(mutation):
     out = dsmem.twin_forward(xw, w_hh, h0, 4, cell="tanh", debug_mutation=mutation)
     ref = _reference(xw, h0, w_hh, "tanh")
     assert out.isnan().any() or not torch.allclose(out, ref, rtol=1e-10, atol=1e-10)
+
+
+# The twin on one problem in a checkout `root`: prints "nan", "wrong" or "right" (run with the interpreter).
+_RUN_TWIN = """
+import torch
+from tritonrnn import reference
+from tritonrnn.kernels import dsmem
+g = torch.Generator().manual_seed(11)
+xw, h0 = torch.randn(5, 3, 64, generator=g, dtype=torch.float64), torch.randn(3, 64, generator=g, dtype=torch.float64)
+w = torch.randn(64, 64, generator=g, dtype=torch.float64) / 8
+out = dsmem.twin_forward(xw, w, h0, 4)
+ref, _ = reference.forward(xw, h0, torch.eye(64, dtype=torch.float64), w, None, None, "tanh", None, False)
+print("nan" if out.isnan().any() else "right" if torch.allclose(out, ref, rtol=1e-10, atol=1e-10) else "wrong")
+"""
+
+
+def _twin_verdict(root) -> str:
+    result = subprocess.run([sys.executable, "-c", _RUN_TWIN], capture_output=True, text=True, timeout=120, cwd=root,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split()[-1]
+
+
+@twin
+def test_twin_checks_the_helpers_it_shares_with_the_gluon_kernel(tmp_path):
+    """The slot and phase helpers are the Gluon kernel's own: a checkout whose wait_phase alternates every
+    step (the parity of a slot's mbarrier flips every other step) fails the twin's mbarrier model."""
+    assert _twin_verdict(ROOT) == "right"
+    mutant = mutated_checkout(tmp_path, "kernels/dsmem.py", "    return (i // 2) % 2", "    return i % 2")
+    assert _twin_verdict(mutant) == "nan"
 
 
 # ---- (b) the Gluon kernel, compiled offline ----
@@ -278,6 +308,21 @@ def test_gpu_launch_against_a_recording_launcher(monkeypatch):
     assert values[4:] == [3, 33, 256, 4, 16, 64, "relu", None, ""]
     with pytest.raises(ValueError, match="T >= 1"):
         dsmem.forward(xw[:0], w_hh, h0, 4)
+
+
+@gluon
+def test_kernel_refuses_a_push_address_formula_other_than_its_layout(tmp_path):
+    """A checkout whose state_offset drops the swizzle (the pushes would land where the MMA does not read):
+    the Gluon compile fails at the kernel's static assert against Triton's layout of the slot."""
+    mutant = mutated_checkout(tmp_path, "kernels/dsmem.py", "    return o_row * H + (o_col ^ ((o_row % PHASES) * VEC))",
+                              "    return o_row * H + o_col")
+    code = ("from tritonrnn.perf.dsmem_static import compile_variant\n"
+            "try:\n    compile_variant('bf16', 256, 4)\n    print('compiled')\n"
+            "except Exception as error:\n    print('refused', error)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=mutant)
+    assert "refused" in result.stdout and "not state_offset's" in result.stdout, result.stdout[-2000:]
 
 
 def test_module_imports_without_gluon():
