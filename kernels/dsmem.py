@@ -53,7 +53,11 @@ program at a time: one program per cluster runs the ranks of its cluster in turn
 the CTAs' state buffers are a global buffer laid out as the shared ones (`p_state`: [clusters, S,
 2, BLOCK_B x H], state_offset). It shares the slot, parity, column and offset helpers with the Gluon
 kernel and models each CTA's two mbarriers (`p_barrier`: the bytes pushed into each slot, the phases
-each has completed), so a wrong slot, parity, column block or byte count fails on the CPU.
+each has completed), so a wrong slot, parity, column block or byte count fails on the CPU. Ranks in
+turn never drift apart, so `dsmem_cta_twin_kernel` runs one program per CTA as the Gluon kernel does
+(every program a thread in tests/concurrent_interpreter.py; each slot's mbarrier a byte counter that
+only grows): there a CTA runs up to a step ahead of a slower one, which is what the double buffer is
+for (with one buffer the results go wrong).
 
 The Gluon kernel needs Triton >= 3.9 (shared-memory descriptors as inline-asm operands); on an older
 Triton this module imports and `available()` is False. No layout of the package launches it yet:
@@ -82,10 +86,16 @@ def write_slot(i):
 
 
 @triton.jit
+def completions_before(i):
+    """How many phases the mbarrier of read_slot(i) completed before the one step i waits for: slot 0's
+    completes for steps 0 (h0), 2, 4, ..., slot 1's for steps 1, 3, 5, ..."""
+    return i // 2
+
+
+@triton.jit
 def wait_phase(i):
-    """The parity of the phase the mbarrier of read_slot(i) completes for step i: slot 0's completes for
-    steps 0 (h0), 2, 4, ... (phases 0, 1, 0, ...), slot 1's for steps 1, 3, 5, ... (0, 1, 0, ...)."""
-    return (i // 2) % 2
+    """The parity of the phase step i waits for (try_wait.parity): phases 0, 1, 0, ... of each slot."""
+    return completions_before(i) % 2
 
 
 @triton.jit
@@ -212,10 +222,87 @@ def dsmem_twin_kernel(
                      mask=m_b[:, None])
 
 
+@triton.jit
+def dsmem_cta_twin_kernel(
+    p_xw,  # [T, B, H]
+    p_w,  # [H, H] W_hh
+    p_h0,  # [B, H]
+    p_out,  # [T, B, H]
+    p_state,  # [clusters, CLUSTER, 2, BLOCK_B * H]: each CTA's state buffer (state_offset), any content
+    p_bytes,  # [clusters, CLUSTER, 2] int32, zero: bytes pushed into each CTA's slot so far (only grows)
+    T,
+    B,
+    H: tl.constexpr,
+    CLUSTER: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    CELL: tl.constexpr,
+    ELEMENT_BYTES: tl.constexpr,
+    # Tests only: "one_slot" reads and pushes one slot (no double buffer). "" in every real run.
+    DEBUG_MUTATION: tl.constexpr = "",
+):
+    """The protocol with one program per CTA, grid (CLUSTER, clusters) like the Gluon kernel's, for
+    tests/concurrent_interpreter.py (every program a thread): ranks run at their own pace, so the
+    double buffer's argument (no push lands in a slot a slower CTA still reads) is exercised. A push
+    is stores then a release add of its bytes to the peer's slot counter; the wait polls its own
+    counter (acquire) until the slot's mbarrier would complete: (completions_before(i) + 1) slots'
+    worth of bytes."""
+    BLOCK_N: tl.constexpr = H // CLUSTER
+    VEC: tl.constexpr = 16 // ELEMENT_BYTES
+    PHASES: tl.constexpr = 8
+    SLOT: tl.constexpr = BLOCK_B * H
+    rank = tl.program_id(0)
+    cluster = tl.program_id(1)
+    o_lb = tl.arange(0, BLOCK_B)
+    o_b = cluster * BLOCK_B + o_lb
+    m_b = o_b < B
+    o_k = tl.arange(0, H)
+    o_c = column_block(rank, BLOCK_N) + tl.arange(0, BLOCK_N)
+    p_state += cluster * CLUSTER * 2 * SLOT
+    p_bytes += cluster * CLUSTER * 2
+    o_io = o_b[:, None] * H + o_c[None, :]
+    b_w = tl.load(p_w + o_c[None, :] * H + o_k[:, None])  # slice^T [H, BLOCK_N]
+    b_h0 = tl.load(p_h0 + o_io, mask=m_b[:, None], other=0.0)
+    _cta_push(b_h0, p_state, p_bytes, read_slot(0), o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC, PHASES)
+    for i in range(T):
+        slot = read_slot(i)
+        target = (completions_before(i) + 1) * ELEMENT_BYTES * SLOT
+        if DEBUG_MUTATION == "one_slot":
+            slot = 0
+            target = (i + 1) * ELEMENT_BYTES * SLOT
+        p_mine = p_bytes + rank * 2 + slot
+        seen = tl.atomic_add(p_mine, 0, sem="acquire")
+        while seen < target:
+            seen = tl.atomic_add(p_mine, 0, sem="acquire")
+        b_h = tl.load(p_state + (rank * 2 + slot) * SLOT + state_offset(o_lb[:, None], o_k[None, :], H, VEC, PHASES))
+        b_z = tl.load(p_xw + i * B * H + o_io, mask=m_b[:, None], other=0.0).to(tl.float64)
+        b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
+        b_new = activate(b_z, b_z, False, CELL)
+        tl.store(p_out + i * B * H + o_io, b_new.to(p_out.dtype.element_ty), mask=m_b[:, None])
+        if i + 1 < T:
+            target_slot = write_slot(i)
+            if DEBUG_MUTATION == "one_slot":
+                target_slot = 0
+            _cta_push(b_new, p_state, p_bytes, target_slot, o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC,
+                      PHASES)
+
+
+@triton.jit
+def _cta_push(values, p_state, p_bytes, slot, o_lb, o_c, H: tl.constexpr, CLUSTER: tl.constexpr,
+              SLOT: tl.constexpr, ELEMENT_BYTES: tl.constexpr, VEC: tl.constexpr, PHASES: tl.constexpr):
+    """dsmem_cta_twin_kernel's push: the stores into `slot` of every CTA, then each CTA's byte count
+    (release: the stores before the count)."""
+    for peer in tl.static_range(CLUSTER):
+        tl.store(p_state + (peer * 2 + slot) * SLOT + state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES),
+                 values.to(p_state.dtype.element_ty))
+        tl.atomic_add(p_bytes + peer * 2 + slot, ELEMENT_BYTES * values.numel, sem="release")
+
+
 def twin_forward(xw, w_hh, h0, cluster: int, block_b: int = 16, cell: str = "tanh", element_bytes: int = 2,
-                 debug_mutation: str = ""):
+                 debug_mutation: str = "", per_cta: bool = False):
     """Run dsmem_twin_kernel (under TRITON_INTERPRET=1 on a CPU): out [T, B, H], outputs NaN where never
-    written. `element_bytes`: the Gluon kernel's e (2: bf16/fp16, 4: fp32) for its byte counts and swizzle."""
+    written. `element_bytes`: the Gluon kernel's e (2: bf16/fp16, 4: fp32) for its byte counts and swizzle.
+    `per_cta`: dsmem_cta_twin_kernel instead, one program per CTA (needs every program running at once:
+    tests/concurrent_interpreter.py)."""
     import torch
 
     steps, batch, hidden = xw.shape
@@ -223,6 +310,12 @@ def twin_forward(xw, w_hh, h0, cluster: int, block_b: int = 16, cell: str = "tan
     clusters = triton.cdiv(batch, block_b)
     out = torch.full_like(xw, float("nan"))
     state = torch.full((clusters, cluster, 2, block_b * hidden), float("nan"), dtype=xw.dtype, device=xw.device)
+    if per_cta:
+        counts = torch.zeros((clusters, cluster, 2), dtype=torch.int32, device=xw.device)
+        dsmem_cta_twin_kernel[(cluster, clusters)](xw, w_hh, h0, out, state, counts, steps, batch, H=hidden,
+                                                   CLUSTER=cluster, BLOCK_B=block_b, CELL=cell,
+                                                   ELEMENT_BYTES=element_bytes, DEBUG_MUTATION=debug_mutation)
+        return out
     barrier = torch.zeros((clusters, cluster, 2, 2), dtype=torch.int32, device=xw.device)
     dsmem_twin_kernel[(clusters,)](xw, w_hh, h0, out, state, barrier, steps, batch, H=hidden, CLUSTER=cluster,
                                    BLOCK_B=block_b, CELL=cell, ELEMENT_BYTES=element_bytes,
