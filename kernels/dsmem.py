@@ -115,14 +115,28 @@ CLUSTER_SIZES = (2, 4, 8, 16)  # 16: non-portable, what Hopper allows beyond the
 
 
 def default_config(hidden: int, cluster: int, element_bytes: int) -> dict:
-    """The Gluon kernel's config: one 16-row batch tile a cluster (the mma.sync's M), K read in chunks of
-    two swizzle periods (64 bf16 / 32 fp32 columns: 128 bytes a row), warps side by side on the columns,
-    8 columns each (a warp per mma.sync n8 tile, none replicated: each element pushed by one thread)."""
-    if cluster not in CLUSTER_SIZES or hidden % cluster or (hidden // cluster) % 8:
-        raise ValueError(f"H = {hidden} does not split into {cluster} CTAs of a multiple of 8 columns "
-                         f"(cluster sizes {CLUSTER_SIZES})")
+    """The Gluon kernel's config: one 16-row batch tile a cluster (the mma.sync's M); K read in chunks of
+    one swizzle period (64 bf16 / 32 fp32 columns: 128 bytes a row); warps side by side on the columns
+    in 8-column mma.sync tiles, at most 4, fewer where BLOCK_N < 32 (no element held, and pushed, by two
+    threads). H a power of two (the kernel's aranges), at least 8 columns a CTA."""
     block_n = hidden // cluster
-    return {"BLOCK_B": 16, "BLOCK_K": min(hidden, 128 // element_bytes), "num_warps": max(1, min(4, block_n // 8))}
+    if cluster not in CLUSTER_SIZES or hidden & (hidden - 1) or block_n < 8 or hidden * element_bytes < 128:
+        raise ValueError(f"H = {hidden} does not split into {cluster} CTAs of 8 or more columns (H a power of two "
+                         f"of at least 128 bytes, cluster sizes {CLUSTER_SIZES})")
+    needed = shared_memory_bytes(hidden, cluster, element_bytes, 16)
+    if needed > SHARED_MEMORY_LIMIT:
+        raise ValueError(f"H = {hidden} over {cluster} CTAs needs {needed} B of shared memory a CTA, over the "
+                         f"{SHARED_MEMORY_LIMIT} B one may use")
+    return {"BLOCK_B": 16, "BLOCK_K": 128 // element_bytes, "num_warps": min(4, block_n // 8)}
+
+
+SHARED_MEMORY_LIMIT = 232448  # bytes a CTA may use on sm_90 (227 KB)
+
+
+def shared_memory_bytes(hidden: int, cluster: int, element_bytes: int, block_b: int) -> int:
+    """A CTA's shared memory: its W_hh slice (H / S x H), the state's two slots (2 x BLOCK_B x H) and two
+    8-byte mbarriers."""
+    return (hidden // cluster * hidden + 2 * block_b * hidden) * element_bytes + 16
 
 
 def state_slot_bytes(block_b: int, hidden: int, element_bytes: int) -> int:

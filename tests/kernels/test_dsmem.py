@@ -21,9 +21,6 @@ from conftest import DEVICE, ROOT, assert_close, mutated_checkout
 from tritonrnn import reference
 from tritonrnn.kernels import dsmem
 
-SHARED_MEMORY_LIMIT = 232448  # bytes a CTA may use on sm_90 (227 KB)
-
-
 def _problem(hidden, batch, steps, seed):
     g = torch.Generator().manual_seed(seed)
     xw = torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64)
@@ -160,7 +157,8 @@ def test_default_variants_compile_spill_free_on_mma_with_a_sound_exchange(compil
         name = f"{v['dtype']} H={v['hidden']} S={v['cluster']}"
         assert v["arch"] == "sm_90a", name
         assert v["stack_bytes"] == 0 and v["local_bytes"] == 0, f"{name} spills: {v['stack_bytes']} B"
-        assert v["shared_bytes"] <= SHARED_MEMORY_LIMIT, f"{name}: {v['shared_bytes']} B of shared memory"
+        modelled = dsmem.shared_memory_bytes(v["hidden"], v["cluster"], 4 if v["dtype"] == "fp32" else 2, v["BLOCK_B"])
+        assert v["shared_bytes"] == modelled <= dsmem.SHARED_MEMORY_LIMIT, f"{name}: {v['shared_bytes']} B"
         kind = "m16n8k8.row.col.f32.tf32" if v["dtype"] == "fp32" else "m16n8k16.row.col.f32.bf16"
         assert any(kind in m for m in v["mma"]), f"{name}: {v['mma']}"
         assert _problems(v) == [], name
@@ -355,6 +353,13 @@ def test_kernel_refuses_a_push_address_formula_other_than_its_layout(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                             cwd=mutant)
     assert "refused" in result.stdout and "not state_offset's" in result.stdout, result.stdout[-2000:]
+
+
+def test_default_config_refuses_what_does_not_fit():
+    assert dsmem.default_config(1024, 16, 2)["num_warps"] == 4  # 196,624 B a CTA
+    for hidden, cluster, element_bytes in ((2048, 16, 2), (1024, 16, 4), (192, 4, 2), (256, 32, 2), (32, 2, 2)):
+        with pytest.raises(ValueError):
+            dsmem.default_config(hidden, cluster, element_bytes)
 
 
 def test_module_imports_without_gluon():
