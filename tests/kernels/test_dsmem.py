@@ -1,11 +1,15 @@
 """The hidden state in distributed shared memory (kernels/dsmem.py), as far as a CPU can check it.
 
-(a) The protocol's twin (dsmem_twin_kernel) in the interpreter against float64: the ranks' columns,
-    the double buffer's slots, the mbarriers' byte counts and phases; outputs NaN-poisoned. Each
-    planted protocol bug (wrong slot, parity or columns) must fail.
+(a) The protocol's twins in the interpreter against float64, outputs NaN-poisoned: the ranks in turn
+    (dsmem_twin_kernel: columns, slots, the mbarriers' byte counts and phases) and one program per
+    CTA in the concurrent harness (dsmem_cta_twin_kernel: CTAs drifting apart, which the double
+    buffer must absorb). Each planted protocol bug (wrong slot, parity, columns, one buffer, a phase
+    helper that alternates every step) must fail.
 (b) The Gluon kernel compiled offline for sm_90a (Triton >= 3.9): spill-free at its default configs,
-    on mma.sync, within a CTA's shared memory, and its exchange as perf/dsmem_static.exchange_problems
-    checks it in the PTX. Each check must reject a kernel or a PTX text with that bug planted.
+    on mma.sync, its shared memory as modelled, and its exchange as perf/dsmem_static.exchange_problems
+    checks it in the PTX. Each check must reject a kernel or a PTX text with that bug planted; the
+    kernel's compile-time layout checks must refuse a wrong push address or replicated elements. Its
+    GPU launch is checked against a recording launcher.
 """
 import json
 import os
