@@ -6,8 +6,9 @@ without a GPU, and check its exchange in the PTX.
 exchange_problems(ptx, ...) lists what is wrong with the exchange (empty: nothing):
 - push: every st.async of the step loop is `st.async.shared::cluster.mbarrier::complete_tx::bytes`, its
   address an offset from a `mapa.shared::cluster` result (the peer's slot) and its mbarrier a `mapa`
-  result (the peer's mbarrier); S pushes (one a peer), and the bytes they send (st.async's width x
-  threads x S) are what each CTA's mbarrier is armed to expect (the expect_tx immediate);
+  result (the peer's mbarrier), both mapped to the same rank; S pushes, to ranks 0 .. S-1 (immediates
+  the block sets), and the bytes they send (st.async's width x threads x S) are what each CTA's
+  mbarrier is armed to expect (the expect_tx immediate);
 - wait: a try_wait.parity spin (acquire, cluster scope) on a local mbarrier in the step loop, the one
   the loop arms, before every shared-memory read of the loop (no path from the loop's entry to an
   ldmatrix / ld.shared avoids it);
@@ -90,17 +91,39 @@ def _operands(line: str) -> list:
     return re.findall(r"%?[A-Za-z_]\w*", body)
 
 
+_WRITES_NOTHING = re.compile(r"^\s*(@!?%p\d+\s+)?(st|bra|mbarrier|bar|barrier|ret|fence)\b|^\s*\.reg\b")
+
+
+def _written(line: str):
+    """The register an instruction writes: its first operand (ld/mov/add/mapa/bfe ...; st, bra, mbarrier
+    ops and declarations write none)."""
+    line = line.split("//")[0]
+    ops = None if _WRITES_NOTHING.match(line) else _operands(line)
+    return ops[0] if ops else None
+
+
 def _definition(lines: list, end: int, register: str):
-    """The line (index, text) that last wrote `register` before lines[end], or None: the first operand of
-    an instruction is its destination (ld/mov/add/mapa/bfe ...; st, bra and mbarrier ops write none)."""
+    """The line (index, text) that last wrote `register` before lines[end], or None."""
     for index in range(end - 1, -1, -1):
-        line = lines[index].split("//")[0]
-        if re.match(r"^\s*(@!?%p\d+\s+)?(st|bra|mbarrier|bar|barrier|ret|fence)\b", line):
-            continue
-        ops = _operands(line)
-        if ops and ops[0] == register and not line.strip().startswith(".reg"):
-            return index, line
+        if _written(lines[index]) == register:
+            return index, lines[index].split("//")[0]
     return None
+
+
+_MOV_IMMEDIATE = re.compile(r"^\s*mov\.[bu]32\s+(%\w+),\s*(\d+);")
+
+
+def _rank(block: list, number: int, line: str, lines: list):
+    """The CTA rank a mapa at block[number] maps to: its last operand, an immediate or a register set to
+    one (by a mov in the block before it, else by the kernel's only writes of that register: LLVM
+    reuses a constant's register across blocks); None where the text does not say."""
+    rank = line.split("//")[0].split(",")[-1].strip(" ;")
+    if not rank.startswith("%"):
+        return int(rank) if rank.isdigit() else None
+    found = _definition(block, number, rank)
+    writes = [found[1]] if found else [text for text in lines if _written(text) == rank]
+    values = {m.group(2) for text in writes if (m := _MOV_IMMEDIATE.match(text))}
+    return int(values.pop()) if writes and len(values) == 1 and all(_MOV_IMMEDIATE.match(t) for t in writes) else None
 
 
 def _loop(ptx: str) -> tuple:
@@ -185,7 +208,7 @@ def exchange_problems(ptx: str, cluster: int, threads: int, expect_bytes: int) -
         return ["no step loop with a single entry"]
 
     # push: st.async onto mapa'd peer addresses, S pushes, their bytes what the mbarrier expects
-    per_peer = {}
+    per_peer, peers = {}, {}
     for index in sorted(loop):
         block = blocks[index]
         for number, line in enumerate(block):
@@ -201,16 +224,22 @@ def exchange_problems(ptx: str, cluster: int, threads: int, expect_bytes: int) -
                 problems.append(f"a st.async whose mbarrier is not a mapa of a peer's: {line.strip()}")
                 continue
             source = _definition(block, number, address)
-            chain = source and (_MAPA.match(source[1]) or (re.match(r"^\s*add\.[su]32\s", source[1]) and any(
-                (d := _definition(block, source[0], r)) and _MAPA.match(d[1]) for r in _operands(source[1])[1:])))
-            if not chain:
+            slot_mapa = source and (source if _MAPA.match(source[1]) else next(
+                (d for r in _operands(source[1])[1:] if (d := _definition(block, source[0], r)) and _MAPA.match(d[1])),
+                None) if re.match(r"^\s*add\.[su]32\s", source[1]) else None)
+            if not slot_mapa:
                 problems.append(f"a st.async whose address is not in a mapa'd peer window: {line.strip()}")
                 continue
+            ranks = {_rank(block, *slot_mapa, lines), _rank(block, *found, lines)}
+            if len(ranks) != 1:
+                problems.append(f"a st.async into one CTA's slot completing another's mbarrier: {line.strip()}")
             width = match.group(2).split(".")
             size = _SIZES[width[-1]] * (int(width[-2][1:]) if width[-2].startswith("v") else 1)
             per_peer[(index, found[0])] = per_peer.get((index, found[0]), 0) + size
-    if len(per_peer) != cluster:
-        problems.append(f"{len(per_peer)} pushes in the step loop, not one to each of the {cluster} CTAs")
+            peers[(index, found[0])] = ranks.pop()
+    ranks = sorted(peers.values(), key=lambda rank: (rank is None, rank or 0))
+    if len(per_peer) != cluster or ranks != list(range(cluster)):
+        problems.append(f"pushes in the step loop to the CTAs of rank {ranks}, not one to each of the {cluster} CTAs")
     sent = {bytes_ * threads for bytes_ in per_peer.values()}
     if per_peer and sent != {expect_bytes // cluster}:
         problems.append(f"each push sends {sorted(sent)} bytes a CTA, not {expect_bytes // cluster} (expect / S)")

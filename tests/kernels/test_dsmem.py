@@ -211,6 +211,27 @@ def test_check_rejects_a_push_into_the_local_slot(base):
 
 
 @gluon
+def test_check_rejects_two_pushes_to_one_peer(base):
+    """The push meant for rank 1 mapped to rank 0 (rank 0 twice, rank 1 never)."""
+    lines = base["ptx"].splitlines()
+    # pushes 0-3: h0's, before the loop; 4 + 1: the step loop's push to rank 1
+    loop_push = [n for n, line in enumerate(lines) if line.startswith("mapa.shared::cluster.u32 peer_barrier")][4 + 1]
+    rank = lines[loop_push].split(",")[-1].strip(" ;")
+    ptx = _mutate(base["ptx"], rf"^(\s*mov\.b32\s+{re.escape(rank)}), 1;$", r"\1, 0;", 1)
+    _assert_rejected(base, ptx, "to the CTAs of rank [0, 0, 2, 3]")
+
+
+@gluon
+def test_check_rejects_a_slot_and_mbarrier_of_different_peers(base):
+    """The step loop's first push (rank 0) writing into rank 1's slot while completing rank 0's mbarrier."""
+    lines = base["ptx"].splitlines()
+    slots = [n for n, line in enumerate(lines) if line.startswith("mapa.shared::cluster.u32 peer_slot")]
+    rank1 = lines[slots[4 + 1]].split(",")[-1].strip(" ;")  # pushes 0-3: h0's, before the loop
+    lines[slots[4]] = re.sub(r", %r\d+;$", f", {rank1};", lines[slots[4]])
+    _assert_rejected(base, "\n".join(lines), "a st.async into one CTA's slot completing another's mbarrier")
+
+
+@gluon
 def test_check_rejects_stores_that_complete_no_bytes(base):
     ptx = _mutate(base["ptx"], r"st\.async\.shared::cluster\.mbarrier::complete_tx::bytes\.b32 \[address\], word, "
                   r"\[peer_barrier\];", "st.shared::cluster.b32 [address], word;")
