@@ -433,8 +433,9 @@ def _cluster_rank():
 @_gluon_jit
 def _wait(barrier, phase):
     """Every thread spins until the phase of parity `phase` of its CTA's `barrier` completed, acquiring at
-    cluster scope: the pushes that complete it are other CTAs' st.async (their complete_tx releases at
-    cluster scope; Gluon's mbarrier.wait acquires at CTA scope only)."""
+    cluster scope: the pushes that complete it are other CTAs' st.async, so the conservative scope is the
+    cluster's (Gluon's mbarrier.wait acquires at CTA scope only). Its cost: ptxas adds an L1
+    invalidation (CCTL.IVALL) after the wait, harmless here (the state and W_hh live in shared memory)."""
     gl.inline_asm("{\n.reg .pred complete;\nwait_for_phase:\n"
                   "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [$0], $1;\n"
                   "@!complete bra.uni wait_for_phase;\n}", "r,r", [barrier, phase], ())

@@ -259,7 +259,7 @@ def exchange_problems(ptx: str, cluster: int, threads: int, expect_bytes: int) -
         block = blocks[wait_block]
         if match.group(1) != ".acquire.cluster":
             problems.append(f"the wait acquires with '{match.group(1) or 'the default (.acquire.cta)'}', not "
-                            ".acquire.cluster: other CTAs' st.async release at cluster scope")
+                            ".acquire.cluster: the bytes come from other CTAs' st.async")
         spin = block[wait_line + 1].strip() if wait_line + 1 < len(block) else ""
         label = re.match(rf"^@!{match.group(2)}\s+bra(?:\.uni)?\s+(\w+);", spin)
         if not label or not any(line.strip() == f"{label.group(1)}:" for line in block[:wait_line]):
