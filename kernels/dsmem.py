@@ -1,0 +1,568 @@
+"""The Elman forward with the hidden state in distributed shared memory: one thread-block cluster
+of S CTAs per batch tile, the state exchanged CTA to CTA, never through global memory.
+
+    h_t = act(xw_t + h_{t-1} @ W_hh^T),  act = CELL ("tanh" or "relu"),  t = 0 .. T-1 (T >= 1)
+
+Dimensions: T steps, B batch, H hidden, S = CLUSTER CTAs a cluster (2, 4, 8 or 16), BLOCK_N = H / S
+columns a CTA, BLOCK_B batch rows a cluster (16: the MMA's M), e the element size.
+
+- The launch (`forward`, through kernels/launch.py's cluster launch): grid (S, tiles) CTAs in
+  clusters of (S, 1, 1). Cluster c (program_id(1)) serves batch rows c*BLOCK_B ... (BLOCK_B of them,
+  rows past B computed on zeros and never stored). Its CTA of rank r (%cluster_ctarank) owns output
+  columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the time loop it loads its W_hh slice,
+  W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :] ([BLOCK_N, H], BLOCK_N x H x e bytes), into its shared memory,
+  where it stays for all steps.
+- Every CTA keeps the whole state of its tile, h [BLOCK_B, H], in its own shared memory, twice: the
+  state buffer [2, BLOCK_B, H] (2 x BLOCK_B x H x e bytes), slot i % 2 read at step i (read_slot),
+  slot (i + 1) % 2 written during step i for step i + 1 (write_slot). h0 arrives as a step's output
+  does: before the loop each CTA loads its columns of h0 and pushes them into slot 0 of every CTA.
+- Step i of CTA r: wait until slot i % 2 is full; z = xw_t + h_{t-1} @ slice^T ([BLOCK_B, BLOCK_N],
+  the MMA: mma.sync m16n8k16 (bf16/fp16) or m16n8k8 (TF32), A = the state, B = the slice, both read
+  from shared memory each step in BLOCK_K-column chunks; warps side by side on the columns);
+  h = act(z); store h into out[t]; unless this is the last step, push h into columns
+  [r*BLOCK_N, (r+1)*BLOCK_N) of slot (i + 1) % 2 of EVERY CTA of the cluster, itself included
+  (`mapa` of the slot's and the mbarrier's shared addresses to the peer's rank, then one
+  `st.async.shared::cluster.mbarrier::complete_tx::bytes` per pair of elements a thread holds:
+  BLOCK_B x BLOCK_N x e bytes to each of the S CTAs; each CTA receives S x BLOCK_B x BLOCK_N x e =
+  BLOCK_B x H x e bytes a step).
+- The wait: each CTA has one mbarrier per slot (count 1). At every step it arms the slot's mbarrier
+  with the bytes all S CTAs send into the slot (`expect`: one thread's arrive + expect_tx of
+  BLOCK_B x H x e), and every thread spins on try_wait.parity (acquire, cluster scope) with parity
+  wait_phase(i) = (i // 2) % 2: slot 0's mbarrier completes at steps 0, 2, 4, ..., slot 1's at
+  1, 3, 5, ...; each completion flips its phase. A push may land before the arming: the transaction
+  count goes negative, and the phase still needs the arming's arrival, so it cannot complete early.
+- Why two slots suffice: CTA r writes slot (i + 1) % 2 of CTA q during step i. CTA q last read that
+  slot during step i - 1, and pushed its step i - 1 result only after that read (the push's data come
+  from the MMA that read it, in every thread: no element is replicated across threads). CTA r passed
+  its step-i wait only after every CTA's step i - 1 push had landed, so q's reads are over before r's
+  write. Likewise a slot's mbarrier never has two phases in flight: the pushes completing phase k + 1
+  need r's own push of the step between them, which comes after r's wait on phase k.
+- Before the first push, every CTA's mbarriers must be initialised: init, `fence.mbarrier_init`
+  (release, cluster scope), then the cluster barrier (arrive.release / wait.acquire, every thread).
+- Global memory on the step's dependency chain: none but the load of xw_{t+1} (issued after the
+  push, before the wait) and the store of h_t. No barrier after the last step: nothing is pushed at
+  step T - 1, and a CTA's own last wait covers every push into its memory, so no CTA exits while
+  another writes to it (hence T >= 1: with T = 0 the h0 pushes would outlive their targets).
+
+The shared state buffer is swizzled (16-byte vectors XOR-ed by row % 8: the MMA's ldmatrix reads are
+free of bank conflicts); the push computes each element's address with the same formula
+(state_offset), and the Gluon kernel asserts at compile time that Triton's layout is that formula.
+
+`dsmem_twin_kernel` is the same protocol in plain Triton for the CPU interpreter, which runs one
+program at a time: one program per cluster runs the ranks of its cluster in turn at each step, and
+the CTAs' state buffers are a global buffer laid out as the shared ones (`p_state`: [clusters, S,
+2, BLOCK_B x H], state_offset). It shares the slot, parity, column and offset helpers with the Gluon
+kernel and models each CTA's two mbarriers (`p_barrier`: the bytes pushed into each slot, the phases
+each has completed), so a wrong slot, parity, column block or byte count fails on the CPU. Ranks in
+turn never drift apart, so `dsmem_cta_twin_kernel` runs one program per CTA as the Gluon kernel does
+(every program a thread in tests/concurrent_interpreter.py; each slot's mbarrier a byte counter that
+only grows): there a CTA runs up to a step ahead of a slower one, which is what the double buffer is
+for (with one buffer the results go wrong).
+
+The Gluon kernel needs Triton >= 3.9 (shared-memory descriptors as inline-asm operands); on an older
+Triton this module imports and `available()` is False. No layout of the package launches it yet:
+`forward` runs it on an sm_90 GPU (never run so far: it is compiled offline by the tests, and its
+launch checked against a recording launcher).
+"""
+import triton
+import triton.language as tl
+
+from .common import activate
+from .toolchain import triton_version
+
+GLUON_MIN_VERSION = (3, 9)
+
+
+@triton.jit
+def read_slot(i):
+    """The state slot step i reads (slot 0: h0, pushed before the loop, for step 0)."""
+    return i % 2
+
+
+@triton.jit
+def write_slot(i):
+    """The state slot step i pushes into: the one step i + 1 reads."""
+    return (i + 1) % 2
+
+
+@triton.jit
+def completions_before(i):
+    """How many phases the mbarrier of read_slot(i) completed before the one step i waits for: slot 0's
+    completes for steps 0 (h0), 2, 4, ..., slot 1's for steps 1, 3, 5, ..."""
+    return i // 2
+
+
+@triton.jit
+def wait_phase(i):
+    """The parity of the phase step i waits for (try_wait.parity): phases 0, 1, 0, ... of each slot."""
+    return completions_before(i) % 2
+
+
+@triton.jit
+def state_offset(o_row, o_col, H: tl.constexpr, VEC: tl.constexpr, PHASES: tl.constexpr):
+    """Element offset of h[o_row, o_col] in a state slot [BLOCK_B, H] (rows of H elements): the
+    swizzled layout of the shared buffer, VEC-element (16-byte) vectors XOR-ed by o_row % PHASES."""
+    return o_row * H + (o_col ^ ((o_row % PHASES) * VEC))
+
+
+@triton.jit
+def column_block(rank, BLOCK_N: tl.constexpr):
+    """The first output column of the CTA of rank `rank`."""
+    return rank * BLOCK_N
+
+
+CLUSTER_SIZES = (2, 4, 8, 16)  # 16: non-portable, what Hopper allows beyond the portable 8
+
+
+def default_config(hidden: int, cluster: int, element_bytes: int) -> dict:
+    """The Gluon kernel's config: one 16-row batch tile a cluster (the mma.sync's M); K read in chunks of
+    one swizzle period (64 bf16 / 32 fp32 columns: 128 bytes a row); warps side by side on the columns
+    in 8-column mma.sync tiles, at most 4, fewer where BLOCK_N < 32 (no element held, and pushed, by two
+    threads). H a power of two (the kernel's aranges), at least 8 columns a CTA."""
+    block_n = hidden // cluster
+    if cluster not in CLUSTER_SIZES or hidden & (hidden - 1) or block_n < 8 or hidden * element_bytes < 128:
+        raise ValueError(f"H = {hidden} does not split into {cluster} CTAs of 8 or more columns (H a power of two "
+                         f"of at least 128 bytes, cluster sizes {CLUSTER_SIZES})")
+    needed = shared_memory_bytes(hidden, cluster, element_bytes, 16)
+    if needed > SHARED_MEMORY_LIMIT:
+        raise ValueError(f"H = {hidden} over {cluster} CTAs needs {needed} B of shared memory a CTA, over the "
+                         f"{SHARED_MEMORY_LIMIT} B one may use")
+    return {"BLOCK_B": 16, "BLOCK_K": 128 // element_bytes, "num_warps": min(4, block_n // 8)}
+
+
+SHARED_MEMORY_LIMIT = 232448  # bytes a CTA may use on sm_90 (227 KB)
+
+
+def shared_memory_bytes(hidden: int, cluster: int, element_bytes: int, block_b: int) -> int:
+    """A CTA's shared memory: its W_hh slice (H / S x H), the state's two slots (2 x BLOCK_B x H) and two
+    8-byte mbarriers."""
+    return (hidden // cluster * hidden + 2 * block_b * hidden) * element_bytes + 16
+
+
+def state_slot_bytes(block_b: int, hidden: int, element_bytes: int) -> int:
+    """The bytes a CTA receives each step (all S CTAs' pushes): one slot, BLOCK_B x H x e."""
+    return block_b * hidden * element_bytes
+
+
+@triton.jit
+def _twin_push(values, p_state, p_barrier, slot, o_lb, o_c, H: tl.constexpr, CLUSTER: tl.constexpr,
+               SLOT: tl.constexpr, ELEMENT_BYTES: tl.constexpr, VEC: tl.constexpr, PHASES: tl.constexpr):
+    """A rank's push of `values` [BLOCK_B, BLOCK_N] (columns o_c) into `slot` of every CTA of the cluster,
+    and the bytes it completes on each CTA's mbarrier of that slot (st.async's complete_tx)."""
+    for peer in tl.static_range(CLUSTER):
+        tl.store(p_state + (peer * 2 + slot) * SLOT + state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES),
+                 values.to(p_state.dtype.element_ty))
+        p_peer_bar = p_barrier + (peer * 2 + slot) * 2
+        tl.store(p_peer_bar, tl.load(p_peer_bar) + ELEMENT_BYTES * values.numel)
+
+
+@triton.jit
+def dsmem_twin_kernel(
+    p_xw,  # [T, B, H] x_t W_ih^T + b
+    p_w,  # [H, H] W_hh, row n feeding output column n
+    p_h0,  # [B, H]
+    p_out,  # [T, B, H] h_t
+    p_state,  # [clusters, CLUSTER, 2, BLOCK_B * H]: each CTA's state buffer (state_offset), any content
+    p_barrier,  # [clusters, CLUSTER, 2, 2] int32, zero: per CTA and slot, bytes pushed and phases completed
+    T,
+    B,
+    H: tl.constexpr,
+    CLUSTER: tl.constexpr,  # S, CTAs a cluster
+    BLOCK_B: tl.constexpr,
+    CELL: tl.constexpr,
+    ELEMENT_BYTES: tl.constexpr,  # e of the Gluon kernel's dtype: the byte counts and the swizzle
+    # Tests only: a planted protocol bug ("slot": push into the slot being read; "parity": wait for the
+    # other phase; "columns": push into the next rank's columns). "" in every real run.
+    DEBUG_MUTATION: tl.constexpr = "",
+):
+    """One program per cluster; the ranks of the cluster run in turn within each step."""
+    BLOCK_N: tl.constexpr = H // CLUSTER
+    VEC: tl.constexpr = 16 // ELEMENT_BYTES
+    PHASES: tl.constexpr = 8
+    SLOT: tl.constexpr = BLOCK_B * H
+    cluster = tl.program_id(0)
+    first_row = cluster * BLOCK_B
+    o_lb = tl.arange(0, BLOCK_B)  # rows within the tile
+    o_b = first_row + o_lb
+    m_b = o_b < B
+    o_k = tl.arange(0, H)
+    o_n = tl.arange(0, BLOCK_N)
+    p_state += cluster * CLUSTER * 2 * SLOT
+    p_barrier += cluster * CLUSTER * 4
+    # h0 into slot 0 of every CTA: each rank pushes its columns (rows past B zero), as after a step.
+    for rank in tl.static_range(CLUSTER):
+        o_c = column_block(rank, BLOCK_N) + o_n
+        b_h0 = tl.load(p_h0 + o_b[:, None] * H + o_c[None, :], mask=m_b[:, None], other=0.0)
+        _twin_push(b_h0, p_state, p_barrier, read_slot(0), o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC, PHASES)
+    failed = 0
+    for i in range(T):
+        slot = read_slot(i)
+        for rank in tl.static_range(CLUSTER):
+            p_own = p_state + (rank * 2 + slot) * SLOT
+            p_bar = p_barrier + (rank * 2 + slot) * 2
+            # The wait: every CTA's push into this slot landed, and it is the phase the Gluon kernel waits for.
+            pushed = tl.load(p_bar)
+            completed = tl.load(p_bar + 1)
+            failed |= (pushed != ELEMENT_BYTES * SLOT).to(tl.int32)
+            phase = wait_phase(i)
+            if DEBUG_MUTATION == "parity":
+                phase = 1 - phase
+            # The pushes complete phase number `completed` (0, 1, 2, ...): try_wait.parity(phase) returns
+            # once the phase of that parity completed, so the kernel must wait for its parity.
+            failed |= (completed % 2 != phase).to(tl.int32)
+            tl.store(p_bar, 0)  # the completion resets the count, the phase flips
+            tl.store(p_bar + 1, completed + 1)
+            b_h = tl.load(p_own + state_offset(o_lb[:, None], o_k[None, :], H, VEC, PHASES))
+            first = column_block(rank, BLOCK_N)
+            o_c = first + o_n
+            b_w = tl.load(p_w + o_c[None, :] * H + o_k[:, None])  # slice^T [H, BLOCK_N]
+            o_io = o_b[:, None] * H + o_c[None, :]
+            b_z = tl.load(p_xw + i * B * H + o_io, mask=m_b[:, None], other=0.0).to(tl.float64)
+            b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
+            b_new = activate(b_z, b_z, False, CELL)
+            tl.store(p_out + i * B * H + o_io, b_new.to(p_out.dtype.element_ty), mask=m_b[:, None])
+            if i + 1 < T:
+                target = write_slot(i)
+                if DEBUG_MUTATION == "slot":
+                    target = slot
+                if DEBUG_MUTATION == "columns":
+                    o_c = column_block((rank + 1) % CLUSTER, BLOCK_N) + o_n
+                _twin_push(b_new, p_state, p_barrier, target, o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC,
+                           PHASES)
+    if failed != 0:  # a wait the Gluon kernel would not pass as modelled: poison the tile's outputs
+        b_nan = tl.full([BLOCK_B, H], float("nan"), tl.float64)
+        for i in range(T):
+            tl.store(p_out + i * B * H + o_b[:, None] * H + o_k[None, :], b_nan.to(p_out.dtype.element_ty),
+                     mask=m_b[:, None])
+
+
+@triton.jit
+def dsmem_cta_twin_kernel(
+    p_xw,  # [T, B, H]
+    p_w,  # [H, H] W_hh
+    p_h0,  # [B, H]
+    p_out,  # [T, B, H]
+    p_state,  # [clusters, CLUSTER, 2, BLOCK_B * H]: each CTA's state buffer (state_offset), any content
+    p_bytes,  # [clusters, CLUSTER, 2] int32, zero: bytes pushed into each CTA's slot so far (only grows)
+    T,
+    B,
+    H: tl.constexpr,
+    CLUSTER: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    CELL: tl.constexpr,
+    ELEMENT_BYTES: tl.constexpr,
+    # Tests only: "one_slot" reads and pushes one slot (no double buffer). "" in every real run.
+    DEBUG_MUTATION: tl.constexpr = "",
+):
+    """The protocol with one program per CTA, grid (CLUSTER, clusters) like the Gluon kernel's, for
+    tests/concurrent_interpreter.py (every program a thread): ranks run at their own pace, so the
+    double buffer's argument (no push lands in a slot a slower CTA still reads) is exercised. A push
+    is stores then a release add of its bytes to the peer's slot counter; the wait polls its own
+    counter (acquire) until the slot's mbarrier would complete: (completions_before(i) + 1) slots'
+    worth of bytes."""
+    BLOCK_N: tl.constexpr = H // CLUSTER
+    VEC: tl.constexpr = 16 // ELEMENT_BYTES
+    PHASES: tl.constexpr = 8
+    SLOT: tl.constexpr = BLOCK_B * H
+    rank = tl.program_id(0)
+    cluster = tl.program_id(1)
+    o_lb = tl.arange(0, BLOCK_B)
+    o_b = cluster * BLOCK_B + o_lb
+    m_b = o_b < B
+    o_k = tl.arange(0, H)
+    o_c = column_block(rank, BLOCK_N) + tl.arange(0, BLOCK_N)
+    p_state += cluster * CLUSTER * 2 * SLOT
+    p_bytes += cluster * CLUSTER * 2
+    o_io = o_b[:, None] * H + o_c[None, :]
+    b_w = tl.load(p_w + o_c[None, :] * H + o_k[:, None])  # slice^T [H, BLOCK_N]
+    b_h0 = tl.load(p_h0 + o_io, mask=m_b[:, None], other=0.0)
+    _cta_push(b_h0, p_state, p_bytes, read_slot(0), o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC, PHASES)
+    for i in range(T):
+        slot = read_slot(i)
+        target = (completions_before(i) + 1) * ELEMENT_BYTES * SLOT
+        if DEBUG_MUTATION == "one_slot":
+            slot = 0
+            target = (i + 1) * ELEMENT_BYTES * SLOT
+        p_mine = p_bytes + rank * 2 + slot
+        seen = tl.atomic_add(p_mine, 0, sem="acquire")
+        while seen < target:
+            seen = tl.atomic_add(p_mine, 0, sem="acquire")
+        b_h = tl.load(p_state + (rank * 2 + slot) * SLOT + state_offset(o_lb[:, None], o_k[None, :], H, VEC, PHASES))
+        b_z = tl.load(p_xw + i * B * H + o_io, mask=m_b[:, None], other=0.0).to(tl.float64)
+        b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
+        b_new = activate(b_z, b_z, False, CELL)
+        tl.store(p_out + i * B * H + o_io, b_new.to(p_out.dtype.element_ty), mask=m_b[:, None])
+        if i + 1 < T:
+            target_slot = write_slot(i)
+            if DEBUG_MUTATION == "one_slot":
+                target_slot = 0
+            _cta_push(b_new, p_state, p_bytes, target_slot, o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC,
+                      PHASES)
+
+
+@triton.jit
+def _cta_push(values, p_state, p_bytes, slot, o_lb, o_c, H: tl.constexpr, CLUSTER: tl.constexpr,
+              SLOT: tl.constexpr, ELEMENT_BYTES: tl.constexpr, VEC: tl.constexpr, PHASES: tl.constexpr):
+    """dsmem_cta_twin_kernel's push: the stores into `slot` of every CTA, then each CTA's byte count
+    (release: the stores before the count)."""
+    for peer in tl.static_range(CLUSTER):
+        tl.store(p_state + (peer * 2 + slot) * SLOT + state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES),
+                 values.to(p_state.dtype.element_ty))
+        tl.atomic_add(p_bytes + peer * 2 + slot, ELEMENT_BYTES * values.numel, sem="release")
+
+
+def twin_forward(xw, w_hh, h0, cluster: int, block_b: int = 16, cell: str = "tanh", element_bytes: int = 2,
+                 debug_mutation: str = "", per_cta: bool = False):
+    """Run dsmem_twin_kernel (under TRITON_INTERPRET=1 on a CPU): out [T, B, H], outputs NaN where never
+    written. `element_bytes`: the Gluon kernel's e (2: bf16/fp16, 4: fp32) for its byte counts and swizzle.
+    `per_cta`: dsmem_cta_twin_kernel instead, one program per CTA (needs every program running at once:
+    tests/concurrent_interpreter.py)."""
+    import torch
+
+    steps, batch, hidden = xw.shape
+    assert hidden % cluster == 0 and block_b % 16 == 0
+    clusters = triton.cdiv(batch, block_b)
+    out = torch.full_like(xw, float("nan"))
+    state = torch.full((clusters, cluster, 2, block_b * hidden), float("nan"), dtype=xw.dtype, device=xw.device)
+    if per_cta:
+        counts = torch.zeros((clusters, cluster, 2), dtype=torch.int32, device=xw.device)
+        dsmem_cta_twin_kernel[(cluster, clusters)](xw, w_hh, h0, out, state, counts, steps, batch, H=hidden,
+                                                   CLUSTER=cluster, BLOCK_B=block_b, CELL=cell,
+                                                   ELEMENT_BYTES=element_bytes, DEBUG_MUTATION=debug_mutation)
+        return out
+    barrier = torch.zeros((clusters, cluster, 2, 2), dtype=torch.int32, device=xw.device)
+    dsmem_twin_kernel[(clusters,)](xw, w_hh, h0, out, state, barrier, steps, batch, H=hidden, CLUSTER=cluster,
+                                   BLOCK_B=block_b, CELL=cell, ELEMENT_BYTES=element_bytes,
+                                   DEBUG_MUTATION=debug_mutation)
+    return out
+
+
+def available() -> bool:
+    """Whether this Triton has the Gluon the kernel needs (>= 3.9: shared-memory descriptors as inline-asm
+    operands, Hopper mbarriers, mma_v2)."""
+    return GLUON_PROBLEM is None
+
+
+GLUON_PROBLEM = None  # why the Gluon kernel cannot be compiled here, or None
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+except ImportError as error:
+    GLUON_PROBLEM = f"no Gluon for Hopper in Triton {triton.__version__}: {error}"
+if GLUON_PROBLEM is None and triton_version()[:2] < GLUON_MIN_VERSION:
+    GLUON_PROBLEM = f"Triton {triton.__version__} < 3.9: its Gluon takes no shared-memory address in inline asm"
+
+
+def _unavailable(fn):
+    """Stands in for Gluon's decorators where GLUON_PROBLEM says why they cannot be used."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{fn.__name__} needs Gluon (Triton >= 3.9): {GLUON_PROBLEM}")
+    refuse.__name__ = fn.__name__
+    return refuse
+
+
+_gluon_jit = gluon.jit if GLUON_PROBLEM is None else _unavailable
+_asm_builder = gluon.constexpr_function if GLUON_PROBLEM is None else _unavailable
+
+
+@_asm_builder
+def _push_asm(values, offsets, slot, barrier, peer, element_bytes):
+    """PTX of one thread's push into the CTA of rank `peer`: its slot's and mbarrier's shared addresses
+    mapped into the cluster window (mapa), then one st.async a pair of elements (a pair is adjacent in
+    the row: _check_layouts), each completing its bytes on the peer's mbarrier."""
+    lines = ["{", ".reg .b32 peer_slot, peer_barrier, address, word;",
+             f"mapa.shared::cluster.u32 peer_slot, {slot}, {peer};",
+             f"mapa.shared::cluster.u32 peer_barrier, {barrier}, {peer};"]
+    for j in range(0, len(values), 2):
+        lines.append(f"add.u32 address, peer_slot, {offsets[j]};")
+        if element_bytes == 2:  # st.async has no 16-bit form: the pair as one b32 (lower column in the low half)
+            lines += [f"mov.b32 word, {{{values[j]}, {values[j + 1]}}};",
+                      "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [address], word, [peer_barrier];"]
+        else:
+            lines.append(f"st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [address], "
+                         f"{{{values[j]}, {values[j + 1]}}}, [peer_barrier];")
+    return "\n".join(lines + ["}"])
+
+
+@_asm_builder
+def _push16_asm(outputs, inputs):
+    (slot,), (barrier,), (peer,), values, offsets = inputs
+    return _push_asm(values, offsets, slot, barrier, peer, 2)
+
+
+@_asm_builder
+def _push32_asm(outputs, inputs):
+    (slot,), (barrier,), (peer,), values, offsets = inputs
+    return _push_asm(values, offsets, slot, barrier, peer, 4)
+
+
+@_asm_builder
+def _state_layout_problem(layout, block_b, hidden, vec, phases):
+    """Why Triton's linear layout of a state slot [BLOCK_B, H] is not state_offset's, or '' where it is:
+    each offset bit's coordinates must be where state_offset (its Python function, on integers) puts
+    that offset. (The slots of [2, BLOCK_B, H] follow each other: slot * BLOCK_B * H.)"""
+    formula = getattr(state_offset, "fn")  # its Python function (Triton's dependency scan refuses `.fn`)
+    for bit, (row, col) in enumerate(layout.offset_bases):
+        where = formula(row, col, hidden, vec, phases)
+        if where != 1 << bit:
+            return f"offset {1 << bit} holds element {(row, col)}, which state_offset puts at {where}"
+    if len(layout.offset_bases) != (block_b * hidden).bit_length() - 1:
+        return f"{len(layout.offset_bases)} offset bits for {block_b * hidden} elements"
+    return ""
+
+
+@_asm_builder
+def _accumulator_layout_problem(layout):
+    """Why the MMA accumulator's layout does not suit the push, or '': a thread's registers 0 and 1 must
+    be adjacent columns of one row (the pair one st.async sends), and no element may sit in two threads
+    (each would push it: bytes the mbarrier does not expect)."""
+    if list(layout.reg_bases[0]) != [0, 1]:
+        return f"register 1 is element {layout.reg_bases[0]} of register 0's, not the next column"
+    if any(not any(basis) for basis in [*layout.reg_bases, *layout.lane_bases, *layout.warp_bases]):
+        return "elements replicated across registers, lanes or warps"
+    return ""
+
+
+@_gluon_jit
+def _cluster_rank():
+    return gl.inline_asm("mov.u32 $0, %cluster_ctarank;", "=r", [], gl.int32, is_pure=True)
+
+
+@_gluon_jit
+def _wait(barrier, phase):
+    """Every thread spins until the phase of parity `phase` of its CTA's `barrier` completed, acquiring at
+    cluster scope: the pushes that complete it are other CTAs' st.async, so the conservative scope is the
+    cluster's (Gluon's mbarrier.wait acquires at CTA scope only). Its cost: ptxas adds an L1
+    invalidation (CCTL.IVALL) after the wait, harmless here (the state and W_hh live in shared memory)."""
+    gl.inline_asm("{\n.reg .pred complete;\nwait_for_phase:\n"
+                  "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [$0], $1;\n"
+                  "@!complete bra.uni wait_for_phase;\n}", "r,r", [barrier, phase], ())
+
+
+@_gluon_jit
+def _push(values, byte_offsets, slot, barrier, CLUSTER: tl.constexpr, ELEMENT_BYTES: tl.constexpr):
+    """Every thread sends its elements of `values` (their byte offsets in a slot) into `slot` of each CTA
+    of the cluster, itself included, completing the bytes on that CTA's `barrier`."""
+    for peer in gl.static_range(CLUSTER):
+        if ELEMENT_BYTES == 2:
+            gl.inline_asm(_push16_asm, ("r", "r", "r", "h", "r"), [slot, barrier, peer, values, byte_offsets])
+        else:
+            gl.inline_asm(_push32_asm, ("r", "r", "r", "f", "r"), [slot, barrier, peer, values, byte_offsets])
+
+
+@_gluon_jit
+def elman_dsmem_kernel(
+    p_xw,  # [T, B, H] x_t W_ih^T + b
+    p_w,  # [H, H] W_hh, row n feeding output column n
+    p_h0,  # [B, H]
+    p_out,  # [T, B, H] h_t
+    T,
+    B,
+    H: tl.constexpr,
+    CLUSTER: tl.constexpr,  # S: CTAs a cluster; grid (CLUSTER, tiles) CTAs in clusters of (CLUSTER, 1, 1)
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # the MMA's K chunk: the state and the slice are read from shared memory in chunks
+    CELL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr = None,  # "tf32" for fp32
+    # Tests only (the PTX checks must reject them): "no_wait" drops the step's mbarrier wait, "fixed_phase"
+    # waits for parity 0 at every step. "" in every real compile.
+    DEBUG_MUTATION: tl.constexpr = "",
+):
+    dtype: tl.constexpr = p_w.dtype.element_ty
+    ELEMENT_BYTES: tl.constexpr = dtype.primitive_bitwidth // 8
+    BLOCK_N: tl.constexpr = H // CLUSTER
+    WARPS: tl.constexpr = gl.num_warps()
+    VEC: tl.constexpr = 16 // ELEMENT_BYTES
+    PHASES: tl.constexpr = 8
+    gl.static_assert(H % CLUSTER == 0, "H must split evenly over the cluster")
+    gl.static_assert(BLOCK_B % 16 == 0, "BLOCK_B: a multiple of the MMA's 16 rows")
+    gl.static_assert(H % BLOCK_K == 0 and BLOCK_K % (VEC * PHASES) == 0, "BLOCK_K: whole swizzle periods")
+    ACC: tl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
+    A_OPERAND: tl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=4 // ELEMENT_BYTES)
+    B_OPERAND: tl.constexpr = gl.DotOperandLayout(operand_index=1, parent=ACC, k_width=4 // ELEMENT_BYTES)
+    LOAD: tl.constexpr = gl.BlockedLayout([1, VEC], [1, 32], [WARPS, 1], [1, 0])
+    STATE_SMEM: tl.constexpr = gl.SwizzledSharedLayout(VEC, 1, PHASES, order=[1, 0])  # per slot
+    SLICE_SMEM: tl.constexpr = gl.SwizzledSharedLayout(VEC, 1, PHASES, order=[1, 0])
+    gl.static_assert(_state_layout_problem(gl.to_linear_layout(STATE_SMEM, [BLOCK_B, H]), BLOCK_B, H, VEC,
+                                           PHASES) == "", "the state buffer's layout is not state_offset's")
+    gl.static_assert(_accumulator_layout_problem(gl.to_linear_layout(ACC, [BLOCK_B, BLOCK_N])) == "",
+                     "the accumulator's layout does not suit the push (BLOCK_N >= 8 * num_warps)")
+
+    rank = _cluster_rank()
+    first_row = gl.program_id(1) * BLOCK_B  # the cluster's batch tile (program_id(0) is the rank)
+    # The slice W_hh[rank's columns, :] and h0 [BLOCK_B, H], into shared memory once.
+    o_wn = column_block(rank, BLOCK_N) + gl.arange(0, BLOCK_N, gl.SliceLayout(1, LOAD))
+    o_k = gl.arange(0, H, gl.SliceLayout(0, LOAD))
+    b_w = gl.load(p_w + o_wn[:, None] * H + o_k[None, :])
+    w_slice = gl.allocate_shared_memory(dtype, [BLOCK_N, H], SLICE_SMEM, b_w)
+    state = gl.allocate_shared_memory(dtype, [2, BLOCK_B, H], STATE_SMEM)
+    full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # one mbarrier a slot
+    mbarrier.init(full.index(0), count=1)
+    mbarrier.init(full.index(1), count=1)
+    # Every CTA's mbarriers initialised (and visible cluster-wide) before any CTA pushes.
+    gl.inline_asm("fence.mbarrier_init.release.cluster;\n"
+                  "barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;", "", [], ())
+
+    o_lb = gl.arange(0, BLOCK_B, gl.SliceLayout(1, ACC))
+    o_b = first_row + o_lb
+    o_c = column_block(rank, BLOCK_N) + gl.arange(0, BLOCK_N, gl.SliceLayout(0, ACC))
+    o_io = o_b[:, None] * H + o_c[None, :]
+    m_io = (o_b < B)[:, None] & (o_c < H)[None, :]
+    push_offsets = state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES) * ELEMENT_BYTES
+    # h0 reaches every CTA as a step's output does: each CTA pushes its columns into slot 0.
+    b_h0 = gl.load(p_h0 + o_io, mask=m_io, other=0.0)
+    _push(b_h0, push_offsets, state.index(read_slot(0)), full.index(read_slot(0)), CLUSTER, ELEMENT_BYTES)
+    b_xw = gl.load(p_xw + o_io, mask=m_io, other=0.0)
+    for i in range(T):
+        slot = read_slot(i)
+        if DEBUG_MUTATION != "no_wait":
+            mbarrier.expect(full.index(slot), BLOCK_B * H * ELEMENT_BYTES)
+            _wait(full.index(slot), 0 if DEBUG_MUTATION == "fixed_phase" else wait_phase(i))
+        b_state = state.index(slot)
+        acc = b_xw.to(gl.float32)
+        for k in gl.static_range(0, H, BLOCK_K):
+            a = b_state.slice(k, BLOCK_K, dim=1).load(A_OPERAND)
+            w = w_slice.slice(k, BLOCK_K, dim=1).permute((1, 0)).load(B_OPERAND)
+            acc = mma_v2(a, w, acc, input_precision=INPUT_PRECISION)
+        b_h = activate(acc, acc, False, CELL).to(dtype)
+        gl.store(p_out + o_io, b_h, mask=m_io)
+        p_out += B * H
+        if i + 1 < T:
+            target = write_slot(i)
+            _push(b_h, push_offsets, state.index(target), full.index(target), CLUSTER, ELEMENT_BYTES)
+            p_xw += B * H
+            b_xw = gl.load(p_xw + o_io, mask=m_io, other=0.0)  # after the push (on the chain), before the wait
+
+
+def forward(xw, w_hh, h0, cluster: int, cell: str = "tanh"):
+    """h_t for t = 0 .. T-1 ([T, B, H], xw's dtype: bf16, fp16 or fp32 in TF32) by elman_dsmem_kernel on
+    an sm_90 GPU: clusters of `cluster` CTAs, one a 16-row batch tile (kernels/launch.py's cluster launch:
+    compiled with num_ctas = 1, launched with num_ctas = the cluster size). Raises ClusterUnavailable
+    where no cluster launch runs (no sm_90 GPU, a Triton whose launcher was not checked, no Gluon)."""
+    import torch
+
+    from . import launch
+    from .occupancy import ClusterUnavailable, Plan
+
+    refusal = launch.cluster_refusal(xw.device) or (None if available() else GLUON_PROBLEM)
+    if refusal:
+        raise ClusterUnavailable(refusal)
+    steps, batch, hidden = xw.shape
+    if steps < 1:  # every CTA must wait for the h0 pushes into it before it exits
+        raise ValueError("forward needs T >= 1")
+    if w_hh.shape != (hidden, hidden) or h0.shape != (batch, hidden) or not (xw.dtype == w_hh.dtype == h0.dtype):
+        raise ValueError(f"shapes/dtypes: xw {tuple(xw.shape)} {xw.dtype}, w_hh {tuple(w_hh.shape)} {w_hh.dtype}, "
+                         f"h0 {tuple(h0.shape)} {h0.dtype}")
+    config = default_config(hidden, cluster, xw.element_size())
+    out = torch.empty_like(xw)
+    args = dict(p_xw=xw.contiguous(), p_w=w_hh.contiguous(), p_h0=h0.contiguous(), p_out=out, T=steps, B=batch,
+                H=hidden, CLUSTER=cluster, BLOCK_B=config["BLOCK_B"], BLOCK_K=config["BLOCK_K"], CELL=cell,
+                INPUT_PRECISION="tf32" if xw.dtype == torch.float32 else None)
+    compiled = elman_dsmem_kernel.warmup(**args, grid=(cluster, 1), num_warps=config["num_warps"])
+    tiles = triton.cdiv(batch, config["BLOCK_B"])
+    # Clusters never wait for each other: more than the device holds at once simply run later.
+    chosen = Plan(cluster, tiles, batch_tiles=1, resident_capacity=cluster * tiles, cluster=True)
+    launch.launch_clusters(compiled, chosen, launch.bound_arguments(elman_dsmem_kernel, args))
+    return out
