@@ -29,7 +29,7 @@ import triton
 
 from tritonrnn.kernels import dsmem
 
-from .static import HOPPER, _blocks, _resource_usage
+from .static import HOPPER, ptx_blocks, resource_usage
 
 _DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # The default variants: (dtype, H, S); B = 16 (one batch tile), tanh.
@@ -59,7 +59,7 @@ def compile_variant(dtype: str = "bf16", hidden: int = 256, cluster: int = 4, ce
                               target=GPUTarget("cuda", *target), options={"num_warps": config["num_warps"]})
     ptx = compiled.asm["ptx"]
     return {"dtype": dtype, "hidden": hidden, "cluster": cluster, "cell": cell, "mutation": mutation, **config,
-            **_resource_usage(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared,
+            **resource_usage(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared,
             "arch": re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1),
             "mma": sorted(set(re.findall(r"(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx))),
             "expect_bytes": dsmem.state_slot_bytes(config["BLOCK_B"], hidden, element_bytes), "ptx": ptx}
@@ -131,7 +131,7 @@ def _loop(ptx: str) -> tuple:
     largest strongly connected set of blocks (blocks on a cycle through each other); its entry the
     block with a predecessor outside it (among the blocks reachable from the kernel's start). Debug
     labels ($L__tmp: line-table marks, never branched to) do not split blocks."""
-    blocks, successors = _blocks("\n".join(line for line in ptx.splitlines() if not _DEBUG_LABEL.match(line)))
+    blocks, successors = ptx_blocks("\n".join(line for line in ptx.splitlines() if not _DEBUG_LABEL.match(line)))
     reach = []
     for start in range(len(blocks)):
         seen, todo = set(), list(successors[start])

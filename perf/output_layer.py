@@ -242,7 +242,7 @@ def compile_for_hopper() -> list:
     from triton.compiler import ASTSource
 
     from tritonrnn.kernels import output
-    from .static import HOPPER, _POINTER, _resource_usage
+    from .static import HOPPER, _POINTER, resource_usage
 
     fn = output.cross_entropy_kernel.fn  # below @triton.heuristics
     block_c, block_v, num_warps = output._blocks(32768, torch.device("cuda"))
@@ -259,7 +259,7 @@ def compile_for_hopper() -> list:
             compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", *HOPPER),
                                       options={"num_warps": num_warps})
             results.append({"dtype": str(dtype).removeprefix("torch."), "write_grad": write_grad, "scale": scale,
-                            "smoothing": smoothing, **_resource_usage(compiled.asm["cubin"])})
+                            "smoothing": smoothing, **resource_usage(compiled.asm["cubin"])})
     return results
 
 

@@ -106,7 +106,7 @@ def compile_kernel(path: str, dtype: torch.dtype, batch: int, hidden: int, backw
             constants.setdefault(name, None if name in pointers else param.default)
     compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", *target),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    usage = _resource_usage(compiled.asm["cubin"])
+    usage = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     mma = sorted(set(re.findall(r"(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx)))
     # Cluster dims are the launch's (the cluster form compiles with num_ctas = 1 and is launched in
@@ -300,7 +300,7 @@ def barrier_instructions(ptx: str) -> list:
     return list(dict.fromkeys(found))
 
 
-def _blocks(ptx: str) -> tuple:
+def ptx_blocks(ptx: str) -> tuple:
     """The PTX's basic blocks (lists of lines, split at every label and after every branch) and each
     block's successors (a branch's target; the next block unless the branch is unconditional or ret)."""
     blocks, labels, current = [], {}, []
@@ -328,7 +328,7 @@ def cluster_barrier_in_loop(ptx: str) -> bool:
     """Whether the PTX holds barrier.cluster.arrive.release then barrier.cluster.wait.acquire, neither
     predicated (`.aligned`: every thread executes them), in one basic block that lies on a cycle of
     the control-flow graph (the step loop): the block is reachable from its own successors."""
-    blocks, successors = _blocks(ptx)
+    blocks, successors = ptx_blocks(ptx)
     for index, block in enumerate(blocks):
         arrivals = [n for n, line in enumerate(block) if (m := _BARRIER.match(line)) and not m.group(1)
                     and _mnemonic(m.group(2)) == "barrier.cluster.arrive.release"]
@@ -347,7 +347,7 @@ def cluster_barrier_in_loop(ptx: str) -> bool:
     return False
 
 
-def _resource_usage(cubin: bytes) -> dict:
+def resource_usage(cubin: bytes) -> dict:
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
