@@ -375,8 +375,7 @@ def schedule(args: dict, device: torch.device, directions: int = 1) -> tuple:
     if device.type == "cuda":
         compiled = rnn_persistent_kernel.warmup(**args, p_sync=torch.int32, BATCH_TILES=1, wait_limit=1,
                                                 grid=(1, 1, 1), launch_cooperative_grid=True)
-        capacity, modelled = occupancy.resident_capacity(compiled, device), occupancy.modelled_capacity(compiled,
-                                                                                                        device)
+        capacity, modelled = _capacities(compiled, device)
     else:
         modelled = None
         capacity = occupancy.INTERPRETED_RESIDENT_PROGRAMS
@@ -388,6 +387,18 @@ def schedule(args: dict, device: torch.device, directions: int = 1) -> tuple:
     chosen = occupancy.plan(args["B"], args["H"], args["BLOCK_B"], width, capacity, directions)
     check_counters(args["T"], chosen)
     return dataclasses.replace(chosen, modelled_capacity=modelled), args
+
+
+# The resident capacities (the driver's, the hand model's) by compiled kernel and device: a loaded kernel's
+# answer does not change, and the driver's query would otherwise run before every launch.
+_CAPACITIES = {}
+
+
+def _capacities(compiled, device: torch.device) -> tuple:
+    key = (compiled.hash, str(device))
+    if key not in _CAPACITIES:
+        _CAPACITIES[key] = occupancy.resident_capacity(compiled, device), occupancy.modelled_capacity(compiled, device)
+    return _CAPACITIES[key]
 
 
 def check_counters(T: int, chosen: Plan) -> None:

@@ -135,23 +135,50 @@ def _config(layout: str, model_config: Optional[dict], device: torch.device):
 
 
 def _runs(best: costmodel.Candidate, shape: costmodel.Shape, device: torch.device) -> bool:
-    """Whether the model's choice runs here with its config: the persistent layout where the compiled
-    kernel's resident capacity holds it (kernels.launch.persistent_plan); the cluster layout where a
+    """Whether the model's choice runs here with its config: the counter layouts (persistent, streamed)
+    where the compiled kernel's resident capacity holds it (kernels.launch.persistent_plan, remembered per
+    shape on a GPU: _resident_plan) and the arrival counters hold T steps; the cluster layout where a
     cluster launch may be tried on this device (an sm_90+ GPU; never the interpreter, which runs one
     program at a time) and the config makes a cluster size a launch may ask for; the others wherever
     the model fits them."""
-    dtype = getattr(torch, shape.dtype)
-    config = configs.config_from_dict(best.config)
     if best.layout == "cluster":
         return launch.cluster_refusal(device) is None and configs.layout_fits(
-            "cluster", shape.hidden, dtype, shape.allow_tf32, config=config)
+            "cluster", shape.hidden, getattr(torch, shape.dtype), shape.allow_tf32,
+            config=configs.config_from_dict(best.config))
     if best.layout in configs.COUNTER_GROUPED:
         try:
-            launch.persistent_plan(shape.seq_len, shape.batch, shape.hidden, dtype, device, shape.direction,
-                                   shape.allow_tf32, config=config, directions=shape.directions, layout=best.layout)
+            launch.check_counters(shape.seq_len, _resident_plan(best, shape, device))
         except ValueError:
             return False
     return True
+
+
+# On a GPU, the counter layouts' plans by (layout, config, B, H, dtype, direction, precision, directions, device):
+# what the compiled kernel and the driver say does not change in a process, and asking costs a compile-cache
+# lookup and driver queries at every call. A ValueError: the launcher's refusal there.
+_PLANS = {}
+
+
+def _resident_plan(best: costmodel.Candidate, shape: costmodel.Shape, device: torch.device):
+    """The plan of the model's counter-layout choice, as launch.persistent_plan makes it for one step (T is
+    checked by the caller: only the arrival counters depend on it), remembered per shape on CUDA. Raises
+    the launcher's refusal (a ValueError) where the device cannot run it."""
+    key = (best.layout, costmodel.config_key(best.config), shape.batch, shape.hidden, shape.dtype, shape.direction,
+           shape.allow_tf32, shape.directions, str(device))
+    known = _PLANS.get(key) if device.type == "cuda" else None
+    if known is None:
+        try:
+            known = launch.persistent_plan(1, shape.batch, shape.hidden, getattr(torch, shape.dtype), device,
+                                           shape.direction, shape.allow_tf32,
+                                           config=configs.config_from_dict(best.config), directions=shape.directions,
+                                           layout=best.layout)
+        except ValueError as refusal:
+            known = refusal
+        if device.type == "cuda":
+            _PLANS[key] = known
+    if isinstance(known, ValueError):
+        raise type(known)(*known.args)  # a fresh one: re-raising the stored one would grow its traceback
+    return known
 
 
 # (device, layout, H, dtype, precision, directions) whose launch was refused in this process (`refuse`).
@@ -182,9 +209,10 @@ def refuse(choice: Choice, shape: costmodel.Shape, device: torch.device, refusal
 
 
 def forget_refusals() -> None:
-    """Forget every refusal (tests; a process whose GPU was freed)."""
+    """Forget every refusal and remembered plan (tests; a process whose GPU was freed)."""
     _REFUSALS.clear()
     _WARNED.clear()
+    _PLANS.clear()
 
 
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,

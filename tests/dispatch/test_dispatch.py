@@ -10,7 +10,7 @@ from conftest import DEVICE, calibration
 from tritonrnn import costmodel, dispatch, kernels, ops, selftest
 from tritonrnn.kernels import configs
 from tritonrnn.kernels import launch
-from tritonrnn.kernels.occupancy import ClusterUnavailable, LaunchRefused
+from tritonrnn.kernels.occupancy import ClusterUnavailable, LaunchRefused, Plan
 
 CUDA = torch.device("cuda")
 
@@ -19,12 +19,15 @@ def _shape(seq_len=512, batch=64, hidden=256, dtype="bfloat16", directions=1, di
     return costmodel.Shape(seq_len, batch, hidden, dtype, direction, True, directions)
 
 
+RESIDENT = Plan(programs_per_group=8, groups=1, batch_tiles=1, resident_capacity=132)  # what the fake GPU plans
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """A CUDA device in name: no shipped tuned table, every persistent plan resident, no cluster launch
     unless a test allows it (the interpreter runs nothing for it: choose only)."""
     monkeypatch.setattr(configs, "tuned", lambda *args: None)
-    monkeypatch.setattr(launch, "persistent_plan", lambda *args, **kwargs: None)
+    monkeypatch.setattr(launch, "persistent_plan", lambda *args, **kwargs: RESIDENT)
     monkeypatch.setattr(launch, "cluster_refusal", lambda device: "no clusters on this fake GPU")
     return CUDA
 
@@ -78,7 +81,8 @@ def test_the_models_config_reaches_the_launcher_on_cuda(fake_gpu, monkeypatch):
     (bf16 H = 512: 32 columns, K in 4 chains, not the launcher's default 64), and the persistent choice
     was checked with that config; under the interpreter the layout's default config (None)."""
     checked = []
-    monkeypatch.setattr(launch, "persistent_plan", lambda *args, config=None, **kwargs: checked.append(config))
+    monkeypatch.setattr(launch, "persistent_plan",
+                        lambda *args, config=None, **kwargs: checked.append(config) or RESIDENT)
     shape = _shape(batch=16, hidden=512)
     choice = dispatch.choose(shape, fake_gpu)
     assert choice.layout == "persistent" and choice.source.startswith("cost model")
@@ -111,6 +115,23 @@ def test_dispatch_takes_the_cluster_only_where_a_cluster_launch_may_run(fake_gpu
     assert choice.layout == "cluster" and choice.predicted_us < 1.6 and choice.config is not None
     monkeypatch.setattr(launch, "cluster_refusal", lambda device: "sm_80")
     assert dispatch.choose(shape, fake_gpu).layout == "persistent"
+
+
+def test_a_gpus_plan_is_asked_once_a_shape(fake_gpu, monkeypatch):
+    """On a GPU the counter layouts' plan (a compile-cache lookup and driver queries) is asked once per shape
+    and config, whatever T (the arrival counters are checked against each call's T); a refusal is
+    remembered too."""
+    asked = []
+    monkeypatch.setattr(launch, "persistent_plan", lambda *args, **kwargs: asked.append(args) or RESIDENT)
+    shape = _shape(batch=16, hidden=512)
+    layouts = [dispatch.choose(dataclasses.replace(shape, seq_len=t), fake_gpu).layout for t in (512, 7, 512)]
+    assert layouts == ["persistent"] * 3 and len(asked) == 1
+    assert dispatch.choose(dataclasses.replace(shape, batch=64), fake_gpu).layout == "persistent" and len(asked) == 2
+    dispatch.forget_refusals()
+    refused = []
+    monkeypatch.setattr(launch, "persistent_plan", lambda *args, **kwargs: refused.append(1) or (_ for _ in ()).throw(
+        LaunchRefused("planted: not resident")))
+    assert [dispatch.choose(shape, fake_gpu).layout for _ in range(2)] == ["stepwise"] * 2 and len(refused) == 1
 
 
 def test_a_refused_layout_is_not_offered_again_for_that_shape(fake_gpu, monkeypatch):
