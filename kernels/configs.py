@@ -151,8 +151,8 @@ def shared_memory_bytes(layout: str, config: triton.Config, hidden: int, dtype: 
       layout change [BLOCK_N, BLOCK_B]: e * BLOCK_H * w * (BLOCK_N + BLOCK_B) + a * BLOCK_B * BLOCK_N.
     - stepwise: num_stages pipelined copies of both operand tiles, in 3xTF32 one more of the
       batch tile: e * BLOCK_K * (num_stages * (BLOCK_B + BLOCK_N) + BLOCK_B if 3xTF32).
-    - streamed: the slice's and the state's chunks, num_stages pipelined copies (the mma.sync variants
-      take num_stages - 1): e * STREAM_K * num_stages * (BLOCK_N + BLOCK_B).
+    - streamed: as stepwise, its chunks STREAM_K rows of K (the mma.sync variants take num_stages - 1
+      copies, the wgmma ones num_stages).
     """
     kwargs = config.kwargs
     tf32x3 = dtype == torch.float32 and not allow_tf32
@@ -165,10 +165,9 @@ def shared_memory_bytes(layout: str, config: triton.Config, hidden: int, dtype: 
         width, block_n, block_b = block_h(hidden), kwargs["BLOCK_N"], kwargs["BLOCK_B"]
         return dtype.itemsize * width * (2 if tf32x3 else 1) * (block_n + block_b) + acc_bytes * block_b * block_n
     stages = max(config.num_stages, 1)
-    if layout == "streamed":
-        return dtype.itemsize * kwargs["STREAM_K"] * stages * (kwargs["BLOCK_N"] + kwargs["BLOCK_B"])
+    chunk = kwargs["STREAM_K"] if layout == "streamed" else kwargs["BLOCK_K"]
     tiles = stages * (kwargs["BLOCK_B"] + kwargs["BLOCK_N"]) + (kwargs["BLOCK_B"] if tf32x3 else 0)
-    return dtype.itemsize * kwargs["BLOCK_K"] * tiles
+    return dtype.itemsize * chunk * tiles
 
 
 # Without a dtype, a config must fit for every dtype and precision: fp64 and fp32 in 3xTF32 need the most.

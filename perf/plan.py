@@ -169,7 +169,8 @@ def verdicts_text(head: dict) -> str:
             + ", ".join(f"{head['verdicts'][v]} {v} ({VERDICT_RULES[v]})" for v in costmodel.VERDICTS))
 
 
-LAYOUT_ABBREVIATIONS = {"sequence": "seq", "persistent": "pers", "cluster": "clus", "streamed": "strm", "stepwise": "step"}
+LAYOUT_ABBREVIATIONS = {"sequence": "seq", "persistent": "pers", "cluster": "clus", "streamed": "strm",
+                        "stepwise": "step"}
 SPEEDUP_TICKS = (-2, -1, 0, 1, 2)  # log2 of the speedup: 0.25x .. 4x, the colour scale's ends
 
 

@@ -217,7 +217,7 @@ def forget_refusals() -> None:
 
 def kernel_path(seq_len: int, hidden_size: int, dtype: torch.dtype, batch: int = 1, device: torch.device = CPU,
                 direction: str = "forward", allow_tf32: bool = True, directions: int = 1) -> str:
-    """'sequence', 'persistent', 'cluster' or 'stepwise': the layout `choose` takes for the forward or
+    """'sequence', 'persistent', 'cluster', 'streamed' or 'stepwise': the layout `choose` takes for the forward or
     backward recurrence of this shape (`directions` = 2: both directions of a layer at once); `tritonrnn
     info` says which and why. (The name is the public API's: a layout is the kernel path a call takes.)"""
     shape = costmodel.Shape(seq_len, batch, hidden_size, costmodel.dtype_name(dtype), direction, allow_tf32,

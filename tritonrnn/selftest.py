@@ -1,6 +1,6 @@
 """The self-test gate: a layout proves itself on a device before the dispatcher takes it.
 
-Before the dispatcher first takes a layout (sequence, persistent, cluster; stepwise is the reference
+Before the dispatcher first takes a layout (sequence, persistent, streamed, cluster; stepwise is the reference
 and always trusted) for a dtype on a device, `usable` runs it once at a few small shapes, forward and
 backward (one and both directions for the persistent kernel's layouts), its outputs poisoned with
 NaN, against the stepwise layout and a float64 reference, under a time limit. A layout that fails,

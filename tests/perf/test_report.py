@@ -162,7 +162,8 @@ def test_prediction_plot_has_a_colour_bar_a_layout_legend_and_no_repeated_panels
     heatmaps = [ax for ax in fig.axes if ax.images]
     bars = [ax for ax in fig.axes if "predicted speedup" in ax.get_ylabel()]
     assert len(bars) == 1 and [t.get_text() for t in bars[0].get_yticklabels()] == ["0.25x", "0.5x", "1x", "2x", "4x"]
-    assert "seq = sequence, pers = persistent, clus = cluster, strm = streamed, step = stepwise" in fig._suptitle.get_text()
+    legend = "seq = sequence, pers = persistent, clus = cluster, strm = streamed, step = stepwise"
+    assert legend in fig._suptitle.get_text()
     assert len(heatmaps) == 3
     assert all("forward and backward (the same predictions)" in ax.get_title() for ax in heatmaps)
     plt.close(fig)
