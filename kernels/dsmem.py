@@ -111,6 +111,44 @@ def column_block(rank, BLOCK_N: tl.constexpr):
     return rank * BLOCK_N
 
 
+@triton.jit
+def step_time(i, T, REVERSE: tl.constexpr):
+    """The time step t that step i of the walk computes: i, or T - 1 - i walking backwards."""
+    if REVERSE:
+        t = T - 1 - i
+    else:
+        t = i
+    return t
+
+
+@triton.jit
+def slice_offset(o_n, o_k, H: tl.constexpr, BACKWARD: tl.constexpr):
+    """Element offset in W_hh of M[k, n], the slice's element for output column n and state column k:
+    M = W_hh^T in the forward (W_hh[n, k]), W_hh in the backward (W_hh[k, n]; kernels/persistent.py's
+    strides swapped the same way)."""
+    if BACKWARD:
+        offset = o_k * H + o_n
+    else:
+        offset = o_n * H + o_k
+    return offset
+
+
+@triton.jit
+def step_result(b_new, b_prev, active, BACKWARD: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """(output, state) of a step from act's result b_new and the CTA's columns of the previous state
+    b_prev: with lengths, a row past its length (active False) outputs 0 and keeps its state in the
+    forward (h0 until a reverse row starts); in the backward its state is that 0 (kernels/persistent.py)."""
+    b_out = b_new
+    b_state = b_new
+    if HAS_LENGTHS:
+        b_out = tl.where(active, b_new, 0.0)
+        if BACKWARD:
+            b_state = b_out
+        else:
+            b_state = tl.where(active, b_new, b_prev)
+    return b_out, b_state
+
+
 CLUSTER_SIZES = (2, 4, 8, 16)  # 16: non-portable, what Hopper allows beyond the portable 8
 
 
@@ -158,10 +196,13 @@ def _twin_push(values, p_state, p_barrier, slot, o_lb, o_c, H: tl.constexpr, CLU
 
 @triton.jit
 def dsmem_twin_kernel(
-    p_xw,  # [T, B, H] x_t W_ih^T + b
-    p_w,  # [H, H] W_hh, row n feeding output column n
-    p_h0,  # [B, H]
-    p_out,  # [T, B, H] h_t
+    p_xw,  # [T, B, H] forward: x_t W_ih^T + b; backward: g_t = dL/dh_t
+    p_w,  # [H, H] W_hh (slice_offset: its rows in the forward, its columns in the backward)
+    p_h0,  # [B, H] (forward; None in the backward: the state starts at 0)
+    p_act,  # [T, B, H] h_t of the forward (backward only, else None)
+    p_out,  # [T, B, H] forward: h_t; backward: dz_t
+    p_hn,  # [B, H] each row's state after its last step (forward only, else None)
+    p_len,  # [B] int32 sequence lengths (HAS_LENGTHS), else None
     p_state,  # [clusters, CLUSTER, 2, BLOCK_B * H]: each CTA's state buffer (state_offset), any content
     p_barrier,  # [clusters, CLUSTER, 2, 2] int32, zero: per CTA and slot, bytes pushed and phases completed
     T,
@@ -171,6 +212,9 @@ def dsmem_twin_kernel(
     BLOCK_B: tl.constexpr,
     CELL: tl.constexpr,
     ELEMENT_BYTES: tl.constexpr,  # e of the Gluon kernel's dtype: the byte counts and the swizzle
+    BACKWARD: tl.constexpr = False,
+    REVERSE: tl.constexpr = False,  # walk t = T-1 .. 0
+    HAS_LENGTHS: tl.constexpr = False,
     # Tests only: a planted protocol bug ("slot": push into the slot being read; "parity": wait for the
     # other phase; "columns": push into the next rank's columns). "" in every real run.
     DEBUG_MUTATION: tl.constexpr = "",
@@ -189,14 +233,20 @@ def dsmem_twin_kernel(
     o_n = tl.arange(0, BLOCK_N)
     p_state += cluster * CLUSTER * 2 * SLOT
     p_barrier += cluster * CLUSTER * 4
-    # h0 into slot 0 of every CTA: each rank pushes its columns (rows past B zero), as after a step.
+    b_len = tl.load(p_len + o_b, mask=m_b, other=0) if HAS_LENGTHS else o_b
+    # h0 (0 in the backward) into slot 0 of every CTA: each rank pushes its columns (rows past B zero), as
+    # after a step.
     for rank in tl.static_range(CLUSTER):
         o_c = column_block(rank, BLOCK_N) + o_n
-        b_h0 = tl.load(p_h0 + o_b[:, None] * H + o_c[None, :], mask=m_b[:, None], other=0.0)
+        if BACKWARD:
+            b_h0 = tl.zeros([BLOCK_B, BLOCK_N], tl.float64)
+        else:
+            b_h0 = tl.load(p_h0 + o_b[:, None] * H + o_c[None, :], mask=m_b[:, None], other=0.0)
         _twin_push(b_h0, p_state, p_barrier, read_slot(0), o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC, PHASES)
     failed = 0
     for i in range(T):
         slot = read_slot(i)
+        t = step_time(i, T, REVERSE)
         for rank in tl.static_range(CLUSTER):
             p_own = p_state + (rank * 2 + slot) * SLOT
             p_bar = p_barrier + (rank * 2 + slot) * 2
@@ -215,12 +265,17 @@ def dsmem_twin_kernel(
             b_h = tl.load(p_own + state_offset(o_lb[:, None], o_k[None, :], H, VEC, PHASES))
             first = column_block(rank, BLOCK_N)
             o_c = first + o_n
-            b_w = tl.load(p_w + o_c[None, :] * H + o_k[:, None])  # slice^T [H, BLOCK_N]
+            # This rank's columns of the state it read: what the Gluon kernel keeps in registers.
+            b_prev = tl.load(p_own + state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES)).to(tl.float64)
+            b_w = tl.load(p_w + slice_offset(o_c[None, :], o_k[:, None], H, BACKWARD))  # slice^T [H, BLOCK_N]
             o_io = o_b[:, None] * H + o_c[None, :]
-            b_z = tl.load(p_xw + i * B * H + o_io, mask=m_b[:, None], other=0.0).to(tl.float64)
+            o_t = t * B * H + o_io
+            b_z = tl.load(p_xw + o_t, mask=m_b[:, None], other=0.0).to(tl.float64)
             b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
-            b_new = activate(b_z, b_z, False, CELL)
-            tl.store(p_out + i * B * H + o_io, b_new.to(p_out.dtype.element_ty), mask=m_b[:, None])
+            b_act = tl.load(p_act + o_t, mask=m_b[:, None], other=0.0).to(tl.float64) if BACKWARD else b_z
+            b_out, b_new = step_result(activate(b_z, b_act, BACKWARD, CELL), b_prev, (t < b_len)[:, None],
+                                       BACKWARD, HAS_LENGTHS)
+            tl.store(p_out + o_t, b_out.to(p_out.dtype.element_ty), mask=m_b[:, None])
             if i + 1 < T:
                 target = write_slot(i)
                 if DEBUG_MUTATION == "slot":
@@ -229,19 +284,26 @@ def dsmem_twin_kernel(
                     o_c = column_block((rank + 1) % CLUSTER, BLOCK_N) + o_n
                 _twin_push(b_new, p_state, p_barrier, target, o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC,
                            PHASES)
+            elif not BACKWARD:
+                tl.store(p_hn + o_io, b_new.to(p_hn.dtype.element_ty), mask=m_b[:, None])
     if failed != 0:  # a wait the Gluon kernel would not pass as modelled: poison the tile's outputs
         b_nan = tl.full([BLOCK_B, H], float("nan"), tl.float64)
         for i in range(T):
             tl.store(p_out + i * B * H + o_b[:, None] * H + o_k[None, :], b_nan.to(p_out.dtype.element_ty),
                      mask=m_b[:, None])
+        if not BACKWARD:
+            tl.store(p_hn + o_b[:, None] * H + o_k[None, :], b_nan.to(p_hn.dtype.element_ty), mask=m_b[:, None])
 
 
 @triton.jit
 def dsmem_cta_twin_kernel(
     p_xw,  # [T, B, H]
     p_w,  # [H, H] W_hh
-    p_h0,  # [B, H]
+    p_h0,  # [B, H] (forward only)
+    p_act,  # [T, B, H] (backward only)
     p_out,  # [T, B, H]
+    p_hn,  # [B, H] (forward only)
+    p_len,  # [B] int32 (HAS_LENGTHS)
     p_state,  # [clusters, CLUSTER, 2, BLOCK_B * H]: each CTA's state buffer (state_offset), any content
     p_bytes,  # [clusters, CLUSTER, 2] int32, zero: bytes pushed into each CTA's slot so far (only grows)
     T,
@@ -251,6 +313,9 @@ def dsmem_cta_twin_kernel(
     BLOCK_B: tl.constexpr,
     CELL: tl.constexpr,
     ELEMENT_BYTES: tl.constexpr,
+    BACKWARD: tl.constexpr = False,
+    REVERSE: tl.constexpr = False,
+    HAS_LENGTHS: tl.constexpr = False,
     # Tests only: "one_slot" reads and pushes one slot (no double buffer). "" in every real run.
     DEBUG_MUTATION: tl.constexpr = "",
 ):
@@ -259,7 +324,7 @@ def dsmem_cta_twin_kernel(
     double buffer's argument (no push lands in a slot a slower CTA still reads) is exercised. A push
     is stores then a release add of its bytes to the peer's slot counter; the wait polls its own
     counter (acquire) until the slot's mbarrier would complete: (completions_before(i) + 1) slots'
-    worth of bytes."""
+    worth of bytes. As the Gluon kernel, it keeps its columns of the state in registers (b_prev)."""
     BLOCK_N: tl.constexpr = H // CLUSTER
     VEC: tl.constexpr = 16 // ELEMENT_BYTES
     PHASES: tl.constexpr = 8
@@ -274,11 +339,16 @@ def dsmem_cta_twin_kernel(
     p_state += cluster * CLUSTER * 2 * SLOT
     p_bytes += cluster * CLUSTER * 2
     o_io = o_b[:, None] * H + o_c[None, :]
-    b_w = tl.load(p_w + o_c[None, :] * H + o_k[:, None])  # slice^T [H, BLOCK_N]
-    b_h0 = tl.load(p_h0 + o_io, mask=m_b[:, None], other=0.0)
-    _cta_push(b_h0, p_state, p_bytes, read_slot(0), o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC, PHASES)
+    b_w = tl.load(p_w + slice_offset(o_c[None, :], o_k[:, None], H, BACKWARD))  # slice^T [H, BLOCK_N]
+    b_len = tl.load(p_len + o_b, mask=m_b, other=0) if HAS_LENGTHS else o_b
+    if BACKWARD:
+        b_prev = tl.zeros([BLOCK_B, BLOCK_N], tl.float64)
+    else:
+        b_prev = tl.load(p_h0 + o_io, mask=m_b[:, None], other=0.0).to(tl.float64)
+    _cta_push(b_prev, p_state, p_bytes, read_slot(0), o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC, PHASES)
     for i in range(T):
         slot = read_slot(i)
+        t = step_time(i, T, REVERSE)
         target = (completions_before(i) + 1) * ELEMENT_BYTES * SLOT
         if DEBUG_MUTATION == "one_slot":
             slot = 0
@@ -288,16 +358,21 @@ def dsmem_cta_twin_kernel(
         while seen < target:
             seen = tl.atomic_add(p_mine, 0, sem="acquire")
         b_h = tl.load(p_state + (rank * 2 + slot) * SLOT + state_offset(o_lb[:, None], o_k[None, :], H, VEC, PHASES))
-        b_z = tl.load(p_xw + i * B * H + o_io, mask=m_b[:, None], other=0.0).to(tl.float64)
+        o_t = t * B * H + o_io
+        b_z = tl.load(p_xw + o_t, mask=m_b[:, None], other=0.0).to(tl.float64)
         b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
-        b_new = activate(b_z, b_z, False, CELL)
-        tl.store(p_out + i * B * H + o_io, b_new.to(p_out.dtype.element_ty), mask=m_b[:, None])
+        b_act = tl.load(p_act + o_t, mask=m_b[:, None], other=0.0).to(tl.float64) if BACKWARD else b_z
+        b_out, b_prev = step_result(activate(b_z, b_act, BACKWARD, CELL), b_prev, (t < b_len)[:, None], BACKWARD,
+                                    HAS_LENGTHS)
+        tl.store(p_out + o_t, b_out.to(p_out.dtype.element_ty), mask=m_b[:, None])
         if i + 1 < T:
             target_slot = write_slot(i)
             if DEBUG_MUTATION == "one_slot":
                 target_slot = 0
-            _cta_push(b_new, p_state, p_bytes, target_slot, o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC,
+            _cta_push(b_prev, p_state, p_bytes, target_slot, o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC,
                       PHASES)
+    if not BACKWARD:
+        tl.store(p_hn + o_io, b_prev.to(p_hn.dtype.element_ty), mask=m_b[:, None])
 
 
 @triton.jit
@@ -313,28 +388,39 @@ def _cta_push(values, p_state, p_bytes, slot, o_lb, o_c, H: tl.constexpr, CLUSTE
 
 def twin_forward(xw, w_hh, h0, cluster: int, block_b: int = 16, cell: str = "tanh", element_bytes: int = 2,
                  debug_mutation: str = "", per_cta: bool = False):
-    """Run dsmem_twin_kernel (under TRITON_INTERPRET=1 on a CPU): out [T, B, H], outputs NaN where never
-    written. `element_bytes`: the Gluon kernel's e (2: bf16/fp16, 4: fp32) for its byte counts and swizzle.
-    `per_cta`: dsmem_cta_twin_kernel instead, one program per CTA (needs every program running at once:
-    tests/concurrent_interpreter.py)."""
+    """The forward's out [T, B, H] by twin_run (no lengths, t = 0 .. T-1)."""
+    return twin_run(xw, w_hh, h0, cluster, block_b=block_b, cell=cell, element_bytes=element_bytes,
+                    debug_mutation=debug_mutation, per_cta=per_cta)[0]
+
+
+def twin_run(inputs, w_hh, h0, cluster: int, block_b: int = 16, cell: str = "tanh", element_bytes: int = 2,
+             debug_mutation: str = "", per_cta: bool = False, act=None, lengths=None, reverse: bool = False):
+    """Run dsmem_twin_kernel (under TRITON_INTERPRET=1 on a CPU): (out [T, B, H], h_n [B, H] or None),
+    outputs NaN where never written. The forward from `inputs` = xw and h0; the backward where `act` (the
+    forward's h_t) is given: `inputs` = g_t, h0 None, out = dz_t, no h_n. `lengths`: [B] int32 or None;
+    `reverse`: walk t = T-1 .. 0. `element_bytes`: the Gluon kernel's e (2: bf16/fp16, 4: fp32) for its
+    byte counts and swizzle. `per_cta`: dsmem_cta_twin_kernel instead, one program per CTA (needs every
+    program running at once: tests/concurrent_interpreter.py)."""
     import torch
 
-    steps, batch, hidden = xw.shape
-    assert hidden % cluster == 0 and block_b % 16 == 0
+    steps, batch, hidden = inputs.shape
+    backward = act is not None
+    assert hidden % cluster == 0 and block_b % 16 == 0 and (h0 is None) == backward
     clusters = triton.cdiv(batch, block_b)
-    out = torch.full_like(xw, float("nan"))
-    state = torch.full((clusters, cluster, 2, block_b * hidden), float("nan"), dtype=xw.dtype, device=xw.device)
+    out = torch.full_like(inputs, float("nan"))
+    h_n = None if backward else torch.full_like(h0, float("nan"))
+    state = torch.full((clusters, cluster, 2, block_b * hidden), float("nan"), dtype=inputs.dtype,
+                       device=inputs.device)
+    args = (inputs, w_hh, h0, act, out, h_n, lengths, state)
+    meta = dict(H=hidden, CLUSTER=cluster, BLOCK_B=block_b, CELL=cell, ELEMENT_BYTES=element_bytes, BACKWARD=backward,
+                REVERSE=reverse, HAS_LENGTHS=lengths is not None, DEBUG_MUTATION=debug_mutation)
     if per_cta:
-        counts = torch.zeros((clusters, cluster, 2), dtype=torch.int32, device=xw.device)
-        dsmem_cta_twin_kernel[(cluster, clusters)](xw, w_hh, h0, out, state, counts, steps, batch, H=hidden,
-                                                   CLUSTER=cluster, BLOCK_B=block_b, CELL=cell,
-                                                   ELEMENT_BYTES=element_bytes, DEBUG_MUTATION=debug_mutation)
-        return out
-    barrier = torch.zeros((clusters, cluster, 2, 2), dtype=torch.int32, device=xw.device)
-    dsmem_twin_kernel[(clusters,)](xw, w_hh, h0, out, state, barrier, steps, batch, H=hidden, CLUSTER=cluster,
-                                   BLOCK_B=block_b, CELL=cell, ELEMENT_BYTES=element_bytes,
-                                   DEBUG_MUTATION=debug_mutation)
-    return out
+        counts = torch.zeros((clusters, cluster, 2), dtype=torch.int32, device=inputs.device)
+        dsmem_cta_twin_kernel[(cluster, clusters)](*args, counts, steps, batch, **meta)
+    else:
+        barrier = torch.zeros((clusters, cluster, 2, 2), dtype=torch.int32, device=inputs.device)
+        dsmem_twin_kernel[(clusters,)](*args, barrier, steps, batch, **meta)
+    return out, h_n
 
 
 def available() -> bool:

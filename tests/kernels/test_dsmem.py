@@ -11,6 +11,7 @@
     kernel's compile-time layout checks must refuse a wrong push address or replicated elements. Its
     GPU launch is checked against a recording launcher.
 """
+import contextlib
 import json
 import os
 import re
@@ -96,6 +97,56 @@ def test_one_state_buffer_is_not_enough():
         if out.isnan().any() or not torch.allclose(out, ref, rtol=1e-10, atol=1e-10):
             return
     pytest.fail("a single state buffer gave the right results in 3 schedules")
+
+
+# (backward, reverse, lengths, cell, e, per_cta): reverse is the walk (t = T-1 .. 0), so a backward
+# with reverse False is that of a reverse forward. B = 20: two clusters, the second ragged.
+VARIANT_CASES = [(False, True, True, "tanh", 2, False), (False, False, True, "relu", 4, False),
+                 (True, True, False, "tanh", 2, False), (True, False, True, "relu", 2, False),
+                 (True, True, True, "tanh", 4, False), (False, True, True, "relu", 2, True),
+                 (True, True, True, "tanh", 2, True)]
+
+
+def _variant_id(case):
+    backward, reverse, lengths, cell, element_bytes, per_cta = case
+    return "-".join(["backward" if backward else "forward", "reverse" if reverse else "forwards",
+                     "lengths" if lengths else "dense", cell, f"e{element_bytes}"] + (["per-cta"] if per_cta else []))
+
+
+@twin
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=_variant_id)
+def test_twin_variants_match_float64(case):
+    """The forward (out and h_n) or the backward (dz from g and the forward's h_t; the state 0 at first),
+    walking either way, with lengths (0 and T among them: rows past their length output 0, keep their
+    state in the forward and have state 0 in the backward), against reference.forward / backward."""
+    backward, reverse, with_lengths, cell, element_bytes, per_cta = case
+    hidden, cluster, batch, steps = 64, 4, 20, 6
+    seed = VARIANT_CASES.index(case) + 100
+    xw, h0, w_hh = _problem(hidden, batch, steps, seed)
+    g = torch.Generator().manual_seed(seed)
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(0, steps + 1, (batch,), generator=g)
+        lengths[:2] = torch.tensor([0, steps])
+    eye = torch.eye(hidden, dtype=torch.float64)
+    lens32 = None if lengths is None else lengths.to(torch.int32)
+    run = dict(cell=cell, element_bytes=element_bytes, per_cta=per_cta, lengths=lens32)
+    forward_walk = reverse != backward  # the backward walks the forward's steps the other way
+    ref, ref_hn = reference.forward(xw, h0, eye, w_hh, None, None, cell, lengths, forward_walk)
+    with concurrent_programs(seed=seed) if per_cta else contextlib.nullcontext():
+        if not backward:
+            out, h_n = dsmem.twin_run(xw, w_hh, h0, cluster, reverse=reverse, **run)
+            assert_close(out, ref, torch.float64, "out")
+            assert_close(h_n, ref_hn, torch.float64, "h_n")
+            return
+        grad = torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64)
+        if lengths is not None:  # dL/dh_t of steps past a row's length is 0 (those outputs are constants)
+            grad = grad * (torch.arange(steps)[:, None] < lengths)[..., None]
+        dz, h_n = dsmem.twin_run(grad, w_hh, None, cluster, act=ref, reverse=reverse, **run)
+    expected = reference.backward(xw, h0, eye, w_hh, ref, grad, torch.zeros(batch, hidden, dtype=torch.float64), cell,
+                                  lengths, forward_walk).dz
+    assert h_n is None
+    assert_close(dz, expected, torch.float64, "dz")
 
 
 # The twin on one problem in a checkout `root`: prints "nan", "wrong" or "right" (run with the interpreter).
