@@ -149,6 +149,12 @@ def step_result(b_new, b_prev, active, BACKWARD: tl.constexpr, HAS_LENGTHS: tl.c
     return b_out, b_state
 
 
+@triton.jit
+def step_offset(i, T, B, H: tl.constexpr, REVERSE: tl.constexpr):
+    """Element offset of step i's [B, H] block in a [T, B, H] tensor (int64: T x B x H may pass 2^31)."""
+    return tl.cast(step_time(i, T, REVERSE), tl.int64) * B * H
+
+
 CLUSTER_SIZES = (2, 4, 8, 16)  # 16: non-portable, what Hopper allows beyond the portable 8
 
 
@@ -269,7 +275,7 @@ def dsmem_twin_kernel(
             b_prev = tl.load(p_own + state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES)).to(tl.float64)
             b_w = tl.load(p_w + slice_offset(o_c[None, :], o_k[:, None], H, BACKWARD))  # slice^T [H, BLOCK_N]
             o_io = o_b[:, None] * H + o_c[None, :]
-            o_t = t * B * H + o_io
+            o_t = step_offset(i, T, B, H, REVERSE) + o_io
             b_z = tl.load(p_xw + o_t, mask=m_b[:, None], other=0.0).to(tl.float64)
             b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
             b_act = tl.load(p_act + o_t, mask=m_b[:, None], other=0.0).to(tl.float64) if BACKWARD else b_z
@@ -358,7 +364,7 @@ def dsmem_cta_twin_kernel(
         while seen < target:
             seen = tl.atomic_add(p_mine, 0, sem="acquire")
         b_h = tl.load(p_state + (rank * 2 + slot) * SLOT + state_offset(o_lb[:, None], o_k[None, :], H, VEC, PHASES))
-        o_t = t * B * H + o_io
+        o_t = step_offset(i, T, B, H, REVERSE) + o_io
         b_z = tl.load(p_xw + o_t, mask=m_b[:, None], other=0.0).to(tl.float64)
         b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
         b_act = tl.load(p_act + o_t, mask=m_b[:, None], other=0.0).to(tl.float64) if BACKWARD else b_z
@@ -511,6 +517,22 @@ def _accumulator_layout_problem(layout):
     return ""
 
 
+@_asm_builder
+def _row_lanes(row, vec):
+    """A warp's lanes [across rows, along a row] loading rows of `row` elements in `vec`-element vectors."""
+    along = max(1, min(32, row // vec))
+    return [32 // along, along]
+
+
+@_asm_builder
+def _row_swizzle(row, element_bytes):
+    """The backward slice's shared layout, rows of `row` elements: 16-byte vectors XOR-ed over 128 bytes
+    (rows shorter than 128 bytes share a phase), so the MMA's column reads spread over the banks."""
+    vec = 16 // element_bytes
+    per_phase = max(1, 128 // (row * element_bytes))
+    return gl.SwizzledSharedLayout(vec, per_phase, max(1, min(8, row // vec)), order=[1, 0])
+
+
 @_gluon_jit
 def _cluster_rank():
     return gl.inline_asm("mov.u32 $0, %cluster_ctarank;", "=r", [], gl.int32, is_pure=True)
@@ -540,10 +562,13 @@ def _push(values, byte_offsets, slot, barrier, CLUSTER: tl.constexpr, ELEMENT_BY
 
 @_gluon_jit
 def elman_dsmem_kernel(
-    p_xw,  # [T, B, H] x_t W_ih^T + b
-    p_w,  # [H, H] W_hh, row n feeding output column n
-    p_h0,  # [B, H]
-    p_out,  # [T, B, H] h_t
+    p_xw,  # [T, B, H] forward: x_t W_ih^T + b; backward: g_t = dL/dh_t
+    p_w,  # [H, H] W_hh (slice_offset: its rows in the forward, its columns in the backward)
+    p_h0,  # [B, H] (forward; None in the backward: the state starts at 0)
+    p_act,  # [T, B, H] h_t of the forward (backward only, else None)
+    p_out,  # [T, B, H] forward: h_t; backward: dz_t
+    p_hn,  # [B, H] each row's state after its last step (forward only, else None)
+    p_len,  # [B] int32 sequence lengths (HAS_LENGTHS), else None
     T,
     B,
     H: tl.constexpr,
@@ -552,6 +577,9 @@ def elman_dsmem_kernel(
     BLOCK_K: tl.constexpr,  # the MMA's K chunk: the state and the slice are read from shared memory in chunks
     CELL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr = None,  # "tf32" for fp32
+    BACKWARD: tl.constexpr = False,
+    REVERSE: tl.constexpr = False,  # walk t = T-1 .. 0
+    HAS_LENGTHS: tl.constexpr = False,
     # Tests only (the PTX checks must reject them): "no_wait" drops the step's mbarrier wait, "fixed_phase"
     # waits for parity 0 at every step. "" in every real compile.
     DEBUG_MUTATION: tl.constexpr = "",
@@ -578,11 +606,21 @@ def elman_dsmem_kernel(
 
     rank = _cluster_rank()
     first_row = gl.program_id(1) * BLOCK_B  # the cluster's batch tile (program_id(0) is the rank)
-    # The slice W_hh[rank's columns, :] and h0 [BLOCK_B, H], into shared memory once.
-    o_wn = column_block(rank, BLOCK_N) + gl.arange(0, BLOCK_N, gl.SliceLayout(1, LOAD))
-    o_k = gl.arange(0, H, gl.SliceLayout(0, LOAD))
-    b_w = gl.load(p_w + o_wn[:, None] * H + o_k[None, :])
-    w_slice = gl.allocate_shared_memory(dtype, [BLOCK_N, H], SLICE_SMEM, b_w)
+    # The slice into shared memory once, as W_hh holds it (loads and stores in 16-byte vectors): in the
+    # forward W_hh's rows of the rank's columns, [BLOCK_N, H] (M^T), read transposed as the MMA's B; in the
+    # backward W_hh's columns, [H, BLOCK_N] (M's), read as they are (a transposing load of the columns spills
+    # at bf16 H = 1024).
+    if BACKWARD:
+        W_LOAD: tl.constexpr = gl.BlockedLayout([1, VEC], _row_lanes(BLOCK_N, VEC), [WARPS, 1], [1, 0])
+        o_wn = column_block(rank, BLOCK_N) + gl.arange(0, BLOCK_N, gl.SliceLayout(0, W_LOAD))
+        o_wk = gl.arange(0, H, gl.SliceLayout(1, W_LOAD))
+        b_w = gl.load(p_w + slice_offset(o_wn[None, :], o_wk[:, None], H, BACKWARD))
+        w_slice = gl.allocate_shared_memory(dtype, [H, BLOCK_N], _row_swizzle(BLOCK_N, ELEMENT_BYTES), b_w)
+    else:
+        o_wn = column_block(rank, BLOCK_N) + gl.arange(0, BLOCK_N, gl.SliceLayout(1, LOAD))
+        o_wk = gl.arange(0, H, gl.SliceLayout(0, LOAD))
+        b_w = gl.load(p_w + slice_offset(o_wn[:, None], o_wk[None, :], H, BACKWARD))
+        w_slice = gl.allocate_shared_memory(dtype, [BLOCK_N, H], SLICE_SMEM, b_w)
     state = gl.allocate_shared_memory(dtype, [2, BLOCK_B, H], STATE_SMEM)
     full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # one mbarrier a slot
     mbarrier.init(full.index(0), count=1)
@@ -597,55 +635,107 @@ def elman_dsmem_kernel(
     o_io = o_b[:, None] * H + o_c[None, :]
     m_io = (o_b < B)[:, None] & (o_c < H)[None, :]
     push_offsets = state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES) * ELEMENT_BYTES
-    # h0 reaches every CTA as a step's output does: each CTA pushes its columns into slot 0.
-    b_h0 = gl.load(p_h0 + o_io, mask=m_io, other=0.0)
-    _push(b_h0, push_offsets, state.index(read_slot(0)), full.index(read_slot(0)), CLUSTER, ELEMENT_BYTES)
-    b_xw = gl.load(p_xw + o_io, mask=m_io, other=0.0)
+    if HAS_LENGTHS:
+        b_len = gl.load(p_len + o_b, mask=o_b < B, other=0)
+    # The CTA's columns of the state, kept in registers (a row past its length keeps them in the forward).
+    # h0 (0 in the backward) reaches every CTA as a step's output does: each CTA pushes its columns into slot 0.
+    if BACKWARD:
+        b_prev = gl.zeros([BLOCK_B, BLOCK_N], dtype, ACC)
+    else:
+        b_prev = gl.load(p_h0 + o_io, mask=m_io, other=0.0)
+    _push(b_prev, push_offsets, state.index(read_slot(0)), full.index(read_slot(0)), CLUSTER, ELEMENT_BYTES)
+    o_t = step_offset(0, T, B, H, REVERSE) + o_io
+    b_in = gl.load(p_xw + o_t, mask=m_io, other=0.0)
+    if BACKWARD:
+        b_act = gl.load(p_act + o_t, mask=m_io, other=0.0)
     for i in range(T):
         slot = read_slot(i)
         if DEBUG_MUTATION != "no_wait":
             mbarrier.expect(full.index(slot), BLOCK_B * H * ELEMENT_BYTES)
             _wait(full.index(slot), 0 if DEBUG_MUTATION == "fixed_phase" else wait_phase(i))
         b_state = state.index(slot)
-        acc = b_xw.to(gl.float32)
+        acc = b_in.to(gl.float32)
         for k in gl.static_range(0, H, BLOCK_K):
             a = b_state.slice(k, BLOCK_K, dim=1).load(A_OPERAND)
-            w = w_slice.slice(k, BLOCK_K, dim=1).permute((1, 0)).load(B_OPERAND)
+            if BACKWARD:
+                w = w_slice.slice(k, BLOCK_K, dim=0).load(B_OPERAND)
+            else:
+                w = w_slice.slice(k, BLOCK_K, dim=1).permute((1, 0)).load(B_OPERAND)
             acc = mma_v2(a, w, acc, input_precision=INPUT_PRECISION)
-        b_h = activate(acc, acc, False, CELL).to(dtype)
-        gl.store(p_out + o_io, b_h, mask=m_io)
-        p_out += B * H
+        if BACKWARD:
+            b_new = activate(acc, b_act.to(gl.float32), True, CELL).to(dtype)
+        else:
+            b_new = activate(acc, acc, False, CELL).to(dtype)
+        active = None
+        if HAS_LENGTHS:
+            active = (step_time(i, T, REVERSE) < b_len)[:, None]
+        b_out, b_prev = step_result(b_new, b_prev, active, BACKWARD, HAS_LENGTHS)
+        gl.store(p_out + o_t, b_out, mask=m_io)
         if i + 1 < T:
             target = write_slot(i)
-            _push(b_h, push_offsets, state.index(target), full.index(target), CLUSTER, ELEMENT_BYTES)
-            p_xw += B * H
-            b_xw = gl.load(p_xw + o_io, mask=m_io, other=0.0)  # after the push (on the chain), before the wait
+            _push(b_prev, push_offsets, state.index(target), full.index(target), CLUSTER, ELEMENT_BYTES)
+            # The next step's inputs: after the push (on the chain), before the wait.
+            o_t = step_offset(i + 1, T, B, H, REVERSE) + o_io
+            b_in = gl.load(p_xw + o_t, mask=m_io, other=0.0)
+            if BACKWARD:
+                b_act = gl.load(p_act + o_t, mask=m_io, other=0.0)
+    if not BACKWARD:
+        gl.store(p_hn + o_io, b_prev, mask=m_io)
 
 
-def forward(xw, w_hh, h0, cluster: int, cell: str = "tanh"):
-    """h_t for t = 0 .. T-1 ([T, B, H], xw's dtype: bf16, fp16 or fp32 in TF32) by elman_dsmem_kernel on
-    an sm_90 GPU: clusters of `cluster` CTAs, one a 16-row batch tile (kernels/launch.py's cluster launch:
-    compiled with num_ctas = 1, launched with num_ctas = the cluster size). Raises ClusterUnavailable
-    where no cluster launch runs (no sm_90 GPU, a Triton whose launcher was not checked, no Gluon)."""
+def forward(xw, w_hh, h0, cluster: int, cell: str = "tanh", lengths=None, reverse: bool = False):
+    """(out, h_n): h_t for t = 0 .. T-1 ([T, B, H], xw's dtype: bf16, fp16 or fp32 in TF32; walking T-1 .. 0
+    where `reverse`) and each row's state after its last step ([B, H]), by elman_dsmem_kernel on an sm_90
+    GPU: clusters of `cluster` CTAs, one a 16-row batch tile (kernels/launch.py's cluster launch:
+    compiled with num_ctas = 1, launched with num_ctas = the cluster size). `lengths`: [B] int32 or None
+    (steps t >= lengths[b] output 0, the row keeps its state). Raises ClusterUnavailable where no cluster
+    launch runs (no sm_90 GPU, a Triton whose launcher was not checked, no Gluon)."""
+    import torch
+
+    if h0.shape != xw.shape[1:] or h0.dtype != xw.dtype:
+        raise ValueError(f"h0 {tuple(h0.shape)} {h0.dtype} for xw {tuple(xw.shape)} {xw.dtype}")
+    h_n = torch.empty_like(h0)
+    out = _launch(dict(p_xw=xw, p_h0=h0.contiguous(), p_hn=h_n), w_hh, lengths, reverse, cluster, cell)
+    return out, h_n
+
+
+def backward(grad, out, w_hh, cluster: int, cell: str = "tanh", lengths=None, reverse: bool = False):
+    """dz_t = (g_t + dz_{t+1} W_hh) * act'(h_t) ([T, B, H]) by elman_dsmem_kernel (BACKWARD) on an sm_90 GPU:
+    `grad` g_t = dL/dh_t (dL/dh_n folded in by the caller), `out` the forward's h_t; `reverse` names the
+    forward's walk, which the backward walks the other way (kernels/launch.py's recurrence_backward).
+    With `lengths`, steps t >= lengths[b] output 0 and the row's state is 0. As `forward` otherwise."""
+    if out.shape != grad.shape or out.dtype != grad.dtype:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} for grad {tuple(grad.shape)} {grad.dtype}")
+    return _launch(dict(p_xw=grad, p_act=out.contiguous()), w_hh, lengths, not reverse, cluster, cell)
+
+
+def _launch(pointers: dict, w_hh, lengths, walk_reverse: bool, cluster: int, cell: str):
+    """The cluster launch of elman_dsmem_kernel on `pointers` (p_xw, and p_h0 and p_hn or p_act): its output."""
     import torch
 
     from . import launch
     from .occupancy import ClusterUnavailable, Plan
 
-    refusal = launch.cluster_refusal(xw.device) or (None if available() else GLUON_PROBLEM)
+    inputs = pointers["p_xw"]
+    refusal = launch.cluster_refusal(inputs.device) or (None if available() else GLUON_PROBLEM)
     if refusal:
         raise ClusterUnavailable(refusal)
-    steps, batch, hidden = xw.shape
+    steps, batch, hidden = inputs.shape
     if steps < 1:  # every CTA must wait for the h0 pushes into it before it exits
-        raise ValueError("forward needs T >= 1")
-    if w_hh.shape != (hidden, hidden) or h0.shape != (batch, hidden) or not (xw.dtype == w_hh.dtype == h0.dtype):
-        raise ValueError(f"shapes/dtypes: xw {tuple(xw.shape)} {xw.dtype}, w_hh {tuple(w_hh.shape)} {w_hh.dtype}, "
-                         f"h0 {tuple(h0.shape)} {h0.dtype}")
-    config = default_config(hidden, cluster, xw.element_size())
-    out = torch.empty_like(xw)
-    args = dict(p_xw=xw.contiguous(), p_w=w_hh.contiguous(), p_h0=h0.contiguous(), p_out=out, T=steps, B=batch,
-                H=hidden, CLUSTER=cluster, BLOCK_B=config["BLOCK_B"], BLOCK_K=config["BLOCK_K"], CELL=cell,
-                INPUT_PRECISION="tf32" if xw.dtype == torch.float32 else None)
+        raise ValueError("the DSMEM kernel needs T >= 1")
+    if w_hh.shape != (hidden, hidden) or w_hh.dtype != inputs.dtype:
+        raise ValueError(f"shapes/dtypes: inputs {tuple(inputs.shape)} {inputs.dtype}, w_hh {tuple(w_hh.shape)} "
+                         f"{w_hh.dtype}")
+    if lengths is not None and (lengths.shape != (batch,) or lengths.dtype != torch.int32):
+        raise ValueError(f"lengths: [B] int32, got {tuple(lengths.shape)} {lengths.dtype}")
+    config = default_config(hidden, cluster, inputs.element_size())
+    out = torch.empty_like(inputs)
+    unused = {"p_h0": None, "p_act": None, "p_hn": None}  # None: the direction does not take them
+    args = dict({**unused, **pointers}, p_w=w_hh.contiguous(), p_out=out, p_len=lengths, T=steps, B=batch, H=hidden,
+                CLUSTER=cluster, BLOCK_B=config["BLOCK_B"], BLOCK_K=config["BLOCK_K"], CELL=cell,
+                INPUT_PRECISION="tf32" if inputs.dtype == torch.float32 else None, BACKWARD="p_act" in pointers,
+                REVERSE=walk_reverse, HAS_LENGTHS=lengths is not None)
+    args["p_xw"] = inputs.contiguous()
     compiled = elman_dsmem_kernel.warmup(**args, grid=(cluster, 1), num_warps=config["num_warps"])
     tiles = triton.cdiv(batch, config["BLOCK_B"])
     # Clusters never wait for each other: more than the device holds at once simply run later.

@@ -188,13 +188,13 @@ gluon = pytest.mark.skipif(not dsmem.available(), reason=f"no Gluon kernel here:
 @pytest.fixture(scope="module")
 def compiled():
     """Every default variant and kernel mutant (perf/dsmem_static.py), compiled in one process without
-    the interpreter; keyed by (dtype, H, S, mutation)."""
+    the interpreter; keyed by (dtype, H, S, backward, lengths, mutation)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tritonrnn.perf.dsmem_static"], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     variants = [json.loads(line) for line in result.stdout.splitlines()]
-    return {(v["dtype"], v["hidden"], v["cluster"], v["mutation"]): v for v in variants}
+    return {(v["dtype"], v["hidden"], v["cluster"], v["backward"], v["lengths"], v["mutation"]): v for v in variants}
 
 
 def _problems(variant, ptx=None):
@@ -209,7 +209,7 @@ def test_default_variants_compile_spill_free_on_mma_with_a_sound_exchange(compil
     defaults = [v for v in compiled.values() if not v["mutation"]]
     assert len(defaults) == len(dsmem_static.DEFAULT_VARIANTS)
     for v in defaults:
-        name = f"{v['dtype']} H={v['hidden']} S={v['cluster']}"
+        name = f"{v['dtype']} H={v['hidden']} S={v['cluster']} backward={v['backward']} lengths={v['lengths']}"
         assert v["arch"] == "sm_90a", name
         assert v["stack_bytes"] == 0 and v["local_bytes"] == 0, f"{name} spills: {v['stack_bytes']} B"
         modelled = dsmem.shared_memory_bytes(v["hidden"], v["cluster"], 4 if v["dtype"] == "fp32" else 2, v["BLOCK_B"])
@@ -217,11 +217,13 @@ def test_default_variants_compile_spill_free_on_mma_with_a_sound_exchange(compil
         kind = "m16n8k8.row.col.f32.tf32" if v["dtype"] == "fp32" else "m16n8k16.row.col.f32.bf16"
         assert any(kind in m for m in v["mma"]), f"{name}: {v['mma']}"
         assert _problems(v) == [], name
+    # both directions, each with and without lengths
+    assert {(v["backward"], v["lengths"]) for v in defaults} == {(b, n) for b in (False, True) for n in (False, True)}
 
 
 @pytest.fixture
 def base(compiled):
-    return compiled[("bf16", 256, 4, "")]
+    return compiled[("bf16", 256, 4, False, False, "")]
 
 
 # The wait's try_wait line: (opcode and predicate) ([mbarrier], ) (parity;)
@@ -244,7 +246,7 @@ def _assert_rejected(variant, ptx, expected):
                                                 ("fixed_phase", "wait's parity")])
 def test_check_rejects_a_mutated_kernel(compiled, mutation, expected):
     """The kernel compiled without its wait, or waiting for parity 0 every step."""
-    variant = compiled[("bf16", 256, 4, mutation)]
+    variant = compiled[("bf16", 256, 4, False, False, mutation)]
     _assert_rejected(variant, variant["ptx"], expected)
 
 
@@ -393,27 +395,43 @@ def test_kernel_refuses_warps_that_would_push_an_element_twice():
 
 @gluon
 def test_gpu_launch_against_a_recording_launcher(monkeypatch):
-    """forward's GPU branch, the compiler and the driver replaced by recorders: 33 rows over clusters of 4
-    CTAs are 3 clusters along y of 4 CTAs (the launcher's grid (1, 3, 1) times num_ctas 4), and the
-    launcher gets every kernel argument in the kernel's order. On this CPU, unpatched, it is refused."""
+    """forward's and backward's GPU branch, the compiler and the driver replaced by recorders: 33 rows over
+    clusters of 4 CTAs are 3 clusters along y of 4 CTAs (the launcher's grid (1, 3, 1) times num_ctas 4),
+    and the launcher gets every kernel argument in the kernel's order: the forward's h0 and h_n, the
+    backward's h_t (walking the other way from the forward it differentiates), the lengths where given.
+    On this CPU, unpatched, it is refused."""
     from tritonrnn.kernels import launch
     from tritonrnn.kernels.occupancy import ClusterUnavailable, Plan
     xw, h0, w_hh = (t.to(torch.bfloat16) for t in _problem(256, 33, 3, seed=3))
+    lengths = torch.tensor([3, 0, 1] * 11, dtype=torch.int32)
     with pytest.raises(ClusterUnavailable, match="CUDA GPUs"):
         dsmem.forward(xw, w_hh, h0, 4)
     compiles, launches = [], []
     monkeypatch.setattr(launch, "cluster_refusal", lambda device: None)
     monkeypatch.setattr(dsmem.elman_dsmem_kernel, "warmup", lambda **kwargs: compiles.append(kwargs) or "compiled")
     monkeypatch.setattr(launch, "launch_clusters", lambda *args: launches.append(args))
-    out = dsmem.forward(xw, w_hh, h0, 4, cell="relu")
+    out, h_n = dsmem.forward(xw, w_hh, h0, 4, cell="relu")
     (compiled, plan, values), = launches
     assert compiled == "compiled" and compiles[0]["num_warps"] == 4 and compiles[0]["grid"] == (4, 1)
     assert plan == Plan(4, 3, 1, 12, cluster=True) and launch.launch_grid(plan) == (1, 3, 1)
     assert plan.cluster_dims == (4, 1, 1)
-    assert len(values) == 13 and all(a is b for a, b in zip(values, (xw, w_hh, h0, out)))
-    assert values[4:] == [3, 33, 256, 4, 16, 64, "relu", None, ""]
+    assert len(values) == 19 and all(a is b for a, b in zip(values, (xw, w_hh, h0, None, out, h_n, None)))
+    assert h_n.shape == h0.shape and out.shape == xw.shape
+    assert values[7:] == [3, 33, 256, 4, 16, 64, "relu", None, False, False, False, ""]
+    launches.clear()
+    out, h_n = dsmem.forward(xw, w_hh, h0, 4, lengths=lengths, reverse=True)
+    (_, _, values), = launches
+    assert values[6] is lengths and values[15:] == [False, True, True, ""]
+    launches.clear()
+    dz = dsmem.backward(xw, out, w_hh, 4, lengths=lengths)  # a forward walking 0 .. T-1: T-1 .. 0 back
+    (_, plan, values), = launches
+    assert plan == Plan(4, 3, 1, 12, cluster=True)
+    assert all(a is b for a, b in zip(values, (xw, w_hh, None, out, dz, None, lengths)))
+    assert values[7:] == [3, 33, 256, 4, 16, 64, "tanh", None, True, True, True, ""]
     with pytest.raises(ValueError, match="T >= 1"):
         dsmem.forward(xw[:0], w_hh, h0, 4)
+    with pytest.raises(ValueError, match="int32"):
+        dsmem.backward(xw, out, w_hh, 4, lengths=lengths.long())
 
 
 @gluon
