@@ -1,25 +1,42 @@
-"""The Elman forward with the hidden state in distributed shared memory: one thread-block cluster
-of S CTAs per batch tile, the state exchanged CTA to CTA, never through global memory.
+"""The Elman recurrence with the hidden state in distributed shared memory: one thread-block cluster
+of S CTAs per batch tile, the state exchanged CTA to CTA, never through global memory. One kernel
+runs the forward and the backward (BACKWARD), as kernels/persistent.py's does:
 
-    h_t = act(xw_t + h_{t-1} @ W_hh^T),  act = CELL ("tanh" or "relu"),  t = 0 .. T-1 (T >= 1)
+    forward:   h_t  = act(xw_t + h_{t-1} @ W_hh^T)          M = W_hh^T, state h (h0 first)
+    backward:  dz_t = (g_t + dz_{t+1} @ W_hh) * act'(h_t)     M = W_hh,   state dz (0 first)
+
+act = CELL ("tanh" or "relu"); the input p_xw is xw_t (forward) or g_t = dL/dh_t (backward, dL/dh_n
+folded in by the caller); act'(h_t) comes from the forward's output, p_act ([T, B, H], backward
+only); the output p_out is h_t or dz_t. The walk is t = 0 .. T-1, or T-1 .. 0 with REVERSE (T >= 1;
+the backward of a forward walks the other way). With lengths (p_len, [B] int32, HAS_LENGTHS), steps
+t >= lengths[b] of row b output 0; in the forward the row keeps its state (h0 until a reverse row
+starts), in the backward its state is that 0 (kernels/persistent.py's semantics; step_result). The
+forward also writes h_n (p_hn, [B, H]): each row's state after the last step. Below, "h" is the
+state of either direction and "W_hh slice" the rank's columns of M (slice_offset): in the forward
+W_hh's rows [BLOCK_N, H], in the backward its columns, held as W_hh has them, [H, BLOCK_N].
 
 Dimensions: T steps, B batch, H hidden, S = CLUSTER CTAs a cluster (2, 4, 8 or 16), BLOCK_N = H / S
 columns a CTA, BLOCK_B batch rows a cluster (16: the MMA's M), e the element size.
 
-- The launch (`forward`, through kernels/launch.py's cluster launch): grid (S, tiles) CTAs in
+- The launch (`forward` / `backward`, through kernels/launch.py's cluster launch): grid (S, tiles) CTAs in
   clusters of (S, 1, 1). Cluster c (program_id(1)) serves batch rows c*BLOCK_B ... (BLOCK_B of them,
   rows past B computed on zeros and never stored). Its CTA of rank r (%cluster_ctarank) owns output
   columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the time loop it loads its W_hh slice,
-  W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :] ([BLOCK_N, H], BLOCK_N x H x e bytes), into its shared memory,
-  where it stays for all steps.
+  W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :] ([BLOCK_N, H]; the backward: W_hh[:, r*BLOCK_N:(r+1)*BLOCK_N],
+  [H, BLOCK_N]; BLOCK_N x H x e bytes either way), into its shared memory, where it stays for all
+  steps.
 - Every CTA keeps the whole state of its tile, h [BLOCK_B, H], in its own shared memory, twice: the
   state buffer [2, BLOCK_B, H] (2 x BLOCK_B x H x e bytes), slot i % 2 read at step i (read_slot),
   slot (i + 1) % 2 written during step i for step i + 1 (write_slot). h0 arrives as a step's output
-  does: before the loop each CTA loads its columns of h0 and pushes them into slot 0 of every CTA.
-- Step i of CTA r: wait until slot i % 2 is full; z = xw_t + h_{t-1} @ slice^T ([BLOCK_B, BLOCK_N],
+  does: before the loop each CTA loads its columns of h0 (zeros in the backward) and pushes them
+  into slot 0 of every CTA.
+- Step i of CTA r (time t = i, or T - 1 - i: step_time): wait until slot i % 2 is full;
+  z = xw_t + h_{t-1} @ slice^T ([BLOCK_B, BLOCK_N],
   the MMA: mma.sync m16n8k16 (bf16/fp16) or m16n8k8 (TF32), A = the state, B = the slice, both read
   from shared memory each step in BLOCK_K-column chunks; warps side by side on the columns);
-  h = act(z); store h into out[t]; unless this is the last step, push h into columns
+  h = act(z) (backward: z * act'(h_t)), then the lengths' masking (step_result: the CTA keeps its
+  columns of the state in registers for the rows that keep it); store the output into out[t];
+  unless this is the last step, push the new state into columns
   [r*BLOCK_N, (r+1)*BLOCK_N) of slot (i + 1) % 2 of EVERY CTA of the cluster, itself included
   (`mapa` of the slot's and the mbarrier's shared addresses to the peer's rank, then one
   `st.async.shared::cluster.mbarrier::complete_tx::bytes` per pair of elements a thread holds:
@@ -39,8 +56,9 @@ columns a CTA, BLOCK_B batch rows a cluster (16: the MMA's M), e the element siz
   need r's own push of the step between them, which comes after r's wait on phase k.
 - Before the first push, every CTA's mbarriers must be initialised: init, `fence.mbarrier_init`
   (release, cluster scope), then the cluster barrier (arrive.release / wait.acquire, every thread).
-- Global memory on the step's dependency chain: none but the load of xw_{t+1} (issued after the
-  push, before the wait) and the store of h_t. No barrier after the last step: nothing is pushed at
+- Global memory on the step's dependency chain: none but the loads of the next step's inputs
+  (xw or g, and h_t in the backward; issued after the push, before the wait) and the output's
+  store (h_n after the loop). No barrier after the last step: nothing is pushed at
   step T - 1, and a CTA's own last wait covers every push into its memory, so no CTA exits while
   another writes to it (hence T >= 1: with T = 0 the h0 pushes would outlive their targets).
 
@@ -61,8 +79,10 @@ for (with one buffer the results go wrong).
 
 The Gluon kernel needs Triton >= 3.9 (shared-memory descriptors as inline-asm operands); on an older
 Triton this module imports and `available()` is False. No layout of the package launches it yet:
-`forward` runs it on an sm_90 GPU (never run so far: it is compiled offline by the tests, and its
-launch checked against a recording launcher).
+`forward` and `backward` run it on an sm_90 GPU (never run so far: it is compiled offline by the
+tests, forward and backward, with and without lengths, and its launches checked against a recording
+launcher). The twins take the same arguments (twin_run) and share step_time, step_offset,
+slice_offset and step_result with it.
 """
 import triton
 import triton.language as tl
