@@ -18,9 +18,11 @@ W_hh's rows [BLOCK_N, H], in the backward its columns, held as W_hh has them, [H
 Dimensions: T steps, B batch, H hidden, S = CLUSTER CTAs a cluster (2, 4, 8 or 16), BLOCK_N = H / S
 columns a CTA, BLOCK_B batch rows a cluster (16: the MMA's M), e the element size.
 
-- The launch (`forward` / `backward`, through kernels/launch.py's cluster launch): grid (S, tiles) CTAs in
-  clusters of (S, 1, 1). Cluster c (program_id(1)) serves batch rows c*BLOCK_B ... (BLOCK_B of them,
-  rows past B computed on zeros and never stored). Its CTA of rank r (%cluster_ctarank) owns output
+- The launch (`forward` / `backward`, through kernels/launch.py's cluster launch): grid (S, tiles, D)
+  CTAs in clusters of (S, 1, 1); D = 2 runs both directions of a bidirectional layer (inputs,
+  W_hh, h0, h_t, outputs and h_n stacked [2, ...], lengths shared; direction 1 walks the other
+  way: walks_back), D = 1 takes unstacked tensors. Cluster c (program_id(1)) serves batch rows
+  c*BLOCK_B ... (BLOCK_B of them, rows past B computed on zeros and never stored). Its CTA of rank r (%cluster_ctarank) owns output
   columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the time loop it loads its W_hh slice,
   W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :] ([BLOCK_N, H]; the backward: W_hh[:, r*BLOCK_N:(r+1)*BLOCK_N],
   [H, BLOCK_N]; BLOCK_N x H x e bytes either way), into its shared memory, where it stays for all
@@ -132,13 +134,23 @@ def column_block(rank, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def step_time(i, T, REVERSE: tl.constexpr):
-    """The time step t that step i of the walk computes: i, or T - 1 - i walking backwards."""
-    if REVERSE:
-        t = T - 1 - i
-    else:
-        t = i
-    return t
+def walks_back(direction, REVERSE: tl.constexpr):
+    """1 where `direction` walks t = T-1 .. 0, else 0: direction 0 as REVERSE says, direction 1 (the
+    second of a bidirectional launch, grid axis 2) the other way."""
+    return (direction + (1 if REVERSE else 0)) % 2
+
+
+@triton.jit
+def step_time(i, T, reverse):
+    """The time step t that step i of the walk computes: i, or T - 1 - i where `reverse` (walks_back) is 1."""
+    return i + reverse * (T - 1 - 2 * i)
+
+
+@triton.jit
+def direction_offsets(direction, T, B, H: tl.constexpr):
+    """Element offsets of `direction`'s [B, H] and [T, B, H] blocks in inputs stacked [D, ...] (int64)."""
+    batch = tl.cast(direction, tl.int64) * B * H
+    return batch, batch * T
 
 
 @triton.jit
@@ -170,9 +182,9 @@ def step_result(b_new, b_prev, active, BACKWARD: tl.constexpr, HAS_LENGTHS: tl.c
 
 
 @triton.jit
-def step_offset(i, T, B, H: tl.constexpr, REVERSE: tl.constexpr):
+def step_offset(i, T, B, H: tl.constexpr, reverse):
     """Element offset of step i's [B, H] block in a [T, B, H] tensor (int64: T x B x H may pass 2^31)."""
-    return tl.cast(step_time(i, T, REVERSE), tl.int64) * B * H
+    return tl.cast(step_time(i, T, reverse), tl.int64) * B * H
 
 
 CLUSTER_SIZES = (2, 4, 8, 16)  # 16: non-portable, what Hopper allows beyond the portable 8
@@ -222,15 +234,15 @@ def _twin_push(values, p_state, p_barrier, slot, o_lb, o_c, H: tl.constexpr, CLU
 
 @triton.jit
 def dsmem_twin_kernel(
-    p_xw,  # [T, B, H] forward: x_t W_ih^T + b; backward: g_t = dL/dh_t
-    p_w,  # [H, H] W_hh (slice_offset: its rows in the forward, its columns in the backward)
-    p_h0,  # [B, H] (forward; None in the backward: the state starts at 0)
-    p_act,  # [T, B, H] h_t of the forward (backward only, else None)
-    p_out,  # [T, B, H] forward: h_t; backward: dz_t
-    p_hn,  # [B, H] each row's state after its last step (forward only, else None)
+    p_xw,  # [D, T, B, H] forward: x_t W_ih^T + b; backward: g_t = dL/dh_t (D directions: grid axis 2)
+    p_w,  # [D, H, H] W_hh (slice_offset: its rows in the forward, its columns in the backward)
+    p_h0,  # [D, B, H] (forward; None in the backward: the state starts at 0)
+    p_act,  # [D, T, B, H] h_t of the forward (backward only, else None)
+    p_out,  # [D, T, B, H] forward: h_t; backward: dz_t
+    p_hn,  # [D, B, H] each row's state after its last step (forward only, else None)
     p_len,  # [B] int32 sequence lengths (HAS_LENGTHS), else None
-    p_state,  # [clusters, CLUSTER, 2, BLOCK_B * H]: each CTA's state buffer (state_offset), any content
-    p_barrier,  # [clusters, CLUSTER, 2, 2] int32, zero: per CTA and slot, bytes pushed and phases completed
+    p_state,  # [D, clusters, CLUSTER, 2, BLOCK_B * H]: each CTA's state buffer (state_offset), any content
+    p_barrier,  # [D, clusters, CLUSTER, 2, 2] int32, zero: per CTA and slot, bytes pushed and phases completed
     T,
     B,
     H: tl.constexpr,
@@ -239,26 +251,37 @@ def dsmem_twin_kernel(
     CELL: tl.constexpr,
     ELEMENT_BYTES: tl.constexpr,  # e of the Gluon kernel's dtype: the byte counts and the swizzle
     BACKWARD: tl.constexpr = False,
-    REVERSE: tl.constexpr = False,  # walk t = T-1 .. 0
+    REVERSE: tl.constexpr = False,  # direction 0 walks t = T-1 .. 0; direction 1 the other way
     HAS_LENGTHS: tl.constexpr = False,
     # Tests only: a planted protocol bug ("slot": push into the slot being read; "parity": wait for the
     # other phase; "columns": push into the next rank's columns). "" in every real run.
     DEBUG_MUTATION: tl.constexpr = "",
 ):
-    """One program per cluster; the ranks of the cluster run in turn within each step."""
+    """One program per cluster (grid (clusters, D)); the ranks of the cluster run in turn within each step."""
     BLOCK_N: tl.constexpr = H // CLUSTER
     VEC: tl.constexpr = 16 // ELEMENT_BYTES
     PHASES: tl.constexpr = 8
     SLOT: tl.constexpr = BLOCK_B * H
     cluster = tl.program_id(0)
+    direction = tl.program_id(1)
+    o_bh, o_tbh = direction_offsets(direction, T, B, H)  # inputs stacked [D, ...]: this direction's
+    p_xw += o_tbh
+    p_out += o_tbh
+    p_w += direction * H * H
+    if BACKWARD:
+        p_act += o_tbh
+    else:
+        p_h0 += o_bh
+        p_hn += o_bh
+    reverse = walks_back(direction, REVERSE)
     first_row = cluster * BLOCK_B
     o_lb = tl.arange(0, BLOCK_B)  # rows within the tile
     o_b = first_row + o_lb
     m_b = o_b < B
     o_k = tl.arange(0, H)
     o_n = tl.arange(0, BLOCK_N)
-    p_state += cluster * CLUSTER * 2 * SLOT
-    p_barrier += cluster * CLUSTER * 4
+    p_state += (direction * tl.num_programs(0) + cluster) * CLUSTER * 2 * SLOT
+    p_barrier += (direction * tl.num_programs(0) + cluster) * CLUSTER * 4
     b_len = tl.load(p_len + o_b, mask=m_b, other=0) if HAS_LENGTHS else o_b
     # h0 (0 in the backward) into slot 0 of every CTA: each rank pushes its columns (rows past B zero), as
     # after a step.
@@ -272,7 +295,7 @@ def dsmem_twin_kernel(
     failed = 0
     for i in range(T):
         slot = read_slot(i)
-        t = step_time(i, T, REVERSE)
+        t = step_time(i, T, reverse)
         for rank in tl.static_range(CLUSTER):
             p_own = p_state + (rank * 2 + slot) * SLOT
             p_bar = p_barrier + (rank * 2 + slot) * 2
@@ -295,7 +318,7 @@ def dsmem_twin_kernel(
             b_prev = tl.load(p_own + state_offset(o_lb[:, None], o_c[None, :], H, VEC, PHASES)).to(tl.float64)
             b_w = tl.load(p_w + slice_offset(o_c[None, :], o_k[:, None], H, BACKWARD))  # slice^T [H, BLOCK_N]
             o_io = o_b[:, None] * H + o_c[None, :]
-            o_t = step_offset(i, T, B, H, REVERSE) + o_io
+            o_t = step_offset(i, T, B, H, reverse) + o_io
             b_z = tl.load(p_xw + o_t, mask=m_b[:, None], other=0.0).to(tl.float64)
             b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
             b_act = tl.load(p_act + o_t, mask=m_b[:, None], other=0.0).to(tl.float64) if BACKWARD else b_z
@@ -323,15 +346,15 @@ def dsmem_twin_kernel(
 
 @triton.jit
 def dsmem_cta_twin_kernel(
-    p_xw,  # [T, B, H]
-    p_w,  # [H, H] W_hh
-    p_h0,  # [B, H] (forward only)
-    p_act,  # [T, B, H] (backward only)
-    p_out,  # [T, B, H]
-    p_hn,  # [B, H] (forward only)
+    p_xw,  # [D, T, B, H] (grid axis 2: the direction)
+    p_w,  # [D, H, H] W_hh
+    p_h0,  # [D, B, H] (forward only)
+    p_act,  # [D, T, B, H] (backward only)
+    p_out,  # [D, T, B, H]
+    p_hn,  # [D, B, H] (forward only)
     p_len,  # [B] int32 (HAS_LENGTHS)
-    p_state,  # [clusters, CLUSTER, 2, BLOCK_B * H]: each CTA's state buffer (state_offset), any content
-    p_bytes,  # [clusters, CLUSTER, 2] int32, zero: bytes pushed into each CTA's slot so far (only grows)
+    p_state,  # [D, clusters, CLUSTER, 2, BLOCK_B * H]: each CTA's state buffer (state_offset), any content
+    p_bytes,  # [D, clusters, CLUSTER, 2] int32, zero: bytes pushed into each CTA's slot so far (only grows)
     T,
     B,
     H: tl.constexpr,
@@ -357,13 +380,24 @@ def dsmem_cta_twin_kernel(
     SLOT: tl.constexpr = BLOCK_B * H
     rank = tl.program_id(0)
     cluster = tl.program_id(1)
+    direction = tl.program_id(2)
+    o_bh, o_tbh = direction_offsets(direction, T, B, H)  # inputs stacked [D, ...]: this direction's
+    p_xw += o_tbh
+    p_out += o_tbh
+    p_w += direction * H * H
+    if BACKWARD:
+        p_act += o_tbh
+    else:
+        p_h0 += o_bh
+        p_hn += o_bh
+    reverse = walks_back(direction, REVERSE)
     o_lb = tl.arange(0, BLOCK_B)
     o_b = cluster * BLOCK_B + o_lb
     m_b = o_b < B
     o_k = tl.arange(0, H)
     o_c = column_block(rank, BLOCK_N) + tl.arange(0, BLOCK_N)
-    p_state += cluster * CLUSTER * 2 * SLOT
-    p_bytes += cluster * CLUSTER * 2
+    p_state += (direction * tl.num_programs(1) + cluster) * CLUSTER * 2 * SLOT
+    p_bytes += (direction * tl.num_programs(1) + cluster) * CLUSTER * 2
     o_io = o_b[:, None] * H + o_c[None, :]
     b_w = tl.load(p_w + slice_offset(o_c[None, :], o_k[:, None], H, BACKWARD))  # slice^T [H, BLOCK_N]
     b_len = tl.load(p_len + o_b, mask=m_b, other=0) if HAS_LENGTHS else o_b
@@ -374,7 +408,7 @@ def dsmem_cta_twin_kernel(
     _cta_push(b_prev, p_state, p_bytes, read_slot(0), o_lb, o_c, H, CLUSTER, SLOT, ELEMENT_BYTES, VEC, PHASES)
     for i in range(T):
         slot = read_slot(i)
-        t = step_time(i, T, REVERSE)
+        t = step_time(i, T, reverse)
         target = (completions_before(i) + 1) * ELEMENT_BYTES * SLOT
         if DEBUG_MUTATION == "one_slot":
             slot = 0
@@ -384,7 +418,7 @@ def dsmem_cta_twin_kernel(
         while seen < target:
             seen = tl.atomic_add(p_mine, 0, sem="acquire")
         b_h = tl.load(p_state + (rank * 2 + slot) * SLOT + state_offset(o_lb[:, None], o_k[None, :], H, VEC, PHASES))
-        o_t = step_offset(i, T, B, H, REVERSE) + o_io
+        o_t = step_offset(i, T, B, H, reverse) + o_io
         b_z = tl.load(p_xw + o_t, mask=m_b[:, None], other=0.0).to(tl.float64)
         b_z = tl.dot(b_h.to(tl.float64), b_w.to(tl.float64), b_z, out_dtype=tl.float64)
         b_act = tl.load(p_act + o_t, mask=m_b[:, None], other=0.0).to(tl.float64) if BACKWARD else b_z
@@ -424,28 +458,31 @@ def twin_run(inputs, w_hh, h0, cluster: int, block_b: int = 16, cell: str = "tan
     """Run dsmem_twin_kernel (under TRITON_INTERPRET=1 on a CPU): (out [T, B, H], h_n [B, H] or None),
     outputs NaN where never written. The forward from `inputs` = xw and h0; the backward where `act` (the
     forward's h_t) is given: `inputs` = g_t, h0 None, out = dz_t, no h_n. `lengths`: [B] int32 or None;
-    `reverse`: walk t = T-1 .. 0. `element_bytes`: the Gluon kernel's e (2: bf16/fp16, 4: fp32) for its
-    byte counts and swizzle. `per_cta`: dsmem_cta_twin_kernel instead, one program per CTA (needs every
-    program running at once: tests/concurrent_interpreter.py)."""
+    `reverse`: walk t = T-1 .. 0. Both directions in one launch where `inputs` is stacked [2, T, B, H]
+    (w_hh [2, H, H], h0 [2, B, H], act [2, T, B, H]; direction 1 walks the other way). `element_bytes`:
+    the Gluon kernel's e (2: bf16/fp16, 4: fp32) for its byte counts and swizzle. `per_cta`:
+    dsmem_cta_twin_kernel instead, one program per CTA (needs every program running at once:
+    tests/concurrent_interpreter.py)."""
     import torch
 
-    steps, batch, hidden = inputs.shape
+    steps, batch, hidden = inputs.shape[-3:]
+    directions = inputs.shape[0] if inputs.dim() == 4 else 1
     backward = act is not None
     assert hidden % cluster == 0 and block_b % 16 == 0 and (h0 is None) == backward
     clusters = triton.cdiv(batch, block_b)
     out = torch.full_like(inputs, float("nan"))
     h_n = None if backward else torch.full_like(h0, float("nan"))
-    state = torch.full((clusters, cluster, 2, block_b * hidden), float("nan"), dtype=inputs.dtype,
+    state = torch.full((directions, clusters, cluster, 2, block_b * hidden), float("nan"), dtype=inputs.dtype,
                        device=inputs.device)
     args = (inputs, w_hh, h0, act, out, h_n, lengths, state)
     meta = dict(H=hidden, CLUSTER=cluster, BLOCK_B=block_b, CELL=cell, ELEMENT_BYTES=element_bytes, BACKWARD=backward,
                 REVERSE=reverse, HAS_LENGTHS=lengths is not None, DEBUG_MUTATION=debug_mutation)
     if per_cta:
-        counts = torch.zeros((clusters, cluster, 2), dtype=torch.int32, device=inputs.device)
-        dsmem_cta_twin_kernel[(cluster, clusters)](*args, counts, steps, batch, **meta)
+        counts = torch.zeros((directions, clusters, cluster, 2), dtype=torch.int32, device=inputs.device)
+        dsmem_cta_twin_kernel[(cluster, clusters, directions)](*args, counts, steps, batch, **meta)
     else:
-        barrier = torch.zeros((clusters, cluster, 2, 2), dtype=torch.int32, device=inputs.device)
-        dsmem_twin_kernel[(clusters,)](*args, barrier, steps, batch, **meta)
+        barrier = torch.zeros((directions, clusters, cluster, 2, 2), dtype=torch.int32, device=inputs.device)
+        dsmem_twin_kernel[(clusters, directions)](*args, barrier, steps, batch, **meta)
     return out, h_n
 
 
@@ -582,12 +619,12 @@ def _push(values, byte_offsets, slot, barrier, CLUSTER: tl.constexpr, ELEMENT_BY
 
 @_gluon_jit
 def elman_dsmem_kernel(
-    p_xw,  # [T, B, H] forward: x_t W_ih^T + b; backward: g_t = dL/dh_t
-    p_w,  # [H, H] W_hh (slice_offset: its rows in the forward, its columns in the backward)
-    p_h0,  # [B, H] (forward; None in the backward: the state starts at 0)
-    p_act,  # [T, B, H] h_t of the forward (backward only, else None)
-    p_out,  # [T, B, H] forward: h_t; backward: dz_t
-    p_hn,  # [B, H] each row's state after its last step (forward only, else None)
+    p_xw,  # [D, T, B, H] forward: x_t W_ih^T + b; backward: g_t = dL/dh_t (D directions: grid axis 2)
+    p_w,  # [D, H, H] W_hh (slice_offset: its rows in the forward, its columns in the backward)
+    p_h0,  # [D, B, H] (forward; None in the backward: the state starts at 0)
+    p_act,  # [D, T, B, H] h_t of the forward (backward only, else None)
+    p_out,  # [D, T, B, H] forward: h_t; backward: dz_t
+    p_hn,  # [D, B, H] each row's state after its last step (forward only, else None)
     p_len,  # [B] int32 sequence lengths (HAS_LENGTHS), else None
     T,
     B,
@@ -598,7 +635,7 @@ def elman_dsmem_kernel(
     CELL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr = None,  # "tf32" for fp32
     BACKWARD: tl.constexpr = False,
-    REVERSE: tl.constexpr = False,  # walk t = T-1 .. 0
+    REVERSE: tl.constexpr = False,  # direction 0 walks t = T-1 .. 0; direction 1 the other way
     HAS_LENGTHS: tl.constexpr = False,
     # Tests only (the PTX checks must reject them): "no_wait" drops the step's mbarrier wait, "fixed_phase"
     # waits for parity 0 at every step. "" in every real compile.
@@ -626,6 +663,17 @@ def elman_dsmem_kernel(
 
     rank = _cluster_rank()
     first_row = gl.program_id(1) * BLOCK_B  # the cluster's batch tile (program_id(0) is the rank)
+    direction = gl.program_id(2)
+    o_bh, o_tbh = direction_offsets(direction, T, B, H)  # inputs stacked [D, ...]: this direction's
+    p_xw += o_tbh
+    p_out += o_tbh
+    p_w += direction * H * H
+    if BACKWARD:
+        p_act += o_tbh
+    else:
+        p_h0 += o_bh
+        p_hn += o_bh
+    reverse = walks_back(direction, REVERSE)
     # The slice into shared memory once, as W_hh holds it (loads and stores in 16-byte vectors): in the
     # forward W_hh's rows of the rank's columns, [BLOCK_N, H] (M^T), read transposed as the MMA's B; in the
     # backward W_hh's columns, [H, BLOCK_N] (M's), read as they are (a transposing load of the columns spills
@@ -664,7 +712,7 @@ def elman_dsmem_kernel(
     else:
         b_prev = gl.load(p_h0 + o_io, mask=m_io, other=0.0)
     _push(b_prev, push_offsets, state.index(read_slot(0)), full.index(read_slot(0)), CLUSTER, ELEMENT_BYTES)
-    o_t = step_offset(0, T, B, H, REVERSE) + o_io
+    o_t = step_offset(0, T, B, H, reverse) + o_io
     b_in = gl.load(p_xw + o_t, mask=m_io, other=0.0)
     if BACKWARD:
         b_act = gl.load(p_act + o_t, mask=m_io, other=0.0)
@@ -688,14 +736,14 @@ def elman_dsmem_kernel(
             b_new = activate(acc, acc, False, CELL).to(dtype)
         active = None
         if HAS_LENGTHS:
-            active = (step_time(i, T, REVERSE) < b_len)[:, None]
+            active = (step_time(i, T, reverse) < b_len)[:, None]
         b_out, b_prev = step_result(b_new, b_prev, active, BACKWARD, HAS_LENGTHS)
         gl.store(p_out + o_t, b_out, mask=m_io)
         if i + 1 < T:
             target = write_slot(i)
             _push(b_prev, push_offsets, state.index(target), full.index(target), CLUSTER, ELEMENT_BYTES)
             # The next step's inputs: after the push (on the chain), before the wait.
-            o_t = step_offset(i + 1, T, B, H, REVERSE) + o_io
+            o_t = step_offset(i + 1, T, B, H, reverse) + o_io
             b_in = gl.load(p_xw + o_t, mask=m_io, other=0.0)
             if BACKWARD:
                 b_act = gl.load(p_act + o_t, mask=m_io, other=0.0)
@@ -709,10 +757,12 @@ def forward(xw, w_hh, h0, cluster: int, cell: str = "tanh", lengths=None, revers
     GPU: clusters of `cluster` CTAs, one a 16-row batch tile (kernels/launch.py's cluster launch:
     compiled with num_ctas = 1, launched with num_ctas = the cluster size). `lengths`: [B] int32 or None
     (steps t >= lengths[b] output 0, the row keeps its state). Raises ClusterUnavailable where no cluster
-    launch runs (no sm_90 GPU, a Triton whose launcher was not checked, no Gluon)."""
+    launch runs (no sm_90 GPU, a Triton whose launcher was not checked, no Gluon). Both directions of a
+    bidirectional layer in one launch where xw is stacked [2, T, B, H] (w_hh [2, H, H], h0 [2, B, H];
+    direction 1 walks the other way; grid axis 2): out and h_n stacked too."""
     import torch
 
-    if h0.shape != xw.shape[1:] or h0.dtype != xw.dtype:
+    if h0.shape != xw.shape[:-3] + xw.shape[-2:] or h0.dtype != xw.dtype:
         raise ValueError(f"h0 {tuple(h0.shape)} {h0.dtype} for xw {tuple(xw.shape)} {xw.dtype}")
     h_n = torch.empty_like(h0)
     out = _launch(dict(p_xw=xw, p_h0=h0.contiguous(), p_hn=h_n), w_hh, lengths, reverse, cluster, cell)
@@ -730,7 +780,8 @@ def backward(grad, out, w_hh, cluster: int, cell: str = "tanh", lengths=None, re
 
 
 def _launch(pointers: dict, w_hh, lengths, walk_reverse: bool, cluster: int, cell: str):
-    """The cluster launch of elman_dsmem_kernel on `pointers` (p_xw, and p_h0 and p_hn or p_act): its output."""
+    """The cluster launch of elman_dsmem_kernel on `pointers` (p_xw, and p_h0 and p_hn or p_act): its output.
+    Inputs stacked [2, T, B, H] (w_hh [2, H, H]): both directions, grid axis 2."""
     import torch
 
     from . import launch
@@ -740,10 +791,11 @@ def _launch(pointers: dict, w_hh, lengths, walk_reverse: bool, cluster: int, cel
     refusal = launch.cluster_refusal(inputs.device) or (None if available() else GLUON_PROBLEM)
     if refusal:
         raise ClusterUnavailable(refusal)
-    steps, batch, hidden = inputs.shape
+    steps, batch, hidden = inputs.shape[-3:]
+    directions = inputs.shape[0] if inputs.dim() == 4 else 1
     if steps < 1:  # every CTA must wait for the h0 pushes into it before it exits
         raise ValueError("the DSMEM kernel needs T >= 1")
-    if w_hh.shape != (hidden, hidden) or w_hh.dtype != inputs.dtype:
+    if w_hh.shape != inputs.shape[:-3] + (hidden, hidden) or w_hh.dtype != inputs.dtype or directions > 2:
         raise ValueError(f"shapes/dtypes: inputs {tuple(inputs.shape)} {inputs.dtype}, w_hh {tuple(w_hh.shape)} "
                          f"{w_hh.dtype}")
     if lengths is not None and (lengths.shape != (batch,) or lengths.dtype != torch.int32):
@@ -759,6 +811,7 @@ def _launch(pointers: dict, w_hh, lengths, walk_reverse: bool, cluster: int, cel
     compiled = elman_dsmem_kernel.warmup(**args, grid=(cluster, 1), num_warps=config["num_warps"])
     tiles = triton.cdiv(batch, config["BLOCK_B"])
     # Clusters never wait for each other: more than the device holds at once simply run later.
-    chosen = Plan(cluster, tiles, batch_tiles=1, resident_capacity=cluster * tiles, cluster=True)
+    chosen = Plan(cluster, tiles, batch_tiles=1, resident_capacity=cluster * tiles * directions, directions=directions,
+                  cluster=True)
     launch.launch_clusters(compiled, chosen, launch.bound_arguments(elman_dsmem_kernel, args))
     return out

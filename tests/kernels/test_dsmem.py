@@ -149,6 +149,36 @@ def test_twin_variants_match_float64(case):
     assert_close(dz, expected, torch.float64, "dz")
 
 
+@twin
+@pytest.mark.parametrize("per_cta", [False, True], ids=["ranks-in-turn", "per-cta"])
+def test_twin_runs_both_directions_in_one_launch(per_cta):
+    """Inputs stacked [2, T, B, H] (each direction its own W_hh and h0; grid axis 2 the direction),
+    direction 0 walking forwards, direction 1 backwards, lengths shared: the forward (out, h_n) and the
+    backward (dz; each direction walking its forward's steps the other way) against float64."""
+    hidden, cluster, batch, steps, cell = 64, 4, 18, 5, "tanh"
+    g = torch.Generator().manual_seed(61 + per_cta)
+    problems = [_problem(hidden, batch, steps, seed=62 + 2 * d + per_cta) for d in range(2)]
+    lengths = torch.randint(0, steps + 1, (batch,), generator=g)
+    eye = torch.eye(hidden, dtype=torch.float64)
+    refs = [reference.forward(xw, h0, eye, w, None, None, cell, lengths, d == 1)
+            for d, (xw, h0, w) in enumerate(problems)]
+    grads = [torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64)
+             * (torch.arange(steps)[:, None] < lengths)[..., None] for _ in range(2)]
+    dz_refs = [reference.backward(xw, h0, eye, w, refs[d][0], grads[d], torch.zeros(batch, hidden, dtype=torch.float64),
+                                  cell, lengths, d == 1).dz for d, (xw, h0, w) in enumerate(problems)]
+    xw, h0, w = (torch.stack(parts) for parts in zip(*problems))
+    run = dict(cell=cell, per_cta=per_cta, lengths=lengths.to(torch.int32))
+    with concurrent_programs(seed=3) if per_cta else contextlib.nullcontext():
+        out, h_n = dsmem.twin_run(xw, w, h0, cluster, **run)
+        # The backward walks direction 0 from T-1 (reverse), direction 1 from 0.
+        dz, _ = dsmem.twin_run(torch.stack(grads), w, None, cluster, act=torch.stack([r[0] for r in refs]),
+                               reverse=True, **run)
+    for d in range(2):
+        assert_close(out[d], refs[d][0], torch.float64, f"out[{d}]")
+        assert_close(h_n[d], refs[d][1], torch.float64, f"h_n[{d}]")
+        assert_close(dz[d], dz_refs[d], torch.float64, f"dz[{d}]")
+
+
 # The twin on one problem in a checkout `root`: prints "nan", "wrong" or "right" (run with the interpreter).
 _RUN_TWIN = """
 import torch
@@ -428,10 +458,16 @@ def test_gpu_launch_against_a_recording_launcher(monkeypatch):
     assert plan == Plan(4, 3, 1, 12, cluster=True)
     assert all(a is b for a, b in zip(values, (xw, w_hh, None, out, dz, None, lengths)))
     assert values[7:] == [3, 33, 256, 4, 16, 64, "tanh", None, True, True, True, ""]
+    launches.clear()
+    stacked = [torch.stack([t, t]) for t in (xw, w_hh, h0)]
+    out, h_n = dsmem.forward(*stacked, 4)  # both directions: grid axis 2
+    (_, plan, values), = launches
+    assert plan == Plan(4, 3, 1, 24, directions=2, cluster=True) and launch.launch_grid(plan) == (1, 3, 2)
+    assert out.shape == (2, 3, 33, 256) and h_n.shape == (2, 33, 256) and values[7:10] == [3, 33, 256]
     with pytest.raises(ValueError, match="T >= 1"):
         dsmem.forward(xw[:0], w_hh, h0, 4)
     with pytest.raises(ValueError, match="int32"):
-        dsmem.backward(xw, out, w_hh, 4, lengths=lengths.long())
+        dsmem.backward(xw, xw, w_hh, 4, lengths=lengths.long())
 
 
 @gluon
