@@ -22,8 +22,8 @@ columns a CTA, BLOCK_B batch rows a cluster (16: the MMA's M), e the element siz
   CTAs in clusters of (S, 1, 1); D = 2 runs both directions of a bidirectional layer (inputs,
   W_hh, h0, h_t, outputs and h_n stacked [2, ...], lengths shared; direction 1 walks the other
   way: walks_back), D = 1 takes unstacked tensors. Cluster c (program_id(1)) serves batch rows
-  c*BLOCK_B ... (BLOCK_B of them, rows past B computed on zeros and never stored). Its CTA of rank r (%cluster_ctarank) owns output
-  columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the time loop it loads its W_hh slice,
+  c*BLOCK_B ... (BLOCK_B of them, rows past B computed on zeros and never stored). Its CTA of rank
+  r (%cluster_ctarank) owns output columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the time loop it loads its W_hh slice,
   W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :] ([BLOCK_N, H]; the backward: W_hh[:, r*BLOCK_N:(r+1)*BLOCK_N],
   [H, BLOCK_N]; BLOCK_N x H x e bytes either way), into its shared memory, where it stays for all
   steps.
