@@ -23,10 +23,10 @@ columns a CTA, BLOCK_B batch rows a cluster (16: the MMA's M), e the element siz
   W_hh, h0, h_t, outputs and h_n stacked [2, ...], lengths shared; direction 1 walks the other
   way: walks_back), D = 1 takes unstacked tensors. Cluster c (program_id(1)) serves batch rows
   c*BLOCK_B ... (BLOCK_B of them, rows past B computed on zeros and never stored). Its CTA of rank
-  r (%cluster_ctarank) owns output columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the time loop it loads its W_hh slice,
-  W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :] ([BLOCK_N, H]; the backward: W_hh[:, r*BLOCK_N:(r+1)*BLOCK_N],
-  [H, BLOCK_N]; BLOCK_N x H x e bytes either way), into its shared memory, where it stays for all
-  steps.
+  r (%cluster_ctarank) owns output columns [r*BLOCK_N, (r+1)*BLOCK_N) for every step. Before the
+  time loop it loads its W_hh slice, W_hh[r*BLOCK_N:(r+1)*BLOCK_N, :] ([BLOCK_N, H]; the backward:
+  W_hh[:, r*BLOCK_N:(r+1)*BLOCK_N], [H, BLOCK_N]; BLOCK_N x H x e bytes either way), into its shared
+  memory, where it stays for all steps.
 - Every CTA keeps the whole state of its tile, h [BLOCK_B, H], in its own shared memory, twice: the
   state buffer [2, BLOCK_B, H] (2 x BLOCK_B x H x e bytes), slot i % 2 read at step i (read_slot),
   slot (i + 1) % 2 written during step i for step i + 1 (write_slot). h0 arrives as a step's output
