@@ -5,11 +5,15 @@
     CTA in the concurrent harness (dsmem_cta_twin_kernel: CTAs drifting apart, which the double
     buffer must absorb). Each planted protocol bug (wrong slot, parity, columns, one buffer, a phase
     helper that alternates every step) must fail.
-(b) The Gluon kernel compiled offline for sm_90a (Triton >= 3.9): spill-free at its default configs,
+    The forward (out, h_n) and the backward (dz: M = W_hh, act' from the forward's h_t), walking
+    either way, with lengths, and both directions in one launch (inputs stacked [2, ...]), against
+    reference.forward / reference.backward.
+(b) The Gluon kernel compiled offline for sm_90a (Triton >= 3.9), forward and backward, with and
+    without lengths: spill-free at its default configs,
     on mma.sync, its shared memory as modelled, and its exchange as perf/dsmem_static.exchange_problems
     checks it in the PTX. Each check must reject a kernel or a PTX text with that bug planted; the
     kernel's compile-time layout checks must refuse a wrong push address or replicated elements. Its
-    GPU launch is checked against a recording launcher.
+    GPU launches (forward, backward, lengths, both directions) are checked against a recording launcher.
 """
 import contextlib
 import json
