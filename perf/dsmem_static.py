@@ -3,6 +3,8 @@ without a GPU, and check its exchange in the PTX.
 
     python -m tritonrnn.perf.dsmem_static      # one JSON line a variant (defaults, then the test mutants)
 
+The variants: the forward and the backward (M = W_hh), with and without lengths (kernels/dsmem.py).
+
 exchange_problems(ptx, ...) lists what is wrong with the exchange (empty: nothing):
 - push: every st.async of the step loop is `st.async.shared::cluster.mbarrier::complete_tx::bytes`, its
   address an offset from a `mapa.shared::cluster` result (the peer's slot) and its mbarrier a `mapa`
@@ -32,33 +34,48 @@ from tritonrnn.kernels import dsmem
 from .static import HOPPER, ptx_blocks, resource_usage
 
 _DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
-# The default variants: (dtype, H, S); B = 16 (one batch tile), tanh.
-DEFAULT_VARIANTS = (("bf16", 256, 4), ("bf16", 512, 8), ("bf16", 1024, 16), ("bf16", 256, 2), ("bf16", 256, 16),
-                    ("fp32", 256, 4), ("fp32", 512, 8))
+# The default variants: (dtype, H, S, backward, lengths, reverse); B = 16 (one batch tile), tanh. The
+# forward without lengths at every shape; the backward (walking T-1 .. 0, as after a forward walking
+# 0 .. T-1) and lengths at the smallest and largest slices.
+DEFAULT_VARIANTS = tuple((d, h, s, False, False, False) for d, h, s in (
+    ("bf16", 256, 4), ("bf16", 512, 8), ("bf16", 1024, 16), ("bf16", 256, 2), ("bf16", 256, 16), ("fp32", 256, 4),
+    ("fp32", 512, 8))) + (
+    ("bf16", 256, 4, True, False, True), ("bf16", 256, 4, False, True, True), ("bf16", 256, 4, True, True, True),
+    ("bf16", 1024, 16, False, True, False), ("bf16", 1024, 16, True, True, True), ("fp32", 512, 8, False, True, True),
+    ("fp32", 512, 8, True, True, True))
 MUTANTS = ("no_wait", "fixed_phase")  # kernels/dsmem.py's DEBUG_MUTATION, on bf16 H = 256, S = 4
 
 
 def compile_variant(dtype: str = "bf16", hidden: int = 256, cluster: int = 4, cell: str = "tanh",
-                    mutation: str = "", target=HOPPER, num_warps: int = None) -> dict:
+                    mutation: str = "", target=HOPPER, num_warps: int = None, backward: bool = False,
+                    lengths: bool = False, reverse: bool = False) -> dict:
     """Compile elman_dsmem_kernel at its default config (`num_warps` overrides its warps) for `target`
-    (sm_90: the cubin is sm_90a's, the arch Triton picks for Hopper); its resources, MMA instructions
-    and PTX."""
+    (sm_90: the cubin is sm_90a's, the arch Triton picks for Hopper), the forward or the `backward`, with
+    or without `lengths`; its resources, MMA instructions and PTX."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     element_bytes = _DTYPES[dtype]
     config = dsmem.default_config(hidden, cluster, element_bytes)
     config["num_warps"] = num_warps or config["num_warps"]
-    pointers = ("p_xw", "p_w", "p_h0", "p_out")
-    signature = {**{name: f"*{dtype}" for name in pointers}, "T": "i32", "B": "i32"}
-    constants = {"H": hidden, "CLUSTER": cluster, "BLOCK_B": config["BLOCK_B"], "BLOCK_K": config["BLOCK_K"],
-                 "CELL": cell, "INPUT_PRECISION": "tf32" if dtype == "fp32" else None, "DEBUG_MUTATION": mutation}
+    # The pointers each variant takes (the others are None: constexprs): h0 and h_n in the forward, h_t of
+    # the forward in the backward, the lengths where given.
+    pointers = {"p_xw": dtype, "p_w": dtype, "p_h0": None if backward else dtype, "p_act": dtype if backward else None,
+                "p_out": dtype, "p_hn": None if backward else dtype, "p_len": "i32" if lengths else None}
+    signature = {name: f"*{kind}" if kind else "constexpr" for name, kind in pointers.items()}
+    signature.update({"T": "i32", "B": "i32"})
+    constants = {name: None for name, kind in pointers.items() if kind is None}
+    constants.update({"H": hidden, "CLUSTER": cluster, "BLOCK_B": config["BLOCK_B"], "BLOCK_K": config["BLOCK_K"],
+                      "CELL": cell, "INPUT_PRECISION": "tf32" if dtype == "fp32" else None, "BACKWARD": backward,
+                      "REVERSE": reverse, "HAS_LENGTHS": lengths, "DEBUG_MUTATION": mutation})
     signature.update({name: "constexpr" for name in constants})
-    attrs = {(index,): [["tt.divisibility", 16]] for index in range(len(pointers))}  # aligned, as torch allocates
+    # aligned, as torch allocates
+    attrs = {(index,): [["tt.divisibility", 16]] for index, kind in enumerate(pointers.values()) if kind}
     compiled = triton.compile(GluonASTSource(dsmem.elman_dsmem_kernel, signature, constants, attrs),
                               target=GPUTarget("cuda", *target), options={"num_warps": config["num_warps"]})
     ptx = compiled.asm["ptx"]
-    return {"dtype": dtype, "hidden": hidden, "cluster": cluster, "cell": cell, "mutation": mutation, **config,
+    return {"dtype": dtype, "hidden": hidden, "cluster": cluster, "cell": cell, "mutation": mutation,
+            "backward": backward, "lengths": lengths, "reverse": reverse, **config,
             **resource_usage(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared,
             "arch": re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1),
             "mma": sorted(set(re.findall(r"(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)", ptx))),
@@ -324,7 +341,8 @@ def main() -> None:
     """One JSON line a variant: the defaults, then the mutants (what exchange_problems must reject)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels the compiler needs")
-    work = [dict(dtype=d, hidden=h, cluster=s) for d, h, s in DEFAULT_VARIANTS]
+    work = [dict(dtype=d, hidden=h, cluster=s, backward=b, lengths=n, reverse=r)
+            for d, h, s, b, n, r in DEFAULT_VARIANTS]
     work += [dict(mutation=m) for m in MUTANTS]
     for variant in work:
         result = compile_variant(**variant)

@@ -5,12 +5,17 @@
     CTA in the concurrent harness (dsmem_cta_twin_kernel: CTAs drifting apart, which the double
     buffer must absorb). Each planted protocol bug (wrong slot, parity, columns, one buffer, a phase
     helper that alternates every step) must fail.
-(b) The Gluon kernel compiled offline for sm_90a (Triton >= 3.9): spill-free at its default configs,
+    The forward (out, h_n) and the backward (dz: M = W_hh, act' from the forward's h_t), walking
+    either way, with lengths, and both directions in one launch (inputs stacked [2, ...]), against
+    reference.forward / reference.backward.
+(b) The Gluon kernel compiled offline for sm_90a (Triton >= 3.9), forward and backward, with and
+    without lengths: spill-free at its default configs,
     on mma.sync, its shared memory as modelled, and its exchange as perf/dsmem_static.exchange_problems
     checks it in the PTX. Each check must reject a kernel or a PTX text with that bug planted; the
     kernel's compile-time layout checks must refuse a wrong push address or replicated elements. Its
-    GPU launch is checked against a recording launcher.
+    GPU launches (forward, backward, lengths, both directions) are checked against a recording launcher.
 """
+import contextlib
 import json
 import os
 import re
@@ -98,6 +103,86 @@ def test_one_state_buffer_is_not_enough():
     pytest.fail("a single state buffer gave the right results in 3 schedules")
 
 
+# (backward, reverse, lengths, cell, e, per_cta): reverse is the walk (t = T-1 .. 0), so a backward
+# with reverse False is that of a reverse forward. B = 20: two clusters, the second ragged.
+VARIANT_CASES = [(False, True, True, "tanh", 2, False), (False, False, True, "relu", 4, False),
+                 (True, True, False, "tanh", 2, False), (True, False, True, "relu", 2, False),
+                 (True, True, True, "tanh", 4, False), (False, True, True, "relu", 2, True),
+                 (True, True, True, "tanh", 2, True)]
+
+
+def _variant_id(case):
+    backward, reverse, lengths, cell, element_bytes, per_cta = case
+    return "-".join(["backward" if backward else "forward", "reverse" if reverse else "forwards",
+                     "lengths" if lengths else "dense", cell, f"e{element_bytes}"] + (["per-cta"] if per_cta else []))
+
+
+@twin
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=_variant_id)
+def test_twin_variants_match_float64(case):
+    """The forward (out and h_n) or the backward (dz from g and the forward's h_t; the state 0 at first),
+    walking either way, with lengths (0 and T among them: rows past their length output 0, keep their
+    state in the forward and have state 0 in the backward), against reference.forward / backward."""
+    backward, reverse, with_lengths, cell, element_bytes, per_cta = case
+    hidden, cluster, batch, steps = 64, 4, 20, 6
+    seed = VARIANT_CASES.index(case) + 100
+    xw, h0, w_hh = _problem(hidden, batch, steps, seed)
+    g = torch.Generator().manual_seed(seed)
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(0, steps + 1, (batch,), generator=g)
+        lengths[:2] = torch.tensor([0, steps])
+    eye = torch.eye(hidden, dtype=torch.float64)
+    lens32 = None if lengths is None else lengths.to(torch.int32)
+    run = dict(cell=cell, element_bytes=element_bytes, per_cta=per_cta, lengths=lens32)
+    forward_walk = reverse != backward  # the backward walks the forward's steps the other way
+    ref, ref_hn = reference.forward(xw, h0, eye, w_hh, None, None, cell, lengths, forward_walk)
+    with concurrent_programs(seed=seed) if per_cta else contextlib.nullcontext():
+        if not backward:
+            out, h_n = dsmem.twin_run(xw, w_hh, h0, cluster, reverse=reverse, **run)
+            assert_close(out, ref, torch.float64, "out")
+            assert_close(h_n, ref_hn, torch.float64, "h_n")
+            return
+        grad = torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64)
+        if lengths is not None:  # dL/dh_t of steps past a row's length is 0 (those outputs are constants)
+            grad = grad * (torch.arange(steps)[:, None] < lengths)[..., None]
+        dz, h_n = dsmem.twin_run(grad, w_hh, None, cluster, act=ref, reverse=reverse, **run)
+    expected = reference.backward(xw, h0, eye, w_hh, ref, grad, torch.zeros(batch, hidden, dtype=torch.float64), cell,
+                                  lengths, forward_walk).dz
+    assert h_n is None
+    assert_close(dz, expected, torch.float64, "dz")
+
+
+@twin
+@pytest.mark.parametrize("per_cta", [False, True], ids=["ranks-in-turn", "per-cta"])
+def test_twin_runs_both_directions_in_one_launch(per_cta):
+    """Inputs stacked [2, T, B, H] (each direction its own W_hh and h0; grid axis 2 the direction),
+    direction 0 walking forwards, direction 1 backwards, lengths shared: the forward (out, h_n) and the
+    backward (dz; each direction walking its forward's steps the other way) against float64."""
+    hidden, cluster, batch, steps, cell = 64, 4, 18, 5, "tanh"
+    g = torch.Generator().manual_seed(61 + per_cta)
+    problems = [_problem(hidden, batch, steps, seed=62 + 2 * d + per_cta) for d in range(2)]
+    lengths = torch.randint(0, steps + 1, (batch,), generator=g)
+    eye = torch.eye(hidden, dtype=torch.float64)
+    refs = [reference.forward(xw, h0, eye, w, None, None, cell, lengths, d == 1)
+            for d, (xw, h0, w) in enumerate(problems)]
+    grads = [torch.randn(steps, batch, hidden, generator=g, dtype=torch.float64)
+             * (torch.arange(steps)[:, None] < lengths)[..., None] for _ in range(2)]
+    dz_refs = [reference.backward(xw, h0, eye, w, refs[d][0], grads[d], torch.zeros(batch, hidden, dtype=torch.float64),
+                                  cell, lengths, d == 1).dz for d, (xw, h0, w) in enumerate(problems)]
+    xw, h0, w = (torch.stack(parts) for parts in zip(*problems))
+    run = dict(cell=cell, per_cta=per_cta, lengths=lengths.to(torch.int32))
+    with concurrent_programs(seed=3) if per_cta else contextlib.nullcontext():
+        out, h_n = dsmem.twin_run(xw, w, h0, cluster, **run)
+        # The backward walks direction 0 from T-1 (reverse), direction 1 from 0.
+        dz, _ = dsmem.twin_run(torch.stack(grads), w, None, cluster, act=torch.stack([r[0] for r in refs]),
+                               reverse=True, **run)
+    for d in range(2):
+        assert_close(out[d], refs[d][0], torch.float64, f"out[{d}]")
+        assert_close(h_n[d], refs[d][1], torch.float64, f"h_n[{d}]")
+        assert_close(dz[d], dz_refs[d], torch.float64, f"dz[{d}]")
+
+
 # The twin on one problem in a checkout `root`: prints "nan", "wrong" or "right" (run with the interpreter).
 _RUN_TWIN = """
 import torch
@@ -137,13 +222,13 @@ gluon = pytest.mark.skipif(not dsmem.available(), reason=f"no Gluon kernel here:
 @pytest.fixture(scope="module")
 def compiled():
     """Every default variant and kernel mutant (perf/dsmem_static.py), compiled in one process without
-    the interpreter; keyed by (dtype, H, S, mutation)."""
+    the interpreter; keyed by (dtype, H, S, backward, lengths, mutation)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "tritonrnn.perf.dsmem_static"], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     variants = [json.loads(line) for line in result.stdout.splitlines()]
-    return {(v["dtype"], v["hidden"], v["cluster"], v["mutation"]): v for v in variants}
+    return {(v["dtype"], v["hidden"], v["cluster"], v["backward"], v["lengths"], v["mutation"]): v for v in variants}
 
 
 def _problems(variant, ptx=None):
@@ -158,7 +243,7 @@ def test_default_variants_compile_spill_free_on_mma_with_a_sound_exchange(compil
     defaults = [v for v in compiled.values() if not v["mutation"]]
     assert len(defaults) == len(dsmem_static.DEFAULT_VARIANTS)
     for v in defaults:
-        name = f"{v['dtype']} H={v['hidden']} S={v['cluster']}"
+        name = f"{v['dtype']} H={v['hidden']} S={v['cluster']} backward={v['backward']} lengths={v['lengths']}"
         assert v["arch"] == "sm_90a", name
         assert v["stack_bytes"] == 0 and v["local_bytes"] == 0, f"{name} spills: {v['stack_bytes']} B"
         modelled = dsmem.shared_memory_bytes(v["hidden"], v["cluster"], 4 if v["dtype"] == "fp32" else 2, v["BLOCK_B"])
@@ -166,11 +251,13 @@ def test_default_variants_compile_spill_free_on_mma_with_a_sound_exchange(compil
         kind = "m16n8k8.row.col.f32.tf32" if v["dtype"] == "fp32" else "m16n8k16.row.col.f32.bf16"
         assert any(kind in m for m in v["mma"]), f"{name}: {v['mma']}"
         assert _problems(v) == [], name
+    # both directions, each with and without lengths
+    assert {(v["backward"], v["lengths"]) for v in defaults} == {(b, n) for b in (False, True) for n in (False, True)}
 
 
 @pytest.fixture
 def base(compiled):
-    return compiled[("bf16", 256, 4, "")]
+    return compiled[("bf16", 256, 4, False, False, "")]
 
 
 # The wait's try_wait line: (opcode and predicate) ([mbarrier], ) (parity;)
@@ -193,7 +280,7 @@ def _assert_rejected(variant, ptx, expected):
                                                 ("fixed_phase", "wait's parity")])
 def test_check_rejects_a_mutated_kernel(compiled, mutation, expected):
     """The kernel compiled without its wait, or waiting for parity 0 every step."""
-    variant = compiled[("bf16", 256, 4, mutation)]
+    variant = compiled[("bf16", 256, 4, False, False, mutation)]
     _assert_rejected(variant, variant["ptx"], expected)
 
 
@@ -342,27 +429,49 @@ def test_kernel_refuses_warps_that_would_push_an_element_twice():
 
 @gluon
 def test_gpu_launch_against_a_recording_launcher(monkeypatch):
-    """forward's GPU branch, the compiler and the driver replaced by recorders: 33 rows over clusters of 4
-    CTAs are 3 clusters along y of 4 CTAs (the launcher's grid (1, 3, 1) times num_ctas 4), and the
-    launcher gets every kernel argument in the kernel's order. On this CPU, unpatched, it is refused."""
+    """forward's and backward's GPU branch, the compiler and the driver replaced by recorders: 33 rows over
+    clusters of 4 CTAs are 3 clusters along y of 4 CTAs (the launcher's grid (1, 3, 1) times num_ctas 4),
+    and the launcher gets every kernel argument in the kernel's order: the forward's h0 and h_n, the
+    backward's h_t (walking the other way from the forward it differentiates), the lengths where given.
+    On this CPU, unpatched, it is refused."""
     from tritonrnn.kernels import launch
     from tritonrnn.kernels.occupancy import ClusterUnavailable, Plan
     xw, h0, w_hh = (t.to(torch.bfloat16) for t in _problem(256, 33, 3, seed=3))
+    lengths = torch.tensor([3, 0, 1] * 11, dtype=torch.int32)
     with pytest.raises(ClusterUnavailable, match="CUDA GPUs"):
         dsmem.forward(xw, w_hh, h0, 4)
     compiles, launches = [], []
     monkeypatch.setattr(launch, "cluster_refusal", lambda device: None)
     monkeypatch.setattr(dsmem.elman_dsmem_kernel, "warmup", lambda **kwargs: compiles.append(kwargs) or "compiled")
     monkeypatch.setattr(launch, "launch_clusters", lambda *args: launches.append(args))
-    out = dsmem.forward(xw, w_hh, h0, 4, cell="relu")
+    out, h_n = dsmem.forward(xw, w_hh, h0, 4, cell="relu")
     (compiled, plan, values), = launches
     assert compiled == "compiled" and compiles[0]["num_warps"] == 4 and compiles[0]["grid"] == (4, 1)
     assert plan == Plan(4, 3, 1, 12, cluster=True) and launch.launch_grid(plan) == (1, 3, 1)
     assert plan.cluster_dims == (4, 1, 1)
-    assert len(values) == 13 and all(a is b for a, b in zip(values, (xw, w_hh, h0, out)))
-    assert values[4:] == [3, 33, 256, 4, 16, 64, "relu", None, ""]
+    assert len(values) == 19 and all(a is b for a, b in zip(values, (xw, w_hh, h0, None, out, h_n, None)))
+    assert h_n.shape == h0.shape and out.shape == xw.shape
+    assert values[7:] == [3, 33, 256, 4, 16, 64, "relu", None, False, False, False, ""]
+    launches.clear()
+    out, h_n = dsmem.forward(xw, w_hh, h0, 4, lengths=lengths, reverse=True)
+    (_, _, values), = launches
+    assert values[6] is lengths and values[15:] == [False, True, True, ""]
+    launches.clear()
+    dz = dsmem.backward(xw, out, w_hh, 4, lengths=lengths)  # a forward walking 0 .. T-1: T-1 .. 0 back
+    (_, plan, values), = launches
+    assert plan == Plan(4, 3, 1, 12, cluster=True)
+    assert all(a is b for a, b in zip(values, (xw, w_hh, None, out, dz, None, lengths)))
+    assert values[7:] == [3, 33, 256, 4, 16, 64, "tanh", None, True, True, True, ""]
+    launches.clear()
+    stacked = [torch.stack([t, t]) for t in (xw, w_hh, h0)]
+    out, h_n = dsmem.forward(*stacked, 4)  # both directions: grid axis 2
+    (_, plan, values), = launches
+    assert plan == Plan(4, 3, 1, 24, directions=2, cluster=True) and launch.launch_grid(plan) == (1, 3, 2)
+    assert out.shape == (2, 3, 33, 256) and h_n.shape == (2, 33, 256) and values[7:10] == [3, 33, 256]
     with pytest.raises(ValueError, match="T >= 1"):
         dsmem.forward(xw[:0], w_hh, h0, 4)
+    with pytest.raises(ValueError, match="int32"):
+        dsmem.backward(xw, xw, w_hh, 4, lengths=lengths.long())
 
 
 @gluon
