@@ -154,6 +154,22 @@ def direction_offsets(direction, T, B, H: tl.constexpr):
 
 
 @triton.jit
+def direction_pointers(direction, T, B, H: tl.constexpr, p_xw, p_out, p_w, p_act, p_h0, p_hn, BACKWARD: tl.constexpr):
+    """The pointers to `direction`'s blocks of inputs stacked [D, ...] (p_act is the backward's, p_h0 and p_hn
+    the forward's: None in the other)."""
+    o_bh, o_tbh = direction_offsets(direction, T, B, H)
+    p_xw += o_tbh
+    p_out += o_tbh
+    p_w += direction * H * H
+    if BACKWARD:
+        p_act += o_tbh
+    else:
+        p_h0 += o_bh
+        p_hn += o_bh
+    return p_xw, p_out, p_w, p_act, p_h0, p_hn
+
+
+@triton.jit
 def slice_offset(o_n, o_k, H: tl.constexpr, BACKWARD: tl.constexpr):
     """Element offset in W_hh of M[k, n], the slice's element for output column n and state column k:
     M = W_hh^T in the forward (W_hh[n, k]), W_hh in the backward (W_hh[k, n]; kernels/persistent.py's
@@ -264,15 +280,8 @@ def dsmem_twin_kernel(
     SLOT: tl.constexpr = BLOCK_B * H
     cluster = tl.program_id(0)
     direction = tl.program_id(1)
-    o_bh, o_tbh = direction_offsets(direction, T, B, H)  # inputs stacked [D, ...]: this direction's
-    p_xw += o_tbh
-    p_out += o_tbh
-    p_w += direction * H * H
-    if BACKWARD:
-        p_act += o_tbh
-    else:
-        p_h0 += o_bh
-        p_hn += o_bh
+    p_xw, p_out, p_w, p_act, p_h0, p_hn = direction_pointers(direction, T, B, H, p_xw, p_out, p_w, p_act, p_h0, p_hn,
+                                                             BACKWARD)
     reverse = walks_back(direction, REVERSE)
     first_row = cluster * BLOCK_B
     o_lb = tl.arange(0, BLOCK_B)  # rows within the tile
@@ -381,15 +390,8 @@ def dsmem_cta_twin_kernel(
     rank = tl.program_id(0)
     cluster = tl.program_id(1)
     direction = tl.program_id(2)
-    o_bh, o_tbh = direction_offsets(direction, T, B, H)  # inputs stacked [D, ...]: this direction's
-    p_xw += o_tbh
-    p_out += o_tbh
-    p_w += direction * H * H
-    if BACKWARD:
-        p_act += o_tbh
-    else:
-        p_h0 += o_bh
-        p_hn += o_bh
+    p_xw, p_out, p_w, p_act, p_h0, p_hn = direction_pointers(direction, T, B, H, p_xw, p_out, p_w, p_act, p_h0, p_hn,
+                                                             BACKWARD)
     reverse = walks_back(direction, REVERSE)
     o_lb = tl.arange(0, BLOCK_B)
     o_b = cluster * BLOCK_B + o_lb
@@ -664,15 +666,8 @@ def elman_dsmem_kernel(
     rank = _cluster_rank()
     first_row = gl.program_id(1) * BLOCK_B  # the cluster's batch tile (program_id(0) is the rank)
     direction = gl.program_id(2)
-    o_bh, o_tbh = direction_offsets(direction, T, B, H)  # inputs stacked [D, ...]: this direction's
-    p_xw += o_tbh
-    p_out += o_tbh
-    p_w += direction * H * H
-    if BACKWARD:
-        p_act += o_tbh
-    else:
-        p_h0 += o_bh
-        p_hn += o_bh
+    p_xw, p_out, p_w, p_act, p_h0, p_hn = direction_pointers(direction, T, B, H, p_xw, p_out, p_w, p_act, p_h0, p_hn,
+                                                             BACKWARD)
     reverse = walks_back(direction, REVERSE)
     # The slice into shared memory once, as W_hh holds it (loads and stores in 16-byte vectors): in the
     # forward W_hh's rows of the rank's columns, [BLOCK_N, H] (M^T), read transposed as the MMA's B; in the
