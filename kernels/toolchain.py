@@ -93,4 +93,4 @@ def cluster_launch_refusal(version: tuple = None) -> str:
 
 def layouts() -> dict:
     """Each layout and what this Triton says of it: '' where it exists here, else why not."""
-    return {"sequence": "", "persistent": "", "cluster": cluster_launch_refusal(), "stepwise": ""}
+    return {"sequence": "", "persistent": "", "cluster": cluster_launch_refusal(), "streamed": "", "stepwise": ""}

@@ -11,7 +11,7 @@ import torch
 import triton
 
 import tritonrnn
-from tritonrnn.kernels import launch, persistent, toolchain
+from tritonrnn.kernels import configs, launch, persistent, toolchain
 from tritonrnn.kernels.occupancy import ClusterUnavailable, Plan
 
 
@@ -217,7 +217,8 @@ def test_info_names_the_versions_and_the_layouts(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert f"triton    {triton.__version__} (supported: {toolchain.SUPPORTED})" in out
-    assert "cuDNN" in out and "layouts   sequence, persistent, cluster, stepwise" in out
+    assert "cuDNN" in out and "layouts   sequence, persistent, cluster, streamed, stepwise" in out
+    assert tuple(toolchain.layouts()) == configs.LAYOUTS  # every layout, in the dispatcher's order
 
 
 def test_offline_plan_names_the_triton_of_its_resource_table(capsys):
