@@ -613,32 +613,27 @@ def _persistent(shape: Shape, hw: Hardware, config, res, layout: str = "persiste
         return _unfit(layout, config, str(exc), res)
     if T_COUNTER_LIMIT <= shape.seq_len * chosen.programs_per_group:
         return _unfit(layout, config, "the arrival counters would overflow", res)
+    streamed = layout == "streamed"
     terms = _group_step(shape, hw, config, res, per_sm, chosen.programs, chosen.batch_tiles, chosen.groups,
-                        hw.barrier_ns if chosen.waits else 0.0)
-    if layout == "streamed":
-        terms = _streamed_terms(terms, shape, hw, config, per_sm, chosen.programs, chosen.batch_tiles)
-    step, terms = _step(terms, hw, layout)
+                        hw.barrier_ns if chosen.waits else 0.0, slice_from_l2=streamed)
+    step, terms = _step(_pipelined(terms) if streamed else terms, hw, layout)
     return Candidate(layout, configs.config_to_dict(config), True, step, terms,
                      resources=tuple(sorted(res.items())), plan=tuple(sorted(dataclasses.asdict(chosen).items())))
 
 
-def _streamed_terms(terms: dict, shape: Shape, hw: Hardware, config, per_sm: int, programs: int, tiles: int) -> dict:
-    """The persistent step's terms (_group_step) for the streamed layout: each tile also reads the program's
-    W slice [BLOCK_N, BLOCK_H] from L2 (with the state, over the SM's share of L2), and the chunks' loads are
-    pipelined under the MMAs (num_stages): the transfer, the shared-memory staging (slice and state chunks
-    written and read once) and the MMA overlap, the slowest of them counts. The barrier, the dependent
-    latency of the first chunk and the epilogue stay on the chain."""
-    e, width, bn = ELEMENT[shape.dtype], configs.block_h(shape.hidden), config.kwargs["BLOCK_N"]
-    sharing = min(per_sm, triton.cdiv(programs, hw.limits.sms))
-    l2_rate = min(hw.l2_bytes_per_cycle_per_sm * hw.clock_ghz, hw.l2_total_bytes_per_ns * sharing / programs)
-    slice_bytes = sharing * tiles * bn * width * e
-    chunks = {"l2": terms.pop("l2") + slice_bytes / l2_rate, "shared": terms.pop("shared"), "mma": terms.pop("mma")}
+def _pipelined(terms: dict) -> dict:
+    """The streamed layout's step from its group-step terms: the chunks' loads are pipelined under the MMAs
+    (num_stages), so the L2 transfer (state and W slice), the shared-memory staging and the MMA overlap and the
+    slowest of them counts; the barrier, the dependent latency of the first chunk and the epilogue stay on the
+    chain."""
+    terms = dict(terms)
+    chunks = {name: terms.pop(name) for name in ("l2", "shared", "mma")}
     slowest = max(chunks, key=chunks.get)
     return {**terms, f"pipelined ({slowest})": chunks[slowest]}
 
 
 def _group_step(shape: Shape, hw: Hardware, config, res, per_sm: int, programs: int, tiles: int, groups: int,
-                barrier_ns: float) -> dict:
+                barrier_ns: float, slice_from_l2: bool = False) -> dict:
     """One step of a layout whose groups of H / BLOCK_N programs (kernels/persistent.py) meet at a
     barrier, each group serving `tiles` batch tiles one after another. Per tile and program: the
     group's state^T [BLOCK_H, BLOCK_B] read from L2 (a dependent load after the barrier; every program
@@ -649,7 +644,8 @@ def _group_step(shape: Shape, hw: Hardware, config, res, per_sm: int, programs: 
     memory; the epilogue. The next tile's inputs are loaded before the wait: their latency is off the
     chain, their bytes (one input tile forward, two backward: dL/dh_t and h_t) share the L2 term. Then
     the barrier. The backward's step differs from the forward's by those bytes and its compiled
-    resources (registers, warp layout)."""
+    resources (registers, warp layout). `slice_from_l2` (the streamed layout): each tile also reads the
+    program's W slice from L2, through the same port."""
     e, width = ELEMENT[shape.dtype], configs.block_h(shape.hidden)
     bb, bn, ks = config.kwargs["BLOCK_B"], config.kwargs["BLOCK_N"], config.kwargs.get("K_SPLIT", 1)
     kind = _kind(res)
@@ -658,7 +654,9 @@ def _group_step(shape: Shape, hw: Hardware, config, res, per_sm: int, programs: 
     # Every program reads its group's whole state, and its own columns of the step's inputs (loaded before the
     # wait: off the chain, but through the same port): x W_ih^T in the forward; dL/dh_t and h_t in the backward.
     inputs = 2 if shape.direction == "backward" else 1
-    state_bytes = sharing * rows * (width + inputs * bn) * e
+    l2_bytes = sharing * rows * (width + inputs * bn) * e
+    if slice_from_l2:
+        l2_bytes += sharing * tiles * bn * width * e
     l2_rate = min(hw.l2_bytes_per_cycle_per_sm * hw.clock_ghz, hw.l2_total_bytes_per_ns * sharing / programs)
     # The dot slice^T [BLOCK_N, BLOCK_H] @ state^T [BLOCK_H, BLOCK_B]: the slice is its M side (read once per warp
     # column), the state its N side (staged once, read once per warp row).
@@ -666,7 +664,7 @@ def _group_step(shape: Shape, hw: Hardware, config, res, per_sm: int, programs: 
     shared = sharing * tiles * e * width * (slice_reads * bn + (1 + state_reads) * bb) / hw.shared_bytes_per_cycle
     terms = {"barrier": barrier_ns,
              "latency": tiles * hw.l2_latency_ns,
-             "l2": state_bytes / l2_rate,
+             "l2": l2_bytes / l2_rate,
              "shared": hw.cycles(shared),
              "mma": max(sharing * tiles * _mma_ns(hw, shape.dtype, 2 * bb * width * bn, kind),
                         tiles * _chain_ns(hw, shape.hidden, kind, shape.dtype, ks)),

@@ -11,6 +11,17 @@ pytestmark = pytest.mark.gpu
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def _assert_recurrence_close(dtype: torch.dtype, **pairs) -> None:
+    """Each (actual, expected) of `pairs` within `dtype`'s tolerance; fp32 multiplies in TF32 here, held to the
+    bound of test_tf32_recurrence_within_tf32_tolerance."""
+    for name, (actual, expected) in pairs.items():
+        if dtype == torch.float32:
+            error = (actual.double() - expected).abs().max().item() / expected.abs().max().item()
+            assert error < 1e-2, (name, error)
+        else:
+            assert_close(actual, expected, dtype, name)
+
+
 @pytest.mark.parametrize("B", [16, 64])
 @pytest.mark.parametrize("path", kernels.configs.TUNED_LAYOUTS)
 def test_tf32_recurrence_within_tf32_tolerance(path, B):
@@ -80,12 +91,7 @@ def test_persistent_path_with_lengths_matches_reference(H, B, dtype):
                                               reverse=reverse, layout="persistent", allow_tf32=True)
         dz = kernels.recurrence_backward(grad.to(dtype), ref_out.to(dtype), w.to(dtype), lengths=lengths,
                                          reverse=reverse, layout="persistent", allow_tf32=True)
-        for name, actual, expected in (("out", out, ref_out), ("h_n", h_n, ref_hn), ("dz", dz, ref.dz)):
-            if dtype == torch.float32:  # TF32: the bound of test_tf32_recurrence_within_tf32_tolerance
-                error = (actual.double() - expected).abs().max().item() / expected.abs().max().item()
-                assert error < 1e-2, (name, error)
-            else:
-                assert_close(actual, expected, dtype, name)
+        _assert_recurrence_close(dtype, out=(out, ref_out), h_n=(h_n, ref_hn), dz=(dz, ref.dz))
 
 
 def test_persistent_plan_fits_this_gpu():
@@ -209,12 +215,7 @@ def test_cluster_path_with_lengths_matches_reference(H, B, dtype, monkeypatch):
         chosen = launched[-2]
         assert chosen.cluster and chosen.programs_per_group in (4, 8, 16), chosen
         assert chosen.groups <= chosen.resident_clusters, chosen
-        for name, actual, expected in (("out", out, ref_out), ("h_n", h_n, ref_hn), ("dz", dz, ref.dz)):
-            if dtype == torch.float32:  # TF32: the bound of test_tf32_recurrence_within_tf32_tolerance
-                error = (actual.double() - expected).abs().max().item() / expected.abs().max().item()
-                assert error < 1e-2, (name, error)
-            else:
-                assert_close(actual, expected, dtype, name)
+        _assert_recurrence_close(dtype, out=(out, ref_out), h_n=(h_n, ref_hn), dz=(dz, ref.dz))
 
 
 def test_cluster_barrier_probe_runs_16_ctas():

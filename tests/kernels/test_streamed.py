@@ -172,3 +172,16 @@ def test_every_pipelined_state_copy_bypasses_l1(compiled_streamed):
                                 for n, line in enumerate(lines))
             assert any("stale L1" in problem for problem in static.barrier_order_problems(mutated, ring)), (
                 variant, number, opcode)
+
+
+def test_the_streamed_barrier_keeps_its_memory_order(compiled_streamed):
+    """The streamed variants meet at the persistent kernel's group barrier: its release arrival and acquire
+    read are checked in their PTX too, and made relaxed each is reported."""
+    import re
+
+    from tritonrnn.perf import static
+    for variant, compiled in zip(PTX_VARIANTS, compiled_streamed):
+        relaxed = static.barrier_order_problems(re.sub(r"\.(release|acquire)\b", ".relaxed", compiled["ptx"]),
+                                                compiled["ring_param"])
+        assert any("release" in p for p in relaxed) and any("acquire" in p for p in relaxed), (variant, relaxed)
+
